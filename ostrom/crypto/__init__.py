@@ -1,0 +1,1 @@
+"""Keys, signatures and content ids: the cryptographic primitives every layer shares."""

@@ -1,0 +1,113 @@
+"""Strict DAG-CBOR: the deterministic CBOR subset every Ostrom record and manifest uses.
+
+Encoding is canonical (map keys sorted length-first then bytewise, shortest integer forms,
+definite lengths). Links are CIDs under tag 42 with the leading 0x00 multibase byte that
+DAG-CBOR requires. Floats, other tags, non-string map keys, undefined and integers outside
+64 bits are refused.
+
+Decoding accepts only the canonical encoding: the decoded value is encoded again and must
+give back the same bytes. That refuses duplicate keys, unsorted maps, indefinite lengths,
+non-minimal integers and trailing bytes in one check, and makes every value have exactly
+one encoding and so exactly one CID.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import cbor2
+
+from ostrom.crypto.cid import CID
+from ostrom.errors import DecodeError
+
+# The CBOR tag DAG-CBOR assigns to links.
+CID_TAG: Final = 42
+# Deepest nesting any Ostrom structure uses is 4 (record > list > map > link); 16 leaves
+# room for future fields while refusing hostile nesting long before cbor2's own limit.
+MAX_DEPTH: Final = 16
+_MAX_UINT: Final = 2**64 - 1
+_MIN_NINT: Final = -(2**64)
+
+DagValue = Any
+"""A value of the DAG-CBOR data model: None, bool, int, str, bytes, CID, list, dict[str, ...]."""
+
+
+def _default(encoder: Any, value: Any) -> None:
+    if isinstance(value, CID):
+        encoder.encode(cbor2.CBORTag(CID_TAG, b"\x00" + value.raw))
+        return
+    raise DecodeError(f"cannot encode {type(value).__name__} in DAG-CBOR")
+
+
+_SCALARS: Final = frozenset({type(None), bool, str, bytes, CID})
+
+
+def _check(value: DagValue, depth: int) -> None:
+    """Refuse anything outside the data model before it is encoded."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return
+    if depth > MAX_DEPTH:
+        raise DecodeError("DAG-CBOR value nested too deeply")
+    if kind is int:
+        if not _MIN_NINT <= value <= _MAX_UINT:
+            raise DecodeError("integer outside the 64-bit range")
+    elif kind is list:
+        for item in value:
+            _check(item, depth + 1)
+    elif kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise DecodeError("DAG-CBOR map keys are strings")
+            _check(item, depth + 1)
+    else:
+        raise DecodeError(f"{kind.__name__} is not in the DAG-CBOR data model")
+
+
+def encode(value: DagValue) -> bytes:
+    """The canonical DAG-CBOR encoding of `value`."""
+    _check(value, 0)
+    return _encode_unchecked(value)
+
+
+def encode_trusted(value: DagValue) -> bytes:
+    """Encode a value already known to be in the data model (it came out of `decode`)."""
+    return _encode_unchecked(value)
+
+
+def _encode_unchecked(value: DagValue) -> bytes:
+    try:
+        return cbor2.dumps(value, canonical=True, default=_default)
+    except cbor2.CBOREncodeError as exc:
+        raise DecodeError(f"cannot encode: {exc}") from None
+
+
+def _tag_hook(tag: Any, immutable: bool) -> CID:
+    if tag.tag != CID_TAG:
+        raise DecodeError(f"CBOR tag {tag.tag} is not allowed in DAG-CBOR")
+    payload = tag.value
+    if not isinstance(payload, bytes) or not payload.startswith(b"\x00"):
+        raise DecodeError("a DAG-CBOR link is a byte string starting with 0x00")
+    return CID(payload[1:])
+
+
+def decode(data: bytes) -> DagValue:
+    """Decode canonical DAG-CBOR; raise `DecodeError` with a reason for anything else."""
+    try:
+        value = cbor2.loads(
+            data,
+            tag_hook=_tag_hook,
+            semantic_decoders={},
+            max_depth=MAX_DEPTH + 1,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+        )
+    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError) as exc:
+        # cbor2 wraps an error raised in the tag hook; report the hook's own reason.
+        if isinstance(exc.__cause__, DecodeError):
+            raise exc.__cause__ from None
+        raise DecodeError(f"not valid CBOR: {exc}") from None
+    _check(value, 0)
+    if _encode_unchecked(value) != data:
+        raise DecodeError("not canonical DAG-CBOR (key order, integer form or trailing bytes)")
+    return value
