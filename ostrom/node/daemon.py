@@ -1,0 +1,78 @@
+"""The daemon process: one data directory, one store, one RPC socket, one nursery tree.
+
+`run_daemon` owns everything it starts: the store is closed and the socket removed when it
+returns, whether it stopped on SIGINT/SIGTERM or on an error.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+
+from ostrom.datadir import DataDir, init_data_dir
+from ostrom.errors import DaemonAlreadyRunning
+from ostrom.node.rpc_server import RpcConnection, serve_rpc
+from ostrom.node.service import NodeService
+from ostrom.node.store import Store
+
+log = logging.getLogger("ostrom.daemon")
+
+
+@contextmanager
+def hold_lock(data_dir: DataDir) -> Iterator[None]:
+    """Hold the data directory's lock for as long as this daemon runs.
+
+    An advisory `flock` dies with the process, so a daemon killed with SIGKILL never leaves
+    a stale lock behind; the PID written into the file is for people reading it.
+    """
+    fd = os.open(data_dir.lock_file, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "another process"
+            raise DaemonAlreadyRunning(
+                f"a daemon (pid {holder}) is already running on {data_dir.root}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+async def run_daemon(data_dir: DataDir, *, task_status: trio.TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a node on `data_dir` until cancelled or sent SIGINT / SIGTERM."""
+    identity, created = init_data_dir(data_dir)
+    if created:
+        log.info("created a new identity %s in %s", identity.peer_id, data_dir.key_file)
+    with hold_lock(data_dir):
+        store = Store.open(data_dir.database)
+        try:
+            service = NodeService(identity, store, data_dir)
+
+            async def handle(method: str, params: list[Any], conn: RpcConnection) -> Any:
+                return await service.handle(method, params, conn)
+
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(serve_rpc, data_dir.socket, handle)
+                    log.info("ostrom daemon %s listening on %s", identity.peer_id, data_dir.socket)
+                    print(f"ostrom daemon ready: peer {identity.peer_id}, socket {data_dir.socket}",
+                          file=sys.stderr, flush=True)
+                    task_status.started(service)
+                    async for signum in signals:
+                        log.info("received %s, stopping", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                        break
+        finally:
+            store.close()
+    log.info("ostrom daemon stopped")
