@@ -51,7 +51,9 @@ def test_to_prefix_and_direct_files(tmp_path: Path) -> None:
     _tree(tmp_path, {"src/x/y.md": b"y", "README": b"readme"})
     got = collect([tmp_path / "src", tmp_path / "README"], to="docs/v1")
     assert [f.tree_path for f in got] == ["docs/v1/README", "docs/v1/x/y.md"]
-    assert [f.tree_path for f in collect([tmp_path / "README"], to="/docs/")] == ["docs/README"]
+    assert [f.tree_path for f in collect([tmp_path / "README"], to="docs/")] == ["docs/README"]
+    with pytest.raises(UnsafePath, match="absolute"):
+        collect([tmp_path / "README"], to="/docs/")
 
 
 def test_to_must_be_a_safe_path(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -22,6 +22,10 @@ from ostrom.errors import DaemonAlreadyRunning
 from ostrom.node.rpc_server import RpcConnection, serve_rpc
 from ostrom.node.service import NodeService
 from ostrom.node.store import Store
+
+if TYPE_CHECKING:
+    # trio-typing (pulled in by libp2p) ships stubs that shadow trio's own TaskStatus.
+    from trio_typing import TaskStatus
 
 log = logging.getLogger("ostrom.daemon")
 
@@ -49,7 +53,7 @@ def hold_lock(data_dir: DataDir) -> Iterator[None]:
         os.close(fd)
 
 
-async def run_daemon(data_dir: DataDir, *, task_status: trio.TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_daemon(data_dir: DataDir, *, task_status: TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a node on `data_dir` until cancelled or sent SIGINT / SIGTERM."""
     identity, created = init_data_dir(data_dir)
     if created:

@@ -43,7 +43,7 @@ class Params:
     def _wrong(self, name: str, expected: str) -> InvalidInput:
         return InvalidInput(f"{self.method}: parameter {name!r} must be {expected}")
 
-    def str(self, name: str, default: Any = _MISSING) -> Any:
+    def text(self, name: str, default: Any = _MISSING) -> Any:
         value = self._get(name, default)
         if value is default:
             return value
@@ -51,7 +51,7 @@ class Params:
             raise self._wrong(name, "a string")
         return value
 
-    def int(self, name: str, default: Any = _MISSING, *, minimum: int = 0,
+    def integer(self, name: str, default: Any = _MISSING, *, minimum: int = 0,
             maximum: int = 2**63 - 1) -> Any:
         value = self._get(name, default)
         if value is default:
@@ -60,13 +60,13 @@ class Params:
             raise self._wrong(name, f"an integer from {minimum} to {maximum}")
         return value
 
-    def bool(self, name: str, default: Any = _MISSING) -> Any:
+    def flag(self, name: str, default: Any = _MISSING) -> Any:
         value = self._get(name, default)
         if not isinstance(value, bool):
             raise self._wrong(name, "true or false")
         return value
 
-    def list(self, name: str, default: Any = _MISSING, *, max_length: int = MAX_LIST) -> Any:
+    def array(self, name: str, default: Any = _MISSING, *, max_length: int = MAX_LIST) -> Any:
         value = self._get(name, default)
         if value is default:
             return value
@@ -74,8 +74,8 @@ class Params:
             raise self._wrong(name, f"a list of at most {max_length} items")
         return value
 
-    def str_list(self, name: str, default: Any = _MISSING) -> Any:
-        value = self.list(name, default)
+    def texts(self, name: str, default: Any = _MISSING) -> Any:
+        value = self.array(name, default)
         if value is default:
             return value
         if not all(isinstance(item, str) for item in value):
@@ -84,7 +84,7 @@ class Params:
 
     def cids(self, name: str, default: Any = _MISSING) -> Any:
         """A list of full CIDs in text form (blocks are never named by prefix)."""
-        value = self.str_list(name, default)
+        value = self.texts(name, default)
         if value is default:
             return value
         try:

@@ -362,11 +362,11 @@ async def _check_name_free(node: NodeService, name: str) -> None:
 
 @method("project.create")
 async def project_create(node: NodeService, params: Params, conn: RpcConnection) -> Any:
-    name = params.str("name").strip()
-    license_expr = params.str("license")
-    description = params.str("description", "")
-    quorum = params.int("quorum", 1, minimum=1, maximum=256)
-    extra = [parse_public_key(key) for key in params.str_list("maintainers", [])]
+    name = params.text("name").strip()
+    license_expr = params.text("license")
+    description = params.text("description", "")
+    quorum = params.integer("quorum", 1, minimum=1, maximum=256)
+    extra = [parse_public_key(key) for key in params.texts("maintainers", [])]
     params.done()
     license_normal = check_license_known(license_expr)
     maintainers = tuple(sorted({node.identity.public_key, *extra}))
@@ -401,7 +401,7 @@ async def project_list(node: NodeService, params: Params, conn: RpcConnection) -
 
 @method("project.show")
 async def project_show(node: NodeService, params: Params, conn: RpcConnection) -> Any:
-    text = params.str("project")
+    text = params.text("project")
     params.done()
     genesis = await node.resolve_project(text)
     return await node.project_view(genesis, detail=True)
@@ -409,10 +409,10 @@ async def project_show(node: NodeService, params: Params, conn: RpcConnection) -
 
 @method("project.fork")
 async def project_fork(node: NodeService, params: Params, conn: RpcConnection) -> Any:
-    parent_text = params.str("project")
-    name = params.str("name").strip()
-    at = params.str_list("at", [])
-    description = params.str("description", None)
+    parent_text = params.text("project")
+    name = params.text("name").strip()
+    at = params.texts("at", [])
+    description = params.text("description", None)
     params.done()
     parent = await node.resolve_project(parent_text)
     assert isinstance(parent.body, Project)
@@ -445,7 +445,7 @@ async def project_fork(node: NodeService, params: Params, conn: RpcConnection) -
 
 @method("project.forks")
 async def project_forks(node: NodeService, params: Params, conn: RpcConnection) -> Any:
-    text = params.str("project")
+    text = params.text("project")
     params.done()
     genesis = await node.resolve_project(text)
 
@@ -472,7 +472,7 @@ async def project_forks(node: NodeService, params: Params, conn: RpcConnection) 
             current = parent
 
         def down(project: SignedRecord, depth: int) -> list[dict[str, Any]]:
-            out = []
+            out: list[dict[str, Any]] = []
             if depth >= MAX_FORK_DEPTH:
                 return out
             for fork in store.forks_of(project.cid):
@@ -501,7 +501,7 @@ async def project_forks(node: NodeService, params: Params, conn: RpcConnection) 
 
 
 def _blocks_param(params: Params) -> list[tuple[CID, bytes]]:
-    raw = params.list("blocks", max_length=4096)
+    raw = params.array("blocks", max_length=4096)
     out: list[tuple[CID, bytes]] = []
     total = 0
     for item in raw:
@@ -561,14 +561,14 @@ async def block_get(node: NodeService, params: Params, conn: RpcConnection) -> A
 
 def _changes_param(params: Params) -> list[Change]:
     changes: list[Change] = []
-    for item in params.list("changes", []):
+    for item in params.array("changes", []):
         if not isinstance(item, dict):
             raise InvalidInput("contribution.create: each change is a map")
         op = item.get("op")
         try:
             if op == "put" and set(item) <= {"op", "path", "file", "size", "exec"}:
                 file = CID.parse(str(item.get("file")))
-                changes.append(Put(path=item.get("path"), file=file, size=item.get("size"),
+                changes.append(Put(path=item["path"], file=file, size=item["size"],
                                    exec=bool(item.get("exec", False))))
             elif op == "delete" and set(item) == {"op", "path"}:
                 changes.append(Delete(path=item["path"]))
@@ -576,6 +576,8 @@ def _changes_param(params: Params) -> list[Change]:
                 raise InvalidInput(f"contribution.create: not a change: {sorted(item)}")
         except (InvalidRecord, DecodeError) as exc:
             raise InvalidInput(f"contribution.create: {exc.message}") from None
+        except KeyError as exc:
+            raise InvalidInput(f"contribution.create: a change lacks {exc}") from None
     return changes
 
 
@@ -604,11 +606,11 @@ async def _resolve_many(node: NodeService, texts: Iterable[str], types: Sequence
 
 @method("contribution.create")
 async def contribution_create(node: NodeService, params: Params, conn: RpcConnection) -> Any:
-    project_text = params.str("project")
+    project_text = params.text("project")
     changes = _changes_param(params)
-    message = params.str("message")
-    resolves_text = params.str_list("resolves", [])
-    parents_text = params.str_list("parents", [])
+    message = params.text("message")
+    resolves_text = params.texts("resolves", [])
+    parents_text = params.texts("parents", [])
     params.done()
     if not message.strip():
         raise InvalidInput("a contribution needs a message (-m)")
@@ -684,8 +686,8 @@ async def _changes_of(node: NodeService, record: SignedRecord) -> list[dict[str,
 
 @method("project.log")
 async def project_log(node: NodeService, params: Params, conn: RpcConnection) -> Any:
-    text = params.str("project")
-    limit = params.int("limit", DEFAULT_LOG_LIMIT, minimum=1, maximum=1_000_000)
+    text = params.text("project")
+    limit = params.integer("limit", DEFAULT_LOG_LIMIT, minimum=1, maximum=1_000_000)
     params.done()
     genesis = await node.resolve_project(text)
     state = await node.state(genesis.cid)
@@ -721,7 +723,7 @@ async def project_log(node: NodeService, params: Params, conn: RpcConnection) ->
 
 @method("record.show")
 async def record_show(node: NodeService, params: Params, conn: RpcConnection) -> Any:
-    text = params.str("record")
+    text = params.text("record")
     params.done()
     record = await node.resolve_record(text)
     view = record_view(record)
@@ -740,8 +742,8 @@ async def record_show(node: NodeService, params: Params, conn: RpcConnection) ->
 
 @method("project.tree")
 async def project_tree(node: NodeService, params: Params, conn: RpcConnection) -> Any:
-    text = params.str("project")
-    at_text = params.str("at", None)
+    text = params.text("project")
+    at_text = params.text("at", None)
     params.done()
     genesis = await node.resolve_project(text)
     if at_text is not None:
@@ -769,10 +771,10 @@ async def project_tree(node: NodeService, params: Params, conn: RpcConnection) -
 
 @method("validation.create")
 async def validation_create(node: NodeService, params: Params, conn: RpcConnection) -> Any:
-    target_text = params.str("target")
-    verdict = params.str("verdict")
-    note = params.str("note", "")
-    project_text = params.str("project", None)
+    target_text = params.text("target")
+    verdict = params.text("verdict")
+    note = params.text("note", "")
+    project_text = params.text("project", None)
     params.done()
     if verdict not in ("accept", "reject"):
         raise InvalidInput("verdict must be accept or reject")
@@ -782,7 +784,7 @@ async def validation_create(node: NodeService, params: Params, conn: RpcConnecti
     project = (await node.resolve_project(project_text)).cid if project_text else target.project
     try:
         body = Validation(author=node.identity.public_key, ts=node._now(), project=project,
-                          target=target.cid, verdict=verdict, note=note)  # type: ignore[arg-type]
+                          target=target.cid, verdict=verdict, note=note)
     except InvalidRecord as exc:
         raise InvalidInput(exc.message) from None
     record = await node._sign_and_store(body)
@@ -798,11 +800,11 @@ async def validation_create(node: NodeService, params: Params, conn: RpcConnecti
 
 @method("governance.create")
 async def governance_create(node: NodeService, params: Params, conn: RpcConnection) -> Any:
-    text = params.str("project")
-    action = params.str("action")
-    key_text = params.str("key", None)
-    quorum = params.int("quorum", None, minimum=1, maximum=256)
-    note = params.str("note", "")
+    text = params.text("project")
+    action = params.text("action")
+    key_text = params.text("key", None)
+    quorum = params.integer("quorum", None, minimum=1, maximum=256)
+    note = params.text("note", "")
     params.done()
     genesis = await node.resolve_project(text)
     state = await node.state(genesis.cid)
@@ -813,7 +815,7 @@ async def governance_create(node: NodeService, params: Params, conn: RpcConnecti
     if action == "set-quorum" and (quorum is None or key is not None):
         raise InvalidInput("set-quorum takes a quorum and no key")
     if action == "add-maintainer" and key in policy.maintainers:
-        raise Refused(f"{peer_id_of(key)} is already a maintainer")  # type: ignore[arg-type]
+        raise Refused(f"{peer_id_of(key)} is already a maintainer")
     if action == "remove-maintainer":
         assert key is not None
         if key not in policy.maintainers:
@@ -833,7 +835,7 @@ async def governance_create(node: NodeService, params: Params, conn: RpcConnecti
     parents = await node.default_parents(genesis.cid)
     try:
         body = Governance(author=node.identity.public_key, ts=node._now(), project=genesis.cid,
-                          parents=parents, action=action, key=key, quorum=quorum,  # type: ignore[arg-type]
+                          parents=parents, action=action, key=key, quorum=quorum,
                           note=note)
     except InvalidRecord as exc:
         raise InvalidInput(exc.message) from None
@@ -847,9 +849,9 @@ async def governance_create(node: NodeService, params: Params, conn: RpcConnecti
 
 @method("need.create")
 async def need_create(node: NodeService, params: Params, conn: RpcConnection) -> Any:
-    text = params.str("project")
-    title = params.str("title")
-    body_text = params.str("body", "")
+    text = params.text("project")
+    title = params.text("title")
+    body_text = params.text("body", "")
     params.done()
     genesis = await node.resolve_project(text)
     try:
@@ -862,7 +864,7 @@ async def need_create(node: NodeService, params: Params, conn: RpcConnection) ->
 
 @method("need.list")
 async def need_list(node: NodeService, params: Params, conn: RpcConnection) -> Any:
-    text = params.str("project")
+    text = params.text("project")
     params.done()
     genesis = await node.resolve_project(text)
     state = await node.state(genesis.cid)
@@ -890,8 +892,8 @@ async def need_list(node: NodeService, params: Params, conn: RpcConnection) -> A
 
 @method("comment.create")
 async def comment_create(node: NodeService, params: Params, conn: RpcConnection) -> Any:
-    target_text = params.str("target")
-    text = params.str("text")
+    target_text = params.text("target")
+    text = params.text("text")
     params.done()
     target = await node.resolve_record(target_text)
     try:
@@ -908,7 +910,7 @@ async def comment_create(node: NodeService, params: Params, conn: RpcConnection)
 @method("record.put")
 async def record_put(node: NodeService, params: Params, conn: RpcConnection) -> Any:
     """Take in records signed by anyone: each is verified; bad ones are refused with a reason."""
-    items = params.list("records", max_length=MAX_IMPORT_BATCH)
+    items = params.array("records", max_length=MAX_IMPORT_BATCH)
     params.done()
     if not all(isinstance(item, bytes) for item in items):
         raise InvalidInput("record.put: records are byte strings")
@@ -951,7 +953,7 @@ def _classify(data: bytes) -> str:
 @method("car.import")
 async def car_import(node: NodeService, params: Params, conn: RpcConnection) -> Any:
     """Sections of a CAR file: records are verified and stored, blocks checked against CIDs."""
-    sections = params.list("sections", max_length=MAX_IMPORT_BATCH)
+    sections = params.array("sections", max_length=MAX_IMPORT_BATCH)
     params.done()
     record_items: list[bytes] = []
     record_indexes: list[int] = []
@@ -1002,7 +1004,7 @@ async def car_import(node: NodeService, params: Params, conn: RpcConnection) -> 
 @method("car.export")
 async def car_export(node: NodeService, params: Params, conn: RpcConnection) -> Any:
     """What a CAR file of a project holds, in order: the client fetches and writes it."""
-    text = params.str("project")
+    text = params.text("project")
     params.done()
     genesis = await node.resolve_project(text)
 

@@ -169,6 +169,10 @@ class FileManifest:
     blocks: tuple[BlockRef, ...]
 
     def __post_init__(self) -> None:
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 0:
+            raise InvalidRecord(f"file size must be a non-negative integer: {self.size!r}")
+        if not isinstance(self.blocks, tuple) or not all(isinstance(b, BlockRef) for b in self.blocks):
+            raise InvalidRecord("a manifest's blocks are BlockRefs")
         if sum(block.size for block in self.blocks) != self.size:
             raise InvalidRecord("a manifest's size is the sum of its blocks' sizes")
         if self.size > MAX_FILE_SIZE:

@@ -47,9 +47,15 @@ def check_tree_path(path: str) -> str:
 
 
 def join_tree_path(prefix: str, path: str) -> str:
-    """`prefix/path`, both checked; an empty prefix means the tree's root."""
-    joined = f"{prefix.strip('/')}/{path}" if prefix.strip("/") else path
-    return check_tree_path(joined)
+    """`prefix/path`, both checked; an empty prefix means the tree's root.
+
+    An absolute prefix is refused like any absolute path: `--to /etc` is a mistake to
+    report, not a path to reinterpret. A trailing slash (`docs/`) is fine.
+    """
+    if prefix.startswith("/"):
+        raise UnsafePath(f"absolute path not allowed: {prefix!r}")
+    prefix = prefix.rstrip("/")
+    return check_tree_path(f"{prefix}/{path}" if prefix else path)
 
 
 def parent_dirs(path: str) -> list[str]:

@@ -642,8 +642,9 @@ def decode_record(
     kind = value.get("type")
     if not isinstance(kind, str) or kind not in BODY_TYPES:
         raise InvalidRecord(f"unknown record type {kind!r}")
-    if value.get("v") != RECORD_VERSION:
-        raise InvalidRecord(f"{kind}: unsupported version {value.get('v')!r}")
+    version = value.get("v")
+    if type(version) is not int or version != RECORD_VERSION:
+        raise InvalidRecord(f"{kind}: unsupported version {version!r}")
     keys = set(value)
     required = _REQUIRED[kind] | _COMMON
     missing = required - keys
@@ -652,6 +653,10 @@ def decode_record(
     unknown = keys - required - _OPTIONAL.get(kind, frozenset())
     if unknown:
         raise InvalidRecord(f"{kind}: unknown fields {', '.join(sorted(unknown))}")
+    # An optional field is absent or has a value; null would give one record two encodings.
+    nulls = [key for key in _OPTIONAL.get(kind, frozenset()) if key in value and value[key] is None]
+    if nulls:
+        raise InvalidRecord(f"{kind}: optional fields are left out, not null: {', '.join(nulls)}")
     sig = value.pop("sig")
     if not isinstance(sig, bytes) or len(sig) != SIGNATURE_LENGTH:
         raise InvalidRecord(f"{kind}: sig must be a 64-byte ed25519 signature")

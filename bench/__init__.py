@@ -1,0 +1,1 @@
+"""Benchmarks: each figure beside a primitive ceiling measured in the same run."""

@@ -1,0 +1,16 @@
+"""`python -m bench`: run every benchmark and write JSON to bench/results/."""
+
+from __future__ import annotations
+
+import sys
+
+from bench import import_rate
+
+
+def main() -> int:
+    import_rate.main(sys.argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

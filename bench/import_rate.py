@@ -1,0 +1,180 @@
+"""Records verified and stored per second through the import path, beside the verify ceiling.
+
+The ceiling is PyNaCl's raw ed25519 verification rate, on one thread, over the signing
+payloads of the very records imported. The measured path is the whole import a user runs:
+`ostrom import FILE.car` against a real daemon process, i.e. reading the CAR file, sending
+its sections over the RPC socket, decoding, checking and verifying each record, and storing
+it durably in SQLite. A second figure isolates the daemon's side (decode + verify + store,
+in process) to show where time goes.
+
+    python -m bench.import_rate [--records N] [--out bench/results/import.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nacl.bindings
+
+from ostrom.crypto.cid import CID
+from ostrom.crypto.keys import Identity
+from ostrom.protocol.car import encode_header, encode_section
+from ostrom.protocol.records import (
+    Contribution,
+    Policy,
+    Project,
+    SignedRecord,
+    Validation,
+    signing_payload,
+    sign,
+)
+from ostrom.crypto.signing import RECORD_DOMAIN
+
+# Authors in the synthetic project: enough that keys vary like in a real community.
+AUTHORS = 8
+# Repetitions of each timing; the median is reported.
+REPEATS = 3
+
+
+def make_records(count: int) -> list[SignedRecord]:
+    """A project of `count` records: a chain of contributions with validations beside them."""
+    authors = [Identity.from_seed(bytes([i]) * 32) for i in range(AUTHORS)]
+    founder = authors[0]
+    genesis = sign(Project(author=founder.public_key, ts=1_700_000_000_000, name="bench",
+                           license="MIT", policy=Policy((founder.public_key,), 1)), founder)
+    records = [genesis]
+    head = genesis.cid
+    changeset = CID.of_dag_cbor(b"changeset placeholder")
+    ts = genesis.ts
+    while len(records) < count:
+        ts += 1
+        author = authors[len(records) % AUTHORS]
+        c = sign(Contribution(author=author.public_key, ts=ts, project=genesis.cid,
+                              parents=(head,), changes=(changeset,),
+                              message=f"change number {len(records)}"), author)
+        records.append(c)
+        head = c.cid
+        if len(records) < count:
+            ts += 1
+            records.append(sign(Validation(author=founder.public_key, ts=ts,
+                                           project=genesis.cid, target=c.cid,
+                                           verdict="accept"), founder))
+    return records
+
+
+def verify_ceiling(records: list[SignedRecord]) -> float:
+    """Raw ed25519 verifications per second on one thread (PyNaCl / libsodium)."""
+    items = [(r.sig + RECORD_DOMAIN + signing_payload(r.body), r.author) for r in records]
+    timings = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        for signed, key in items:
+            nacl.bindings.crypto_sign_open(signed, key)
+        timings.append(time.perf_counter() - start)
+    return len(items) / statistics.median(timings)
+
+
+def in_process_rate(records: list[SignedRecord], workdir: Path) -> float:
+    """Decode + verify + durable store, in process, in import-sized batches."""
+    import trio
+
+    from ostrom.node.ingest import decode_batch
+    from ostrom.node.store import Store
+
+    payloads = [r.data for r in records]
+    timings = []
+    for repeat in range(REPEATS):
+        store = Store.open(workdir / f"inproc{repeat}.sqlite")
+
+        async def run(store: Store = store) -> None:
+            for i in range(0, len(payloads), 1024):
+                decoded = await decode_batch(payloads[i : i + 1024])
+                good = [d for d in decoded if isinstance(d, SignedRecord)]
+                assert len(good) == len(decoded[: len(good)])
+                await trio.to_thread.run_sync(store.put_records, good)
+
+        start = time.perf_counter()
+        trio.run(run)
+        timings.append(time.perf_counter() - start)
+        store.close()
+    return len(records) / statistics.median(timings)
+
+
+def daemon_import_rate(records: list[SignedRecord], workdir: Path) -> tuple[float, int]:
+    """`ostrom import` of a CAR file into a fresh real daemon; records per second."""
+    car = workdir / "bench.car"
+    with open(car, "wb") as f:
+        f.write(encode_header([records[0].cid]))
+        for r in records:
+            f.write(encode_section(r.cid, r.data))
+    timings = []
+    for repeat in range(REPEATS):
+        home = workdir / f"home{repeat}"
+        env = dict(os.environ, OSTROM_HOME=str(home))
+        daemon = subprocess.Popen([sys.executable, "-m", "ostrom.node", "--data-dir", str(home),
+                                   "--log-level", "warning"], env=env,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while not (home / "ostrom.sock").exists():
+                if time.monotonic() > deadline or daemon.poll() is not None:
+                    raise RuntimeError("daemon did not start")
+                time.sleep(0.05)
+            time.sleep(0.2)
+            start = time.perf_counter()
+            result = subprocess.run([sys.executable, "-m", "ostrom.cli", "--json", "import",
+                                     str(car)], env=env, capture_output=True, text=True,
+                                    timeout=600, check=True)
+            timings.append(time.perf_counter() - start)
+            summary = json.loads(result.stdout)
+            assert summary["stored"] == len(records), summary
+        finally:
+            daemon.terminate()
+            daemon.wait(30)
+    return len(records) / statistics.median(timings), car.stat().st_size
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--records", type=int, default=20_000)
+    parser.add_argument("--out", default="bench/results/import.json")
+    args = parser.parse_args(argv)
+    records = make_records(args.records)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        ceiling = verify_ceiling(records)
+        inproc = in_process_rate(records, workdir)
+        daemon_rate, car_bytes = daemon_import_rate(records, workdir)
+    result = {
+        "benchmark": "import_rate",
+        "records": len(records),
+        "car_bytes": car_bytes,
+        "verify_ceiling_per_s": round(ceiling),
+        "daemon_import_per_s": round(daemon_rate),
+        "daemon_ratio": round(daemon_rate / ceiling, 3),
+        "in_process_per_s": round(inproc),
+        "in_process_ratio": round(inproc / ceiling, 3),
+        "target_ratio": 0.65,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "command": "python -m bench.import_rate --records " + str(args.records),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The daemon: trio, libp2p, storage and the RPC server."""
