@@ -28,6 +28,7 @@ import nacl.bindings
 
 from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity
+from ostrom.crypto.signing import RECORD_DOMAIN
 from ostrom.protocol.car import encode_header, encode_section
 from ostrom.protocol.records import (
     Contribution,
@@ -35,10 +36,9 @@ from ostrom.protocol.records import (
     Project,
     SignedRecord,
     Validation,
-    signing_payload,
     sign,
+    signing_payload,
 )
-from ostrom.crypto.signing import RECORD_DOMAIN
 
 # Authors in the synthetic project: enough that keys vary like in a real community.
 AUTHORS = 8
@@ -50,8 +50,16 @@ def make_records(count: int) -> list[SignedRecord]:
     """A project of `count` records: a chain of contributions with validations beside them."""
     authors = [Identity.from_seed(bytes([i]) * 32) for i in range(AUTHORS)]
     founder = authors[0]
-    genesis = sign(Project(author=founder.public_key, ts=1_700_000_000_000, name="bench",
-                           license="MIT", policy=Policy((founder.public_key,), 1)), founder)
+    genesis = sign(
+        Project(
+            author=founder.public_key,
+            ts=1_700_000_000_000,
+            name="bench",
+            license="MIT",
+            policy=Policy((founder.public_key,), 1),
+        ),
+        founder,
+    )
     records = [genesis]
     head = genesis.cid
     changeset = CID.of_dag_cbor(b"changeset placeholder")
@@ -59,16 +67,33 @@ def make_records(count: int) -> list[SignedRecord]:
     while len(records) < count:
         ts += 1
         author = authors[len(records) % AUTHORS]
-        c = sign(Contribution(author=author.public_key, ts=ts, project=genesis.cid,
-                              parents=(head,), changes=(changeset,),
-                              message=f"change number {len(records)}"), author)
+        c = sign(
+            Contribution(
+                author=author.public_key,
+                ts=ts,
+                project=genesis.cid,
+                parents=(head,),
+                changes=(changeset,),
+                message=f"change number {len(records)}",
+            ),
+            author,
+        )
         records.append(c)
         head = c.cid
         if len(records) < count:
             ts += 1
-            records.append(sign(Validation(author=founder.public_key, ts=ts,
-                                           project=genesis.cid, target=c.cid,
-                                           verdict="accept"), founder))
+            records.append(
+                sign(
+                    Validation(
+                        author=founder.public_key,
+                        ts=ts,
+                        project=genesis.cid,
+                        target=c.cid,
+                        verdict="accept",
+                    ),
+                    founder,
+                )
+            )
     return records
 
 
@@ -121,9 +146,19 @@ def daemon_import_rate(records: list[SignedRecord], workdir: Path) -> tuple[floa
     for repeat in range(REPEATS):
         home = workdir / f"home{repeat}"
         env = dict(os.environ, OSTROM_HOME=str(home))
-        daemon = subprocess.Popen([sys.executable, "-m", "ostrom.node", "--data-dir", str(home),
-                                   "--log-level", "warning"], env=env,
-                                  stderr=subprocess.DEVNULL)
+        daemon = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ostrom.node",
+                "--data-dir",
+                str(home),
+                "--log-level",
+                "warning",
+            ],
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             deadline = time.monotonic() + 30
             while not (home / "ostrom.sock").exists():
@@ -132,9 +167,14 @@ def daemon_import_rate(records: list[SignedRecord], workdir: Path) -> tuple[floa
                 time.sleep(0.05)
             time.sleep(0.2)
             start = time.perf_counter()
-            result = subprocess.run([sys.executable, "-m", "ostrom.cli", "--json", "import",
-                                     str(car)], env=env, capture_output=True, text=True,
-                                    timeout=600, check=True)
+            result = subprocess.run(
+                [sys.executable, "-m", "ostrom.cli", "--json", "import", str(car)],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=True,
+            )
             timings.append(time.perf_counter() - start)
             summary = json.loads(result.stdout)
             assert summary["stored"] == len(records), summary
@@ -165,8 +205,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "in_process_per_s": round(inproc),
         "in_process_ratio": round(inproc / ceiling, 3),
         "target_ratio": 0.65,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "command": "python -m bench.import_rate --records " + str(args.records),
     }
     out = Path(args.out)

@@ -65,9 +65,7 @@ class Output:
             fraction = done / total if total else 1.0
             filled = int(width * fraction)
             bar = "#" * filled + "." * (width - filled)
-            sys.stderr.write(
-                f"\r{label} [{bar}] {fraction:6.1%} {_size(done)}/{_size(total)}"
-            )
+            sys.stderr.write(f"\r{label} [{bar}] {fraction:6.1%} {_size(done)}/{_size(total)}")
             if done >= total:
                 sys.stderr.write("\n")
             sys.stderr.flush()
@@ -102,8 +100,12 @@ def _peer(view: dict[str, Any], key: str = "author_peer_id") -> str:
 
 def cmd_init(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
     identity, created = init_data_dir(data_dir)
-    value = {"data_dir": str(data_dir.root), "peer_id": identity.peer_id,
-             "public_key": identity.public_key.hex(), "created": created}
+    value = {
+        "data_dir": str(data_dir.root),
+        "peer_id": identity.peer_id,
+        "public_key": identity.public_key.hex(),
+        "created": created,
+    }
 
     def human(v: dict[str, Any]) -> None:
         if created:
@@ -126,8 +128,15 @@ def cmd_id(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
 
 
 def cmd_daemon(args: argparse.Namespace, out: Output, data_dir: DataDir) -> NoReturn:
-    argv = [sys.executable, "-m", "ostrom.node", "--data-dir", str(data_dir.root),
-            "--log-level", args.log_level]
+    argv = [
+        sys.executable,
+        "-m",
+        "ostrom.node",
+        "--data-dir",
+        str(data_dir.root),
+        "--log-level",
+        args.log_level,
+    ]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)
@@ -174,8 +183,10 @@ def _print_project(out: Output, v: dict[str, Any]) -> None:
     if v.get("fork_of"):
         out.line(f"fork of     {v['fork_of']['project']}")
     counts = v["records"]
-    out.line(f"records     {counts['accepted']} accepted, {counts['pending']} pending, "
-             f"{counts['rejected']} rejected")
+    out.line(
+        f"records     {counts['accepted']} accepted, {counts['pending']} pending, "
+        f"{counts['rejected']} rejected"
+    )
     for head in v["heads"]:
         out.line(f"head        {head}")
     for key in ("forks", "needs"):
@@ -185,9 +196,13 @@ def _print_project(out: Output, v: dict[str, Any]) -> None:
 
 def cmd_project_create(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
     with _client(data_dir) as client:
-        value = client.create_project(args.name, license=args.license,
-                                      description=args.description or "", quorum=args.quorum,
-                                      maintainers=args.maintainer or [])
+        value = client.create_project(
+            args.name,
+            license=args.license,
+            description=args.description or "",
+            quorum=args.quorum,
+            maintainers=args.maintainer or [],
+        )
     out.result(value, lambda v: _print_project(out, v))
 
 
@@ -197,14 +212,18 @@ def cmd_project_list(args: argparse.Namespace, out: Output, data_dir: DataDir) -
 
     def human(projects: list[dict[str, Any]]) -> None:
         if not projects:
-            out.line("no projects yet (create one with `ostrom project create NAME --license SPDX`)")
+            out.line(
+                "no projects yet (create one with `ostrom project create NAME --license SPDX`)"
+            )
             return
         out.line(f"{'NAME':<24} {'CID':<{SHORT_CID}} {'LICENSE':<20} ACCEPTED PENDING FORK")
         for p in projects:
             counts = p["records"]
             fork = "yes" if p.get("fork_of") else ""
-            out.line(f"{p['name'][:24]:<24} {_short(p['cid']):<{SHORT_CID}} "
-                     f"{p['license'][:20]:<20} {counts['accepted']:>8} {counts['pending']:>7} {fork}")
+            out.line(
+                f"{p['name'][:24]:<24} {_short(p['cid']):<{SHORT_CID}} "
+                f"{p['license'][:20]:<20} {counts['accepted']:>8} {counts['pending']:>7} {fork}"
+            )
 
     out.result(value, human)
 
@@ -218,18 +237,27 @@ def cmd_project_show(args: argparse.Namespace, out: Output, data_dir: DataDir) -
 def cmd_contribute(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
     with _client(data_dir) as client:
         value = client.contribute(
-            args.project, [Path(p) for p in args.paths], message=args.message, to=args.to or "",
-            deletes=args.delete or [], resolves=args.resolves or [], parents=args.parent or [],
+            args.project,
+            [Path(p) for p in args.paths],
+            message=args.message,
+            to=args.to or "",
+            deletes=args.delete or [],
+            resolves=args.resolves or [],
+            parents=args.parent or [],
             progress=out.progress("uploading"),
         )
 
     def human(v: dict[str, Any]) -> None:
         out.line(f"contribution {v['cid']}")
-        out.line(f"  {v['paths']} path(s) changed, status {v.get('status', 'pending')}"
-                 + (f" ({v['accepts']}/{v['quorum']} acceptances)" if "quorum" in v else ""))
+        out.line(
+            f"  {v['paths']} path(s) changed, status {v.get('status', 'pending')}"
+            + (f" ({v['accepts']}/{v['quorum']} acceptances)" if "quorum" in v else "")
+        )
         if v.get("uploaded_bytes") is not None:
-            out.line(f"  uploaded {_size(v['uploaded_bytes'])} new, "
-                     f"{_size(v['deduplicated_bytes'])} already stored")
+            out.line(
+                f"  uploaded {_size(v['uploaded_bytes'])} new, "
+                f"{_size(v['deduplicated_bytes'])} already stored"
+            )
 
     out.result(value, human)
 
@@ -255,8 +283,9 @@ def cmd_log(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
             elif what == "project":
                 out.line(f"  genesis {e['name']} ({e['license']})")
             if "quorum" in e and what != "project":
-                out.line(f"  votes   {e['accepts']} accept, {e['rejects']} reject, "
-                         f"quorum {e['quorum']}")
+                out.line(
+                    f"  votes   {e['accepts']} accept, {e['rejects']} reject, quorum {e['quorum']}"
+                )
             for v in e.get("validations", []):
                 counted = "" if v["counted"] else " (not counted)"
                 note = f": {v['note']}" if v.get("note") else ""
@@ -277,8 +306,10 @@ def cmd_validate(args: argparse.Namespace, out: Output, data_dir: DataDir) -> No
         out.line(f"validation {v['cid']}: {v['verdict']} {v['target']}")
         target = v.get("target_status")
         if target:
-            out.line(f"  target is now {target['status']} ({target['accepts']} accept, "
-                     f"{target['rejects']} reject, quorum {target['quorum']})")
+            out.line(
+                f"  target is now {target['status']} ({target['accepts']} accept, "
+                f"{target['rejects']} reject, quorum {target['quorum']})"
+            )
         if v.get("warning"):
             out.line(f"  warning: {v['warning']}")
 
@@ -288,9 +319,11 @@ def cmd_validate(args: argparse.Namespace, out: Output, data_dir: DataDir) -> No
 def _print_conflicts(out: Output, conflicts: list[dict[str, Any]]) -> None:
     for c in conflicts:
         others = [cand for cand in c["candidates"] if cand != c["chosen"]]
-        out.line(f"conflict: {c['path']}: concurrent changes by "
-                 f"{', '.join(_short(x) for x in c['candidates'])}; showing {_short(c['chosen'])}"
-                 f" (over {', '.join(_short(x) for x in others)})")
+        out.line(
+            f"conflict: {c['path']}: concurrent changes by "
+            f"{', '.join(_short(x) for x in c['candidates'])}; showing {_short(c['chosen'])}"
+            f" (over {', '.join(_short(x) for x in others)})"
+        )
 
 
 def cmd_tree(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
@@ -309,8 +342,13 @@ def cmd_tree(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
 
 def cmd_checkout(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
     with _client(data_dir) as client:
-        value = client.checkout(args.project, Path(args.dir), at=args.at, overwrite=args.force,
-                                progress=out.progress("checking out"))
+        value = client.checkout(
+            args.project,
+            Path(args.dir),
+            at=args.at,
+            overwrite=args.force,
+            progress=out.progress("checking out"),
+        )
 
     def human(v: dict[str, Any]) -> None:
         out.line(f"checked out {v['files']} file(s), {_size(v['bytes'])} into {v['dir']}")
@@ -333,13 +371,17 @@ def cmd_forks(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
         out.line(f"{v['name']} {v['project']}")
         for depth, up in enumerate(v["upstream"], start=1):
             name = up.get("name", "(not here)")
-            out.line(f"{'  ' * depth}forked from {name} {up['project']} at "
-                     f"{', '.join(_short(h) for h in up['at'])}")
+            out.line(
+                f"{'  ' * depth}forked from {name} {up['project']} at "
+                f"{', '.join(_short(h) for h in up['at'])}"
+            )
 
         def down(forks: list[dict[str, Any]], depth: int) -> None:
             for f in forks:
-                out.line(f"{'  ' * depth}fork {f['name']} {f['project']} by {_peer(f)} at "
-                         f"{', '.join(_short(h) for h in f['at'])}")
+                out.line(
+                    f"{'  ' * depth}fork {f['name']} {f['project']} by {_peer(f)} at "
+                    f"{', '.join(_short(h) for h in f['at'])}"
+                )
                 down(f["forks"], depth + 1)
 
         if not v["forks"]:
@@ -358,8 +400,9 @@ def cmd_governance(args: argparse.Namespace, out: Output, data_dir: DataDir) -> 
         except ValueError:
             _usage(f"set-quorum takes a number, not {args.value!r}")
     with _client(data_dir) as client:
-        value = client.governance(args.project, args.action, key=key, quorum=quorum,
-                                  note=args.note or "")
+        value = client.governance(
+            args.project, args.action, key=key, quorum=quorum, note=args.note or ""
+        )
 
     def human(v: dict[str, Any]) -> None:
         out.line(f"governance {v['cid']}: {v['action']} [{v.get('status', 'pending')}]")
@@ -402,7 +445,9 @@ def cmd_show(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
         skip = {"validations", "comments", "changes", "votes"}
         for key, item in v.items():
             if key not in skip:
-                out.line(f"{key:<14} {json.dumps(item) if isinstance(item, (dict, list)) else item}")
+                out.line(
+                    f"{key:<14} {json.dumps(item) if isinstance(item, (dict, list)) else item}"
+                )
         for c in v.get("changes", []):
             detail = f"{c['size']} bytes" if c["op"] == "put" else ""
             out.line(f"  {c['op']:<6} {c['path']} {detail}")
@@ -416,11 +461,14 @@ def cmd_show(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
 
 def cmd_export(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
     with _client(data_dir) as client:
-        value = client.export_car(args.project, Path(args.file),
-                                  progress=out.progress("exporting"))
-    out.result(value, lambda v: out.line(
-        f"wrote {v['records']} record(s) and {v['blocks']} block(s), {_size(v['bytes'])}, "
-        f"to {v['file']}"))
+        value = client.export_car(args.project, Path(args.file), progress=out.progress("exporting"))
+    out.result(
+        value,
+        lambda v: out.line(
+            f"wrote {v['records']} record(s) and {v['blocks']} block(s), {_size(v['bytes'])}, "
+            f"to {v['file']}"
+        ),
+    )
 
 
 def cmd_import(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
@@ -428,8 +476,10 @@ def cmd_import(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None
         value = client.import_car(Path(args.file), progress=out.progress("importing"))
 
     def human(v: dict[str, Any]) -> None:
-        out.line(f"imported {v['stored']} new record(s) ({v['known']} already here), "
-                 f"{v['blocks_stored']} new block(s)")
+        out.line(
+            f"imported {v['stored']} new record(s) ({v['known']} already here), "
+            f"{v['blocks_stored']} new block(s)"
+        )
         for r in v["refused"]:
             out.line(f"refused {r.get('cid') or '#' + str(r['index'])}: {r['message']}")
 
@@ -470,22 +520,32 @@ def _usage(message: str) -> NoReturn:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data-dir", default=argparse.SUPPRESS,
-                        help="data directory (default: $OSTROM_HOME, else the user data dir)")
-    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                        help="print one JSON document (JSON lines for streams)")
+    common.add_argument(
+        "--data-dir",
+        default=argparse.SUPPRESS,
+        help="data directory (default: $OSTROM_HOME, else the user data dir)",
+    )
+    common.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="print one JSON document (JSON lines for streams)",
+    )
 
     parser = argparse.ArgumentParser(
-        prog="ostrom", parents=[common],
+        prog="ostrom",
+        parents=[common],
         description="Host, contribute to, validate and fork commons projects.",
     )
     parser.add_argument("--version", action="version", version=f"ostrom {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, fn: Callable[..., Any], help_text: str,
-                parent: Any = sub) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(name, parents=[common], help=help_text,
-                                                       description=help_text)
+    def command(
+        name: str, fn: Callable[..., Any], help_text: str, parent: Any = sub
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(
+            name, parents=[common], help=help_text, description=help_text
+        )
         p.set_defaults(func=fn)
         return p
 
@@ -502,8 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--license", required=True, help="an SPDX license expression, e.g. MIT")
     p.add_argument("--description")
     p.add_argument("--quorum", type=int, default=1, help="acceptances a contribution needs")
-    p.add_argument("--maintainer", action="append", metavar="KEY",
-                   help="another initial maintainer (peer id or hex key); repeatable")
+    p.add_argument(
+        "--maintainer",
+        action="append",
+        metavar="KEY",
+        help="another initial maintainer (peer id or hex key); repeatable",
+    )
     command("list", cmd_project_list, "list the projects this node hosts", psub)
     p = command("show", cmd_project_show, "show a project", psub)
     p.add_argument("project", help="name, CID or CID prefix")
@@ -515,8 +579,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delete", action="append", metavar="PATH", help="remove a path; repeatable")
     p.add_argument("-m", "--message", required=True)
     p.add_argument("--resolves", action="append", metavar="NEED", help="a need this resolves")
-    p.add_argument("--parent", action="append", metavar="RECORD",
-                   help="build on this record instead of the accepted heads; repeatable")
+    p.add_argument(
+        "--parent",
+        action="append",
+        metavar="RECORD",
+        help="build on this record instead of the accepted heads; repeatable",
+    )
 
     p = command("log", cmd_log, "show a project's contributions, their status and validations")
     p.add_argument("project")
@@ -537,19 +605,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("project")
     p.add_argument("dir")
     p.add_argument("--at", metavar="RECORD")
-    p.add_argument("--force", action="store_true",
-                   help="write into a non-empty directory (overwrites, never deletes)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty directory (overwrites, never deletes)",
+    )
 
     p = command("fork", cmd_fork, "fork a project")
     p.add_argument("project")
     p.add_argument("--name", required=True)
-    p.add_argument("--at", action="append", metavar="RECORD",
-                   help="fork at this record (default: the accepted heads); repeatable")
+    p.add_argument(
+        "--at",
+        action="append",
+        metavar="RECORD",
+        help="fork at this record (default: the accepted heads); repeatable",
+    )
     p = command("forks", cmd_forks, "show a project's lineage and its forks")
     p.add_argument("project")
 
-    p = command("governance", cmd_governance,
-                "propose a policy change: add-maintainer KEY, remove-maintainer KEY, set-quorum N")
+    p = command(
+        "governance",
+        cmd_governance,
+        "propose a policy change: add-maintainer KEY, remove-maintainer KEY, set-quorum N",
+    )
     p.add_argument("project")
     p.add_argument("action", choices=["add-maintainer", "remove-maintainer", "set-quorum"])
     p.add_argument("value", metavar="KEY|N")

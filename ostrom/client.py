@@ -237,8 +237,9 @@ class Client:
                 print(entry["cid"], entry["status"], entry.get("message"))
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str] | None = None, *,
-                 timeout: float | None = 60.0) -> None:
+    def __init__(
+        self, data_dir: str | os.PathLike[str] | None = None, *, timeout: float | None = 60.0
+    ) -> None:
         from ostrom.datadir import resolve_data_dir
 
         self.data_dir = resolve_data_dir(data_dir)
@@ -265,11 +266,26 @@ class Client:
     def status(self) -> dict[str, Any]:
         return cast(dict[str, Any], self.call("node.status"))
 
-    def create_project(self, name: str, *, license: str, description: str = "", quorum: int = 1,
-                       maintainers: Sequence[str] = ()) -> dict[str, Any]:
-        return cast(dict[str, Any], self.call(
-            "project.create", name=name, license=license, description=description,
-            quorum=quorum, maintainers=list(maintainers)))
+    def create_project(
+        self,
+        name: str,
+        *,
+        license: str,
+        description: str = "",
+        quorum: int = 1,
+        maintainers: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        return cast(
+            dict[str, Any],
+            self.call(
+                "project.create",
+                name=name,
+                license=license,
+                description=description,
+                quorum=quorum,
+                maintainers=list(maintainers),
+            ),
+        )
 
     def projects(self) -> list[dict[str, Any]]:
         return cast(list[dict[str, Any]], self.call("project.list"))
@@ -278,8 +294,10 @@ class Client:
         return cast(dict[str, Any], self.call("project.show", project=project))
 
     def fork(self, project: str, name: str, *, at: Sequence[str] = ()) -> dict[str, Any]:
-        return cast(dict[str, Any], self.call("project.fork", project=project, name=name,
-                                              at=list(at) or None))
+        return cast(
+            dict[str, Any],
+            self.call("project.fork", project=project, name=name, at=list(at) or None),
+        )
 
     def forks(self, project: str) -> dict[str, Any]:
         return cast(dict[str, Any], self.call("project.forks", project=project))
@@ -295,19 +313,41 @@ class Client:
 
     # --- records -------------------------------------------------------------------------------
 
-    def validate(self, record: str, verdict: str, *, note: str = "",
-                 project: str | None = None) -> dict[str, Any]:
-        return cast(dict[str, Any], self.call("validation.create", target=record,
-                                              verdict=verdict, note=note, project=project))
+    def validate(
+        self, record: str, verdict: str, *, note: str = "", project: str | None = None
+    ) -> dict[str, Any]:
+        return cast(
+            dict[str, Any],
+            self.call(
+                "validation.create", target=record, verdict=verdict, note=note, project=project
+            ),
+        )
 
-    def governance(self, project: str, action: str, *, key: str | None = None,
-                   quorum: int | None = None, note: str = "") -> dict[str, Any]:
-        return cast(dict[str, Any], self.call("governance.create", project=project,
-                                              action=action, key=key, quorum=quorum, note=note))
+    def governance(
+        self,
+        project: str,
+        action: str,
+        *,
+        key: str | None = None,
+        quorum: int | None = None,
+        note: str = "",
+    ) -> dict[str, Any]:
+        return cast(
+            dict[str, Any],
+            self.call(
+                "governance.create",
+                project=project,
+                action=action,
+                key=key,
+                quorum=quorum,
+                note=note,
+            ),
+        )
 
     def create_need(self, project: str, title: str, *, body: str = "") -> dict[str, Any]:
-        return cast(dict[str, Any], self.call("need.create", project=project, title=title,
-                                              body=body))
+        return cast(
+            dict[str, Any], self.call("need.create", project=project, title=title, body=body)
+        )
 
     def needs(self, project: str) -> list[dict[str, Any]]:
         return cast(list[dict[str, Any]], self.call("need.list", project=project))
@@ -317,10 +357,18 @@ class Client:
 
     # --- files ---------------------------------------------------------------------------------
 
-    def contribute(self, project: str, paths: Sequence[Path], *, message: str, to: str = "",
-                   deletes: Sequence[str] = (), resolves: Sequence[str] = (),
-                   parents: Sequence[str] = (), progress: Progress | None = None
-                   ) -> dict[str, Any]:
+    def contribute(
+        self,
+        project: str,
+        paths: Sequence[Path],
+        *,
+        message: str,
+        to: str = "",
+        deletes: Sequence[str] = (),
+        resolves: Sequence[str] = (),
+        parents: Sequence[str] = (),
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
         """Upload files and directories (only blocks the node lacks) and sign a contribution.
 
         Directories contribute their contents (see `ostrom.files.collect`); `to` places
@@ -335,14 +383,29 @@ class Client:
         changes: list[dict[str, Any]] = []
         for entry in local:
             manifest_cid = uploader.upload_file(entry.fs_path)
-            changes.append({"op": "put", "path": entry.tree_path, "file": str(manifest_cid),
-                            "size": entry.size, "exec": entry.exec})
+            changes.append(
+                {
+                    "op": "put",
+                    "path": entry.tree_path,
+                    "file": str(manifest_cid),
+                    "size": entry.size,
+                    "exec": entry.exec,
+                }
+            )
         uploader.flush()
         for path in deletes:
             changes.append({"op": "delete", "path": join_tree_path("", path)})
-        result = cast(dict[str, Any], self.call(
-            "contribution.create", project=project, changes=changes, message=message,
-            resolves=list(resolves) or None, parents=list(parents) or None))
+        result = cast(
+            dict[str, Any],
+            self.call(
+                "contribution.create",
+                project=project,
+                changes=changes,
+                message=message,
+                resolves=list(resolves) or None,
+                parents=list(parents) or None,
+            ),
+        )
         result["uploaded_bytes"] = uploader.sent_bytes
         result["deduplicated_bytes"] = uploader.skipped_bytes
         return result
@@ -355,8 +418,15 @@ class Client:
         blocks = self._fetch_blocks([ref.cid for ref in manifest.blocks])
         return assemble(manifest, lambda cid: next(blocks)[1])
 
-    def checkout(self, project: str, directory: Path, *, at: str | None = None,
-                 overwrite: bool = False, progress: Progress | None = None) -> dict[str, Any]:
+    def checkout(
+        self,
+        project: str,
+        directory: Path,
+        *,
+        at: str | None = None,
+        overwrite: bool = False,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
         """Write the project's tree (accepted by default, or as of `at`) into `directory`.
 
         Every block is verified against its CID before it is written; nothing is written
@@ -378,16 +448,22 @@ class Client:
                             progress(done, total)
                         yield chunk
 
-                writer.write(entry["path"], counted(self.read_file(entry["file"])),
-                             exec=entry["exec"])
+                writer.write(
+                    entry["path"], counted(self.read_file(entry["file"])), exec=entry["exec"]
+                )
         if progress:
             progress(total, total)
-        return {"dir": str(directory), "files": len(tree["files"]), "bytes": total,
-                "heads": tree["heads"], "conflicts": tree["conflicts"]}
+        return {
+            "dir": str(directory),
+            "files": len(tree["files"]),
+            "bytes": total,
+            "heads": tree["heads"],
+            "conflicts": tree["conflicts"],
+        }
 
     def _manifest(self, manifest_cid: str) -> Any:
-        from ostrom.protocol.changesets import FileManifest
         from ostrom.crypto.cid import CID
+        from ostrom.protocol.changesets import FileManifest
 
         cid = CID.parse(manifest_cid)
         [(_, data)] = list(self._fetch_blocks([cid]))
@@ -412,8 +488,9 @@ class Client:
 
     # --- CAR files -----------------------------------------------------------------------------
 
-    def export_car(self, project: str, path: Path, *, progress: Progress | None = None
-                   ) -> dict[str, Any]:
+    def export_car(
+        self, project: str, path: Path, *, progress: Progress | None = None
+    ) -> dict[str, Any]:
         """Write the project's records and blocks to a CARv1 file (atomically renamed)."""
         from ostrom.crypto.cid import CID
         from ostrom.protocol.car import encode_header, encode_section
@@ -450,8 +527,13 @@ class Client:
         os.replace(temp, path)
         if progress:
             progress(total, total)
-        return {"file": str(path), "records": len(records), "blocks": len(blocks),
-                "bytes": written, "roots": plan["roots"]}
+        return {
+            "file": str(path),
+            "records": len(records),
+            "blocks": len(blocks),
+            "bytes": written,
+            "roots": plan["roots"],
+        }
 
     def import_car(self, path: Path, *, progress: Progress | None = None) -> dict[str, Any]:
         """Send a CAR file's sections to the daemon, which verifies and stores them.
@@ -462,8 +544,14 @@ class Client:
 
         reader = CarReader()
         total = os.path.getsize(path)
-        summary: dict[str, Any] = {"stored": 0, "known": 0, "blocks_stored": 0,
-                                   "blocks_known": 0, "refused": [], "roots": []}
+        summary: dict[str, Any] = {
+            "stored": 0,
+            "known": 0,
+            "blocks_stored": 0,
+            "blocks_known": 0,
+            "refused": [],
+            "roots": [],
+        }
         batch: list[list[Any]] = []
         batch_bytes = 0
         offset = 0
@@ -489,7 +577,7 @@ class Client:
                 done += len(chunk)
                 for item in reader.feed(chunk):
                     if isinstance(item, CarSection):
-                        batch.append([str(item.cid), item.data])
+                        batch.append([item.cid.raw, item.data])
                         batch_bytes += len(item.data)
                         if len(batch) >= IMPORT_BATCH_SECTIONS or batch_bytes >= IMPORT_BATCH_BYTES:
                             count = len(batch)

@@ -47,7 +47,9 @@ class Daemon:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "ostrom.cli", "--data-dir", str(self.data_dir), "daemon"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=_env(self.data_dir),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=_env(self.data_dir),
         )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -88,11 +90,15 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def cli(self, *args: str, check: bool = True, input: bytes | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, input: bytes | None = None, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [sys.executable, "-m", "ostrom.cli", "--data-dir", str(self.data_dir), *args],
-            capture_output=True, text=True, timeout=CLI_TIMEOUT, env=_env(self.data_dir),
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+            env=_env(self.data_dir),
             cwd=cwd,
         )
         if check and result.returncode != 0:

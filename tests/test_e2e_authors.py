@@ -32,8 +32,9 @@ def _statuses(node: Daemon, project: str) -> dict[str, str]:
     return {e["cid"]: e["status"] for e in node.json("log", project)}
 
 
-def test_outside_contribution_waits_for_a_maintainer(daemons: DaemonFactory,
-                                                     tmp_path: Path) -> None:
+def test_outside_contribution_waits_for_a_maintainer(
+    daemons: DaemonFactory, tmp_path: Path
+) -> None:
     alice, bob = daemons.make("alice"), daemons.make("bob")
     project = alice.json("project", "create", "commons", "--license", "MIT")["cid"]
     first = tmp_path / "a.txt"
@@ -53,7 +54,9 @@ def test_outside_contribution_waits_for_a_maintainer(daemons: DaemonFactory,
     assert "b.txt" not in {f["path"] for f in alice.json("tree", project)["files"]}
     # bob's checkout of his own pending work: the tree at his record.
     assert {f["path"] for f in alice.json("tree", project, "--at", by_bob["cid"])["files"]} == {
-        "a.txt", "b.txt"}
+        "a.txt",
+        "b.txt",
+    }
 
     # bob's own validation does not count; alice's does.
     bob_vote = bob.json("validate", by_bob["cid"], "--accept")
@@ -74,8 +77,17 @@ def test_outside_contribution_waits_for_a_maintainer(daemons: DaemonFactory,
 def test_quorum_two_needs_two_maintainers(daemons: DaemonFactory, tmp_path: Path) -> None:
     alice, bob, carol = daemons.make("alice"), daemons.make("bob"), daemons.make("carol")
     bob_id = bob.json("id")["peer_id"]
-    project = alice.json("project", "create", "q2", "--license", "Apache-2.0", "--quorum", "2",
-                         "--maintainer", bob_id)["cid"]
+    project = alice.json(
+        "project",
+        "create",
+        "q2",
+        "--license",
+        "Apache-2.0",
+        "--quorum",
+        "2",
+        "--maintainer",
+        bob_id,
+    )["cid"]
     _sync(alice, carol, project, tmp_path, "c0")
     f = tmp_path / "carol.txt"
     f.write_text("carol\n")
@@ -101,8 +113,9 @@ def test_quorum_two_needs_two_maintainers(daemons: DaemonFactory, tmp_path: Path
     assert by_alice["status"] == "pending" and by_alice["accepts"] == 1
 
 
-def test_export_import_round_trip_gives_the_same_replica(daemons: DaemonFactory,
-                                                          tmp_path: Path) -> None:
+def test_export_import_round_trip_gives_the_same_replica(
+    daemons: DaemonFactory, tmp_path: Path
+) -> None:
     alice, fresh = daemons.make("alice"), daemons.make("fresh")
     project = alice.json("project", "create", "rt", "--license", "CC0-1.0")["cid"]
     src = tmp_path / "src"
@@ -148,8 +161,18 @@ def test_work_flows_from_upstream_into_a_fork(daemons: DaemonFactory, tmp_path: 
     later = alice.json("contribute", upstream, str(f), "-m", "two")["cid"]
     _sync(alice, bob, upstream, tmp_path, "u2")
     # bob merges upstream's new work into his fork: a contribution with parents on both sides.
-    merge = bob.json("contribute", fork, "--parent", bob_head, "--parent", later,
-                     "--delete", "g.txt", "-m", "merge upstream, drop g")
+    merge = bob.json(
+        "contribute",
+        fork,
+        "--parent",
+        bob_head,
+        "--parent",
+        later,
+        "--delete",
+        "g.txt",
+        "-m",
+        "merge upstream, drop g",
+    )
     assert merge["status"] == "accepted"
     tree = {e["path"]: e["size"] for e in bob.json("tree", fork)["files"]}
     assert tree == {"f.txt": 2}
@@ -177,8 +200,9 @@ def _signed(identity: Identity, fields: dict[str, Any]) -> bytes:
     return dagcbor.encode({**fields, "sig": sig})
 
 
-def test_import_refuses_forged_and_malformed_records(daemons: DaemonFactory,
-                                                     tmp_path: Path) -> None:
+def test_import_refuses_forged_and_malformed_records(
+    daemons: DaemonFactory, tmp_path: Path
+) -> None:
     alice, victim = daemons.make("alice"), daemons.make("victim")
     project = alice.json("project", "create", "target", "--license", "MIT")["cid"]
     f = tmp_path / "f.txt"

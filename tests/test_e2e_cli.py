@@ -51,7 +51,9 @@ def test_commands_without_a_daemon_give_a_one_line_hint(tmp_path: Path) -> None:
 def test_second_daemon_on_the_same_data_dir_is_refused(node: Daemon, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "ostrom.cli", "--data-dir", str(node.data_dir), "daemon"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 1
     assert "already running" in result.stderr
@@ -67,8 +69,15 @@ def test_daemon_stops_cleanly_on_sigterm(daemons: DaemonFactory) -> None:
 
 
 def test_project_lifecycle_through_the_cli(node: Daemon, tmp_path: Path) -> None:
-    created = node.json("project", "create", "recipes", "--license", "cc-by-sa-4.0",
-                        "--description", "Shared cooking")
+    created = node.json(
+        "project",
+        "create",
+        "recipes",
+        "--license",
+        "cc-by-sa-4.0",
+        "--description",
+        "Shared cooking",
+    )
     assert created["license"] == "CC-BY-SA-4.0"
     assert created["cid"].startswith("bafyrei")
     listed = node.json("project", "list")
@@ -84,15 +93,28 @@ def test_project_lifecycle_through_the_cli(node: Daemon, tmp_path: Path) -> None
     _write(src / "bread" / "notes" / "flour.txt", b"rye\n")
     tool = _write(src / "bake.sh", b"#!/bin/sh\necho bake\n")
     tool.chmod(0o755)
-    contribution = node.json("contribute", "recipes", str(src / "soup.md"), str(src / "bread"),
-                             str(tool), "--to", "mains", "-m", "Soup, bread and a script")
+    contribution = node.json(
+        "contribute",
+        "recipes",
+        str(src / "soup.md"),
+        str(src / "bread"),
+        str(tool),
+        "--to",
+        "mains",
+        "-m",
+        "Soup, bread and a script",
+    )
     assert contribution["status"] == "accepted"  # the founder is a maintainer
     assert contribution["paths"] == 4
 
     tree = node.json("tree", "recipes")
     files = {f["path"]: f for f in tree["files"]}
-    assert set(files) == {"mains/soup.md", "mains/sourdough.bin", "mains/notes/flour.txt",
-                          "mains/bake.sh"}
+    assert set(files) == {
+        "mains/soup.md",
+        "mains/sourdough.bin",
+        "mains/notes/flour.txt",
+        "mains/bake.sh",
+    }
     assert files["mains/sourdough.bin"]["size"] == len(big)
     assert files["mains/bake.sh"]["exec"] is True
     assert tree["conflicts"] == []
@@ -105,8 +127,15 @@ def test_project_lifecycle_through_the_cli(node: Daemon, tmp_path: Path) -> None
     assert os.access(out / "mains" / "bake.sh", os.X_OK)
 
     # Re-contributing the same big file uploads nothing new: blocks are deduplicated.
-    again = node.json("contribute", "recipes", str(src / "bread" / "sourdough.bin"),
-                      "--to", "copies", "-m", "A copy")
+    again = node.json(
+        "contribute",
+        "recipes",
+        str(src / "bread" / "sourdough.bin"),
+        "--to",
+        "copies",
+        "-m",
+        "A copy",
+    )
     assert again["uploaded_bytes"] < 1024
     assert again["deduplicated_bytes"] >= len(big)
 
@@ -133,8 +162,9 @@ def test_needs_comments_and_show(node: Daemon, tmp_path: Path) -> None:
     needs = node.json("need", "list", "atlas")
     assert [(n["title"], n["status"]) for n in needs] == [("Map of the river", "open")]
     river = _write(tmp_path / "river.geojson", b'{"type": "FeatureCollection"}')
-    made = node.json("contribute", "atlas", str(river), "-m", "River map",
-                     "--resolves", need["cid"])
+    made = node.json(
+        "contribute", "atlas", str(river), "-m", "River map", "--resolves", need["cid"]
+    )
     needs = node.json("need", "list", "atlas")
     assert needs[0]["status"] == "resolved"
     assert needs[0]["resolved_by"][0]["record"] == made["cid"]
@@ -153,7 +183,9 @@ def test_governance_changes_the_policy(node: Daemon, daemons: DaemonFactory) -> 
     assert added["status"] == "accepted"
     shown = node.json("project", "show", "gov")
     assert {m["peer_id"] for m in shown["current_policy"]["maintainers"]} == {
-        node.json("id")["peer_id"], other_id}
+        node.json("id")["peer_id"],
+        other_id,
+    }
     raised = node.json("governance", "gov", "set-quorum", "2")
     assert raised["status"] == "accepted"
     assert node.json("project", "show", "gov")["current_policy"]["quorum"] == 2

@@ -61,9 +61,17 @@ def test_kill_9_loses_nothing_acknowledged(daemons: DaemonFactory, tmp_path: Pat
     rng = random.Random(1234)
     for round_number in range(ROUNDS):
         writer = subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(node.data_dir), project,
-             str(tmp_path / f"scratch{round_number}"), f"round{round_number}"],
-            stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-c",
+                WRITER,
+                str(node.data_dir),
+                project,
+                str(tmp_path / f"scratch{round_number}"),
+                f"round{round_number}",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         try:
             assert writer.stdout is not None
@@ -81,7 +89,7 @@ def test_kill_9_loses_nothing_acknowledged(daemons: DaemonFactory, tmp_path: Pat
 
     assert len(acknowledged) > 5, "the writer should have got some work acknowledged"
     with node.client() as client:
-        for kind, cid, *rest in acknowledged:
+        for kind, cid, *_rest in acknowledged:
             shown = client.show(cid)
             assert shown["type"] == kind
         tree = {f["path"]: f for f in client.tree(project, at=None)["files"]}

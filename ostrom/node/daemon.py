@@ -53,7 +53,9 @@ def hold_lock(data_dir: DataDir) -> Iterator[None]:
         os.close(fd)
 
 
-async def run_daemon(data_dir: DataDir, *, task_status: TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_daemon(
+    data_dir: DataDir, *, task_status: TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Run a node on `data_dir` until cancelled or sent SIGINT / SIGTERM."""
     identity, created = init_data_dir(data_dir)
     if created:
@@ -70,8 +72,11 @@ async def run_daemon(data_dir: DataDir, *, task_status: TaskStatus[NodeService] 
                 async with trio.open_nursery() as nursery:
                     await nursery.start(serve_rpc, data_dir.socket, handle)
                     log.info("ostrom daemon %s listening on %s", identity.peer_id, data_dir.socket)
-                    print(f"ostrom daemon ready: peer {identity.peer_id}, socket {data_dir.socket}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"ostrom daemon ready: peer {identity.peer_id}, socket {data_dir.socket}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     task_status.started(service)
                     async for signum in signals:
                         log.info("received %s, stopping", signal.Signals(signum).name)

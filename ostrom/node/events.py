@@ -69,4 +69,3 @@ class EventBus:
     @property
     def subscriber_count(self) -> int:
         return len(self._subscribers)
-

@@ -51,8 +51,9 @@ class Params:
             raise self._wrong(name, "a string")
         return value
 
-    def integer(self, name: str, default: Any = _MISSING, *, minimum: int = 0,
-            maximum: int = 2**63 - 1) -> Any:
+    def integer(
+        self, name: str, default: Any = _MISSING, *, minimum: int = 0, maximum: int = 2**63 - 1
+    ) -> Any:
         value = self._get(name, default)
         if value is default:
             return value

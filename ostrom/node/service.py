@@ -26,17 +26,15 @@ from ostrom.errors import (
     InvalidRecord,
     MethodNotFound,
     NotFound,
-    OstromError,
     Refused,
     TooLarge,
 )
 from ostrom.node.events import EventBus
-from ostrom.node.ingest import Refusal, decode_batch
+from ostrom.node.ingest import Block, Refusal, decode_batch, decode_sections
 from ostrom.node.params import Params
 from ostrom.node.rpc_server import RpcConnection
 from ostrom.node.store import Store
 from ostrom.node.views import key_view, record_view, status_view
-from ostrom.protocol import dagcbor
 from ostrom.protocol.acceptance import ProjectState, evaluate
 from ostrom.protocol.changesets import (
     MAX_BLOCK_SIZE,
@@ -162,10 +160,12 @@ class NodeService:
                 self._states.pop(project, None)
         else:
             self._states.clear()
-        for record in records:
-            if record.cid in new_set:
-                self.events.publish({"type": "record.added", "origin": origin,
-                                     "record": record_view(record)})
+        if self.events.subscriber_count:
+            for record in records:
+                if record.cid in new_set:
+                    self.events.publish(
+                        {"type": "record.added", "origin": origin, "record": record_view(record)}
+                    )
         for project, old in before.items():
             if old is not None:
                 await self._publish_status_changes(project, old)
@@ -181,13 +181,15 @@ class NodeService:
         for cid, status in new.statuses.items():
             was = old.statuses.get(cid)
             if was is None or was.status != status.status:
-                self.events.publish({
-                    "type": "status.changed",
-                    "project": str(project),
-                    "record": str(cid),
-                    "status": status.status,
-                    "was": None if was is None else was.status,
-                })
+                self.events.publish(
+                    {
+                        "type": "status.changed",
+                        "project": str(project),
+                        "record": str(cid),
+                        "status": status.status,
+                        "was": None if was is None else was.status,
+                    }
+                )
 
     async def _sign_and_store(self, body: Body) -> SignedRecord:
         record = sign(body, self.identity)
@@ -438,8 +440,14 @@ async def project_fork(node: NodeService, params: Params, conn: RpcConnection) -
     except InvalidRecord as exc:
         raise InvalidInput(exc.message) from None
     record = await node._sign_and_store(body)
-    node.events.publish({"type": "project.created", "project": str(record.cid), "name": name,
-                         "fork_of": str(parent.cid)})
+    node.events.publish(
+        {
+            "type": "project.created",
+            "project": str(record.cid),
+            "name": name,
+            "fork_of": str(parent.cid),
+        }
+    )
     return await node.project_view(record)
 
 
@@ -480,19 +488,25 @@ async def project_forks(node: NodeService, params: Params, conn: RpcConnection) 
                     continue
                 seen.add(fork.cid)
                 assert isinstance(fork.body, Project) and fork.body.fork_of is not None
-                out.append({
-                    "project": str(fork.cid),
-                    "name": fork.body.name,
-                    "author_peer_id": peer_id_of(fork.author),
-                    "ts": fork.ts,
-                    "at": [str(cid) for cid in fork.body.fork_of.heads],
-                    "forks": down(fork, depth + 1),
-                })
+                out.append(
+                    {
+                        "project": str(fork.cid),
+                        "name": fork.body.name,
+                        "author_peer_id": peer_id_of(fork.author),
+                        "ts": fork.ts,
+                        "at": [str(cid) for cid in fork.body.fork_of.heads],
+                        "forks": down(fork, depth + 1),
+                    }
+                )
             return out
 
         assert isinstance(genesis.body, Project)
-        return {"project": str(genesis.cid), "name": genesis.body.name,
-                "upstream": upstream, "forks": down(genesis, 0)}
+        return {
+            "project": str(genesis.cid),
+            "name": genesis.body.name,
+            "upstream": upstream,
+            "forks": down(genesis, 0),
+        }
 
     return await node.db(lineage)
 
@@ -505,8 +519,12 @@ def _blocks_param(params: Params) -> list[tuple[CID, bytes]]:
     out: list[tuple[CID, bytes]] = []
     total = 0
     for item in raw:
-        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
-                or not isinstance(item[1], bytes)):
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not isinstance(item[1], bytes)
+        ):
             raise InvalidInput("block.put: each block is [cid, bytes]")
         try:
             cid = CID.parse(item[0])
@@ -568,8 +586,14 @@ def _changes_param(params: Params) -> list[Change]:
         try:
             if op == "put" and set(item) <= {"op", "path", "file", "size", "exec"}:
                 file = CID.parse(str(item.get("file")))
-                changes.append(Put(path=item["path"], file=file, size=item["size"],
-                                   exec=bool(item.get("exec", False))))
+                changes.append(
+                    Put(
+                        path=item["path"],
+                        file=file,
+                        size=item["size"],
+                        exec=bool(item.get("exec", False)),
+                    )
+                )
             elif op == "delete" and set(item) == {"op", "path"}:
                 changes.append(Delete(path=item["path"]))
             else:
@@ -597,7 +621,9 @@ def _check_puts(store: Store, puts: list[Put]) -> None:
             raise NotFound(f"{put.path}: {len(missing)} block(s) not uploaded, e.g. {missing[0]}")
 
 
-async def _resolve_many(node: NodeService, texts: Iterable[str], types: Sequence[str]) -> tuple[CID, ...]:
+async def _resolve_many(
+    node: NodeService, texts: Iterable[str], types: Sequence[str]
+) -> tuple[CID, ...]:
     out = []
     for text in texts:
         out.append((await node.resolve_record(text, types)).cid)
@@ -635,7 +661,9 @@ async def contribution_create(node: NodeService, params: Params, conn: RpcConnec
             raise InvalidInput(f"cannot delete, not in the tree: {', '.join(absent[:5])}")
     if not changes and len(parents) < 2:
         raise InvalidInput("a contribution changes at least one path (or merges several heads)")
-    encoded = [(CID.of_dag_cbor(data), data) for data in (cs.encode() for cs in changesets if cs.changes)]
+    encoded = [
+        (CID.of_dag_cbor(data), data) for data in (cs.encode() for cs in changesets if cs.changes)
+    ]
     await node.db(lambda store: store.put_blocks(encoded))
     try:
         body = Contribution(
@@ -675,8 +703,15 @@ async def _changes_of(node: NodeService, record: SignedRecord) -> list[dict[str,
                 continue
             for change in Changeset.decode(data).changes:
                 if isinstance(change, Put):
-                    out.append({"op": "put", "path": change.path, "size": change.size,
-                                "file": str(change.file), "exec": change.exec})
+                    out.append(
+                        {
+                            "op": "put",
+                            "path": change.path,
+                            "size": change.size,
+                            "file": str(change.file),
+                            "exec": change.exec,
+                        }
+                    )
                 else:
                     out.append({"op": "delete", "path": change.path})
         return out
@@ -747,7 +782,9 @@ async def project_tree(node: NodeService, params: Params, conn: RpcConnection) -
     params.done()
     genesis = await node.resolve_project(text)
     if at_text is not None:
-        heads: tuple[CID, ...] = ((await node.resolve_record(at_text, ("project", *_DAG_TYPES))).cid,)
+        heads: tuple[CID, ...] = (
+            (await node.resolve_record(at_text, ("project", *_DAG_TYPES))).cid,
+        )
     else:
         heads = (await node.state(genesis.cid)).accepted_heads
     tree = await node.tree(heads)
@@ -755,12 +792,21 @@ async def project_tree(node: NodeService, params: Params, conn: RpcConnection) -
         "project": str(genesis.cid),
         "heads": [str(cid) for cid in heads],
         "files": [
-            {"path": entry.path, "size": entry.size, "file": str(entry.file), "exec": entry.exec,
-             "record": str(entry.record)}
+            {
+                "path": entry.path,
+                "size": entry.size,
+                "file": str(entry.file),
+                "exec": entry.exec,
+                "record": str(entry.record),
+            }
             for entry in tree.files.values()
         ],
         "conflicts": [
-            {"path": c.path, "candidates": [str(cid) for cid in c.candidates], "chosen": str(c.chosen)}
+            {
+                "path": c.path,
+                "candidates": [str(cid) for cid in c.candidates],
+                "chosen": str(c.chosen),
+            }
             for c in tree.conflicts
         ],
     }
@@ -780,11 +826,19 @@ async def validation_create(node: NodeService, params: Params, conn: RpcConnecti
         raise InvalidInput("verdict must be accept or reject")
     target = await node.resolve_record(target_text)
     if target.type not in _DAG_TYPES:
-        raise Refused(f"only contributions and governance records are validated, not a {target.type}")
+        raise Refused(
+            f"only contributions and governance records are validated, not a {target.type}"
+        )
     project = (await node.resolve_project(project_text)).cid if project_text else target.project
     try:
-        body = Validation(author=node.identity.public_key, ts=node._now(), project=project,
-                          target=target.cid, verdict=verdict, note=note)
+        body = Validation(
+            author=node.identity.public_key,
+            ts=node._now(),
+            project=project,
+            target=target.cid,
+            verdict=verdict,
+            note=note,
+        )
     except InvalidRecord as exc:
         raise InvalidInput(exc.message) from None
     record = await node._sign_and_store(body)
@@ -794,7 +848,9 @@ async def validation_create(node: NodeService, params: Params, conn: RpcConnecti
     if status is not None:
         view["target_status"] = status_view(status)
         if node.identity.public_key not in state.policy.maintainers:
-            view["warning"] = "you are not a maintainer of this project: your verdict is not counted"
+            view["warning"] = (
+                "you are not a maintainer of this project: your verdict is not counted"
+            )
     return view
 
 
@@ -834,9 +890,16 @@ async def governance_create(node: NodeService, params: Params, conn: RpcConnecti
             )
     parents = await node.default_parents(genesis.cid)
     try:
-        body = Governance(author=node.identity.public_key, ts=node._now(), project=genesis.cid,
-                          parents=parents, action=action, key=key, quorum=quorum,
-                          note=note)
+        body = Governance(
+            author=node.identity.public_key,
+            ts=node._now(),
+            project=genesis.cid,
+            parents=parents,
+            action=action,
+            key=key,
+            quorum=quorum,
+            note=note,
+        )
     except InvalidRecord as exc:
         raise InvalidInput(exc.message) from None
     record = await node._sign_and_store(body)
@@ -855,8 +918,13 @@ async def need_create(node: NodeService, params: Params, conn: RpcConnection) ->
     params.done()
     genesis = await node.resolve_project(text)
     try:
-        body = Need(author=node.identity.public_key, ts=node._now(), project=genesis.cid,
-                    title=title.strip(), body=body_text)
+        body = Need(
+            author=node.identity.public_key,
+            ts=node._now(),
+            project=genesis.cid,
+            title=title.strip(),
+            body=body_text,
+        )
     except InvalidRecord as exc:
         raise InvalidInput(exc.message) from None
     return record_view(await node._sign_and_store(body))
@@ -877,7 +945,8 @@ async def need_list(node: NodeService, params: Params, conn: RpcConnection) -> A
                 status = state.statuses.get(r.cid)
                 for need in r.body.resolves:
                     resolved_by.setdefault(need, []).append(
-                        (r.cid, status.status if status else "pending"))
+                        (r.cid, status.status if status else "pending")
+                    )
         out = []
         for r in sorted((r for r in records if r.type == "need"), key=lambda r: (r.ts, r.cid.raw)):
             claims = resolved_by.get(r.cid, [])
@@ -897,8 +966,13 @@ async def comment_create(node: NodeService, params: Params, conn: RpcConnection)
     params.done()
     target = await node.resolve_record(target_text)
     try:
-        body = Comment(author=node.identity.public_key, ts=node._now(), project=target.project,
-                       target=target.cid, text=text)
+        body = Comment(
+            author=node.identity.public_key,
+            ts=node._now(),
+            project=target.project,
+            target=target.cid,
+            text=text,
+        )
     except InvalidRecord as exc:
         raise InvalidInput(exc.message) from None
     return record_view(await node._sign_and_store(body))
@@ -917,8 +991,7 @@ async def record_put(node: NodeService, params: Params, conn: RpcConnection) -> 
     return await _ingest(node, items)
 
 
-async def _ingest(node: NodeService, items: Sequence[bytes],
-                  indexes: Sequence[int] | None = None) -> dict[str, Any]:
+async def _ingest(node: NodeService, items: Sequence[bytes]) -> dict[str, Any]:
     decoded = await decode_batch(items)
     good = [item for item in decoded if isinstance(item, SignedRecord)]
     refused = [item for item in decoded if isinstance(item, Refusal)]
@@ -926,79 +999,41 @@ async def _ingest(node: NodeService, items: Sequence[bytes],
     return {
         "stored": [str(cid) for cid in new],
         "known": len(good) - len(new),
-        "refused": [
-            {"index": r.index if indexes is None else indexes[r.index], "code": r.code,
-             "message": r.message}
-            for r in refused
-        ],
+        "refused": [{"index": r.index, "code": r.code, "message": r.message} for r in refused],
     }
-
-
-def _classify(data: bytes) -> str:
-    """What a dag-cbor section of a CAR file is: a record, a changeset, or a file manifest."""
-    try:
-        value = dagcbor.decode(data)
-    except DecodeError:
-        return "record"  # let the record decoder give the precise reason
-    if isinstance(value, dict):
-        if "type" in value or "sig" in value:
-            return "record"
-        if set(value) == {"changes"}:
-            return "changeset"
-        if set(value) == {"size", "blocks"}:
-            return "manifest"
-    return "unknown"
 
 
 @method("car.import")
 async def car_import(node: NodeService, params: Params, conn: RpcConnection) -> Any:
-    """Sections of a CAR file: records are verified and stored, blocks checked against CIDs."""
+    """Sections of a CAR file: records are verified and stored, blocks checked against CIDs.
+
+    Each bad section is refused with its reason; every good one is kept.
+    """
     sections = params.array("sections", max_length=MAX_IMPORT_BATCH)
     params.done()
-    record_items: list[bytes] = []
-    record_indexes: list[int] = []
-    blocks: list[tuple[CID, bytes]] = []
-    refused: list[dict[str, Any]] = []
-    for index, item in enumerate(sections):
-        if (not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str)
-                or not isinstance(item[1], bytes)):
-            raise InvalidInput("car.import: each section is [cid, bytes]")
-        try:
-            cid = CID.parse(item[0])
-        except DecodeError as exc:
-            refused.append({"index": index, "code": exc.code, "message": exc.message})
-            continue
-        data = item[1]
-        if not cid.matches(data):
-            refused.append({"index": index, "cid": str(cid), "code": "block_mismatch",
-                            "message": f"{cid}: the bytes do not hash to this CID"})
-            continue
-        kind = _classify(data) if cid.is_dag_cbor else "raw"
-        if kind == "record":
-            record_items.append(data)
-            record_indexes.append(index)
-        elif kind == "unknown":
-            refused.append({"index": index, "cid": str(cid), "code": "invalid_record",
-                            "message": f"{cid}: neither a record, a changeset nor a manifest"})
-        else:
-            try:
-                if kind == "changeset":
-                    Changeset.decode(data)
-                elif kind == "manifest":
-                    FileManifest.decode(data)
-            except OstromError as exc:
-                refused.append({"index": index, "cid": str(cid), "code": exc.code,
-                                "message": f"{cid}: {exc.message}"})
-                continue
-            blocks.append((cid, data))
-    result = await _ingest(node, record_items, record_indexes)
+    if not all(isinstance(item, list) and len(item) == 2 for item in sections):
+        raise InvalidInput("car.import: each section is [cid, bytes]")
+    decoded = await decode_sections(sections)
+    records = [item for item in decoded if isinstance(item, SignedRecord)]
+    blocks = [(item.cid, item.data) for item in decoded if isinstance(item, Block)]
+    refused = [item for item in decoded if isinstance(item, Refusal)]
     stored_blocks = await node.db(lambda store: store.put_blocks(blocks)) if blocks else 0
-    for entry in result["refused"]:
-        entry["cid"] = str(CID.of_dag_cbor(sections[entry["index"]][1]))
-    result["refused"] = sorted([*refused, *result["refused"]], key=lambda r: r["index"])
-    result["blocks_stored"] = stored_blocks
-    result["blocks_known"] = len(blocks) - stored_blocks
-    return result
+    new = await node._store_new(records, "import")
+    return {
+        "stored": [str(cid) for cid in new],
+        "known": len(records) - len(new),
+        "blocks_stored": stored_blocks,
+        "blocks_known": len(blocks) - stored_blocks,
+        "refused": [
+            {
+                "index": r.index,
+                "cid": None if r.cid is None else str(r.cid),
+                "code": r.code,
+                "message": r.message,
+            }
+            for r in refused
+        ],
+    }
 
 
 @method("car.export")

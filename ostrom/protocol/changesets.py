@@ -98,7 +98,11 @@ class Changeset:
     def decode(cls, data: bytes) -> Changeset:
         if len(data) > MAX_BLOCK_SIZE:
             raise TooLarge(f"changeset is {len(data)} bytes; the limit is {MAX_BLOCK_SIZE}")
-        value = dagcbor.decode(data)
+        return cls.from_value(dagcbor.decode(data))
+
+    @classmethod
+    def from_value(cls, value: Any) -> Changeset:
+        """A changeset from bytes already decoded by `dagcbor.decode`."""
         if (
             not isinstance(value, dict)
             or set(value) != {"changes"}
@@ -171,7 +175,9 @@ class FileManifest:
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 0:
             raise InvalidRecord(f"file size must be a non-negative integer: {self.size!r}")
-        if not isinstance(self.blocks, tuple) or not all(isinstance(b, BlockRef) for b in self.blocks):
+        if not isinstance(self.blocks, tuple) or not all(
+            isinstance(b, BlockRef) for b in self.blocks
+        ):
             raise InvalidRecord("a manifest's blocks are BlockRefs")
         if sum(block.size for block in self.blocks) != self.size:
             raise InvalidRecord("a manifest's size is the sum of its blocks' sizes")
@@ -193,7 +199,11 @@ class FileManifest:
     def decode(cls, data: bytes) -> FileManifest:
         if len(data) > MAX_BLOCK_SIZE:
             raise TooLarge(f"manifest is {len(data)} bytes; the limit is {MAX_BLOCK_SIZE}")
-        value = dagcbor.decode(data)
+        return cls.from_value(dagcbor.decode(data))
+
+    @classmethod
+    def from_value(cls, value: Any) -> FileManifest:
+        """A manifest from bytes already decoded by `dagcbor.decode`."""
         if (
             not isinstance(value, dict)
             or set(value) != {"size", "blocks"}

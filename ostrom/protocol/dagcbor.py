@@ -82,32 +82,58 @@ def _encode_unchecked(value: DagValue) -> bytes:
         raise DecodeError(f"cannot encode: {exc}") from None
 
 
-def _tag_hook(tag: Any, immutable: bool) -> CID:
-    if tag.tag != CID_TAG:
-        raise DecodeError(f"CBOR tag {tag.tag} is not allowed in DAG-CBOR")
-    payload = tag.value
-    if not isinstance(payload, bytes) or not payload.startswith(b"\x00"):
-        raise DecodeError("a DAG-CBOR link is a byte string starting with 0x00")
-    return CID(payload[1:])
+def _from_wire(value: Any, depth: int) -> DagValue:
+    """Check a decoded value against the data model, turning tag-42 links into CIDs in place."""
+    kind = type(value)
+    if kind is str or kind is bytes or kind is bool or value is None:
+        return value
+    if depth > MAX_DEPTH:
+        raise DecodeError("DAG-CBOR value nested too deeply")
+    if kind is int:
+        if not _MIN_NINT <= value <= _MAX_UINT:
+            raise DecodeError("integer outside the 64-bit range")
+        return value
+    if kind is list:
+        for index, item in enumerate(value):
+            value[index] = _from_wire(item, depth + 1)
+        return value
+    if kind is dict:
+        for key in value:
+            if type(key) is not str:
+                raise DecodeError("DAG-CBOR map keys are strings")
+            value[key] = _from_wire(value[key], depth + 1)
+        return value
+    if kind is cbor2.CBORTag:
+        if value.tag != CID_TAG:
+            raise DecodeError(f"CBOR tag {value.tag} is not allowed in DAG-CBOR")
+        payload = value.value
+        if type(payload) is not bytes or not payload.startswith(b"\x00"):
+            raise DecodeError("a DAG-CBOR link is a byte string starting with 0x00")
+        return CID(payload[1:])
+    raise DecodeError(f"{kind.__name__} is not in the DAG-CBOR data model")
 
 
 def decode(data: bytes) -> DagValue:
-    """Decode canonical DAG-CBOR; raise `DecodeError` with a reason for anything else."""
+    """Decode canonical DAG-CBOR; raise `DecodeError` with a reason for anything else.
+
+    Links stay cbor2 `CBORTag`s until the canonical check has re-encoded the value (which
+    cbor2 does natively for tags, not through a Python hook per link), and only then become
+    `CID`s, in the same walk that checks the data model.
+    """
     try:
         value = cbor2.loads(
             data,
-            tag_hook=_tag_hook,
-            semantic_decoders={},
             max_depth=MAX_DEPTH + 1,
             allow_indefinite=False,
             allow_duplicate_keys=False,
         )
     except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError) as exc:
-        # cbor2 wraps an error raised in the tag hook; report the hook's own reason.
-        if isinstance(exc.__cause__, DecodeError):
-            raise exc.__cause__ from None
         raise DecodeError(f"not valid CBOR: {exc}") from None
-    _check(value, 0)
-    if _encode_unchecked(value) != data:
+    try:
+        canonical = cbor2.dumps(value, canonical=True) == data
+    except (cbor2.CBOREncodeError, TypeError, ValueError):
+        canonical = False  # a value cbor2 can decode but not encode is not in the data model
+    result = _from_wire(value, 0)
+    if not canonical:
         raise DecodeError("not canonical DAG-CBOR (key order, integer form or trailing bytes)")
-    return value
+    return result

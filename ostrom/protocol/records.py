@@ -541,6 +541,7 @@ _OPTIONAL: Final[dict[str, frozenset[str]]] = {
     "governance": frozenset({"key", "quorum"}),
 }
 _COMMON: Final = frozenset({"type", "v", "author", "ts", "sig"})
+_REQUIRED_ALL: Final = {kind: fields | _COMMON for kind, fields in _REQUIRED.items()}
 
 
 def _body_from_map(kind: str, m: Mapping[str, Any]) -> Body:
@@ -609,21 +610,52 @@ def _sorts_before_sig(key: str) -> bool:
     return (len(key), key) < (3, "sig")
 
 
+def _head_size(n: int) -> int:
+    """Bytes of a CBOR head (major type + argument) carrying the number `n`."""
+    return 1 if n < 24 else 2 if n < 0x100 else 3 if n < 0x10000 else 5 if n < 2**32 else 9
+
+
+def _entry_size(key: str, value: object) -> int:
+    """Encoded size of one `key: value` map entry; keys before `sig` hold only uints or bytes."""
+    if type(value) is int and value >= 0:
+        size = _head_size(value)
+    elif type(value) is bytes:
+        size = _head_size(len(value)) + len(value)
+    else:
+        return len(dagcbor.encode_trusted({key: value})) - 1
+    return _head_size(len(key)) + len(key) + size
+
+
 def _cut_signature(data: bytes, unsigned: dict[str, Any]) -> bytes:
     """The signing payload of canonical record bytes: `data` with the `sig` entry removed.
 
     `data` is canonical (decode checked it), so the payload is the same bytes less the entry,
     with the map's entry count one lower; no second full encoding is needed. Every record
-    map has fewer than 24 entries, so the count is the low bits of the first byte.
+    map has fewer than 24 entries, so the count is the low bits of the first byte, and the
+    `sig` entry starts right after the entries whose keys sort before it (`v`, `ts`, `key`).
     """
-    before = {k: v for k, v in unsigned.items() if _sorts_before_sig(k)}
-    offset = len(dagcbor.encode_trusted(before))
+    offset = 1 + sum(_entry_size(k, unsigned[k]) for k in _KEYS_BEFORE_SIG if k in unsigned)
     if (
         data[offset : offset + len(_SIG_ENTRY_HEAD)] != _SIG_ENTRY_HEAD
         or not 0xA1 <= data[0] <= 0xB7
     ):
         raise InvalidRecord("record map is not laid out as canonical DAG-CBOR")
     return bytes([data[0] - 1]) + data[1:offset] + data[offset + _SIG_ENTRY_LENGTH :]
+
+
+# Every field name that sorts before `sig` in canonical order; decoding has already refused
+# names outside the schema, so these are the only entries that can precede the signature.
+_KEYS_BEFORE_SIG: Final = tuple(
+    sorted(
+        {
+            k
+            for fields in (*_REQUIRED.values(), *_OPTIONAL.values(), _COMMON)
+            for k in fields
+            if _sorts_before_sig(k)
+        },
+        key=lambda k: (len(k), k),
+    )
+)
 
 
 def decode_record(
@@ -636,7 +668,19 @@ def decode_record(
     """
     if len(data) > MAX_RECORD_SIZE:
         raise TooLarge(f"record is {len(data)} bytes; the limit is {MAX_RECORD_SIZE}")
-    value = dagcbor.decode(data)
+    return record_from_value(data, dagcbor.decode(data), verify=verify)
+
+
+def record_from_value(
+    data: bytes, value: Any, *, verify: Callable[[bytes, bytes, bytes, bytes], None] | None = None
+) -> SignedRecord:
+    """`decode_record` for bytes already decoded once by `dagcbor.decode` into `value`.
+
+    Callers that must look inside DAG-CBOR bytes before knowing they hold a record (CAR
+    import) use this to decode them only once. `value` is consumed (its `sig` is removed).
+    """
+    if len(data) > MAX_RECORD_SIZE:
+        raise TooLarge(f"record is {len(data)} bytes; the limit is {MAX_RECORD_SIZE}")
     if not isinstance(value, dict):
         raise InvalidRecord("a record is a DAG-CBOR map")
     kind = value.get("type")
@@ -645,18 +689,22 @@ def decode_record(
     version = value.get("v")
     if type(version) is not int or version != RECORD_VERSION:
         raise InvalidRecord(f"{kind}: unsupported version {version!r}")
-    keys = set(value)
-    required = _REQUIRED[kind] | _COMMON
-    missing = required - keys
-    if missing:
+    keys = value.keys()
+    required = _REQUIRED_ALL[kind]
+    if not keys >= required:
+        missing = required - keys
         raise InvalidRecord(f"{kind}: missing fields {', '.join(sorted(missing))}")
-    unknown = keys - required - _OPTIONAL.get(kind, frozenset())
-    if unknown:
-        raise InvalidRecord(f"{kind}: unknown fields {', '.join(sorted(unknown))}")
-    # An optional field is absent or has a value; null would give one record two encodings.
-    nulls = [key for key in _OPTIONAL.get(kind, frozenset()) if key in value and value[key] is None]
-    if nulls:
-        raise InvalidRecord(f"{kind}: optional fields are left out, not null: {', '.join(nulls)}")
+    optional = _OPTIONAL.get(kind)
+    if len(keys) != len(required):
+        unknown = keys - required - (optional or frozenset())
+        if unknown:
+            raise InvalidRecord(f"{kind}: unknown fields {', '.join(sorted(unknown))}")
+        # An optional field is absent or has a value; null would give a record two encodings.
+        nulls = [key for key in optional or () if key in value and value[key] is None]
+        if nulls:
+            raise InvalidRecord(
+                f"{kind}: optional fields are left out, not null: {', '.join(nulls)}"
+            )
     sig = value.pop("sig")
     if not isinstance(sig, bytes) or len(sig) != SIGNATURE_LENGTH:
         raise InvalidRecord(f"{kind}: sig must be a 64-byte ed25519 signature")

@@ -1,0 +1,638 @@
+"""The node's store: signed records and content blocks in one SQLite file.
+
+The daemon is the single owner of the store and calls this synchronous class from worker
+threads under one lock: callers serialise every call, so the class holds no lock of its own
+(the connection is opened with `check_same_thread=False` for that reason).
+
+Durability: the database runs in WAL mode with `synchronous=FULL`, and every write method is
+one transaction that has committed (and reached the disk) when it returns. A `kill -9` at any
+moment therefore loses nothing a method has acknowledged and leaves no half-written batch.
+
+Integrity: every read hashes the stored bytes and compares them with their CID; bytes that
+no longer match raise `StoreCorrupt` and are never returned. Records were fully verified,
+signature included, before they were stored, so a read checks the hash and decodes without
+checking the signature again (that would cost an ed25519 verification per record).
+
+CIDs are stored in their binary form. A CID's base32 text is a plain bit-by-bit rendering
+of those bytes, so a text prefix fixes the leading bits of the binary CID: `resolve` turns a
+prefix into a range of binary CIDs and scans the primary CID index, with no text column.
+
+Speed: `put_records` is on the import hot path. It binds blobs as `bytearray` (CPython's
+sqlite3 sends `bytes` and `None` parameters through its adapter lookup, about 0.4 us each,
+and binds `bytearray` directly), uses one statement per record shape so that no column is
+bound as NULL, and keeps each record's parents in a column of the record's own row rather
+than in a separate table (an extra row per edge cost about 2 us per record).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import unicodedata
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+from ostrom.crypto.cid import CID, CID_LENGTH
+from ostrom.errors import (
+    Ambiguous,
+    BlockMismatch,
+    DecodeError,
+    InvalidInput,
+    InvalidRecord,
+    NotFound,
+    StoreCorrupt,
+    TooLarge,
+)
+from ostrom.protocol.changesets import MAX_BLOCK_SIZE
+from ostrom.protocol.records import BODY_TYPES, Project, SignedRecord, decode_record
+
+# PRAGMA user_version of the schema below; a store written with another version is refused
+# rather than misread. Raise it with every schema change (and add a migration).
+SCHEMA_VERSION: Final = 1
+# CIDs per `IN (...)` query: far below SQLite's bound on parameters (32766 since 3.32), and
+# large enough that a batch of 1,000 costs two queries.
+_CHUNK: Final = 500
+# Page cache per connection (negative = KiB): 16 MiB keeps the indexes of a 100k-record
+# project in memory during a walk of its history, and is small even for a Raspberry Pi.
+_CACHE_KIB: Final = 16 * 1024
+# A CID prefix shorter than this matches too much to be a deliberate reference.
+MIN_PREFIX_LENGTH: Final = 4
+# How many candidates an `Ambiguous` error lists.
+_AMBIGUOUS_SHOWN: Final = 5
+# The multibase prefix of base32 (lower case), which every CID text we show starts with.
+_BASE32_PREFIX: Final = "b"
+# The RFC 4648 base32 alphabet: each character carries 5 bits of the binary CID.
+_BASE32_ALPHABET: Final = "abcdefghijklmnopqrstuvwxyz234567"
+_BASE32_VALUE: Final = {ch: i for i, ch in enumerate(_BASE32_ALPHABET)}
+_CID_BITS: Final = CID_LENGTH * 8
+# Characters after the multibase prefix in a full CID text: ceil(288 / 5).
+_CID_TEXT_DIGITS: Final = -(-_CID_BITS // 5)
+
+_SCHEMA: Final = """
+CREATE TABLE records (
+    id INTEGER PRIMARY KEY,
+    cid BLOB NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    project BLOB NOT NULL,   -- the genesis CID; a genesis holds its own CID
+    author BLOB NOT NULL,
+    ts INTEGER NOT NULL,
+    parents BLOB NOT NULL,   -- the binary CIDs of `parents`, concatenated (36 bytes each)
+    target BLOB,             -- validations and comments
+    fork_of BLOB,            -- genesis records of forks: the parent project
+    name TEXT,               -- genesis records: the project name
+    data BLOB NOT NULL       -- the signed record's canonical bytes
+);
+CREATE INDEX records_project ON records (project, type);
+CREATE INDEX records_target ON records (target) WHERE target IS NOT NULL;
+CREATE INDEX records_fork_of ON records (fork_of) WHERE fork_of IS NOT NULL;
+CREATE INDEX records_genesis ON records (name) WHERE type = 'project';
+CREATE TABLE blocks (
+    id INTEGER PRIMARY KEY,
+    cid BLOB NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+"""
+
+# One insert per record shape, so that no row binds a NULL (see the module docstring). A
+# record already stored is skipped by the conflict clause; any other violation still raises.
+_ON_CID_CONFLICT: Final = " ON CONFLICT (cid) DO NOTHING"
+_INSERT_PLAIN: Final = (
+    "INSERT INTO records (cid, type, project, author, ts, parents, data)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)" + _ON_CID_CONFLICT
+)
+_INSERT_TARGETED: Final = (
+    "INSERT INTO records (cid, type, project, author, ts, parents, target, data)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)" + _ON_CID_CONFLICT
+)
+_INSERT_GENESIS: Final = (
+    "INSERT INTO records (cid, type, project, author, ts, parents, fork_of, name, data)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)" + _ON_CID_CONFLICT
+)
+_INSERT_BLOCK: Final = "INSERT INTO blocks (cid, size, data) VALUES (?, ?, ?)" + _ON_CID_CONFLICT
+_RECORD_COLUMNS: Final = "cid, data"
+_OLDEST_FIRST: Final = "ORDER BY ts, cid"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """What the store holds: record counts by type, projects, blocks and bytes on disk."""
+
+    records_by_type: dict[str, int] = field(hash=False)
+    projects: int
+    blocks: int
+    block_bytes: int
+    db_bytes: int  # the database file plus its write-ahead log
+
+    def __post_init__(self) -> None:
+        counts = [*self.records_by_type.values(), self.projects, self.blocks]
+        if any(n < 0 for n in counts) or self.block_bytes < 0 or self.db_bytes < 0:
+            raise InvalidInput("store statistics are never negative")
+
+    @property
+    def records(self) -> int:
+        return sum(self.records_by_type.values())
+
+
+def _trusted(public_key: bytes, signature: bytes, domain: bytes, payload: bytes) -> None:
+    """The signature check for records read back: they were verified before being stored."""
+
+
+def _chunks(items: Sequence[bytes]) -> Iterator[list[bytearray]]:
+    """`items` in slices of at most `_CHUNK`, ready to bind (as `bytearray`, see above)."""
+    for start in range(0, len(items), _CHUNK):
+        yield [bytearray(raw) for raw in items[start : start + _CHUNK]]
+
+
+def _placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def _stored_cid(raw: bytes, kind: str) -> CID:
+    try:
+        return CID(raw)
+    except DecodeError:
+        raise StoreCorrupt(f"a stored {kind} has a malformed CID ({raw[:8].hex()}...)") from None
+
+
+def _decode_stored(cid: CID, data: bytes) -> SignedRecord:
+    """Check stored record bytes against their CID, then decode them without the signature."""
+    if not cid.matches(data):
+        raise StoreCorrupt(f"record {cid}: stored bytes do not match its CID")
+    try:
+        return decode_record(data, verify=_trusted)
+    except (DecodeError, InvalidRecord) as exc:
+        raise StoreCorrupt(f"record {cid} no longer decodes: {exc.message}") from None
+
+
+def _check_types(types: Collection[str] | None) -> list[str] | None:
+    if types is None:
+        return None
+    if isinstance(types, str):
+        raise InvalidInput("types is a collection of record type names, not one string")
+    unknown = sorted(set(types) - BODY_TYPES.keys())
+    if unknown:
+        known = ", ".join(BODY_TYPES)
+        raise InvalidInput(f"unknown record type {unknown[0]!r} (known: {known})")
+    return sorted(set(types))
+
+
+def _prefix_range(prefix: str) -> tuple[bytes, bytes]:
+    """The lowest and highest binary CID whose text starts with `prefix` (lower case, no 'b')."""
+    value = 0
+    for ch in prefix:
+        digit = _BASE32_VALUE.get(ch)
+        if digit is None:
+            raise DecodeError(
+                f"not a CID or CID prefix: {ch!r} is not a base32 character (a-z, 2-7)"
+            )
+        value = value << 5 | digit
+    free = _CID_BITS - 5 * len(prefix)
+    low = value << free
+    high = low | ((1 << free) - 1)
+    return low.to_bytes(CID_LENGTH, "big"), high.to_bytes(CID_LENGTH, "big")
+
+
+class Store:
+    """Signed records and content blocks, verified against their CIDs on every read.
+
+    Not thread-safe by itself: the daemon serialises all calls (see the module docstring).
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        """Use `Store.open`; this takes a connection that `open` has already set up."""
+        self._conn = conn
+        self._path = path
+        self._closed = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        """Open the store at `path`, creating the file and its schema if it does not exist."""
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise InvalidInput(f"cannot open the store at {path}: {exc}") from None
+        try:
+            _set_up(conn, path)
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            raise InvalidInput(f"cannot open the store at {path}: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreCorrupt(f"{path} is not a readable Ostrom store: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, path)
+
+    def close(self) -> None:
+        """Close the store; closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._conn.execute("PRAGMA optimize")
+        finally:
+            self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; committed (and synced) when the block ends without error."""
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    # --- records -------------------------------------------------------------------------------
+
+    def put_records(self, records: Sequence[SignedRecord]) -> list[CID]:
+        """Store verified records in one transaction; return the CIDs that were new, in order.
+
+        Records already stored (or repeated in the batch) are skipped, so a retry is harmless.
+        """
+        unique: dict[bytes, SignedRecord] = {}
+        for record in records:
+            unique.setdefault(record.cid.raw, record)
+        if not unique:
+            return []
+        plain: list[tuple[object, ...]] = []
+        targeted: list[tuple[object, ...]] = []
+        genesis: list[tuple[object, ...]] = []
+        for record in unique.values():
+            body = record.body
+            parents = record.parents
+            head = (
+                bytearray(record.cid.raw),
+                body.TYPE,
+                bytearray(record.project.raw),
+                bytearray(body.author),
+                body.ts,
+                bytearray(
+                    parents[0].raw if len(parents) == 1 else b"".join(p.raw for p in parents)
+                ),
+            )
+            if isinstance(body, Project):
+                fork_of = None if body.fork_of is None else bytearray(body.fork_of.project.raw)
+                genesis.append((*head, fork_of, body.name, bytearray(record.data)))
+            elif (target := record.target) is not None:
+                targeted.append((*head, bytearray(target.raw), bytearray(record.data)))
+            else:
+                plain.append((*head, bytearray(record.data)))
+        with self._write() as conn:
+            # Rows get ids above the highest id so far (INTEGER PRIMARY KEY picks max + 1 and
+            # this transaction is the only writer), so the rows above `top` are the new ones.
+            top = conn.execute("SELECT coalesce(max(id), 0) FROM records").fetchone()[0]
+            inserted = 0
+            for sql, rows in (
+                (_INSERT_PLAIN, plain),
+                (_INSERT_TARGETED, targeted),
+                (_INSERT_GENESIS, genesis),
+            ):
+                if rows:
+                    inserted += conn.executemany(sql, rows).rowcount
+            if inserted == len(unique):  # the usual case on import: every record was new
+                return [r.cid for r in unique.values()]
+            new = {raw for (raw,) in conn.execute("SELECT cid FROM records WHERE id > ?", (top,))}
+        return [r.cid for raw, r in unique.items() if raw in new]
+
+    def get_record(self, cid: CID) -> SignedRecord | None:
+        row = self._conn.execute("SELECT data FROM records WHERE cid = ?", (cid.raw,)).fetchone()
+        return None if row is None else _decode_stored(cid, row[0])
+
+    def get_records(self, cids: Iterable[CID]) -> dict[CID, SignedRecord]:
+        """The stored records among `cids`; missing ones are absent from the result."""
+        wanted = list({c.raw for c in cids})
+        out: dict[CID, SignedRecord] = {}
+        for chunk in _chunks(wanted):
+            sql = (
+                f"SELECT {_RECORD_COLUMNS} FROM records WHERE cid IN ({_placeholders(len(chunk))})"
+            )
+            for raw, data in self._conn.execute(sql, chunk).fetchall():
+                cid = _stored_cid(raw, "record")
+                out[cid] = _decode_stored(cid, data)
+        return out
+
+    def has_records(self, cids: Iterable[CID]) -> set[CID]:
+        """Which of `cids` are stored records (without reading or checking their bytes)."""
+        by_raw = {c.raw: c for c in cids}
+        return {by_raw[raw] for raw in self._present(self._conn, "records", list(by_raw))}
+
+    def project_records(
+        self, project: CID, types: Collection[str] | None = None
+    ) -> list[SignedRecord]:
+        """The records of `project` (its genesis too when `types` allows "project").
+
+        Ordered by timestamp, then CID: a stable order, not a causal one.
+        """
+        type_list = _check_types(types)
+        if type_list == []:
+            return []
+        sql = f"SELECT {_RECORD_COLUMNS} FROM records WHERE project = ?"
+        params: list[object] = [project.raw]
+        if type_list is not None:
+            sql += f" AND type IN ({_placeholders(len(type_list))})"
+            params.extend(type_list)
+        records = self._decode_rows(self._conn.execute(sql + f" {_OLDEST_FIRST}", params))
+        for record in records:
+            if record.project != project:
+                raise StoreCorrupt(f"record {record.cid} is indexed under the wrong project")
+        return records
+
+    def project_cids(self, project: CID) -> list[CID]:
+        """The CIDs of every record of `project`, sorted by their bytes, without reading them."""
+        rows = self._conn.execute(
+            "SELECT cid FROM records WHERE project = ? ORDER BY cid", (project.raw,)
+        ).fetchall()
+        return [_stored_cid(raw, "record") for (raw,) in rows]
+
+    def records_by_target(self, target: CID) -> list[SignedRecord]:
+        """The validations and comments of the record `target`, by timestamp then CID."""
+        rows = self._conn.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM records WHERE target = ? {_OLDEST_FIRST}",
+            (target.raw,),
+        )
+        records = self._decode_rows(rows)
+        for record in records:
+            if record.target != target:
+                raise StoreCorrupt(f"record {record.cid} is indexed under the wrong target")
+        return records
+
+    def projects(self) -> list[SignedRecord]:
+        """Every genesis record, oldest first (by timestamp, then CID)."""
+        return self._genesis("", ())
+
+    def projects_named(self, name: str) -> list[SignedRecord]:
+        """The genesis records named exactly `name` (after NFC normalisation), oldest first."""
+        wanted = unicodedata.normalize("NFC", name.strip())
+        found = self._genesis(" AND name = ?", (wanted,))
+        for record in found:
+            if not isinstance(record.body, Project) or record.body.name != wanted:
+                raise StoreCorrupt(f"record {record.cid} is indexed under the wrong name")
+        return found
+
+    def forks_of(self, project: CID) -> list[SignedRecord]:
+        """The genesis records of the direct forks of `project`, oldest first."""
+        found = self._genesis(" AND fork_of = ?", (project.raw,))
+        for record in found:
+            body = record.body
+            if (
+                not isinstance(body, Project)
+                or body.fork_of is None
+                or (body.fork_of.project != project)
+            ):
+                raise StoreCorrupt(f"record {record.cid} is indexed as a fork it is not")
+        return found
+
+    def _genesis(self, where: str, params: tuple[object, ...]) -> list[SignedRecord]:
+        sql = f"SELECT {_RECORD_COLUMNS} FROM records WHERE type = 'project'{where} {_OLDEST_FIRST}"
+        found = self._decode_rows(self._conn.execute(sql, params))
+        for record in found:
+            if not isinstance(record.body, Project):
+                raise StoreCorrupt(f"record {record.cid} is indexed as a genesis but is not one")
+        return found
+
+    def resolve(self, text: str, *, types: Collection[str] | None = None) -> CID:
+        """The stored record named by a full CID text or a unique prefix of one.
+
+        A prefix needs at least `MIN_PREFIX_LENGTH` characters. `types` limits the candidates
+        (e.g. `{"project"}`). Raises `NotFound`, `Ambiguous` (naming up to five candidates),
+        `DecodeError` for text that cannot be part of a CID, `InvalidInput` for too short a
+        prefix. A full CID that is not stored is `NotFound`: use `CID.parse` to name a
+        record this store does not hold.
+        """
+        type_list = _check_types(types)
+        wanted = text.strip()
+        what = "record" if type_list is None else " or ".join(type_list)
+        if len(wanted) == 1 + _CID_TEXT_DIGITS:
+            cid = CID.parse(wanted)
+            low = high = cid.raw
+        else:
+            if len(wanted) < MIN_PREFIX_LENGTH:
+                raise InvalidInput(
+                    f"{wanted!r} is too short to name a record: give at least "
+                    f"{MIN_PREFIX_LENGTH} characters of its CID"
+                )
+            prefix = wanted.lower()
+            if not prefix.startswith(_BASE32_PREFIX):
+                raise DecodeError(
+                    f"not a CID or CID prefix: {wanted!r} (record CIDs start with 'bafy')"
+                )
+            if len(prefix) > 1 + _CID_TEXT_DIGITS:
+                raise DecodeError(f"not a CID: {wanted!r} is longer than a CID")
+            low, high = _prefix_range(prefix[1:])
+        sql = "SELECT cid, type FROM records WHERE cid BETWEEN ? AND ?"
+        params: list[object] = [low, high]
+        if type_list is not None:
+            if not type_list:
+                raise NotFound(f"no {what} matches {wanted!r}")
+            sql += f" AND type IN ({_placeholders(len(type_list))})"
+            params.extend(type_list)
+        sql += f" ORDER BY cid LIMIT {_AMBIGUOUS_SHOWN + 1}"
+        rows = self._conn.execute(sql, params).fetchall()
+        if not rows:
+            raise NotFound(f"no {what} in this store matches {wanted!r}")
+        if len(rows) > 1:
+            shown = [f"{_stored_cid(raw, 'record')} ({kind})" for raw, kind in rows]
+            more = ", and more" if len(rows) > _AMBIGUOUS_SHOWN else ""
+            raise Ambiguous(
+                f"{wanted!r} matches several records: "
+                f"{', '.join(shown[:_AMBIGUOUS_SHOWN])}{more}; give more characters"
+            )
+        return _stored_cid(rows[0][0], "record")
+
+    def ancestors(self, heads: Iterable[CID]) -> dict[CID, SignedRecord]:
+        """The stored records reachable from `heads` through `parents`, the heads included.
+
+        A breadth-first walk with one batched query per `_CHUNK` CIDs of each generation. It
+        follows each record's verified `parents` and stops at records this store does not
+        hold (their parents are unknown). A fork's genesis has the heads it forked at as
+        parents, so the walk crosses into the parent project.
+        """
+        out: dict[CID, SignedRecord] = {}
+
+        def visit(raw: bytes, parents: bytes, data: bytes) -> Iterable[bytes]:
+            cid = _stored_cid(raw, "record")
+            record = out[cid] = _decode_stored(cid, data)
+            return (p.raw for p in record.parents)
+
+        self._walk(heads, "data", visit)
+        return out
+
+    def ancestor_cids(self, heads: Iterable[CID]) -> set[CID]:
+        """The CIDs `ancestors` would return, without reading or decoding the records.
+
+        It follows the parents column, trusting it rather than re-checking it against each
+        record's bytes (which is what makes it cheaper).
+        """
+        found: list[bytes] = []
+
+        def visit(raw: bytes, parents: bytes, data: bytes) -> Iterable[bytes]:
+            if len(parents) % CID_LENGTH:
+                raise StoreCorrupt("a stored record's parents column is not a list of CIDs")
+            found.append(raw)
+            return (parents[i : i + CID_LENGTH] for i in range(0, len(parents), CID_LENGTH))
+
+        self._walk(heads, "NULL", visit)
+        return {_stored_cid(raw, "record") for raw in found}
+
+    def _walk(
+        self,
+        heads: Iterable[CID],
+        data_column: str,
+        visit: Callable[[bytes, bytes, bytes], Iterable[bytes]],
+    ) -> None:
+        """Call `visit(cid, parents, data)` once per stored record reachable from `heads`.
+
+        `visit` returns the record's parents to walk on to.
+        """
+        seen = {c.raw for c in heads}
+        frontier = list(seen)
+        # Each pass queries only CIDs never queried before, so there are at most as many
+        # passes as stored records (and a content-addressed history has no cycles anyway).
+        while frontier:
+            following: list[bytes] = []
+            for chunk in _chunks(frontier):
+                sql = (
+                    f"SELECT cid, parents, {data_column} FROM records"
+                    f" WHERE cid IN ({_placeholders(len(chunk))})"
+                )
+                for raw, parents, data in self._conn.execute(sql, chunk).fetchall():
+                    for parent in visit(raw, parents, data):
+                        if parent not in seen:
+                            seen.add(parent)
+                            following.append(parent)
+            frontier = following
+
+    def record_count(self, project: CID | None = None) -> int:
+        if project is None:
+            row = self._conn.execute("SELECT count(*) FROM records").fetchone()
+        else:
+            row = self._conn.execute(
+                "SELECT count(*) FROM records WHERE project = ?", (project.raw,)
+            ).fetchone()
+        return int(row[0])
+
+    # --- blocks --------------------------------------------------------------------------------
+
+    def put_blocks(self, blocks: Sequence[tuple[CID, bytes]]) -> int:
+        """Verify every block against its CID, then store the batch in one transaction.
+
+        One bad block (`BlockMismatch`, `TooLarge`) refuses the whole batch before anything
+        is written. Returns how many blocks were new; blocks already stored are skipped.
+        """
+        rows: list[tuple[bytes, int, bytes]] = []
+        for cid, data in blocks:
+            if len(data) > MAX_BLOCK_SIZE:
+                raise TooLarge(f"block {cid} is {len(data)} bytes; the limit is {MAX_BLOCK_SIZE}")
+            if not cid.matches(data):
+                raise BlockMismatch(f"block {cid}: the bytes sent do not hash to this CID")
+            rows.append((cid.raw, len(data), data))
+        if not rows:
+            return 0
+        with self._write() as conn:
+            return conn.executemany(_INSERT_BLOCK, rows).rowcount
+
+    def get_block(self, cid: CID) -> bytes | None:
+        row = self._conn.execute("SELECT data FROM blocks WHERE cid = ?", (cid.raw,)).fetchone()
+        if row is None:
+            return None
+        data: bytes = row[0]
+        if not cid.matches(data):
+            raise StoreCorrupt(f"block {cid}: stored bytes do not match its CID")
+        return data
+
+    def has_blocks(self, cids: Iterable[CID]) -> set[CID]:
+        """Which of `cids` are stored blocks (without reading or checking their bytes)."""
+        by_raw = {c.raw: c for c in cids}
+        return {by_raw[raw] for raw in self._present(self._conn, "blocks", list(by_raw))}
+
+    # --- statistics ----------------------------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        conn = self._conn
+        by_type = {
+            str(kind): int(n)
+            for kind, n in conn.execute("SELECT type, count(*) FROM records GROUP BY type")
+        }
+        blocks, block_bytes = conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM blocks"
+        ).fetchone()
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        wal = Path(f"{self._path}-wal")
+        wal_bytes = wal.stat().st_size if wal.exists() else 0
+        return StoreStats(
+            records_by_type=by_type,
+            projects=by_type.get(Project.TYPE, 0),
+            blocks=int(blocks),
+            block_bytes=int(block_bytes),
+            db_bytes=int(pages) * int(page_size) + wal_bytes,
+        )
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _present(conn: sqlite3.Connection, table: str, raws: Sequence[bytes]) -> set[bytes]:
+        found: set[bytes] = set()
+        for chunk in _chunks(raws):
+            sql = f"SELECT cid FROM {table} WHERE cid IN ({_placeholders(len(chunk))})"
+            found.update(raw for (raw,) in conn.execute(sql, chunk).fetchall())
+        return found
+
+    @staticmethod
+    def _decode_rows(cursor: sqlite3.Cursor) -> list[SignedRecord]:
+        # fetchall first: the statement is finished before a corrupt row can raise.
+        rows: list[tuple[bytes, bytes]] = cursor.fetchall()
+        return [_decode_stored(_stored_cid(raw, "record"), data) for raw, data in rows]
+
+
+def _set_up(conn: sqlite3.Connection, path: Path) -> None:
+    """Configure a fresh connection and create or check the schema."""
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"{path}: the file system does not support WAL ({mode})")
+    # FULL: a WAL commit is synced before it returns, so an acknowledged write survives a
+    # crash of the process or of the machine.
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0:
+        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise sqlite3.DatabaseError("it holds tables but no Ostrom schema version")
+        try:
+            conn.executescript(
+                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    elif version != SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"its schema version is {version}; this Ostrom reads version {SCHEMA_VERSION}"
+        )
