@@ -64,6 +64,9 @@ class Connection:
         self._dropped = 0
         self._next_id = 0
         self._eof = False
+        # Requests sent and not yet collected, and answers that arrived for them.
+        self._outstanding: dict[int, str] = {}
+        self._answered: dict[int, Response] = {}
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
@@ -85,6 +88,14 @@ class Connection:
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
         """Call `method` with named `params`; return its result or raise the daemon's error."""
+        return self.wait(self.submit(method, params))
+
+    def submit(self, method: str, params: dict[str, Any] | None = None) -> int:
+        """Send a request without waiting for its answer; `wait(msgid)` collects it.
+
+        Several submitted requests may be in flight at once (bulk imports keep the daemon
+        busy this way); the daemon answers them in any order.
+        """
         sock = self._open_socket()
         msgid = self._next_id
         self._next_id = (self._next_id + 1) % (MAX_MSGID + 1)
@@ -96,25 +107,42 @@ class Connection:
             raise DaemonNotRunning(f"the daemon did not take the `{method}` call in time") from None
         except OSError:
             # The daemon hung up (e.g. it refused this connection); what it sent before
-            # closing says why, so read on until the end of the stream.
+            # closing says why, so `wait` reads on until the end of the stream.
             pass
+        self._outstanding[msgid] = method
+        return msgid
+
+    def wait(self, msgid: int) -> Any:
+        """The result of the submitted request `msgid`, or the daemon's error for it."""
+        method = self._outstanding[msgid]
+        sock = self._open_socket()
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        while True:
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise DaemonNotRunning(f"the daemon did not answer `{method}` in time")
-                sock.settimeout(remaining)
-            for response in self._receive(method):
-                # A response to an earlier call that timed out is stale: skip it. One without
-                # a msgid is about this connection (e.g. too many connections).
-                if response.msgid == msgid or response.msgid is None:
-                    if response.error is not None:
-                        raise response.error.to_exception()
-                    return response.result
-            if self._eof:
-                self.close()
-                raise DaemonNotRunning(f"the daemon closed the connection during `{method}`")
+        try:
+            while msgid not in self._answered:
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise DaemonNotRunning(f"the daemon did not answer `{method}` in time")
+                    sock.settimeout(remaining)
+                for response in self._receive(method):
+                    if response.msgid is None:
+                        # About this connection as a whole (e.g. too many connections).
+                        if response.error is not None:
+                            raise response.error.to_exception()
+                    elif response.msgid in self._outstanding:
+                        self._answered[response.msgid] = response
+                    # Anything else answers a call that already timed out: skip it.
+                if msgid not in self._answered and self._eof:
+                    self.close()
+                    raise DaemonNotRunning(f"the daemon closed the connection during `{method}`")
+        finally:
+            if msgid not in self._answered:
+                del self._outstanding[msgid]
+        del self._outstanding[msgid]
+        response = self._answered.pop(msgid)
+        if response.error is not None:
+            raise response.error.to_exception()
+        return response.result
 
     def _receive(self, method: str) -> list[Response]:
         """Read once from the socket; queue notifications, return responses."""
@@ -217,6 +245,9 @@ RECORD_FETCH_BATCH: Final = 512
 # busy, small enough to stay under the RPC message limit with 1 MiB blocks in between.
 IMPORT_BATCH_SECTIONS: Final = 1024
 IMPORT_BATCH_BYTES: Final = 8 * 1024 * 1024
+# Import batches sent ahead of their answers: two keep the daemon's verification busy
+# while the next batch is read; more would only queue in the daemon.
+IMPORT_PIPELINE: Final = 2
 
 Progress = Callable[[int, int], None]
 
@@ -554,23 +585,33 @@ class Client:
         }
         batch: list[list[Any]] = []
         batch_bytes = 0
-        offset = 0
+        sent_sections = 0
+        in_flight: deque[tuple[int, int]] = deque()  # (msgid, index of its first section)
 
-        def send() -> None:
-            nonlocal batch, batch_bytes
-            if not batch:
-                return
-            answer = self.call("car.import", sections=batch)
+        def collect_oldest() -> None:
+            msgid, first = in_flight.popleft()
+            answer = self._connection.wait(msgid)
             summary["stored"] += len(answer["stored"])
             summary["known"] += answer["known"]
             summary["blocks_stored"] += answer["blocks_stored"]
             summary["blocks_known"] += answer["blocks_known"]
             for refusal in answer["refused"]:
-                refusal["index"] += offset
+                refusal["index"] += first
                 summary["refused"].append(refusal)
-            batch, batch_bytes = [], 0
 
-        sent_sections = 0
+        def send() -> None:
+            # Keep one batch in flight while the next is read and sent, so the daemon
+            # verifies one batch while it receives the next.
+            nonlocal batch, batch_bytes, sent_sections
+            if not batch:
+                return
+            msgid = self._connection.submit("car.import", {"sections": batch})
+            in_flight.append((msgid, sent_sections))
+            sent_sections += len(batch)
+            batch, batch_bytes = [], 0
+            while len(in_flight) > IMPORT_PIPELINE:
+                collect_oldest()
+
         with open(path, "rb") as f:
             done = 0
             while chunk := f.read(FILE_READ_SIZE):
@@ -580,15 +621,16 @@ class Client:
                         batch.append([item.cid.raw, item.data])
                         batch_bytes += len(item.data)
                         if len(batch) >= IMPORT_BATCH_SECTIONS or batch_bytes >= IMPORT_BATCH_BYTES:
-                            count = len(batch)
                             send()
-                            offset = sent_sections = sent_sections + count
                     else:
                         summary["roots"] = [str(cid) for cid in item.roots]
                 if progress:
                     progress(done, total)
             reader.close()
         send()
+        while in_flight:
+            collect_oldest()
+        summary["refused"].sort(key=lambda refusal: refusal["index"])
         return summary
 
     # --- events --------------------------------------------------------------------------------

@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from ostrom.crypto.keys import Identity
 from ostrom.datadir import DataDir, init_data_dir
 from ostrom.errors import DaemonAlreadyRunning
 from ostrom.node.rpc_server import RpcConnection, serve_rpc
 from ostrom.node.service import NodeService
 from ostrom.node.store import Store
+from ostrom.node.verifier import VerifierPool
 
 if TYPE_CHECKING:
     # trio-typing (pulled in by libp2p) ships stubs that shadow trio's own TaskStatus.
@@ -63,25 +65,38 @@ async def run_daemon(
     with hold_lock(data_dir):
         store = Store.open(data_dir.database)
         try:
-            service = NodeService(identity, store, data_dir)
-
-            async def handle(method: str, params: list[Any], conn: RpcConnection) -> Any:
-                return await service.handle(method, params, conn)
-
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(serve_rpc, data_dir.socket, handle)
-                    log.info("ostrom daemon %s listening on %s", identity.peer_id, data_dir.socket)
-                    print(
-                        f"ostrom daemon ready: peer {identity.peer_id}, socket {data_dir.socket}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    task_status.started(service)
-                    async for signum in signals:
-                        log.info("received %s, stopping", signal.Signals(signum).name)
-                        nursery.cancel_scope.cancel()
-                        break
+            with VerifierPool() as verifier:
+                await _serve(identity, store, data_dir, verifier, task_status)
         finally:
             store.close()
     log.info("ostrom daemon stopped")
+
+
+async def _serve(
+    identity: Identity,
+    store: Store,
+    data_dir: DataDir,
+    verifier: VerifierPool,
+    task_status: TaskStatus[NodeService],
+) -> None:
+    """Serve RPC until SIGINT or SIGTERM; every task lives in this one nursery."""
+    service = NodeService(identity, store, data_dir, verifier=verifier)
+
+    async def handle(method: str, params: list[Any], conn: RpcConnection) -> Any:
+        return await service.handle(method, params, conn)
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(verifier.serve_reaper)
+            await nursery.start(serve_rpc, data_dir.socket, handle)
+            log.info("ostrom daemon %s listening on %s", identity.peer_id, data_dir.socket)
+            print(
+                f"ostrom daemon ready: peer {identity.peer_id}, socket {data_dir.socket}",
+                file=sys.stderr,
+                flush=True,
+            )
+            task_status.started(service)
+            async for signum in signals:
+                log.info("received %s, stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break

@@ -1,30 +1,19 @@
-"""Decoding and verifying batches of records from outside (import, later the mesh).
+"""Decoding and verifying records and CAR sections from outside (import, later the mesh).
 
-Signature verification dominates the cost of taking in a record, and libsodium releases
-the GIL while it verifies, so a batch is split across worker threads: on a 2-core machine
-the two halves verify at the same time while the Python parts of decoding interleave.
+These are plain functions over slices of a batch, so that `ostrom.node.verifier` can run
+them in worker processes; this module imports neither trio nor SQLite.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
-
-import trio
 
 from ostrom.crypto.cid import CID
 from ostrom.errors import BlockMismatch, DecodeError, OstromError, TooLarge
 from ostrom.protocol import dagcbor
 from ostrom.protocol.changesets import MAX_BLOCK_SIZE, Changeset, FileManifest
 from ostrom.protocol.records import SignedRecord, decode_record, record_from_value
-
-# Below this many records a batch is decoded on one thread: the hand-off costs more than
-# the parallel verification saves.
-PARALLEL_THRESHOLD: Final = 64
-# Verification threads per batch: one per core, which is what the GIL-free part can use.
-WORKERS: Final = max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,35 +91,3 @@ def decode_slice(items: Sequence[bytes], start: int) -> list[SignedRecord | Refu
         except OstromError as exc:
             out.append(Refusal(start + offset, exc.code, exc.message))
     return out
-
-
-T = TypeVar("T")
-
-
-async def _parallel(fn: Callable[[Sequence[Any], int], list[T]], items: Sequence[Any]) -> list[T]:
-    """`fn(slice, start)` over `items` split across the worker threads, results in order."""
-    if len(items) < PARALLEL_THRESHOLD or WORKERS == 1:
-        return await trio.to_thread.run_sync(fn, items, 0)
-    step = -(-len(items) // WORKERS)
-    parts: list[list[T]] = [[] for _ in range(WORKERS)]
-
-    async def run(slot: int) -> None:
-        start = slot * step
-        parts[slot] = await trio.to_thread.run_sync(fn, items[start : start + step], start)
-
-    async with trio.open_nursery() as nursery:
-        for slot in range(WORKERS):
-            nursery.start_soon(run, slot)
-    return [item for part in parts for item in part]
-
-
-async def decode_batch(items: Sequence[bytes]) -> list[SignedRecord | Refusal]:
-    """Decode and verify records in parallel; the result keeps their order."""
-    return await _parallel(decode_slice, items)
-
-
-async def decode_sections(
-    items: Sequence[Sequence[object]],
-) -> list[SignedRecord | Block | Refusal]:
-    """Decode and verify CAR sections (`[cid, bytes]`) in parallel, in order."""
-    return await _parallel(decode_section_slice, items)

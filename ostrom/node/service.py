@@ -30,10 +30,11 @@ from ostrom.errors import (
     TooLarge,
 )
 from ostrom.node.events import EventBus
-from ostrom.node.ingest import Block, Refusal, decode_batch, decode_sections
+from ostrom.node.ingest import Block, Refusal
 from ostrom.node.params import Params
 from ostrom.node.rpc_server import RpcConnection
 from ostrom.node.store import Store
+from ostrom.node.verifier import VerifierPool
 from ostrom.node.views import key_view, record_view, status_view
 from ostrom.protocol.acceptance import ProjectState, evaluate
 from ostrom.protocol.changesets import (
@@ -106,12 +107,15 @@ class NodeService:
         data_dir: DataDir,
         *,
         events: EventBus | None = None,
+        verifier: VerifierPool | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.identity = identity
         self.store = store
         self.data_dir = data_dir
         self.events = events or EventBus()
+        # Without a pool from the daemon, batches are decoded on a thread (tests, tools).
+        self.verifier = verifier or VerifierPool(workers=1)
         self._clock = clock
         self._lock = trio.Lock()
         self._states: dict[CID, ProjectState] = {}
@@ -992,7 +996,7 @@ async def record_put(node: NodeService, params: Params, conn: RpcConnection) -> 
 
 
 async def _ingest(node: NodeService, items: Sequence[bytes]) -> dict[str, Any]:
-    decoded = await decode_batch(items)
+    decoded = await node.verifier.decode_records(items)
     good = [item for item in decoded if isinstance(item, SignedRecord)]
     refused = [item for item in decoded if isinstance(item, Refusal)]
     new = await node._store_new(good, "import")
@@ -1013,7 +1017,7 @@ async def car_import(node: NodeService, params: Params, conn: RpcConnection) -> 
     params.done()
     if not all(isinstance(item, list) and len(item) == 2 for item in sections):
         raise InvalidInput("car.import: each section is [cid, bytes]")
-    decoded = await decode_sections(sections)
+    decoded = await node.verifier.decode_sections(sections)
     records = [item for item in decoded if isinstance(item, SignedRecord)]
     blocks = [(item.cid, item.data) for item in decoded if isinstance(item, Block)]
     refused = [item for item in decoded if isinstance(item, Refusal)]
