@@ -148,7 +148,16 @@ class NodeService:
         if not records:
             return []
         projects = {record.project for record in records}
-        before = {p: self._states.get(p) for p in projects}
+        # Status changes are reported against the state before these records; it is worked
+        # out only when someone listens (a cached one costs nothing).
+        before: dict[CID, ProjectState | None] = {}
+        for project in projects:
+            before[project] = self._states.get(project)
+            if before[project] is None and self.events.subscriber_count:
+                try:
+                    before[project] = await self.state(project)
+                except NotFound:
+                    before[project] = None
 
         def write(store: Store) -> list[CID]:
             return store.put_records(records)
