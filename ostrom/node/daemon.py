@@ -20,6 +20,7 @@ import trio
 from ostrom.crypto.keys import Identity
 from ostrom.datadir import DataDir, init_data_dir
 from ostrom.errors import DaemonAlreadyRunning
+from ostrom.node.methods import dispatch
 from ostrom.node.rpc_server import RpcConnection, serve_rpc
 from ostrom.node.service import NodeService
 from ostrom.node.store import Store
@@ -83,7 +84,7 @@ async def _serve(
     service = NodeService(identity, store, data_dir, verifier=verifier)
 
     async def handle(method: str, params: list[Any], conn: RpcConnection) -> Any:
-        return await service.handle(method, params, conn)
+        return await dispatch(service, method, params, conn)
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

@@ -1,0 +1,64 @@
+"""RPC methods about the node itself: identity, status, and the event stream."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from ostrom import __version__
+from ostrom.node.methods.registry import (
+    method,
+)
+from ostrom.node.params import Params
+from ostrom.node.rpc_server import RpcConnection
+from ostrom.node.service import NodeService
+
+# --- node --------------------------------------------------------------------------------------
+
+
+@method("node.id")
+async def node_id(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    params.done()
+    return {"peer_id": node.identity.peer_id, "public_key": node.identity.public_key.hex()}
+
+
+@method("node.status")
+async def node_status(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    params.done()
+    stats = await node.db(lambda store: store.stats())
+    return {
+        "version": __version__,
+        "peer_id": node.identity.peer_id,
+        "public_key": node.identity.public_key.hex(),
+        "data_dir": str(node.data_dir.root),
+        "pid": os.getpid(),
+        "uptime_s": round(time.time() - node._started, 3),
+        "store": {
+            "projects": stats.projects,
+            "records": stats.records,
+            "records_by_type": dict(stats.records_by_type),
+            "blocks": stats.blocks,
+            "block_bytes": stats.block_bytes,
+            "db_bytes": stats.db_bytes,
+        },
+        "subscribers": node.events.subscriber_count,
+    }
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+@method("events.subscribe")
+async def events_subscribe(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    """Stream events as `[2, "event", [event]]` notifications on this connection."""
+    params.done()
+    subscription = node.events.subscribe()
+    conn.on_close(subscription.close)
+
+    async def forward() -> None:
+        async for event in subscription:
+            await conn.notify("event", [event])
+
+    conn.start_soon(forward)
+    return {"subscribed": True}

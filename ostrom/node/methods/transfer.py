@@ -1,0 +1,241 @@
+"""RPC methods that move bytes in and out: blocks, raw records, CAR import and export."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from ostrom.crypto.cid import CID
+from ostrom.errors import (
+    DecodeError,
+    InvalidInput,
+    NotFound,
+    TooLarge,
+)
+from ostrom.node.ingest import Block, Refusal
+from ostrom.node.methods.registry import (
+    MAX_FORK_DEPTH,
+    method,
+)
+from ostrom.node.params import Params
+from ostrom.node.rpc_server import RpcConnection
+from ostrom.node.service import NodeService
+from ostrom.node.store import Store
+from ostrom.protocol.changesets import (
+    MAX_BLOCK_SIZE,
+    Changeset,
+    FileManifest,
+    Put,
+)
+from ostrom.protocol.records import (
+    Contribution,
+    Project,
+    SignedRecord,
+)
+
+# Bytes of blocks one `block.get` or `record.get` answer may carry: well under the RPC
+# frame limit, large enough that a checkout moves tens of blocks per round trip.
+MAX_GET_BYTES: Final = 8 * 1024 * 1024
+# Records or sections one `record.put` / `car.import` call may carry: enough to keep the
+# verification workers busy, small enough to answer within a second on a Raspberry Pi.
+MAX_IMPORT_BATCH: Final = 4096
+
+
+# --- blocks ------------------------------------------------------------------------------------
+
+
+def _blocks_param(params: Params) -> list[tuple[CID, bytes]]:
+    raw = params.array("blocks", max_length=4096)
+    out: list[tuple[CID, bytes]] = []
+    total = 0
+    for item in raw:
+        if (
+            not isinstance(item, list)
+            or len(item) != 2
+            or not isinstance(item[0], str)
+            or not isinstance(item[1], bytes)
+        ):
+            raise InvalidInput("block.put: each block is [cid, bytes]")
+        try:
+            cid = CID.parse(item[0])
+        except DecodeError as exc:
+            raise InvalidInput(f"block.put: {exc.message}") from None
+        total += len(item[1])
+        out.append((cid, item[1]))
+    if total > 64 * MAX_BLOCK_SIZE:
+        raise TooLarge("block.put: too many bytes in one call")
+    return out
+
+
+@method("block.put")
+async def block_put(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    blocks = _blocks_param(params)
+    params.done()
+    stored = await node.db(lambda store: store.put_blocks(blocks))
+    return {"stored": stored, "received": len(blocks)}
+
+
+@method("block.missing")
+async def block_missing(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    cids = params.cids("cids")
+    params.done()
+    present = await node.db(lambda store: store.has_blocks(cids))
+    return [str(cid) for cid in cids if cid not in present]
+
+
+@method("block.get")
+async def block_get(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    cids = params.cids("cids")
+    params.done()
+
+    def read(store: Store) -> list[list[Any]]:
+        out: list[list[Any]] = []
+        total = 0
+        for cid in cids:
+            data = store.get_block(cid)
+            if data is None:
+                raise NotFound(f"block {cid} is not in the store")
+            total += len(data)
+            if out and total > MAX_GET_BYTES:
+                break
+            out.append([str(cid), data])
+        return out
+
+    return await node.db(read)
+
+
+# --- import and export -------------------------------------------------------------------------
+
+
+@method("record.put")
+async def record_put(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    """Take in records signed by anyone: each is verified; bad ones are refused with a reason."""
+    items = params.array("records", max_length=MAX_IMPORT_BATCH)
+    params.done()
+    if not all(isinstance(item, bytes) for item in items):
+        raise InvalidInput("record.put: records are byte strings")
+    return await _ingest(node, items)
+
+
+async def _ingest(node: NodeService, items: Sequence[bytes]) -> dict[str, Any]:
+    decoded = await node.verifier.decode_records(items)
+    good = [item for item in decoded if isinstance(item, SignedRecord)]
+    refused = [item for item in decoded if isinstance(item, Refusal)]
+    new = await node._store_new(good, "import")
+    return {
+        "stored": [str(cid) for cid in new],
+        "known": len(good) - len(new),
+        "refused": [{"index": r.index, "code": r.code, "message": r.message} for r in refused],
+    }
+
+
+@method("car.import")
+async def car_import(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    """Sections of a CAR file: records are verified and stored, blocks checked against CIDs.
+
+    Each bad section is refused with its reason; every good one is kept.
+    """
+    sections = params.array("sections", max_length=MAX_IMPORT_BATCH)
+    params.done()
+    if not all(isinstance(item, list) and len(item) == 2 for item in sections):
+        raise InvalidInput("car.import: each section is [cid, bytes]")
+    decoded = await node.verifier.decode_sections(sections)
+    records = [item for item in decoded if isinstance(item, SignedRecord)]
+    blocks = [(item.cid, item.data) for item in decoded if isinstance(item, Block)]
+    refused = [item for item in decoded if isinstance(item, Refusal)]
+    stored_blocks = await node.db(lambda store: store.put_blocks(blocks)) if blocks else 0
+    new = await node._store_new(records, "import")
+    return {
+        "stored": [str(cid) for cid in new],
+        "known": len(records) - len(new),
+        "blocks_stored": stored_blocks,
+        "blocks_known": len(blocks) - stored_blocks,
+        "refused": [
+            {
+                "index": r.index,
+                "cid": None if r.cid is None else str(r.cid),
+                "code": r.code,
+                "message": r.message,
+            }
+            for r in refused
+        ],
+    }
+
+
+@method("car.export")
+async def car_export(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    """What a CAR file of a project holds, in order: the client fetches and writes it."""
+    text = params.text("project")
+    params.done()
+    genesis = await node.resolve_project(text)
+
+    def plan(store: Store) -> dict[str, Any]:
+        own = store.project_records(genesis.cid)
+        edges = {parent for record in own for parent in record.parents} | set(genesis.parents)
+        ancestors = store.ancestors(edges)
+        records: dict[CID, SignedRecord] = {r.cid: r for r in ancestors.values()}
+        records.update((r.cid, r) for r in own)
+        # Upstream genesis records, so a fork's lineage can be shown after import.
+        current = genesis
+        for _ in range(MAX_FORK_DEPTH):
+            if not isinstance(current.body, Project) or current.body.fork_of is None:
+                break
+            parent = store.get_record(current.body.fork_of.project)
+            if parent is None:
+                break
+            records[parent.cid] = parent
+            current = parent
+        ordered = sorted(records.values(), key=lambda r: (r.type != "project", r.ts, r.cid.raw))
+        blocks: list[CID] = []
+        seen: set[CID] = set()
+        for record in ordered:
+            if not isinstance(record.body, Contribution):
+                continue
+            for link in record.body.changes:
+                data = store.get_block(link)
+                if data is None or link in seen:
+                    continue
+                seen.add(link)
+                blocks.append(link)
+                for change in Changeset.decode(data).changes:
+                    if not isinstance(change, Put) or change.file in seen:
+                        continue
+                    manifest_data = store.get_block(change.file)
+                    if manifest_data is None:
+                        continue
+                    seen.add(change.file)
+                    blocks.append(change.file)
+                    for ref in FileManifest.decode(manifest_data).blocks:
+                        if ref.cid not in seen:
+                            seen.add(ref.cid)
+                            blocks.append(ref.cid)
+        present = store.has_blocks(blocks)
+        return {
+            "roots": [str(genesis.cid)],
+            "records": [str(r.cid) for r in ordered],
+            "blocks": [str(cid) for cid in blocks if cid in present],
+        }
+
+    return await node.db(plan)
+
+
+@method("record.get")
+async def record_get(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    cids = params.cids("cids")
+    params.done()
+
+    def read(store: Store) -> list[list[Any]]:
+        found = store.get_records(cids)
+        out: list[list[Any]] = []
+        total = 0
+        for cid in cids:
+            record = found.get(cid)
+            if record is None:
+                raise NotFound(f"record {cid} is not in the store")
+            total += len(record.data)
+            if out and total > MAX_GET_BYTES:
+                break
+            out.append([str(cid), record.data])
+        return out
+
+    return await node.db(read)
