@@ -289,13 +289,19 @@ class Client:
         """Call any RPC method with named parameters (None values are left out)."""
         return self._connection.call(method, {k: v for k, v in params.items() if v is not None})
 
+    def _map(self, method: str, **params: Any) -> dict[str, Any]:
+        return cast(dict[str, Any], self.call(method, **params))
+
+    def _list(self, method: str, **params: Any) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self.call(method, **params))
+
     # --- node and projects ---------------------------------------------------------------------
 
     def id(self) -> dict[str, Any]:
-        return cast(dict[str, Any], self.call("node.id"))
+        return self._map("node.id")
 
     def status(self) -> dict[str, Any]:
-        return cast(dict[str, Any], self.call("node.status"))
+        return self._map("node.status")
 
     def create_project(
         self,
@@ -306,52 +312,43 @@ class Client:
         quorum: int = 1,
         maintainers: Sequence[str] = (),
     ) -> dict[str, Any]:
-        return cast(
-            dict[str, Any],
-            self.call(
-                "project.create",
-                name=name,
-                license=license,
-                description=description,
-                quorum=quorum,
-                maintainers=list(maintainers),
-            ),
+        return self._map(
+            "project.create",
+            name=name,
+            license=license,
+            description=description,
+            quorum=quorum,
+            maintainers=list(maintainers),
         )
 
     def projects(self) -> list[dict[str, Any]]:
-        return cast(list[dict[str, Any]], self.call("project.list"))
+        return self._list("project.list")
 
     def project(self, project: str) -> dict[str, Any]:
-        return cast(dict[str, Any], self.call("project.show", project=project))
+        return self._map("project.show", project=project)
 
     def fork(self, project: str, name: str, *, at: Sequence[str] = ()) -> dict[str, Any]:
-        return cast(
-            dict[str, Any],
-            self.call("project.fork", project=project, name=name, at=list(at) or None),
-        )
+        return self._map("project.fork", project=project, name=name, at=list(at) or None)
 
     def forks(self, project: str) -> dict[str, Any]:
-        return cast(dict[str, Any], self.call("project.forks", project=project))
+        return self._map("project.forks", project=project)
 
     def log(self, project: str, *, limit: int = 1000) -> list[dict[str, Any]]:
-        return cast(list[dict[str, Any]], self.call("project.log", project=project, limit=limit))
+        return self._list("project.log", project=project, limit=limit)
 
     def show(self, record: str) -> dict[str, Any]:
-        return cast(dict[str, Any], self.call("record.show", record=record))
+        return self._map("record.show", record=record)
 
     def tree(self, project: str, *, at: str | None = None) -> dict[str, Any]:
-        return cast(dict[str, Any], self.call("project.tree", project=project, at=at))
+        return self._map("project.tree", project=project, at=at)
 
     # --- records -------------------------------------------------------------------------------
 
     def validate(
         self, record: str, verdict: str, *, note: str = "", project: str | None = None
     ) -> dict[str, Any]:
-        return cast(
-            dict[str, Any],
-            self.call(
-                "validation.create", target=record, verdict=verdict, note=note, project=project
-            ),
+        return self._map(
+            "validation.create", target=record, verdict=verdict, note=note, project=project
         )
 
     def governance(
@@ -363,28 +360,23 @@ class Client:
         quorum: int | None = None,
         note: str = "",
     ) -> dict[str, Any]:
-        return cast(
-            dict[str, Any],
-            self.call(
-                "governance.create",
-                project=project,
-                action=action,
-                key=key,
-                quorum=quorum,
-                note=note,
-            ),
+        return self._map(
+            "governance.create",
+            project=project,
+            action=action,
+            key=key,
+            quorum=quorum,
+            note=note,
         )
 
     def create_need(self, project: str, title: str, *, body: str = "") -> dict[str, Any]:
-        return cast(
-            dict[str, Any], self.call("need.create", project=project, title=title, body=body)
-        )
+        return self._map("need.create", project=project, title=title, body=body)
 
     def needs(self, project: str) -> list[dict[str, Any]]:
-        return cast(list[dict[str, Any]], self.call("need.list", project=project))
+        return self._list("need.list", project=project)
 
     def comment(self, record: str, text: str) -> dict[str, Any]:
-        return cast(dict[str, Any], self.call("comment.create", target=record, text=text))
+        return self._map("comment.create", target=record, text=text)
 
     # --- files ---------------------------------------------------------------------------------
 

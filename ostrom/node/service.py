@@ -25,7 +25,7 @@ from ostrom.errors import (
 from ostrom.node.events import EventBus
 from ostrom.node.store import Store
 from ostrom.node.verifier import VerifierPool
-from ostrom.node.views import key_view, record_view
+from ostrom.node.views import key_view, record_view, status_view
 from ostrom.protocol.acceptance import ProjectState, evaluate
 from ostrom.protocol.changesets import (
     Changeset,
@@ -151,10 +151,19 @@ class NodeService:
                     }
                 )
 
-    async def _sign_and_store(self, body: Body) -> SignedRecord:
+    async def sign_and_store(self, body: Body) -> SignedRecord:
+        """Sign `body` with this node's key and store it (events and status changes follow)."""
         record = sign(body, self.identity)
         await self._store_new([record], "local")
         return record
+
+    async def view_with_status(self, record: SignedRecord) -> dict[str, Any]:
+        """The record's view, with its status when it is a node of its project's DAG."""
+        view = record_view(record)
+        status = (await self.state(record.project)).statuses.get(record.cid)
+        if status is not None:
+            view.update(status_view(status))
+        return view
 
     # --- reading projects ------------------------------------------------------------------
 

@@ -7,14 +7,13 @@ from typing import Any, Final
 from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import parse_public_key, peer_id_of
 from ostrom.errors import (
-    InvalidInput,
-    InvalidRecord,
     NotFound,
     Refused,
 )
 from ostrom.node.methods.registry import (
     DAG_TYPES,
     MAX_FORK_DEPTH,
+    callers_input,
     method,
 )
 from ostrom.node.params import Params
@@ -68,7 +67,7 @@ async def project_create(node: NodeService, params: Params, conn: RpcConnection)
             f"{len(maintainers)} (add some with --maintainer)"
         )
     await _check_name_free(node, name)
-    try:
+    with callers_input():
         body = Project(
             author=node.identity.public_key,
             ts=node._now(),
@@ -77,9 +76,7 @@ async def project_create(node: NodeService, params: Params, conn: RpcConnection)
             description=description,
             policy=Policy(maintainers=maintainers, quorum=quorum),
         )
-    except InvalidRecord as exc:
-        raise InvalidInput(exc.message) from None
-    record = await node._sign_and_store(body)
+    record = await node.sign_and_store(body)
     node.events.publish({"type": "project.created", "project": str(record.cid), "name": name})
     return await node.project_view(record)
 
@@ -117,7 +114,7 @@ async def project_fork(node: NodeService, params: Params, conn: RpcConnection) -
     else:
         heads = (await node.state(parent.cid)).accepted_heads
     await _check_name_free(node, name)
-    try:
+    with callers_input():
         body = Project(
             author=node.identity.public_key,
             ts=node._now(),
@@ -127,9 +124,7 @@ async def project_fork(node: NodeService, params: Params, conn: RpcConnection) -
             policy=Policy(maintainers=(node.identity.public_key,), quorum=1),
             fork_of=ForkOf(project=parent.cid, heads=heads),
         )
-    except InvalidRecord as exc:
-        raise InvalidInput(exc.message) from None
-    record = await node._sign_and_store(body)
+    record = await node.sign_and_store(body)
     node.events.publish(
         {
             "type": "project.created",

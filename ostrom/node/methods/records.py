@@ -17,6 +17,7 @@ from ostrom.errors import (
 )
 from ostrom.node.methods.registry import (
     DAG_TYPES,
+    callers_input,
     method,
 )
 from ostrom.node.params import Params
@@ -112,10 +113,8 @@ async def contribution_create(node: NodeService, params: Params, conn: RpcConnec
         parents = await _resolve_many(node, parents_text, ("project", *DAG_TYPES))
     else:
         parents = await node.default_parents(project)
-    try:
+    with callers_input():
         changesets = split_changes(changes)
-    except InvalidRecord as exc:
-        raise InvalidInput(exc.message) from None
     puts = [c for c in changes if isinstance(c, Put)]
     await node.db(_check_puts, puts)
     deletes = [c.path for c in changes if isinstance(c, Delete)]
@@ -130,7 +129,7 @@ async def contribution_create(node: NodeService, params: Params, conn: RpcConnec
         (CID.of_dag_cbor(data), data) for data in (cs.encode() for cs in changesets if cs.changes)
     ]
     await node.db(lambda store: store.put_blocks(encoded))
-    try:
+    with callers_input():
         body = Contribution(
             author=node.identity.public_key,
             ts=node._now(),
@@ -140,14 +139,7 @@ async def contribution_create(node: NodeService, params: Params, conn: RpcConnec
             message=message,
             resolves=resolves,
         )
-    except InvalidRecord as exc:
-        raise InvalidInput(exc.message) from None
-    record = await node._sign_and_store(body)
-    view = record_view(record)
-    state = await node.state(project)
-    status = state.statuses.get(record.cid)
-    if status is not None:
-        view.update(status_view(status))
+    view = await node.view_with_status(await node.sign_and_store(body))
     view["paths"] = len(changes)
     return view
 
@@ -170,7 +162,7 @@ async def validation_create(node: NodeService, params: Params, conn: RpcConnecti
             f"only contributions and governance records are validated, not a {target.type}"
         )
     project = (await node.resolve_project(project_text)).cid if project_text else target.project
-    try:
+    with callers_input():
         body = Validation(
             author=node.identity.public_key,
             ts=node._now(),
@@ -179,9 +171,7 @@ async def validation_create(node: NodeService, params: Params, conn: RpcConnecti
             verdict=verdict,
             note=note,
         )
-    except InvalidRecord as exc:
-        raise InvalidInput(exc.message) from None
-    record = await node._sign_and_store(body)
+    record = await node.sign_and_store(body)
     view = record_view(record)
     state = await node.state(project)
     status = state.statuses.get(target.cid)
@@ -229,7 +219,7 @@ async def governance_create(node: NodeService, params: Params, conn: RpcConnecti
                 "no contribution could ever be accepted"
             )
     parents = await node.default_parents(genesis.cid)
-    try:
+    with callers_input():
         body = Governance(
             author=node.identity.public_key,
             ts=node._now(),
@@ -240,14 +230,7 @@ async def governance_create(node: NodeService, params: Params, conn: RpcConnecti
             quorum=quorum,
             note=note,
         )
-    except InvalidRecord as exc:
-        raise InvalidInput(exc.message) from None
-    record = await node._sign_and_store(body)
-    view = record_view(record)
-    status = (await node.state(genesis.cid)).statuses.get(record.cid)
-    if status is not None:
-        view.update(status_view(status))
-    return view
+    return await node.view_with_status(await node.sign_and_store(body))
 
 
 @method("need.create")
@@ -257,7 +240,7 @@ async def need_create(node: NodeService, params: Params, conn: RpcConnection) ->
     body_text = params.text("body", "")
     params.done()
     genesis = await node.resolve_project(text)
-    try:
+    with callers_input():
         body = Need(
             author=node.identity.public_key,
             ts=node._now(),
@@ -265,9 +248,7 @@ async def need_create(node: NodeService, params: Params, conn: RpcConnection) ->
             title=title.strip(),
             body=body_text,
         )
-    except InvalidRecord as exc:
-        raise InvalidInput(exc.message) from None
-    return record_view(await node._sign_and_store(body))
+    return record_view(await node.sign_and_store(body))
 
 
 @method("need.list")
@@ -305,7 +286,7 @@ async def comment_create(node: NodeService, params: Params, conn: RpcConnection)
     text = params.text("text")
     params.done()
     target = await node.resolve_record(target_text)
-    try:
+    with callers_input():
         body = Comment(
             author=node.identity.public_key,
             ts=node._now(),
@@ -313,6 +294,4 @@ async def comment_create(node: NodeService, params: Params, conn: RpcConnection)
             target=target.cid,
             text=text,
         )
-    except InvalidRecord as exc:
-        raise InvalidInput(exc.message) from None
-    return record_view(await node._sign_and_store(body))
+    return record_view(await node.sign_and_store(body))

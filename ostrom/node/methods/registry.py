@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final
 
+from ostrom.errors import InvalidInput, InvalidRecord
 from ostrom.node.params import Params
 from ostrom.node.rpc_server import RpcConnection
 
@@ -30,3 +32,16 @@ def method(name: str) -> Callable[[Handler], Handler]:
         return fn
 
     return register
+
+
+@contextmanager
+def callers_input() -> Iterator[None]:
+    """Report a record rule broken by values a caller passed as the caller's `InvalidInput`.
+
+    Record constructors raise `InvalidRecord`, the error for bytes from elsewhere; when the
+    values came from this RPC call, the call's parameters are what is wrong.
+    """
+    try:
+        yield
+    except InvalidRecord as exc:
+        raise InvalidInput(exc.message) from None
