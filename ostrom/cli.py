@@ -216,7 +216,7 @@ def cmd_project_list(args: argparse.Namespace, out: Output, data_dir: DataDir) -
                 "no projects yet (create one with `ostrom project create NAME --license SPDX`)"
             )
             return
-        out.line(f"{'NAME':<24} {'CID':<{SHORT_CID}} {'LICENSE':<20} ACCEPTED PENDING FORK")
+        out.line(f"{'NAME':<24} {'CID':<{SHORT_CID}} {'LICENSE':<20} ACCEPTED PENDING FORK FOLLOW")
         for p in projects:
             counts = p["records"]
             fork = "yes" if p.get("fork_of") else ""
@@ -361,6 +361,25 @@ def cmd_fork(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
     with _client(data_dir) as client:
         value = client.fork(args.project, args.name, at=args.at or [])
     out.result(value, lambda v: _print_project(out, v))
+
+
+def cmd_follow(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
+    with _client(data_dir) as client:
+        value = client.follow(args.project, records_only=args.records_only)
+
+    def human(v: dict[str, Any]) -> None:
+        how = "records only, blocks on demand" if v["mode"] == "records" else "records and blocks"
+        out.line(f"following {v['project']} ({how})")
+        if not v["present"]:
+            out.line("  not here yet: it will be fetched from peers that have it")
+
+    out.result(value, human)
+
+
+def cmd_unfollow(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
+    with _client(data_dir) as client:
+        value = client.unfollow(args.project)
+    out.result(value, lambda v: out.line(f"no longer following {v['project']}"))
 
 
 def cmd_forks(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
@@ -620,6 +639,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RECORD",
         help="fork at this record (default: the accepted heads); repeatable",
     )
+    p = command("follow", cmd_follow, "host a project (full CID if this node has never seen it)")
+    p.add_argument("project")
+    p.add_argument(
+        "--records-only",
+        action="store_true",
+        help="keep records; fetch file blocks only when they are needed",
+    )
+    p = command("unfollow", cmd_unfollow, "stop hosting a project's new work")
+    p.add_argument("project")
     p = command("forks", cmd_forks, "show a project's lineage and its forks")
     p.add_argument("project")
 

@@ -330,6 +330,13 @@ class Client:
     def fork(self, project: str, name: str, *, at: Sequence[str] = ()) -> dict[str, Any]:
         return self._map("project.fork", project=project, name=name, at=list(at) or None)
 
+    def follow(self, project: str, *, records_only: bool = False) -> dict[str, Any]:
+        """Host `project` (its full CID if this node has never seen it)."""
+        return self._map("project.follow", project=project, records_only=records_only)
+
+    def unfollow(self, project: str) -> dict[str, Any]:
+        return self._map("project.unfollow", project=project)
+
     def forks(self, project: str) -> dict[str, Any]:
         return self._map("project.forks", project=project)
 

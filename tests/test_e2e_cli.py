@@ -13,6 +13,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
+from ostrom.crypto.cid import CID
 from tests.daemons import Daemon, DaemonFactory
 
 pytestmark = pytest.mark.slow
@@ -285,3 +286,20 @@ def test_json_output_is_one_document(node: Daemon) -> None:
     error = node.cli("project", "show", "nothing-here", "--json", check=False)
     assert error.returncode == 1
     assert json.loads(error.stderr)["error"]["code"] == "not_found"
+
+
+def test_follow_and_unfollow(node: Daemon) -> None:
+    created = node.json("project", "create", "mine", "--license", "MIT")
+    assert created["following"] == "full"  # a node follows what it creates
+    unseen = str(CID.of_dag_cbor(b"a project from elsewhere"))
+    followed = node.json("follow", unseen, "--records-only")
+    assert followed == {"project": unseen, "mode": "records", "present": False}
+    assert "not here yet" in node.cli("follow", unseen).stdout
+    assert node.json("unfollow", "mine")["following"] is False
+    assert node.json("project", "show", "mine")["following"] is None
+    again = node.cli("unfollow", "mine", check=False)
+    assert again.returncode == 1 and "does not follow" in again.stderr
+    by_name = node.cli("follow", "no-such-name", check=False)
+    assert by_name.returncode == 1 and "full CID" in by_name.stderr
+    raw_block = node.cli("follow", str(CID.of_raw(b"x")), check=False)
+    assert raw_block.returncode == 1 and "block" in raw_block.stderr

@@ -157,6 +157,17 @@ class NodeService:
         await self._store_new([record], "local")
         return record
 
+    async def follow(self, project: CID, mode: str) -> None:
+        since = int(self._clock() * 1000)
+        await self.db(lambda store: store.follow(project, mode, since))
+        self.events.publish({"type": "follow.changed", "project": str(project), "mode": mode})
+
+    async def unfollow(self, project: CID) -> bool:
+        removed: bool = await self.db(lambda store: store.unfollow(project))
+        if removed:
+            self.events.publish({"type": "follow.changed", "project": str(project), "mode": None})
+        return removed
+
     async def view_with_status(self, record: SignedRecord) -> dict[str, Any]:
         """The record's view, with its status when it is a node of its project's DAG."""
         view = record_view(record)
@@ -273,6 +284,7 @@ class NodeService:
             },
             heads=[str(cid) for cid in state.accepted_heads],
             records=counts,
+            following=await self.db(lambda store: store.follow_mode(genesis.cid)),
             mine=genesis.author == self.identity.public_key,
         )
         if detail:

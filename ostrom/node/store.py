@@ -49,6 +49,8 @@ from ostrom.errors import (
 from ostrom.protocol.changesets import MAX_BLOCK_SIZE
 from ostrom.protocol.records import BODY_TYPES, Project, SignedRecord, decode_record
 
+# How a node follows a project: everything, or its records with blocks fetched on demand.
+FOLLOW_MODES: Final = ("full", "records")
 # PRAGMA user_version of the schema below; a store written with another version is refused
 # rather than misread. Raise it with every schema change (and add a migration).
 SCHEMA_VERSION: Final = 1
@@ -94,6 +96,11 @@ CREATE TABLE blocks (
     cid BLOB NOT NULL UNIQUE,
     size INTEGER NOT NULL,
     data BLOB NOT NULL
+);
+CREATE TABLE follows (
+    project BLOB PRIMARY KEY,  -- the genesis CID; the project may not be here yet
+    mode TEXT NOT NULL,        -- 'full' (records and blocks) or 'records' (blocks on demand)
+    since INTEGER NOT NULL     -- ms since the epoch, when this node began to follow
 );
 """
 
@@ -572,6 +579,37 @@ class Store:
         return {by_raw[raw] for raw in self._present(self._conn, "blocks", list(by_raw))}
 
     # --- statistics ----------------------------------------------------------------------------
+
+    # --- follows -------------------------------------------------------------------------
+
+    def follow(self, project: CID, mode: str, since: int) -> None:
+        """Follow `project` (or change how); `mode` is 'full' or 'records'."""
+        if mode not in FOLLOW_MODES:
+            raise InvalidInput(f"follow mode must be one of {', '.join(FOLLOW_MODES)}")
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO follows (project, mode, since) VALUES (?, ?, ?) "
+                "ON CONFLICT (project) DO UPDATE SET mode = excluded.mode",
+                (project.raw, mode, since),
+            )
+
+    def unfollow(self, project: CID) -> bool:
+        """Stop following `project`; False if it was not followed."""
+        with self._write() as conn:
+            return (
+                conn.execute("DELETE FROM follows WHERE project = ?", (project.raw,)).rowcount > 0
+            )
+
+    def follow_mode(self, project: CID) -> str | None:
+        """How this node follows `project`, or None if it does not."""
+        row = self._conn.execute("SELECT mode FROM follows WHERE project = ?", (project.raw,))
+        found = row.fetchone()
+        return None if found is None else str(found[0])
+
+    def follows(self) -> dict[CID, str]:
+        """Every followed project and its mode, oldest follow first."""
+        rows = self._conn.execute("SELECT project, mode FROM follows ORDER BY since, project")
+        return {CID(bytes(project)): mode for project, mode in rows}
 
     def stats(self) -> StoreStats:
         conn = self._conn

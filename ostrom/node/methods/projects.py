@@ -7,6 +7,8 @@ from typing import Any, Final
 from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import parse_public_key, peer_id_of
 from ostrom.errors import (
+    DecodeError,
+    InvalidInput,
     NotFound,
     Refused,
 )
@@ -77,6 +79,7 @@ async def project_create(node: NodeService, params: Params, conn: RpcConnection)
             policy=Policy(maintainers=maintainers, quorum=quorum),
         )
     record = await node.sign_and_store(body)
+    await node.follow(record.cid, "full")
     node.events.publish({"type": "project.created", "project": str(record.cid), "name": name})
     return await node.project_view(record)
 
@@ -125,6 +128,7 @@ async def project_fork(node: NodeService, params: Params, conn: RpcConnection) -
             fork_of=ForkOf(project=parent.cid, heads=heads),
         )
     record = await node.sign_and_store(body)
+    await node.follow(record.cid, "full")
     node.events.publish(
         {
             "type": "project.created",
@@ -319,3 +323,49 @@ async def project_tree(node: NodeService, params: Params, conn: RpcConnection) -
             for c in tree.conflicts
         ],
     }
+
+
+def _unseen_project(text: str) -> CID:
+    """The project CID a user gave for a project this node has never seen."""
+    try:
+        project = CID.parse(text)
+    except DecodeError:
+        raise NotFound(
+            f"no project {text!r} here; to follow a project this node has never seen, "
+            "give its full CID"
+        ) from None
+    if not project.is_dag_cbor:
+        raise InvalidInput(f"{text} is a block's CID, not a project's")
+    return project
+
+
+@method("project.follow")
+async def project_follow(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    """Host a project: `full` keeps its records and blocks, `records_only` fetches blocks
+    when they are needed. A project not here yet is named by its full CID."""
+    text = params.text("project")
+    records_only = params.flag("records_only", False)
+    params.done()
+    try:
+        project = (await node.resolve_project(text)).cid
+        present = True
+    except NotFound:
+        project = _unseen_project(text)
+        present = False
+    mode = "records" if records_only else "full"
+    await node.follow(project, mode)
+    return {"project": str(project), "mode": mode, "present": present}
+
+
+@method("project.unfollow")
+async def project_unfollow(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    """Stop hosting a project's new work; what is stored stays until space is reclaimed."""
+    text = params.text("project")
+    params.done()
+    try:
+        project = (await node.resolve_project(text)).cid
+    except NotFound:
+        project = _unseen_project(text)
+    if not await node.unfollow(project):
+        raise NotFound(f"this node does not follow {text}")
+    return {"project": str(project), "following": False}
