@@ -1,0 +1,90 @@
+"""Messages of `/ostrom/blocks/1.0.0`: fetching blocks by CID from a peer.
+
+The requester sends `want` frames, each naming up to `MAX_WANT` CIDs; the responder answers
+every CID in order with a `block` frame (the bytes) or a `missing` frame, then waits for the
+next `want` or the end of the stream. The requester verifies each block against its CID
+before it keeps it; a peer that sends a block that does not match is misbehaving.
+
+    want:     {"t": "want", "cids": [cid bytes, ...]}
+    block:    {"t": "block", "cid": cid bytes, "data": bytes}
+    missing:  {"t": "missing", "cid": cid bytes}
+
+Frames use `ostrom.protocol.frames` with `MAX_FRAME` as the bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ostrom.crypto.cid import CID
+from ostrom.errors import BlockMismatch, DecodeError
+from ostrom.protocol.changesets import MAX_BLOCK_SIZE
+
+PROTOCOL: Final = "/ostrom/blocks/1.0.0"
+# CIDs one `want` may name: enough to keep a stream busy for a round trip (64 x 256 KiB =
+# 16 MiB in flight), few enough that a responder's work per frame stays small.
+MAX_WANT: Final = 64
+# The largest frame: one maximal block plus its CID and the map around it.
+MAX_FRAME: Final = MAX_BLOCK_SIZE + 256
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    cids: tuple[CID, ...]
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.cids) <= MAX_WANT:
+            raise DecodeError(f"a want names 1 to {MAX_WANT} CIDs")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "want", "cids": [cid.raw for cid in self.cids]}
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    cid: CID
+    data: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "block", "cid": self.cid.raw, "data": self.data}
+
+
+@dataclass(frozen=True, slots=True)
+class Missing:
+    cid: CID
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "missing", "cid": self.cid.raw}
+
+
+Message = Want | Block | Missing
+
+
+def _cid(value: object) -> CID:
+    if not isinstance(value, bytes):
+        raise DecodeError("a CID travels as bytes")
+    return CID(value)
+
+
+def parse(value: Any) -> Message:
+    """A message from a decoded frame; `DecodeError` for anything else.
+
+    A `block` is checked against its CID here, so no caller can keep unverified bytes;
+    a mismatch is `BlockMismatch`, which marks the peer as misbehaving.
+    """
+    if not isinstance(value, dict) or not isinstance(value.get("t"), str):
+        raise DecodeError("a blocks message is a map with a type `t`")
+    kind = value["t"]
+    if kind == "want" and set(value) == {"t", "cids"} and isinstance(value["cids"], list):
+        return Want(tuple(_cid(item) for item in value["cids"]))
+    if kind == "block" and set(value) == {"t", "cid", "data"}:
+        cid, data = _cid(value["cid"]), value["data"]
+        if not isinstance(data, bytes) or len(data) > MAX_BLOCK_SIZE:
+            raise DecodeError("block data is bytes of at most one block's size")
+        if not cid.matches(data):
+            raise BlockMismatch(f"peer sent bytes that do not match block {cid}")
+        return Block(cid, data)
+    if kind == "missing" and set(value) == {"t", "cid"}:
+        return Missing(_cid(value["cid"]))
+    raise DecodeError(f"not a blocks message: {sorted(value)}")
