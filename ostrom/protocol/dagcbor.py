@@ -39,7 +39,8 @@ def _default(encoder: Any, value: Any) -> None:
     raise DecodeError(f"cannot encode {type(value).__name__} in DAG-CBOR")
 
 
-_SCALARS: Final = frozenset({type(None), bool, str, bytes, CID})
+# A link counts as a nesting level (it is a tag around a byte string), as decoding counts it.
+_SCALARS: Final = frozenset({type(None), bool, str, bytes})
 
 
 def _check(value: DagValue, depth: int) -> None:
@@ -49,6 +50,8 @@ def _check(value: DagValue, depth: int) -> None:
         return
     if depth > MAX_DEPTH:
         raise DecodeError("DAG-CBOR value nested too deeply")
+    if kind is CID:
+        return
     if kind is int:
         if not _MIN_NINT <= value <= _MAX_UINT:
             raise DecodeError("integer outside the 64-bit range")
@@ -78,7 +81,7 @@ def encode_trusted(value: DagValue) -> bytes:
 def _encode_unchecked(value: DagValue) -> bytes:
     try:
         return cbor2.dumps(value, canonical=True, default=_default)
-    except cbor2.CBOREncodeError as exc:
+    except (cbor2.CBOREncodeError, UnicodeEncodeError) as exc:
         raise DecodeError(f"cannot encode: {exc}") from None
 
 

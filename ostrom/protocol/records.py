@@ -45,7 +45,9 @@ GovernanceAction: TypeAlias = Literal["add-maintainer", "remove-maintainer", "se
 VERDICTS: Final = ("accept", "reject")
 GOVERNANCE_ACTIONS: Final = ("add-maintainer", "remove-maintainer", "set-quorum")
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# Control characters, and lone surrogates (text from file names or argv can carry them, and
+# they cannot be encoded as UTF-8, so a record holding one could not be signed).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
 
 
 # --- field checks -------------------------------------------------------------------------------
@@ -139,6 +141,10 @@ def check_license_syntax(expression: str) -> None:
         parsed = _syntax_licensing().parse(expression, simple=False)
     except license_expression.ExpressionError as exc:
         raise InvalidLicense(f"not an SPDX license expression: {expression!r} ({exc})") from None
+    except (IndexError, AssertionError):
+        # The parser trips over some malformed input (`()`, `( OR +`) with these instead of
+        # its own error; they mean the same thing here.
+        raise InvalidLicense(f"not an SPDX license expression: {expression!r}") from None
     if parsed is None:
         raise InvalidLicense(f"not an SPDX license expression: {expression!r}")
 
