@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from bench import import_rate
+from bench import import_rate, reconcile
 
 
 def main() -> int:
     import_rate.main(sys.argv[1:])
+    reconcile.main([])
     return 0
 
 

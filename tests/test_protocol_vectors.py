@@ -26,7 +26,17 @@ from ostrom.crypto import keys, signing
 from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity, public_key_of_peer_id, read_key_file, write_key_file
 from ostrom.errors import InvalidRecord
-from ostrom.protocol import car, changesets, chunking, dagcbor, paths, records
+from ostrom.protocol import (
+    blockwire,
+    car,
+    changesets,
+    chunking,
+    dagcbor,
+    frames,
+    paths,
+    reconcile,
+    records,
+)
 from ostrom.protocol.acceptance import evaluate
 from ostrom.protocol.car import CarHeader, CarReader, CarSection
 from ostrom.protocol.changesets import Changeset, FileManifest
@@ -124,7 +134,19 @@ def test_the_signing_domain_is_as_documented() -> None:
 
 
 _CONSTANT_ROW = re.compile(r"^\| `([A-Z][A-Z0-9_]*)` \| (\d+) \|", re.MULTILINE)
-_CONSTANT_MODULES = (records, changesets, chunking, paths, dagcbor, car, cid_module, keys)
+_CONSTANT_MODULES = (
+    records,
+    changesets,
+    chunking,
+    paths,
+    dagcbor,
+    car,
+    cid_module,
+    keys,
+    reconcile,
+    frames,
+    blockwire,
+)
 
 
 def test_documented_constants_match_the_code() -> None:

@@ -16,7 +16,7 @@ from ostrom.errors import DecodeError, TooLarge
 
 # A length prefix longer than this many bytes is malformed: 5 varint bytes reach 32 GiB,
 # far past any frame size an Ostrom protocol allows.
-MAX_VARINT_BYTES: Final = 5
+MAX_LENGTH_PREFIX_BYTES: Final = 5
 
 
 def encode_varint(value: int) -> bytes:
@@ -96,14 +96,14 @@ class FrameReader:
 
     def _length(self) -> tuple[int, int] | None:
         value = 0
-        for index in range(min(len(self._buffer), MAX_VARINT_BYTES)):
+        for index in range(min(len(self._buffer), MAX_LENGTH_PREFIX_BYTES)):
             byte = self._buffer[index]
             value |= (byte & 0x7F) << (7 * index)
             if not byte & 0x80:
                 if index and byte == 0:
                     raise DecodeError("frame length is not minimally encoded")
                 return value, index + 1
-        if len(self._buffer) >= MAX_VARINT_BYTES:
+        if len(self._buffer) >= MAX_LENGTH_PREFIX_BYTES:
             raise DecodeError("frame length prefix is too long")
         return None
 

@@ -1,0 +1,353 @@
+"""`/ostrom/sync/1.0.0`: bringing two replicas of a project's records into step.
+
+One session covers one project. The initiator names it; both sides reconcile their sets of
+the project's record ids (`ostrom.protocol.reconcile`, whose cost grows with the difference,
+not with the size of the sets). Then the initiator pulls what it lacks and pushes what the
+responder lacks, and pulls the missing ancestors of what it received (for example the
+upstream records a fork merged) for a bounded number of rounds. A node runs a session as
+initiator with each peer it shares a project with, on connect and periodically, so each
+side pulls for itself.
+
+    initiator                                 responder
+    hello {project, v}                   ->
+                                         <-   welcome {} | refuse {reason}
+    rec {m} ...                          <->  rec {m} ... | rec-end {}
+    want {cids} / records {items} ...    ->
+                                         <-   records {items} (answers to wants, in order)
+    done {}                              ->
+                                         <-   done {}
+
+Everything a peer controls is bounded: frame size, CIDs per want, records per frame, rounds
+of reconciliation and of ancestor chasing, and the time it may stay silent. A responder
+answers only for records it has; an initiator keeps only records it asked for or that belong
+to the project. Records that fail verification are strikes against the peer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import trio
+
+from ostrom.crypto.cid import CID
+from ostrom.errors import DecodeError, Refused
+from ostrom.node.framed import IDLE_TIMEOUT_S, ByteStream, FramedStream
+from ostrom.protocol.reconcile import ReconcileIndex, Reconciler, decode_message, encode_message
+
+log = logging.getLogger(__name__)
+
+PROTOCOL: Final = "/ostrom/sync/1.0.0"
+VERSION: Final = 1
+# One frame holds a reconciliation message (at most 64 KiB) or a batch of records: a full
+# 64 KiB record always fits, with room for the map around it.
+MAX_FRAME: Final = 1024 * 1024 + 4096
+# Bytes of records per `records` frame before a new frame starts.
+RECORDS_FRAME_BYTES: Final = 1024 * 1024
+# CIDs per `want` frame: 36 KiB of ids, answered by at most a few frames of records.
+MAX_WANT: Final = 1024
+# Reconciliation rounds: log_16 of a million records is 5; the slack covers message-size
+# splits. A peer that needs more is not converging and is cut off.
+MAX_RECONCILE_ROUNDS: Final = 64
+# Rounds of fetching missing parents after the first transfer: a fork's merge of upstream
+# work needs one or two; each round may fetch many records.
+MAX_ANCESTOR_ROUNDS: Final = 16
+# Records one session may take in: a very large project, and still a bound.
+MAX_SESSION_RECORDS: Final = 5_000_000
+# Records failing verification before the peer is dropped: one could be a bug in a peer's
+# version; several are a peer sending forgeries.
+MAX_STRIKES: Final = 3
+
+
+class SyncHost(Protocol):
+    """What a sync session needs from the node; `NodeService` provides it."""
+
+    async def sync_index(self, project: CID) -> ReconcileIndex | None:
+        """The project's record-id index, or None if this node does not host the project."""
+
+    async def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
+        """The bytes of those of `cids` this node has, in order."""
+
+    async def sync_ingest(
+        self, items: Sequence[bytes], peer_id: str, project: CID | None = None
+    ) -> IngestResult:
+        """Verify and store records from a peer; with `project`, refuse records of others."""
+
+
+@dataclass(slots=True)
+class IngestResult:
+    stored: list[CID] = field(default_factory=list)
+    known: list[CID] = field(default_factory=list)
+    refused: int = 0
+    missing_parents: set[CID] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class SyncResult:
+    """What one session did, for logs, events and benchmarks."""
+
+    project: CID
+    peer_id: str
+    received: int = 0
+    sent: int = 0
+    refused: int = 0
+    reconcile_rounds: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class PeerMisbehaving(DecodeError):
+    """A peer broke the sync protocol or sent forged records; it should be disconnected."""
+
+    code = "peer_misbehaving"
+
+
+def _expect(frame: Any, *kinds: str) -> dict[str, Any]:
+    if not isinstance(frame, dict) or frame.get("t") not in kinds:
+        raise PeerMisbehaving(f"expected {' or '.join(kinds)}, got {_describe(frame)}")
+    return frame
+
+
+def _describe(frame: Any) -> str:
+    if frame is None:
+        return "the end of the stream"
+    if isinstance(frame, dict):
+        return f"a {frame.get('t')!r} frame"
+    return f"a {type(frame).__name__}"
+
+
+def _cids(value: Any, limit: int) -> list[CID]:
+    if not isinstance(value, list) or len(value) > limit:
+        raise PeerMisbehaving(f"a CID list of at most {limit} items was expected")
+    if not all(isinstance(item, bytes) for item in value):
+        raise PeerMisbehaving("CIDs travel as bytes")
+    try:
+        return [CID(item) for item in value]
+    except DecodeError as exc:
+        raise PeerMisbehaving(f"malformed CID: {exc.message}") from None
+
+
+def _record_items(frame: dict[str, Any]) -> list[bytes]:
+    items = frame.get("items")
+    if not isinstance(items, list) or not all(isinstance(item, bytes) for item in items):
+        raise PeerMisbehaving("records frame without a list of record bytes")
+    return items
+
+
+async def _send_records(
+    framed: FramedStream, items: Iterable[bytes], missing: Sequence[CID] = ()
+) -> int:
+    """Send `items` in frames of at most RECORDS_FRAME_BYTES; the last frame lists `missing`
+    (wanted CIDs this node lacks), so the asker can count every CID as answered."""
+    batch: list[bytes] = []
+    size = 0
+    sent = 0
+    for item in items:
+        if batch and size + len(item) > RECORDS_FRAME_BYTES:
+            await framed.send({"t": "records", "items": batch})
+            batch, size = [], 0
+        batch.append(item)
+        size += len(item)
+        sent += 1
+    if batch or missing:
+        frame: dict[str, Any] = {"t": "records", "items": batch}
+        if missing:
+            frame["missing"] = [cid.raw for cid in missing]
+        await framed.send(frame)
+    return sent
+
+
+async def _reconcile(
+    framed: FramedStream, reconciler: Reconciler, result: SyncResult, first: Any | None
+) -> None:
+    """Exchange reconciliation messages until one side has nothing left to say."""
+    outgoing = first
+    while True:
+        if outgoing is not None:
+            await framed.send({"t": "rec", "m": encode_message(outgoing)})
+        frame = _expect(await framed.receive(), "rec", "rec-end")
+        result.reconcile_rounds += 1
+        if result.reconcile_rounds > MAX_RECONCILE_ROUNDS:
+            raise PeerMisbehaving("reconciliation did not converge")
+        if frame["t"] == "rec-end":
+            return
+        message = frame.get("m")
+        if not isinstance(message, bytes):
+            raise PeerMisbehaving("rec frame without a message")
+        outgoing = reconciler.receive(decode_message(message))
+        if outgoing is None:
+            await framed.send({"t": "rec-end"})
+            return
+
+
+# --- initiator ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def unwrap_single_error() -> Iterator[None]:
+    """Let one error from a nursery's tasks out as itself, not inside an ExceptionGroup.
+
+    A session's tasks fail for one reason (the peer misbehaved, the stream broke); callers
+    catch that reason, as they would from a function without inner tasks.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(_leaves(exc))
+        elif not isinstance(exc, trio.Cancelled):
+            out.append(exc)
+    return out
+
+
+class _Puller:
+    """The initiator's side after reconciliation: ask, receive, chase ancestors, push."""
+
+    def __init__(self, framed: FramedStream, host: SyncHost, result: SyncResult) -> None:
+        self.framed = framed
+        self.host = host
+        self.result = result
+        self.wanted: set[CID] = set()
+        self.chasing: set[CID] = set()
+        self.outstanding = 0
+        self.answered = trio.Event()
+        self.peer_done = trio.Event()
+
+    async def read_answers(self) -> None:
+        while True:
+            frame = _expect(await self.framed.receive(), "records", "done")
+            if frame["t"] == "done":
+                self.peer_done.set()
+                return
+            items = _record_items(frame)
+            missing = _cids(frame.get("missing", []), MAX_WANT)
+            if len(items) + len(missing) > self.outstanding:
+                raise PeerMisbehaving("peer answered more CIDs than were asked for")
+            self.outstanding -= len(items) + len(missing)
+            if items:
+                await self.take_in(items)
+            if self.outstanding == 0:
+                self.answered.set()
+
+    async def take_in(self, items: list[bytes]) -> None:
+        unwanted = [item for item in items if CID.of_dag_cbor(item) not in self.wanted]
+        if unwanted:
+            raise PeerMisbehaving(f"peer sent {len(unwanted)} record(s) that were not asked for")
+        ingest = await self.host.sync_ingest(items, self.result.peer_id)
+        self.result.received += len(ingest.stored)
+        self.result.refused += ingest.refused
+        if self.result.refused >= MAX_STRIKES:
+            raise PeerMisbehaving(
+                f"peer sent {self.result.refused} records that failed verification"
+            )
+        self.chasing.update(ingest.missing_parents - self.wanted)
+
+    async def ask(self, cids: Sequence[CID]) -> None:
+        if len(self.wanted) + len(cids) > MAX_SESSION_RECORDS:
+            raise PeerMisbehaving("the session asked for more records than any project holds")
+        for start in range(0, len(cids), MAX_WANT):
+            chunk = cids[start : start + MAX_WANT]
+            self.wanted.update(chunk)
+            self.outstanding += len(chunk)
+            self.answered = trio.Event()
+            await self.framed.send({"t": "want", "cids": [cid.raw for cid in chunk]})
+            # One want at a time: its answers are bounded by MAX_WANT records.
+            await self.answered.wait()
+
+    async def run(self, need: list[CID], have: list[CID]) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.read_answers)
+            await self.ask(need)
+            rounds = 0
+            while self.chasing and rounds < MAX_ANCESTOR_ROUNDS:
+                rounds += 1
+                batch, self.chasing = sorted(self.chasing), set()
+                await self.ask(batch)
+            pushed = await self.host.sync_records(have)
+            self.result.sent = await _send_records(self.framed, pushed)
+            await self.framed.send({"t": "done"})
+            with trio.move_on_after(IDLE_TIMEOUT_S):
+                await self.peer_done.wait()
+            nursery.cancel_scope.cancel()
+
+
+async def pull(stream: ByteStream, host: SyncHost, project: CID, peer_id: str) -> SyncResult:
+    """Run a session as initiator over `stream`: afterwards this node has what the peer had,
+    and the peer what this node had. Raises `Refused`, `PeerMisbehaving` or a stream error."""
+    framed = FramedStream(stream, max_frame=MAX_FRAME)
+    result = SyncResult(project=project, peer_id=peer_id)
+    index = await host.sync_index(project)
+    if index is None:
+        raise Refused(f"this node does not host {project}")
+    await framed.send({"t": "hello", "v": VERSION, "project": project.raw})
+    reply = _expect(await framed.receive(), "welcome", "refuse")
+    if reply["t"] == "refuse":
+        raise Refused(f"peer {peer_id} refused to sync {project}: {reply.get('reason')!r}")
+    reconciler = Reconciler(index, initiator=True)
+    await _reconcile(framed, reconciler, result, reconciler.start())
+    need = sorted(CID(raw) for raw in reconciler.need)
+    have = sorted(CID(raw) for raw in reconciler.have)
+    with unwrap_single_error():
+        await _Puller(framed, host, result).run(need, have)
+    result.bytes_in, result.bytes_out = framed.bytes_in, framed.bytes_out
+    return result
+
+
+# --- responder ---------------------------------------------------------------------------------
+
+
+async def serve(stream: ByteStream, host: SyncHost, peer_id: str) -> SyncResult | None:
+    """Answer one session opened by a peer."""
+    framed = FramedStream(stream, max_frame=MAX_FRAME)
+    hello = _expect(await framed.receive(), "hello")
+    raw = hello.get("project")
+    if hello.get("v") != VERSION or not isinstance(raw, bytes):
+        await framed.send({"t": "refuse", "reason": f"unsupported hello (version {VERSION})"})
+        return None
+    try:
+        project = CID(raw)
+    except DecodeError:
+        raise PeerMisbehaving("hello names no valid project CID") from None
+    index = await host.sync_index(project)
+    if index is None:
+        await framed.send({"t": "refuse", "reason": "this node does not host that project"})
+        return None
+    await framed.send({"t": "welcome"})
+    result = SyncResult(project=project, peer_id=peer_id)
+    await _reconcile(framed, Reconciler(index, initiator=False), result, None)
+    while True:
+        frame = _expect(await framed.receive(), "want", "records", "done")
+        if frame["t"] == "done":
+            await framed.send({"t": "done"})
+            break
+        if frame["t"] == "want":
+            cids = _cids(frame.get("cids"), MAX_WANT)
+            if not cids:
+                raise PeerMisbehaving("an empty want")
+            found = await host.sync_records(cids)
+            present = {CID.of_dag_cbor(item) for item in found}
+            missing = [cid for cid in cids if cid not in present]
+            result.sent += await _send_records(framed, found, missing)
+        else:
+            # A push: records this node lacked in the project, as the initiator reckoned.
+            ingest = await host.sync_ingest(_record_items(frame), peer_id, project)
+            result.received += len(ingest.stored)
+            result.refused += ingest.refused
+            if result.refused >= MAX_STRIKES:
+                raise PeerMisbehaving(
+                    f"peer pushed {result.refused} records that failed verification"
+                )
+    result.bytes_in, result.bytes_out = framed.bytes_in, framed.bytes_out
+    return result

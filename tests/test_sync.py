@@ -1,0 +1,174 @@
+"""The sync session over an in-memory stream: convergence, ancestors, and hostile peers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import trio
+import trio.testing
+
+from ostrom.crypto.cid import CID
+from ostrom.errors import OstromError, Refused
+from ostrom.node import sync
+from ostrom.protocol.reconcile import ReconcileIndex
+from ostrom.protocol.records import SignedRecord, decode_record
+from tests.dagfactory import World, identity
+
+ALICE, BOB = identity("alice"), identity("bob")
+
+
+class MemoryByteStream:
+    """A trio memory stream shaped like a mesh stream."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+
+    async def read(self, max_bytes: int) -> bytes:
+        return bytes(await self._stream.receive_some(max_bytes))
+
+    async def write(self, data: bytes) -> None:
+        await self._stream.send_all(data)
+
+    async def close(self) -> None:
+        await self._stream.aclose()
+
+
+class FakeHost:
+    """A node's store reduced to what a sync session touches."""
+
+    def __init__(self, hosted: Sequence[CID], records: Sequence[SignedRecord] = ()) -> None:
+        self.hosted = set(hosted)
+        self.records: dict[CID, SignedRecord] = {r.cid: r for r in records}
+
+    async def sync_index(self, project: CID) -> ReconcileIndex | None:
+        if project not in self.hosted:
+            return None
+        return ReconcileIndex.build(c.raw for c, r in self.records.items() if r.project == project)
+
+    async def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
+        return [self.records[c].data for c in cids if c in self.records]
+
+    async def sync_ingest(
+        self, items: Sequence[bytes], peer_id: str, project: CID | None = None
+    ) -> sync.IngestResult:
+        result = sync.IngestResult()
+        for item in items:
+            try:
+                record = decode_record(item)
+            except OstromError:
+                result.refused += 1
+                continue
+            if project is not None and record.project != project:
+                result.refused += 1
+                continue
+            if record.cid in self.records:
+                result.known.append(record.cid)
+                continue
+            self.records[record.cid] = record
+            result.stored.append(record.cid)
+        for cid in result.stored:
+            result.missing_parents.update(
+                p for p in self.records[cid].parents if p not in self.records
+            )
+        return result
+
+
+async def _session(
+    initiator: FakeHost, responder: FakeHost, project: CID
+) -> tuple[sync.SyncResult, sync.SyncResult | None]:
+    left, right = trio.testing.memory_stream_pair()
+    served: list[sync.SyncResult | None] = []
+
+    async def respond() -> None:
+        served.append(await sync.serve(MemoryByteStream(right), responder, "initiator"))
+
+    with trio.fail_after(20), sync.unwrap_single_error():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(respond)
+            pulled = await sync.pull(MemoryByteStream(left), initiator, project, "responder")
+    return pulled, served[0]
+
+
+def _project(world: World, size: int) -> tuple[SignedRecord, list[SignedRecord]]:
+    g = world.genesis(ALICE)
+    head = g
+    out = [g]
+    for i in range(size):
+        head = world.contribute(ALICE, g, [head], {f"f{i % 5}": f"v{i}"})
+        out.append(head)
+        out.append(world.validate(BOB, head))
+    return g, out
+
+
+async def test_both_replicas_end_with_every_record() -> None:
+    world = World()
+    g, records = _project(world, 40)
+    a = FakeHost([g.cid], records[::2])
+    b = FakeHost([g.cid], [*records[1::2], g])
+    pulled, served = await _session(a, b, g.cid)
+    assert set(a.records) == set(b.records) == {r.cid for r in records}
+    assert pulled.received > 0 and pulled.sent > 0
+    assert served is not None and served.received == pulled.sent
+
+
+async def test_identical_replicas_exchange_little() -> None:
+    world = World()
+    g, records = _project(world, 200)
+    a, b = FakeHost([g.cid], records), FakeHost([g.cid], records)
+    pulled, _ = await _session(a, b, g.cid)
+    assert pulled.received == pulled.sent == 0
+    assert pulled.bytes_in + pulled.bytes_out < 1024
+
+
+async def test_missing_ancestors_from_upstream_are_fetched() -> None:
+    world = World()
+    up, up_records = _project(world, 5)
+    fork = world.fork(BOB, up, [up_records[-2]])
+    merge = world.contribute(BOB, fork, [fork, up_records[-2]], {"extra": "x"})
+    # The responder has everything; the initiator only hosts the fork and knows nothing.
+    a = FakeHost([fork.cid])
+    b = FakeHost([fork.cid, up.cid], [*up_records, fork, merge])
+    await _session(a, b, fork.cid)
+    assert merge.cid in a.records and fork.cid in a.records
+    assert {r.cid for r in up_records if r.type != "validation"} <= set(a.records)
+
+
+async def test_a_peer_that_does_not_host_the_project_refuses() -> None:
+    world = World()
+    g, records = _project(world, 2)
+    a, b = FakeHost([g.cid], records), FakeHost([])
+    with pytest.raises(Refused, match="refused"):
+        await _session(a, b, g.cid)
+
+
+async def test_forged_pushes_are_strikes_and_the_peer_is_cut_off() -> None:
+    world = World()
+    g, records = _project(world, 10)
+    tampered = [r.data[:-1] + bytes([r.data[-1] ^ 1]) for r in records[1:]]
+
+    class Forger(FakeHost):
+        async def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
+            return tampered[: len(cids)]
+
+    a = FakeHost([g.cid], [g])
+    b = Forger([g.cid], records)
+    with pytest.raises(sync.PeerMisbehaving):
+        await _session(a, b, g.cid)
+    assert set(a.records) == {g.cid}  # nothing forged was kept
+
+
+async def test_a_peer_pushing_forgeries_is_cut_off_and_nothing_forged_is_kept() -> None:
+    world = World()
+    g, records = _project(world, 10)
+    tampered = [r.data[:-1] + bytes([r.data[-1] ^ 1]) for r in records[1:]]
+
+    class Pusher(FakeHost):
+        async def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
+            return tampered[: len(cids)]
+
+    a = Pusher([g.cid], records)
+    b = FakeHost([g.cid], [g])
+    with pytest.raises(sync.PeerMisbehaving, match="failed verification"):
+        await _session(a, b, g.cid)
+    assert set(b.records) == {g.cid}
