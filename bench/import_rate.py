@@ -163,6 +163,10 @@ def daemon_import_rates(
                 str(home),
                 "--log-level",
                 "warning",
+                # Loopback only, any free port, no LAN discovery: the benchmark stays local.
+                "--listen",
+                "/ip4/127.0.0.1/tcp/0",
+                "--no-mdns",
             ],
             env=env,
             stderr=subprocess.DEVNULL,

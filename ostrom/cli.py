@@ -137,6 +137,12 @@ def cmd_daemon(args: argparse.Namespace, out: Output, data_dir: DataDir) -> NoRe
         "--log-level",
         args.log_level,
     ]
+    for addr in args.listen or ():
+        argv += ["--listen", addr]
+    for addr in args.bootstrap or ():
+        argv += ["--bootstrap", addr]
+    if args.no_mdns:
+        argv.append("--no-mdns")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)
@@ -151,6 +157,29 @@ def _client(data_dir: DataDir) -> Any:
     return Client(data_dir.root)
 
 
+def cmd_peers(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
+    with _client(data_dir) as client:
+        value = client.peers()
+
+    def human(peers: list[dict[str, Any]]) -> None:
+        if not peers:
+            out.line("no peers connected")
+        for p in peers:
+            out.line(p["peer_id"])
+            for addr in p["addrs"]:
+                out.line(f"  at       {addr}")
+            for project in p["projects"]:
+                out.line(f"  shares   {project}")
+
+    out.result(value, human)
+
+
+def cmd_connect(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
+    with _client(data_dir) as client:
+        value = client.connect(args.addr)
+    out.result(value, lambda v: out.line(f"connected to {v['peer_id']}"))
+
+
 def cmd_status(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
     with _client(data_dir) as client:
         value = client.status()
@@ -160,6 +189,9 @@ def cmd_status(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None
         out.line(f"daemon      running (pid {v['pid']}, up {v['uptime_s']:.0f} s, v{v['version']})")
         out.line(f"peer id     {v['peer_id']}")
         out.line(f"data dir    {v['data_dir']}")
+        for addr in v.get("addresses", []):
+            out.line(f"listening   {addr}")
+        out.line(f"peers       {v.get('peers', 0)}")
         out.line(f"projects    {store['projects']}")
         out.line(f"records     {store['records']}")
         out.line(f"blocks      {store['blocks']} ({_size(store['block_bytes'])})")
@@ -572,6 +604,23 @@ def build_parser() -> argparse.ArgumentParser:
     command("id", cmd_id, "print this node's peer id and public key")
     p = command("daemon", cmd_daemon, "run the node in the foreground")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--listen",
+        action="append",
+        metavar="MULTIADDR",
+        help="address to listen on (repeatable; default /ip4/0.0.0.0/tcp/4001; "
+        "port 0 picks a free port)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="MULTIADDR",
+        help="a peer to dial at start, ending in /p2p/<peer id> (repeatable)",
+    )
+    p.add_argument("--no-mdns", action="store_true", help="no discovery on the local network")
+    p = command("peers", cmd_peers, "list connected peers and the projects you share")
+    p = command("connect", cmd_connect, "dial a peer (a multiaddr ending in /p2p/<peer id>)")
+    p.add_argument("addr", metavar="MULTIADDR")
     command("status", cmd_status, "show the running daemon's state")
 
     project = sub.add_parser("project", help="create, list and show projects")

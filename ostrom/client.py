@@ -330,6 +330,14 @@ class Client:
     def fork(self, project: str, name: str, *, at: Sequence[str] = ()) -> dict[str, Any]:
         return self._map("project.fork", project=project, name=name, at=list(at) or None)
 
+    def peers(self) -> list[dict[str, Any]]:
+        """Connected peers, their addresses and the projects they share with this node."""
+        return self._list("peers.list")
+
+    def connect(self, addr: str) -> dict[str, Any]:
+        """Dial a peer at a multiaddr ending in /p2p/<peer id>."""
+        return self._map("peers.connect", addr=addr)
+
     def follow(self, project: str, *, records_only: bool = False) -> dict[str, Any]:
         """Host `project` (its full CID if this node has never seen it)."""
         return self._map("project.follow", project=project, records_only=records_only)

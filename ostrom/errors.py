@@ -132,6 +132,15 @@ class PermissionDenied(OstromError):
     code = "permission_denied"
 
 
+# --- the network -------------------------------------------------------------------------------
+
+
+class PeerUnreachable(OstromError):
+    """A peer cannot be dialled, or a stream to it failed (reset, lost connection, timeout)."""
+
+    code = "peer_unreachable"
+
+
 # --- the RPC protocol --------------------------------------------------------------------------
 
 

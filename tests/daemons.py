@@ -43,10 +43,20 @@ class Daemon:
     def socket(self) -> Path:
         return self.data_dir / "ostrom.sock"
 
-    def start(self) -> Daemon:
+    def start(self, *extra: str) -> Daemon:
+        """Start the daemon: loopback only, a free port, no LAN discovery (tests stay apart)."""
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        network = ["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", *extra]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "ostrom.cli", "--data-dir", str(self.data_dir), "daemon"],
+            [
+                sys.executable,
+                "-m",
+                "ostrom.cli",
+                "--data-dir",
+                str(self.data_dir),
+                "daemon",
+                *network,
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=_env(self.data_dir),
@@ -122,11 +132,11 @@ class DaemonFactory:
         self._tmp = tmp_path
         self._daemons: list[Daemon] = []
 
-    def make(self, name: str = "node", *, start: bool = True) -> Daemon:
+    def make(self, name: str = "node", *extra: str, start: bool = True) -> Daemon:
         data_dir = self._tmp / name
         daemon = Daemon(data_dir=data_dir, log_path=self._tmp / f"{name}.log")
         self._daemons.append(daemon)
-        return daemon.start() if start else daemon
+        return daemon.start(*extra) if start else daemon
 
     def stop_all(self) -> None:
         for daemon in self._daemons:

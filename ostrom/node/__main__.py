@@ -5,12 +5,33 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from functools import partial
 
 import trio
 
 from ostrom.datadir import resolve_data_dir
 from ostrom.errors import OstromError
+from ostrom.node.config import DaemonConfig, load_config
 from ostrom.node.daemon import run_daemon
+
+
+def add_network_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen",
+        action="append",
+        metavar="MULTIADDR",
+        help="address to listen on (repeatable; default /ip4/0.0.0.0/tcp/4001, "
+        "or `listen` in config.toml; port 0 picks a free port)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="MULTIADDR",
+        help="a peer to dial at start, ending in /p2p/<peer id> (repeatable)",
+    )
+    parser.add_argument(
+        "--no-mdns", action="store_true", help="do not discover peers on the local network"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
+    add_network_flags(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -30,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     data_dir = resolve_data_dir(args.data_dir)
     try:
-        trio.run(run_daemon, data_dir)
+        config = load_config(data_dir.root / "config.toml")
+        config = DaemonConfig(
+            listen=tuple(args.listen) if args.listen else config.listen,
+            bootstrap=tuple(args.bootstrap) if args.bootstrap else config.bootstrap,
+            mdns=config.mdns and not args.no_mdns,
+        )
+        trio.run(partial(run_daemon, data_dir, config=config))
     except OstromError as exc:
         print(f"ostrom daemon: {exc.message}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ import trio
 from ostrom.crypto.keys import Identity
 from ostrom.datadir import DataDir, init_data_dir
 from ostrom.errors import DaemonAlreadyRunning
+from ostrom.node.config import DaemonConfig
 from ostrom.node.methods import dispatch
 from ostrom.node.rpc_server import RpcConnection, serve_rpc
 from ostrom.node.service import NodeService
@@ -57,7 +58,10 @@ def hold_lock(data_dir: DataDir) -> Iterator[None]:
 
 
 async def run_daemon(
-    data_dir: DataDir, *, task_status: TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED
+    data_dir: DataDir,
+    *,
+    config: DaemonConfig | None = None,
+    task_status: TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a node on `data_dir` until cancelled or sent SIGINT / SIGTERM."""
     identity, created = init_data_dir(data_dir)
@@ -67,7 +71,9 @@ async def run_daemon(
         store = Store.open(data_dir.database)
         try:
             with VerifierPool() as verifier:
-                await _serve(identity, store, data_dir, verifier, task_status)
+                await _serve(
+                    identity, store, data_dir, verifier, config or DaemonConfig(), task_status
+                )
         finally:
             store.close()
     log.info("ostrom daemon stopped")
@@ -78,10 +84,20 @@ async def _serve(
     store: Store,
     data_dir: DataDir,
     verifier: VerifierPool,
+    config: DaemonConfig,
     task_status: TaskStatus[NodeService],
 ) -> None:
-    """Serve RPC until SIGINT or SIGTERM; every task lives in this one nursery."""
+    """Serve RPC and the mesh until SIGINT or SIGTERM; every task lives in this one nursery."""
+    # The mesh (and with it libp2p) is imported only here: it is the slow import.
+    from ostrom.node.mesh import Mesh, MeshConfig
+    from ostrom.node.replication import MeshNetwork, Replicator
+
     service = NodeService(identity, store, data_dir, verifier=verifier)
+    mesh = Mesh(
+        identity.seed,
+        MeshConfig(listen=config.listen, bootstrap=config.bootstrap, mdns=config.mdns),
+    )
+    replicator = Replicator(service, mesh)
 
     async def handle(method: str, params: list[Any], conn: RpcConnection) -> Any:
         return await dispatch(service, method, params, conn)
@@ -89,6 +105,10 @@ async def _serve(
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(verifier.serve_reaper)
+            await nursery.start(mesh.serve)
+            await nursery.start(replicator.serve)
+            service.network = MeshNetwork(mesh, replicator)
+            log.info("mesh listening on %s", ", ".join(mesh.listen_addrs))
             await nursery.start(serve_rpc, data_dir.socket, handle)
             log.info("ostrom daemon %s listening on %s", identity.peer_id, data_dir.socket)
             print(

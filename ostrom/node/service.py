@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -24,12 +24,14 @@ from ostrom.errors import (
 )
 from ostrom.node.events import EventBus
 from ostrom.node.store import Store
+from ostrom.node.sync import IngestResult
 from ostrom.node.verifier import VerifierPool
 from ostrom.node.views import key_view, record_view, status_view
 from ostrom.protocol.acceptance import ProjectState, evaluate
 from ostrom.protocol.changesets import (
     Changeset,
 )
+from ostrom.protocol.reconcile import ReconcileIndex
 from ostrom.protocol.records import (
     Body,
     Project,
@@ -48,6 +50,29 @@ def _trusted_changeset(store: Store, cid: CID) -> Changeset:
     if data is None:
         raise NotFound(f"changeset {cid} is not in the store")
     return Changeset.decode(data)
+
+
+def sync_projects(record: SignedRecord) -> tuple[CID, ...]:
+    """The projects whose sync and gossip carry `record`: its own, and for a fork's genesis
+    also the project it forks, so that the parent's followers learn of the fork."""
+    body = record.body
+    if isinstance(body, Project) and body.fork_of is not None:
+        return (record.project, body.fork_of.project)
+    return (record.project,)
+
+
+class Network(Protocol):
+    """What the RPC methods may ask of the mesh; `replication.MeshNetwork` provides it."""
+
+    def addresses(self) -> list[str]: ...
+
+    def peers(self) -> list[dict[str, Any]]: ...
+
+    async def connect(self, addr: str) -> dict[str, Any]: ...
+
+    async def follow(self, project: CID) -> None: ...
+
+    async def unfollow(self, project: CID) -> None: ...
 
 
 class NodeService:
@@ -72,6 +97,14 @@ class NodeService:
         self._clock = clock
         self._lock = trio.Lock()
         self._states: dict[CID, ProjectState] = {}
+        # Per project, the set of record ids that sync reconciles; built on first use.
+        self._indexes: dict[CID, ReconcileIndex] = {}
+        # Called with every batch of newly stored records and their origin (local, import,
+        # sync, gossip); the replicator publishes local records this way. A listener must not
+        # block.
+        self.record_listeners: list[Callable[[list[SignedRecord], str], None]] = []
+        # The mesh, once the daemon has started it; None in tests and tools without one.
+        self.network: Network | None = None
         self._last_ts = 0
         self._started = clock()
 
@@ -113,6 +146,14 @@ class NodeService:
         if not new:
             return new
         new_set = set(new)
+        for record in records:
+            if record.cid in new_set:
+                for project in sync_projects(record):
+                    index = self._indexes.get(project)
+                    if index is not None:
+                        index.add(record.cid.raw)
+        for listener in self.record_listeners:
+            listener([r for r in records if r.cid in new_set], origin)
         # A record can complete the ancestry of any project (a missing parent arriving), so
         # imported records drop every cached state; local ones only their project's.
         if origin == "local":
@@ -157,13 +198,86 @@ class NodeService:
         await self._store_new([record], "local")
         return record
 
+    # --- what a sync session needs (ostrom.node.sync.SyncHost) -----------------------------
+
+    async def sync_index(self, project: CID) -> ReconcileIndex | None:
+        """The project's record-id index, if this node follows the project or holds it."""
+
+        def hosted(store: Store) -> bool:
+            return store.follow_mode(project) is not None or store.get_record(project) is not None
+
+        if not await self.db(hosted):
+            return None
+        index = self._indexes.get(project)
+        if index is None:
+
+            def ids(store: Store) -> list[CID]:
+                # A project's forks travel with it, so its followers see them (`ostrom forks`).
+                return store.project_cids(project) + [f.cid for f in store.forks_of(project)]
+
+            cids = await self.db(ids)
+            index = self._indexes.setdefault(project, ReconcileIndex.build(c.raw for c in cids))
+        return index
+
+    async def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
+        found = await self.db(lambda store: store.get_records(cids))
+        return [found[cid].data for cid in cids if cid in found]
+
+    async def sync_ingest(
+        self, items: Sequence[bytes], peer_id: str, project: CID | None = None
+    ) -> IngestResult:
+        """Verify and store records a peer sent; with `project`, refuse other projects'."""
+        result = IngestResult()
+        decoded = await self.verifier.decode_records(items)
+        good: list[SignedRecord] = []
+        for item in decoded:
+            if not isinstance(item, SignedRecord) or (
+                project is not None and project not in sync_projects(item)
+            ):
+                result.refused += 1
+                continue
+            good.append(item)
+        if result.refused:
+            log.info("peer %s sent %d record(s) that were refused", peer_id, result.refused)
+        new = set(await self._store_new(good, "sync"))
+        result.stored = [r.cid for r in good if r.cid in new]
+        result.known = [r.cid for r in good if r.cid not in new]
+        parents = {p for r in good if r.cid in new for p in r.parents}
+        if parents:
+            present = await self.db(lambda store: store.has_records(parents))
+            result.missing_parents = parents - present
+        return result
+
+    # --- what the blocks protocol needs (ostrom.node.blocks.BlockStore) --------------------
+
+    async def blocks_get(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+        def read(store: Store) -> dict[CID, bytes]:
+            out = {}
+            for cid in cids:
+                data = store.get_block(cid)
+                if data is not None:
+                    out[cid] = data
+            return out
+
+        return await self.db(read)
+
+    async def blocks_have(self, cids: Sequence[CID]) -> set[CID]:
+        return await self.db(lambda store: store.has_blocks(cids))
+
+    async def blocks_put(self, blocks: Sequence[tuple[CID, bytes]]) -> int:
+        return await self.db(lambda store: store.put_blocks(blocks))
+
     async def follow(self, project: CID, mode: str) -> None:
         since = int(self._clock() * 1000)
         await self.db(lambda store: store.follow(project, mode, since))
+        if self.network is not None:
+            await self.network.follow(project)
         self.events.publish({"type": "follow.changed", "project": str(project), "mode": mode})
 
     async def unfollow(self, project: CID) -> bool:
         removed: bool = await self.db(lambda store: store.unfollow(project))
+        if removed and self.network is not None:
+            await self.network.unfollow(project)
         if removed:
             self.events.publish({"type": "follow.changed", "project": str(project), "mode": None})
         return removed

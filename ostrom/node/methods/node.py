@@ -7,12 +7,13 @@ import time
 from typing import Any
 
 from ostrom import __version__
+from ostrom.errors import Refused
 from ostrom.node.methods.registry import (
     method,
 )
 from ostrom.node.params import Params
 from ostrom.node.rpc_server import RpcConnection
-from ostrom.node.service import NodeService
+from ostrom.node.service import Network, NodeService
 
 # --- node --------------------------------------------------------------------------------------
 
@@ -43,6 +44,8 @@ async def node_status(node: NodeService, params: Params, conn: RpcConnection) ->
             "db_bytes": stats.db_bytes,
         },
         "subscribers": node.events.subscriber_count,
+        "addresses": [] if node.network is None else node.network.addresses(),
+        "peers": 0 if node.network is None else len(node.network.peers()),
     }
 
 
@@ -62,3 +65,24 @@ async def events_subscribe(node: NodeService, params: Params, conn: RpcConnectio
 
     conn.start_soon(forward)
     return {"subscribed": True}
+
+
+def _network(node: NodeService) -> Network:
+    if node.network is None:
+        raise Refused("this node is not connected to the mesh")
+    return node.network
+
+
+@method("peers.list")
+async def peers_list(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    """Connected peers, their addresses, and the projects they share with this node."""
+    params.done()
+    return _network(node).peers()
+
+
+@method("peers.connect")
+async def peers_connect(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    """Dial a peer by multiaddr ending in /p2p/<peer id>."""
+    addr = params.text("addr")
+    params.done()
+    return await _network(node).connect(addr)

@@ -1,0 +1,1098 @@
+"""The libp2p adapter: the one module of Ostrom that imports libp2p.
+
+Everything else talks to the mesh through the types defined here (`Mesh`, `MeshStream`,
+`PeerInfo`, peer ids and multiaddrs as strings); no libp2p object leaves this module, so that
+the daemon can be read, typed and tested without knowing py-libp2p, and so that the 0.3 s,
+56 MB `import libp2p` happens only in a process that joins the network.
+
+py-libp2p 0.8.1 has sharp edges (see the team's LIBP2P_NOTES.md); this module holds every
+workaround in one place:
+
+- Noise is the only security transport offered (the default also accepts plaintext and secio).
+- The swarm's own connection limits are lifted (its inbound slots leak until shutdown) and
+  its auto-connector and pruner are switched off; `max_peers` is enforced here instead, by
+  closing extra inbound connections as soon as they are registered. The task py-libp2p keeps
+  per inbound connection until shutdown is ended when the connection closes.
+- A dial returns as soon as it connects (py-libp2p waits 250 ms for a second address), tries
+  each address once, and forgets earlier failures of that peer.
+- A listen port another socket holds is refused (py-libp2p binds with SO_REUSEPORT and would
+  share the port with another node); wildcard listen addresses (0.0.0.0) are advertised as
+  the machine's interface addresses (py-libp2p would tell peers, the DHT and mDNS 0.0.0.0).
+- Streams: a reset or lost connection is an error, not end of stream; a failed stream is
+  reset so the peer stops waiting; sockets are closed on shutdown (py-libp2p leaves the
+  dialler's open when cancelled).
+- Gossipsub beats every second, with adaptive gossip, spam protection and IP-diversity
+  grafting off, so local publishing never throttles itself; the message id is the sha256 of
+  the message bytes, in the message cache too (py-libp2p keys that cache by sender and seqno
+  whatever id function is configured), so IHAVE/IWANT match other implementations.
+  Publishing waits for room in the peers' outbound queues (full queues drop silently).
+- Subscriptions are drained at once (their channels hold 32 messages and drop the rest);
+  the caller's handler runs as the topic validator, which is what decides relaying.
+- Identified peers are fed to the Kad-DHT routing table, which connections do not feed.
+- mDNS discoveries arrive on a zeroconf thread, for every host in the process (the discovery
+  event is a process-wide singleton); they are handed to trio and dialled here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.crypto.ed25519 import Ed25519PrivateKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.discovery.events.peerDiscovery import peerDiscovery
+from libp2p.discovery.mdns.mdns import MDNSDiscovery
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.host.basic_host import BasicHost
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.network.stream.exceptions import StreamEOF, StreamError
+from libp2p.network.stream.net_stream import NetStream
+from libp2p.network.swarm import Swarm
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo as Libp2pPeerInfo
+from libp2p.pubsub.gossipsub import PROTOCOL_ID as MESHSUB_10
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as MESHSUB_11
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12 as MESHSUB_12
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.mcache import CacheEntry, MessageCache
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.subscription import TrioSubscriptionAPI
+from libp2p.rcmgr import Direction
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.address_validation import expand_wildcard_address
+
+from ostrom.crypto.cid import CID
+from ostrom.crypto.keys import Identity
+from ostrom.errors import (
+    InternalError,
+    InvalidInput,
+    OstromError,
+    PeerUnreachable,
+    Refused,
+    TooLarge,
+)
+
+log = logging.getLogger(__name__)
+
+# Without LIBP2P_DEBUG, py-libp2p's loggers have no handler and do not propagate, so Python's
+# last-resort handler printed their warnings and errors (several for an ordinary disconnect)
+# on stderr. They are discarded instead; LIBP2P_DEBUG still routes them to py-libp2p's handler.
+if not os.environ.get("LIBP2P_DEBUG"):
+    logging.getLogger("libp2p").addHandler(logging.NullHandler())
+
+# --- tuning --------------------------------------------------------------------------------------
+
+# The swarm's own cap. Its inbound slots are only released when the swarm stops, so the real
+# limit (`MeshConfig.max_peers`) is enforced in this module and the swarm's is set out of reach.
+_SWARM_MAX_CONNECTIONS: Final = 1_000_000
+# How long an explicit dial may take before the peer counts as unreachable. A LAN or Internet
+# handshake (TCP + Noise + Yamux) takes well under a second; 10 s covers a slow Raspberry Pi.
+_DIAL_TIMEOUT: Final = 10.0
+# Gossipsub mesh degree: the libp2p specification's defaults (D=6, D_low=4, D_high=12).
+_GOSSIP_D: Final = 6
+_GOSSIP_D_LOW: Final = 4
+_GOSSIP_D_HIGH: Final = 12
+# One heartbeat a second, the specification's default (py-libp2p's is 120 s).
+_GOSSIP_HEARTBEAT_S: Final = 1
+# How long an identify exchange may take before a new peer is left out of the DHT routing table
+# (it is retried on the next connection); identify normally completes within a few round trips.
+_IDENTIFY_WAIT_S: Final = 10.0
+# Poll period while waiting for identify: py-libp2p offers no event for "identified".
+_IDENTIFY_POLL_S: Final = 0.05
+# mDNS: discoveries queued for the trio side; a LAN rarely has more Ostrom nodes than this, and
+# a discovery that does not fit is sent again by the peer's next announcement.
+_MDNS_QUEUE: Final = 64
+# Parallel dials to mDNS-discovered peers, so that a crowded LAN does not flood the node.
+_MDNS_PARALLEL_DIALS: Final = 4
+# A peer discovered by mDNS is dialled at most once per this many seconds (announcements repeat).
+_MDNS_REDIAL_S: Final = 60.0
+# Upper bound on the redial bookkeeping, so a hostile LAN cannot grow it without limit.
+_MDNS_MAX_TRACKED: Final = 1024
+# Seconds between sweeps of expired peerstore entries (py-libp2p does not sweep by itself).
+_PEERSTORE_SWEEP_S: Final = 300
+# How long shutdown waits for connections to close (each close sleeps 0.2 s inside py-libp2p;
+# they run in parallel).
+_SHUTDOWN_CLOSE_S: Final = 3.0
+# How long resetting a failed stream may take (one frame to send; the connection may be gone).
+_ABORT_TIMEOUT_S: Final = 1.0
+# Period of the sweep that releases streams both sides closed but nobody read to the end.
+_STREAM_SWEEP_S: Final = 10.0
+# How long `MeshStream.finish` waits for the peer to close its side before resetting: one
+# round trip, generously.
+_FINISH_WAIT_S: Final = 2.0
+# Read size while discarding what the peer still sends before closing.
+_FINISH_READ_BYTES: Final = 65536
+# Bootstrap dials run in parallel up to this many at once.
+_BOOTSTRAP_PARALLEL_DIALS: Final = 8
+# Publishing waits while a peer's outbound gossip queue (32 RPCs in py-libp2p, full = dropped)
+# holds this many: room is left for the control messages that share the queue.
+_PUBLISH_QUEUE_HIGH: Final = 24
+# How long one publish waits for a queue to drain before treating that peer as stalled.
+_PUBLISH_PACE_MAX_S: Final = 1.0
+# Poll period while pacing: a queue drains one message per write, well under a millisecond.
+_PUBLISH_POLL_S: Final = 0.002
+# Largest gossip message: peers drop a gossip RPC over 1 MiB (py-libp2p's and go's limit),
+# and the RPC adds the topic, signature, key and framing to the data.
+_MAX_GOSSIP_BYTES: Final = 1024 * 1024 - 16 * 1024
+# Bounds on a gossip topic name: non-empty, and short enough to be a sane protobuf field.
+_MAX_TOPIC_LENGTH: Final = 1024
+
+# --- public types --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """A peer and the multiaddrs (strings, without `/p2p/<id>`) it can be dialled at."""
+
+    peer_id: str
+    addrs: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.peer_id, str) or not self.peer_id:
+            raise InvalidInput("a peer id is a non-empty string")
+        if not isinstance(self.addrs, tuple) or not all(isinstance(a, str) for a in self.addrs):
+            raise InvalidInput("peer addresses are a tuple of multiaddr strings")
+
+
+@dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """How a node joins the network.
+
+    `listen` and `bootstrap` are multiaddr strings; a bootstrap address ends with `/p2p/<id>`.
+    `max_peers` bounds the peers connected at once; extra inbound connections are closed.
+    """
+
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/4001",)
+    bootstrap: tuple[str, ...] = ()
+    mdns: bool = True
+    dht: bool = True
+    max_peers: int = 64
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.listen, tuple) or not self.listen:
+            raise InvalidInput("listen is a non-empty tuple of multiaddrs")
+        for addr in self.listen:
+            names = [p.name for p in _parse_multiaddr(addr).protocols()]
+            if names not in (["ip4", "tcp"], ["ip6", "tcp"]):
+                raise InvalidInput(
+                    f"a listen address is /ip4/<ip>/tcp/<port> or /ip6/..., got {addr!r}"
+                )
+        if not isinstance(self.bootstrap, tuple):
+            raise InvalidInput("bootstrap is a tuple of multiaddrs")
+        for addr in self.bootstrap:
+            _split_p2p_addr(addr)
+        if not isinstance(self.max_peers, int) or isinstance(self.max_peers, bool):
+            raise InvalidInput("max_peers is an integer")
+        # py-libp2p's resource manager admits at most 1000 live connections.
+        if not 1 <= self.max_peers <= 1000:
+            raise InvalidInput(f"max_peers is between 1 and 1000, got {self.max_peers}")
+
+
+class MeshStream:
+    """One libp2p stream, speaking one protocol with one peer.
+
+    `read` returns at most `max_bytes` bytes as soon as some are available, and `b""` once the
+    peer has closed its side. A stream reset or a lost connection raises `PeerUnreachable`;
+    a connection we close ourselves (`Mesh.disconnect`, shutdown) ends our streams with `b""`,
+    so protocols should frame their messages and not take end of stream as success.
+    After any `PeerUnreachable` the stream has been reset, so the peer stops waiting on it.
+
+    A stream holds py-libp2p resources (10,000 streams at most) until it is finished: both
+    sides closed (`close`, then `read` until `b""`), `reset`, or `finish`. `async with stream:`
+    finishes it on exit, as `Mesh` does when a stream handler returns; as a safety net, `Mesh`
+    releases every 10 s the streams both sides have closed.
+    py-libp2p's Yamux gives up on a write that waits more than 5 s for the reader to make room
+    (a 256 KiB to 16 MiB window): a reader must keep reading while its peer writes.
+    """
+
+    __slots__ = ("_closed", "_done", "_eof", "_stream", "peer_id", "protocol")
+
+    def __init__(self, stream: INetStream, protocol: str, peer_id: str) -> None:
+        self._stream = cast(NetStream, stream)
+        self._closed = False  # our side is closed
+        self._eof = False  # the peer's side is closed
+        self._done = False  # py-libp2p's resources are released
+        self.protocol = protocol
+        self.peer_id = peer_id
+
+    def __repr__(self) -> str:
+        return f"MeshStream({self.protocol!r}, peer={self.peer_id})"
+
+    async def __aenter__(self) -> MeshStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.finish()
+
+    async def read(self, max_bytes: int) -> bytes:
+        if not isinstance(max_bytes, int) or max_bytes < 1:
+            raise InvalidInput(f"max_bytes is a positive integer, got {max_bytes!r}")
+        if self._eof:
+            return b""
+        try:
+            return await self._stream.read(max_bytes)
+        except StreamEOF:
+            # py-libp2p reports a stream reset by the peer, or a lost connection, as end of
+            # stream; only the muxer's flag tells them apart from a clean close.
+            if getattr(self._stream.muxed_stream, "reset_received", False):
+                await self._abort()
+                raise PeerUnreachable(
+                    f"{self.protocol} stream with {self.peer_id} was reset"
+                ) from None
+            self._eof = True
+            if self._closed:
+                # Both sides are closed; py-libp2p only notices when the write side closes
+                # last, so the stream's resources are released here.
+                await self._release()
+            return b""
+        except (StreamError, BaseLibp2pError) as exc:
+            await self._abort()
+            raise PeerUnreachable(
+                f"{self.protocol} stream with {self.peer_id} failed while reading: {exc!r}"
+            ) from None
+
+    async def write(self, data: bytes) -> None:
+        if self._closed:
+            raise InvalidInput(f"{self.protocol} stream with {self.peer_id} is closed for writing")
+        if not data:
+            return
+        try:
+            await self._stream.write(bytes(data))
+        except (StreamError, BaseLibp2pError) as exc:
+            await self._abort()
+            raise PeerUnreachable(
+                f"{self.protocol} stream with {self.peer_id} failed while writing: {exc!r}"
+            ) from None
+
+    async def close(self) -> None:
+        """Half-close: the peer reads end of stream; this side can still read its reply."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._stream.close_write()
+        except (StreamError, BaseLibp2pError) as exc:
+            log.debug("closing %r: %r", self, exc)
+        if self._eof:
+            self._done = True  # py-libp2p released it: the peer had closed its side first
+
+    async def reset(self) -> None:
+        """Abort the stream in both directions; the peer's reads and writes fail."""
+        self._closed = True
+        self._done = True
+        await self._stream.reset()
+
+    async def finish(self) -> None:
+        """Close our side, read (and discard) until the peer closes its own, release the stream.
+
+        Waits at most 2 s for the peer; the stream is released either way, without a reset
+        that could cut off data the peer is still reading. Called on leaving `async with`.
+        """
+        if self._done:
+            return
+        await self.close()
+        with trio.move_on_after(_FINISH_WAIT_S):
+            try:
+                while await self.read(_FINISH_READ_BYTES):
+                    pass
+            except PeerUnreachable:
+                return  # reset, and so released
+        await self._release()
+
+    async def _release(self) -> None:
+        if not self._done:
+            self._done = True
+            await self._stream.remove()
+
+    async def _abort(self) -> None:
+        """Reset after a failure, even while being cancelled, so the peer stops waiting."""
+        if self._done:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(_ABORT_TIMEOUT_S):
+            await self.reset()
+
+
+StreamHandler = Callable[[MeshStream], Awaitable[None]]
+# (topic, message bytes, peer id of the neighbour that sent it) -> relay it?
+GossipHandler = Callable[[str, bytes, str], Awaitable[bool]]
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _parse_multiaddr(addr: str) -> multiaddr.Multiaddr:
+    if not isinstance(addr, str) or not addr.startswith("/"):
+        raise InvalidInput(f"not a multiaddr: {addr!r}")
+    try:
+        return multiaddr.Multiaddr(addr)
+    except (ValueError, TypeError, multiaddr.exceptions.Error) as exc:
+        raise InvalidInput(f"not a multiaddr: {addr!r} ({exc})") from None
+
+
+def _parse_peer_id(peer_id: str) -> ID:
+    if not isinstance(peer_id, str) or not peer_id:
+        raise InvalidInput(f"not a peer id: {peer_id!r}")
+    try:
+        pid = ID.from_base58(peer_id)
+    except ValueError:
+        raise InvalidInput(f"not a peer id: {peer_id!r}") from None
+    if pid.to_base58() != peer_id:
+        raise InvalidInput(f"not a peer id: {peer_id!r}")
+    return pid
+
+
+def _split_p2p_addr(addr: str) -> tuple[ID, multiaddr.Multiaddr]:
+    """The peer id and transport part of `/.../p2p/<id>`."""
+    maddr = _parse_multiaddr(addr)
+    protocols = list(maddr.protocols())
+    if len(protocols) < 2 or protocols[-1].name != "p2p":
+        raise InvalidInput(f"a peer address ends with /p2p/<peer id>, got {addr!r}")
+    text = maddr.value_for_protocol("p2p")
+    pid = _parse_peer_id(str(text))
+    return pid, maddr.decapsulate(multiaddr.Multiaddr(f"/p2p/{text}"))
+
+
+def _check_topic(topic: str) -> None:
+    if not isinstance(topic, str) or not 0 < len(topic) <= _MAX_TOPIC_LENGTH:
+        raise InvalidInput(f"a topic is a string of 1 to {_MAX_TOPIC_LENGTH} characters")
+
+
+def _dht_key(key: bytes) -> bytes:
+    """The DHT key of a CID: its multihash, as IPFS and js-libp2p use for provider records."""
+    if not isinstance(key, bytes | bytearray):
+        raise InvalidInput("a DHT key is the bytes of a CID")
+    cid = CID(bytes(key))
+    # Our CIDs are <version><codec><multihash>, with one-byte version and codec varints.
+    return cid.raw[2:]
+
+
+def _content_message_id(msg: rpc_pb2.Message) -> bytes:
+    """A gossip message's id: sha256(topic || 0x00 || data), the same in every implementation.
+
+    The topic is part of it because the same bytes may be published on two topics (a fork's
+    genesis goes to the fork's topic and to its parent's); an id of the data alone would make
+    the second publish a duplicate of the first and drop it.
+    """
+    topic = "\n".join(msg.topicIDs).encode("utf-8")
+    return hashlib.sha256(topic + b"\x00" + msg.data).digest()
+
+
+class _ContentIdMessageCache(MessageCache):
+    """The gossipsub message cache, keyed by content id.
+
+    py-libp2p 0.8.1 keys this cache by sender and seqno whatever `msg_id_constructor` says,
+    so the ids it gossips (IHAVE) and looks up (IWANT) would differ from the ids every peer,
+    itself included, uses for "seen".
+    """
+
+    def put(self, msg: rpc_pb2.Message) -> None:
+        mid = _content_message_id(msg)
+        if mid in self.msgs:
+            return
+        self.msgs[mid] = msg
+        self.history[0].append(CacheEntry(mid, msg.topicIDs))
+
+
+class _Notifee(INotifee):
+    """Swarm events, forwarded to the mesh (called on the trio thread, inside the swarm)."""
+
+    def __init__(self, mesh: Mesh) -> None:
+        self._mesh = mesh
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._mesh._on_connected(conn)
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self._mesh._on_disconnected(conn)
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        return None
+
+
+def _addr_texts(addrs: Sequence[multiaddr.Multiaddr]) -> tuple[str, ...]:
+    """Multiaddrs as distinct strings, without their `/p2p/<id>` part."""
+    out: dict[str, None] = {}
+    for addr in addrs:
+        text = str(addr)
+        cut = text.find("/p2p/")
+        out[text if cut < 0 else text[:cut]] = None
+    return tuple(a for a in out if a)
+
+
+def _check_ports_free(addrs: Sequence[multiaddr.Multiaddr]) -> None:
+    """Refuse a listen port that another socket holds.
+
+    py-libp2p binds with SO_REUSEPORT, so a second node on the same port would bind too and
+    the kernel would share incoming connections between the two. A probe bound without
+    SO_REUSEPORT fails on a port that any socket is listening on.
+    """
+    for addr in addrs:
+        port = int(addr.value_for_protocol("tcp"))
+        if port == 0:
+            continue
+        names = {p.name for p in addr.protocols()}
+        family = socket.AF_INET6 if "ip6" in names else socket.AF_INET
+        host = str(addr.value_for_protocol("ip6" if "ip6" in names else "ip4"))
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise InvalidInput(f"cannot listen on {addr}: {exc.strerror}") from None
+
+
+_WILDCARDS: Final = {"/ip4/0.0.0.0/": "/ip4/127.0.0.1/", "/ip6/::/": "/ip6/::1/"}
+
+
+def _advertised(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
+    """Listen addresses as peers can dial them.
+
+    A wildcard becomes the machine's non-loopback interface addresses, or loopback when it has
+    none (py-libp2p falls back to the wildcard itself, which no peer can dial).
+    """
+    out: dict[str, multiaddr.Multiaddr] = {}
+    for addr in candidates:
+        text = str(addr)
+        prefix = next((p for p in _WILDCARDS if text.startswith(p)), None)
+        if prefix is None:
+            out.setdefault(text, addr)
+            continue
+        expanded = [a for a in expand_wildcard_address(addr) if not str(a).startswith(prefix)]
+        if not expanded:
+            expanded = [multiaddr.Multiaddr(_WILDCARDS[prefix] + text[len(prefix) :])]
+        for one in expanded:
+            out.setdefault(str(one), one)
+    return list(out.values())
+
+
+# --- the mesh ------------------------------------------------------------------------------------
+
+
+class Mesh:
+    """A libp2p host with gossipsub, the Kad-DHT and mDNS, behind Ostrom's own types.
+
+    Construct it, register stream handlers, then run `serve` in a nursery with
+    `await nursery.start(mesh.serve)`; every other coroutine method needs `serve` running.
+    """
+
+    def __init__(self, seed: bytes, config: MeshConfig) -> None:
+        if not isinstance(config, MeshConfig):
+            raise InvalidInput("config is a MeshConfig")
+        identity = Identity.from_seed(bytes(seed))
+        self.peer_id: str = identity.peer_id
+        self._config = config
+        private_key = Ed25519PrivateKey.from_bytes(identity.seed)
+        key_pair = KeyPair(private_key, private_key.get_public_key())
+        self._listen = [_parse_multiaddr(a) for a in dict.fromkeys(config.listen)]
+        noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
+        self._host: BasicHost = cast(
+            BasicHost,
+            new_host(
+                key_pair=key_pair,
+                sec_opt={NOISE_PROTOCOL_ID: noise},
+                muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+                listen_addrs=self._listen,
+                connection_config=ConnectionConfig(
+                    max_connections=_SWARM_MAX_CONNECTIONS,
+                    # The pruner trims above the high watermark: never.
+                    high_watermark=_SWARM_MAX_CONNECTIONS,
+                    low_watermark=0,
+                    min_connections=0,
+                    dial_timeout=_DIAL_TIMEOUT,
+                    # The dialler waits 250 ms before trying a peer's next address unless the
+                    # dials so far reached this many connections: with 1, a dial returns as
+                    # soon as it connects (about 10 ms on a LAN instead of 250 ms). Both sides
+                    # dialling at once still gives two connections, and both are kept.
+                    max_connections_per_peer=1,
+                ),
+                addrs_factory=_advertised,
+            ),
+        )
+        if self._host.get_id().to_base58() != self.peer_id:
+            raise InternalError("libp2p derived a different peer id from the node's key")
+        self._swarm = cast(Swarm, self._host.get_network())
+        # One attempt per address (the default retries 3 times with backoff, which only delays
+        # the answer for a dead address); the caller decides when to try again.
+        self._swarm.retry_config = RetryConfig(max_retries=0)
+        # The auto-connector dials every peer the peerstore knows whenever connections are
+        # below its watermarks; the node decides whom to connect to, so it never starts.
+        self._swarm.auto_connector._started = False
+        self._swarm.auto_connector.start = _never_start  # type: ignore[method-assign]
+        self._swarm.register_notifee(_Notifee(self))
+        self._end_inbound_handlers_on_close()
+
+        self._gossipsub = GossipSub(
+            protocols=[MESHSUB_12, MESHSUB_11, MESHSUB_10],
+            degree=_GOSSIP_D,
+            degree_low=_GOSSIP_D_LOW,
+            degree_high=_GOSSIP_D_HIGH,
+            heartbeat_interval=_GOSSIP_HEARTBEAT_S,
+            adaptive_gossip_enabled=False,
+            spam_protection_enabled=False,
+            # Grafts extra peers from other IPs every heartbeat; on a LAN or a test machine
+            # every peer may share an address. Our own sync protocol guarantees delivery.
+            eclipse_protection_enabled=False,
+        )
+        self._gossipsub.mcache = _ContentIdMessageCache(
+            self._gossipsub.mcache.window_size, self._gossipsub.mcache.history_size
+        )
+        self._pubsub = Pubsub(
+            self._host,
+            self._gossipsub,
+            strict_signing=True,
+            msg_id_constructor=_content_message_id,
+        )
+        self._dht: KadDHT | None = KadDHT(self._host, DHTMode.SERVER) if config.dht else None
+
+        self._topics: dict[str, GossipHandler] = {}
+        self._on_connect: list[Callable[[str], None]] = []
+        self._on_disconnect: list[Callable[[str], None]] = []
+        self._reported: set[str] = set()
+        self._nursery: trio.Nursery | None = None
+        self._served = False
+        # Peers whose gossip queue stayed full for a whole pacing wait (see `publish`).
+        self._stalled: set[ID] = set()
+        self._mdns_attempts: dict[str, float] = {}
+
+    def _end_inbound_handlers_on_close(self) -> None:
+        """End each inbound connection's handler task when its connection closes.
+
+        py-libp2p keeps the task that accepted a connection (and its listener slot) waiting
+        until the whole swarm stops: one task per inbound connection for the life of the
+        daemon (about 7.5 KB each, measured). Here the wait is cancelled once the
+        connection has closed.
+        """
+        swarm = self._swarm
+        handle = swarm._do_handle_inbound_connection
+        upgrade = swarm.upgrade_inbound_raw_conn
+
+        async def handle_until_closed(*args: Any) -> None:
+            with trio.CancelScope() as scope:
+                _inbound_scope.set(scope)
+                await handle(*args)
+
+        async def upgrade_and_watch(*args: Any) -> Any:
+            muxed = await upgrade(*args)
+            scope = _inbound_scope.get()
+            closed = getattr(muxed, "event_closed", None)
+            if scope is not None and isinstance(closed, trio.Event) and self._nursery is not None:
+                self._nursery.start_soon(_cancel_when_set, closed, scope)
+            return muxed
+
+        setattr(swarm, "_do_handle_inbound_connection", handle_until_closed)  # noqa: B010
+        setattr(swarm, "upgrade_inbound_raw_conn", upgrade_and_watch)  # noqa: B010
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the host, gossipsub, the DHT and mDNS until cancelled (once per `Mesh`).
+
+        `task_status.started()` is called once every listen address is bound; a listen address
+        that cannot be bound (or that another process holds) raises `InvalidInput`.
+        """
+        if self._served:
+            raise InternalError("Mesh.serve runs once per Mesh")
+        self._served = True
+        _check_ports_free(self._listen)
+        refused: InvalidInput | None = None
+        async with self._host.run(listen_addrs=self._listen):
+            bound = self._host.get_transport_addrs()
+            if len(bound) < len(self._listen):
+                refused = InvalidInput(
+                    f"cannot listen on every address of {[str(a) for a in self._listen]} "
+                    f"(bound: {[str(a) for a in bound]})"
+                )
+            else:
+                await self._serve_listening(task_status)
+        if refused is not None:
+            raise refused
+
+    async def _serve_listening(self, task_status: Any) -> None:
+        async with (
+            background_trio_service(self._pubsub),
+            background_trio_service(self._gossipsub),
+            trio.open_nursery() as nursery,
+        ):
+            if self._dht is not None:
+                await nursery.start(self._run_dht)
+            await self._pubsub.wait_until_ready()
+            store = self._host.get_peerstore()
+            nursery.start_soon(store.start_cleanup_task, _PEERSTORE_SWEEP_S)
+            nursery.start_soon(self._sweep_streams)
+            self._nursery = nursery
+            try:
+                if self._config.mdns:
+                    # In the background: zeroconf first probes the LAN for its name (1.5 s).
+                    nursery.start_soon(self._run_mdns)
+                if self._config.bootstrap:
+                    nursery.start_soon(self._dial_bootstrap)
+                log.info("mesh %s listening on %s", self.peer_id, self.listen_addrs)
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+                with trio.CancelScope(shield=True):
+                    await self._close_all_connections()
+
+    async def _close_all_connections(self) -> None:
+        """Close every connection's socket before the swarm stops.
+
+        When `serve` is cancelled, the swarm's own tasks start closing their connections
+        inside the cancelled scope, where the first await raises `Cancelled`: the connection
+        is marked closed but its socket stays open. The muxer's close still reaches it.
+        """
+
+        async def close(conn: INetConn) -> None:
+            try:
+                await conn.close()
+                if not conn.muxed_conn.is_closed:
+                    await conn.muxed_conn.close()
+            except (BaseLibp2pError, OSError) as exc:
+                log.debug("closing a connection at shutdown: %r", exc)
+
+        with trio.move_on_after(_SHUTDOWN_CLOSE_S):
+            async with trio.open_nursery() as nursery:
+                for conns in list(self._swarm.connections.values()):
+                    for conn in list(conns):
+                        nursery.start_soon(close, conn)
+
+    async def _sweep_streams(self) -> None:
+        """Release streams whose two sides are closed but that py-libp2p still tracks.
+
+        py-libp2p releases a stream when its write side closes last; a caller that closes
+        first and never reads to the end would otherwise hold one of its 10,000 slots forever.
+        """
+        while True:
+            await trio.sleep(_STREAM_SWEEP_S)
+            for conns in list(self._swarm.connections.values()):
+                for conn in list(conns):
+                    for stream in list(conn.get_streams()):
+                        muxed = getattr(stream, "muxed_stream", None)
+                        if getattr(muxed, "send_closed", False) and getattr(
+                            muxed, "recv_closed", False
+                        ):
+                            await cast(NetStream, stream).remove()
+
+    async def _run_dht(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        assert self._dht is not None
+        async with background_trio_service(self._dht):
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _running(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise InternalError("the mesh is not running (start Mesh.serve first)")
+        return self._nursery
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        """The addresses the host is bound to, with port 0 resolved (empty before `serve`)."""
+        return [str(a) for a in self._host.get_transport_addrs()]
+
+    @property
+    def advertised_addrs(self) -> list[str]:
+        """Addresses other nodes can dial, each ending with `/p2p/<our id>` (for `connect`)."""
+        return [str(a) for a in self._host.get_addrs()]
+
+    # --- streams -----------------------------------------------------------------------------
+
+    def set_stream_handler(self, protocol: str, handler: StreamHandler) -> None:
+        """Serve `protocol`: each inbound stream runs `handler`, which owns the stream.
+
+        When the handler returns, the stream is finished (`MeshStream.finish`); when it
+        raises, the stream is reset and the error logged.
+        """
+        if not isinstance(protocol, str) or not protocol.startswith("/"):
+            raise InvalidInput(f"a protocol id starts with '/', got {protocol!r}")
+
+        async def on_stream(stream: INetStream) -> None:
+            peer = stream.muxed_conn.peer_id.to_base58()
+            wrapped = MeshStream(stream, protocol, peer)
+            try:
+                await handler(wrapped)
+            except OstromError as exc:
+                log.info("%s handler for %s: %s", protocol, peer, exc.message)
+                await wrapped._abort()
+            except Exception:
+                log.exception("%s handler failed for %s", protocol, peer)
+                await wrapped._abort()
+            else:
+                await wrapped.finish()
+
+        self._host.set_stream_handler(TProtocol(protocol), on_stream)
+
+    async def open_stream(self, peer_id: str, protocol: str) -> MeshStream:
+        """A new stream to `peer_id` speaking `protocol`, dialling the peer if needed."""
+        self._running()
+        pid = _parse_peer_id(peer_id)
+        if not isinstance(protocol, str) or not protocol.startswith("/"):
+            raise InvalidInput(f"a protocol id starts with '/', got {protocol!r}")
+        try:
+            with trio.fail_after(_DIAL_TIMEOUT):
+                stream = await self._host.new_stream(pid, [TProtocol(protocol)])
+        except trio.TooSlowError:
+            raise PeerUnreachable(f"opening {protocol} to {peer_id} timed out") from None
+        except (BaseLibp2pError, OSError) as exc:
+            raise PeerUnreachable(f"cannot open {protocol} to {peer_id}: {exc}") from None
+        return MeshStream(stream, protocol, peer_id)
+
+    # --- connections -------------------------------------------------------------------------
+
+    async def connect(self, addr: str) -> PeerInfo:
+        """Dial `addr` (`/.../p2p/<id>`) and return the peer once connected.
+
+        Raises `PeerUnreachable` if no connection is made within 10 s, and `Refused` when the
+        node already has `max_peers` peers.
+        """
+        self._running()
+        pid, transport_addr = _split_p2p_addr(addr)
+        if pid == self._host.get_id():
+            raise InvalidInput("cannot connect to ourselves")
+        if not self._swarm.get_connections(pid) and self._peer_count() >= self._config.max_peers:
+            raise Refused(f"already connected to max_peers={self._config.max_peers} peers")
+        # An explicit dial is a fresh attempt, whatever failed in the last minute.
+        self._swarm.unblock_peer(pid)
+        try:
+            with trio.fail_after(_DIAL_TIMEOUT):
+                await self._host.connect(Libp2pPeerInfo(pid, [transport_addr]))
+        except trio.TooSlowError:
+            raise PeerUnreachable(f"connecting to {addr} timed out") from None
+        except (BaseLibp2pError, OSError) as exc:
+            raise PeerUnreachable(f"cannot connect to {addr}: {exc}") from None
+        if not self._swarm.get_connections(pid):
+            raise PeerUnreachable(f"{addr} closed the connection (it may be full)")
+        return self._peer_info(pid)
+
+    async def disconnect(self, peer_id: str, reason: str) -> None:
+        """Close every connection to `peer_id`, logging `reason`."""
+        self._running()
+        pid = _parse_peer_id(peer_id)
+        log.info("disconnecting %s: %s", peer_id, reason)
+        await self._host.disconnect(pid)
+
+    def peers(self) -> list[PeerInfo]:
+        """The connected peers, with the addresses they listen on (as far as known)."""
+        return [self._peer_info(pid) for pid in list(self._swarm.connections)]
+
+    def on_peer_connected(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(peer_id)` when a peer's first connection opens (not when refused).
+
+        Callbacks run on the trio thread inside the swarm and must not block; to do async
+        work (a sync), start a task. An exception from a callback is logged.
+        """
+        self._on_connect.append(callback)
+
+    def on_peer_disconnected(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(peer_id)` when the last connection to a reported peer closes."""
+        self._on_disconnect.append(callback)
+
+    def _peer_count(self) -> int:
+        return sum(1 for conns in self._swarm.connections.values() if conns)
+
+    def _peer_info(self, pid: ID) -> PeerInfo:
+        found: list[multiaddr.Multiaddr] = []
+        if self._host.get_peerstore().has_peer(pid):
+            try:
+                found = list(self._host.get_peerstore().addrs(pid))
+            except BaseLibp2pError:
+                found = []
+        if not found:
+            for conn in self._swarm.get_connections(pid):
+                found.extend(conn.get_transport_addresses())
+        return PeerInfo(pid.to_base58(), _addr_texts(found))
+
+    def _on_connected(self, conn: INetConn) -> None:
+        pid = conn.muxed_conn.peer_id
+        peer = pid.to_base58()
+        if peer in self._reported or self._nursery is None:
+            return
+        direction = getattr(conn, "direction", Direction.UNKNOWN)
+        if direction == Direction.INBOUND and self._peer_count() > self._config.max_peers:
+            log.info("refusing %s: already at max_peers=%d", peer, self._config.max_peers)
+            self._nursery.start_soon(self._close_conn, conn)
+            return
+        self._reported.add(peer)
+        if self._dht is not None:
+            self._nursery.start_soon(self._add_to_dht, pid)
+        _notify_all(self._on_connect, peer)
+
+    def _on_disconnected(self, conn: INetConn) -> None:
+        pid = conn.muxed_conn.peer_id
+        peer = pid.to_base58()
+        if self._swarm.get_connections(pid) or peer not in self._reported:
+            return
+        self._reported.discard(peer)
+        _notify_all(self._on_disconnect, peer)
+
+    async def _close_conn(self, conn: INetConn) -> None:
+        await conn.close()
+
+    async def _add_to_dht(self, pid: ID) -> None:
+        """Add a peer to the DHT routing table once identify has told us its protocols."""
+        assert self._dht is not None
+        store = self._host.get_peerstore()
+        with trio.move_on_after(_IDENTIFY_WAIT_S):
+            while not (store.has_peer(pid) and store.get_protocols(pid)):
+                if not self._swarm.get_connections(pid):
+                    return
+                await trio.sleep(_IDENTIFY_POLL_S)
+            await self._dht.add_peer(pid)
+
+    async def _dial_bootstrap(self) -> None:
+        limiter = trio.CapacityLimiter(_BOOTSTRAP_PARALLEL_DIALS)
+
+        async def dial(addr: str) -> None:
+            async with limiter:
+                try:
+                    await self.connect(addr)
+                except (PeerUnreachable, Refused, InvalidInput) as exc:
+                    log.warning("bootstrap %s: %s", addr, exc.message)
+
+        async with trio.open_nursery() as nursery:
+            for addr in self._config.bootstrap:
+                nursery.start_soon(dial, addr)
+
+    # --- mDNS ---------------------------------------------------------------------------------
+
+    async def _run_mdns(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Announce ourselves on the LAN and dial the Ostrom peers that announce themselves."""
+        send, receive = trio.open_memory_channel[tuple[str, tuple[str, ...]]](_MDNS_QUEUE)
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(item: tuple[str, tuple[str, ...]]) -> None:
+            # A full queue drops the discovery: the peer announces itself again.
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                send.send_nowait(item)
+
+        def on_discovered(info: Libp2pPeerInfo) -> None:
+            # Runs on a zeroconf thread, for every host in the process.
+            item = (info.peer_id.to_base58(), tuple(str(a) for a in info.addrs))
+            # Once trio has exited, nobody is left to dial.
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(deliver, item)
+
+        advertised = [str(a) for a in self._host.get_addrs()]
+        tcp_port = int(self._host.get_transport_addrs()[0].value_for_protocol("tcp"))
+        discovery = await trio.to_thread.run_sync(
+            lambda: MDNSDiscovery(self._swarm, port=tcp_port, listen_addrs=advertised)
+        )
+        peerDiscovery.register_peer_discovered_handler(on_discovered)
+        try:
+            # Not `discovery.start()`: it registers on the trio thread, where zeroconf blocks
+            # for its announcements (about 0.7 s), and spawns a system task for the sweep.
+            await trio.to_thread.run_sync(discovery.broadcaster.register)
+            limiter = trio.CapacityLimiter(_MDNS_PARALLEL_DIALS)
+            task_status.started()
+            async with trio.open_nursery() as nursery, receive:
+                nursery.start_soon(_sweep_mdns, discovery)
+                async for peer, addrs in receive:
+                    if self._should_dial_discovered(peer):
+                        nursery.start_soon(self._dial_discovered, peer, addrs, limiter)
+        finally:
+            peerDiscovery.unregister_peer_discovered_handler(on_discovered)
+            send.close()
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(discovery.stop)
+
+    def _should_dial_discovered(self, peer: str) -> bool:
+        if peer == self.peer_id or peer in self._reported:
+            return False
+        if self._peer_count() >= self._config.max_peers:
+            return False
+        now = time.monotonic()
+        last = self._mdns_attempts.get(peer, -math.inf)
+        if now - last < _MDNS_REDIAL_S:
+            return False
+        if len(self._mdns_attempts) >= _MDNS_MAX_TRACKED:
+            self._mdns_attempts = {
+                p: t for p, t in self._mdns_attempts.items() if now - t < _MDNS_REDIAL_S
+            }
+            if len(self._mdns_attempts) >= _MDNS_MAX_TRACKED:
+                return False
+        self._mdns_attempts[peer] = now
+        return True
+
+    async def _dial_discovered(
+        self, peer: str, addrs: Sequence[str], limiter: trio.CapacityLimiter
+    ) -> None:
+        async with limiter:
+            for addr in addrs:
+                try:
+                    await self.connect(f"{addr}/p2p/{peer}")
+                except (PeerUnreachable, Refused, InvalidInput) as exc:
+                    log.debug("mDNS peer %s at %s: %s", peer, addr, exc.message)
+                    continue
+                log.info("connected to %s found by mDNS", peer)
+                return
+
+    # --- gossip -------------------------------------------------------------------------------
+
+    async def subscribe(self, topic: str, handler: GossipHandler) -> None:
+        """Receive `topic`: `handler(topic, data, from_peer)` decides whether to accept and relay.
+
+        `from_peer` is the neighbour that sent the message (not necessarily its author). The
+        handler runs before the message is relayed, must answer within 5 s (py-libp2p's
+        validation timeout; later counts as a rejection), and is not called for our own
+        messages. Identical bytes are delivered once (the message id is their hash).
+        Subscribing again replaces the handler.
+        """
+        nursery = self._running()
+        _check_topic(topic)
+        self._topics[topic] = handler
+        me = self._host.get_id()
+
+        async def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            if forwarder == me:
+                return True
+            current = self._topics.get(topic)
+            if current is None:
+                return False
+            try:
+                return bool(await current(topic, msg.data, forwarder.to_base58()))
+            except Exception:
+                log.exception("gossip handler for %s failed; message dropped", topic)
+                return False
+
+        self._pubsub.set_topic_validator(topic, validate, True)
+        if topic not in self._pubsub.topic_ids:
+            subscription = cast(TrioSubscriptionAPI, await self._pubsub.subscribe(topic))
+            nursery.start_soon(_drain, subscription.receive_channel)
+
+    async def unsubscribe(self, topic: str) -> None:
+        """Stop receiving and relaying `topic` (a no-op if not subscribed)."""
+        self._running()
+        _check_topic(topic)
+        self._topics.pop(topic, None)
+        await self._pubsub.unsubscribe(topic)
+        self._pubsub.remove_topic_validator(topic)
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Send `data` to the topic's subscribers; gossip is best effort, never a guarantee."""
+        self._running()
+        _check_topic(topic)
+        if not isinstance(data, bytes | bytearray) or not data:
+            raise InvalidInput("a gossip message is non-empty bytes")
+        if len(data) > _MAX_GOSSIP_BYTES:
+            raise TooLarge(f"a gossip message is at most {_MAX_GOSSIP_BYTES} bytes")
+        await self._pace()
+        await self._pubsub.publish(topic, bytes(data))
+
+    async def _pace(self) -> None:
+        """Wait until every peer's outbound gossip queue has room.
+
+        py-libp2p drops a message silently when a peer's queue (32 RPCs) is full, so a burst
+        of publishes would mostly vanish. A peer whose queue does not drain within
+        `_PUBLISH_PACE_MAX_S` is stalled and no longer waited for until it drains.
+        """
+        deadline = trio.current_time() + _PUBLISH_PACE_MAX_S
+        queues = self._pubsub.peer_queues
+        while True:
+            full = {peer for peer, q in list(queues.items()) if len(q) >= _PUBLISH_QUEUE_HIGH}
+            self._stalled &= full
+            waiting = full - self._stalled
+            if not waiting:
+                return
+            if trio.current_time() >= deadline:
+                log.info("gossip to %d peer(s) is stalled; not waiting for them", len(waiting))
+                self._stalled |= waiting
+                return
+            await trio.sleep(_PUBLISH_POLL_S)
+
+    # --- DHT ----------------------------------------------------------------------------------
+
+    async def provide(self, key: bytes) -> None:
+        """Announce in the DHT that this node has `key` (a CID's bytes)."""
+        self._running()
+        dht = self._require_dht()
+        await dht.provider_store.provide(_dht_key(key))
+
+    async def find_providers(
+        self, key: bytes, *, limit: int = 20, timeout: float = 10
+    ) -> list[PeerInfo]:
+        """Other peers that announced `key` (a CID's bytes), at most `limit`, within `timeout`."""
+        self._running()
+        dht = self._require_dht()
+        if not isinstance(limit, int) or limit < 1:
+            raise InvalidInput(f"limit is a positive integer, got {limit!r}")
+        if not timeout > 0:
+            raise InvalidInput(f"timeout is positive, got {timeout!r}")
+        found: list[Libp2pPeerInfo] = []
+        with trio.move_on_after(timeout):
+            # Ask for one more than the limit: the answer may include ourselves.
+            found = await dht.provider_store.find_providers(_dht_key(key), limit + 1)
+        merged: dict[str, list[multiaddr.Multiaddr]] = {}
+        for info in found:
+            peer = info.peer_id.to_base58()
+            if peer == self.peer_id:
+                continue
+            merged.setdefault(peer, []).extend(info.addrs)
+        return [PeerInfo(p, _addr_texts(a)) for p, a in list(merged.items())[:limit]]
+
+    def _require_dht(self) -> KadDHT:
+        if self._dht is None:
+            raise Refused("the DHT is disabled in this node's mesh configuration")
+        return self._dht
+
+
+async def _sweep_mdns(discovery: MDNSDiscovery) -> None:
+    """Forget LAN peers that stopped announcing themselves (what `MDNSDiscovery.start` runs)."""
+    while True:
+        await trio.sleep(discovery.cleanup_interval)
+        discovery.listener.cleanup_stale_entries(max_age=discovery.ttl * 2)
+
+
+# The cancel scope of the inbound-connection handler running in the current task.
+_inbound_scope: ContextVar[trio.CancelScope | None] = ContextVar("_inbound_scope", default=None)
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
+
+
+def _notify_all(callbacks: Sequence[Callable[[str], None]], peer: str) -> None:
+    for callback in callbacks:
+        try:
+            callback(peer)
+        except Exception:
+            # py-libp2p would swallow it without a word; a bug in a callback must show.
+            log.exception("peer callback %r failed for %s", callback, peer)
+
+
+async def _never_start() -> None:
+    return None
+
+
+async def _drain(channel: trio.MemoryReceiveChannel[rpc_pb2.Message]) -> None:
+    """Empty a subscription's channel as fast as it fills: handlers already saw the messages."""
+    async for _ in channel:
+        pass

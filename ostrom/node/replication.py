@@ -1,0 +1,399 @@
+"""Keeping followed projects in step across the mesh.
+
+For every project this node follows, the replicator:
+- subscribes to the project's gossip topic, validating each record before it is relayed;
+- publishes the records this node creates there;
+- provides the project on the DHT, and looks for providers of projects it lacks;
+- syncs with each peer on connect and every `SYNC_INTERVAL_S`, then fetches the blocks the
+  new records need: changesets and manifests always, file blocks when following in full.
+
+A peer whose gossip fails verification `MAX_GOSSIP_STRIKES` times, or that breaks the sync
+or blocks protocol, is disconnected with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from ostrom.crypto.cid import CID
+from ostrom.errors import BlockMismatch, DecodeError, OstromError, Refused
+from ostrom.node import blocks, sync
+from ostrom.node.mesh import Mesh, MeshStream
+from ostrom.node.service import NodeService, sync_projects
+from ostrom.node.store import Store
+from ostrom.protocol import blockwire
+from ostrom.protocol.changesets import Changeset, FileManifest, Put
+from ostrom.protocol.records import Contribution, SignedRecord, decode_record
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+TOPIC_PREFIX: Final = "ostrom/1/project/"
+# Gossip records failing verification before the sender is disconnected: one may be a bug
+# in a peer's version, several are an attack.
+MAX_GOSSIP_STRIKES: Final = 3
+# How often every followed project is synced with a connected peer even without news:
+# gossip may drop messages, and this bounds how long a gap can last.
+SYNC_INTERVAL_S: Final = 30.0
+# Sync sessions running at once (each holds a stream and verification work).
+MAX_CONCURRENT_SYNCS: Final = 4
+# How often followed projects are provided again on the DHT (records there expire).
+PROVIDE_INTERVAL_S: Final = 600.0
+# Queued sync requests; past this, requests are dropped (the periodic sync covers them).
+SYNC_QUEUE: Final = 1024
+# How long a follow of an unseen project keeps looking for providers before giving up.
+FIND_TIMEOUT_S: Final = 20.0
+
+
+def topic_of(project: CID) -> str:
+    return f"{TOPIC_PREFIX}{project}"
+
+
+class Replicator:
+    def __init__(self, service: NodeService, mesh: Mesh) -> None:
+        self.service = service
+        self.mesh = mesh
+        self._strikes: dict[str, int] = {}
+        self._shared: dict[str, set[CID]] = {}  # peer -> projects it synced with us
+        self._following: set[CID] = set()
+        self._send_sync, self._sync_requests = trio.open_memory_channel[tuple[str, CID]](SYNC_QUEUE)
+        self._send_publish, self._publish_queue = trio.open_memory_channel[SignedRecord](SYNC_QUEUE)
+        self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_SYNCS)
+        self._pending: set[tuple[str, CID]] = set()
+        self._nursery: trio.Nursery | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.mesh.set_stream_handler(sync.PROTOCOL, self._serve_sync)
+        self.mesh.set_stream_handler(blockwire.PROTOCOL, self._serve_blocks)
+        self.mesh.on_peer_connected(self._peer_connected)
+        self.mesh.on_peer_disconnected(self._peer_disconnected)
+        self.service.record_listeners.append(self._records_stored)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            follows = await self.service.db(lambda store: store.follows())
+            for project in follows:
+                await self._start_following(project)
+            nursery.start_soon(self._run_syncs)
+            nursery.start_soon(self._run_publishing)
+            nursery.start_soon(self._run_periodic)
+            task_status.started()
+
+    def shared_projects(self, peer_id: str) -> list[str]:
+        return sorted(str(p) for p in self._shared.get(peer_id, ()))
+
+    async def follow(self, project: CID) -> None:
+        """Start replicating a project just followed; find it on the DHT if it is not here."""
+        await self._start_following(project)
+        for peer in self.mesh.peers():
+            self._request_sync(peer.peer_id, project)
+        present = await self.service.db(lambda store: store.get_record(project) is not None)
+        if not present and self._nursery is not None:
+            self._nursery.start_soon(self._find_and_fetch, project)
+
+    async def unfollow(self, project: CID) -> None:
+        if project in self._following:
+            self._following.discard(project)
+            await self.mesh.unsubscribe(topic_of(project))
+
+    async def _start_following(self, project: CID) -> None:
+        if project in self._following:
+            return
+        self._following.add(project)
+        await self.mesh.subscribe(topic_of(project), self._gossip_received)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._provide, project)
+
+    # --- peers ---------------------------------------------------------------------------------
+
+    def _peer_connected(self, peer_id: str) -> None:
+        for project in self._following:
+            self._request_sync(peer_id, project)
+
+    def _peer_disconnected(self, peer_id: str) -> None:
+        self._shared.pop(peer_id, None)
+        self._strikes.pop(peer_id, None)
+
+    def _request_sync(self, peer_id: str, project: CID) -> None:
+        try:
+            self._send_sync.send_nowait((peer_id, project))
+        except trio.WouldBlock:
+            log.debug("sync queue full; %s with %s waits for the periodic sync", project, peer_id)
+
+    async def _drop(self, peer_id: str, reason: str) -> None:
+        log.warning("disconnecting %s: %s", peer_id, reason)
+        self.service.events.publish({"type": "peer.dropped", "peer": peer_id, "reason": reason})
+        await self.mesh.disconnect(peer_id, reason)
+
+    # --- gossip --------------------------------------------------------------------------------
+
+    def _records_stored(self, records: list[SignedRecord], origin: str) -> None:
+        if origin != "local":
+            return
+        for record in records:
+            try:
+                self._send_publish.send_nowait(record)
+            except trio.WouldBlock:
+                log.debug("publish queue full; %s reaches peers by sync", record.cid)
+
+    async def _run_publishing(self) -> None:
+        async for record in self._publish_queue:
+            for project in sync_projects(record):
+                log.debug("publishing %s %s on %s", record.type, record.cid, project)
+                await self.mesh.publish(topic_of(project), record.data)
+
+    async def _gossip_received(self, topic: str, data: bytes, from_peer: str) -> bool:
+        """Validate a gossiped record; store it if valid. False stops its relay."""
+        log.debug("gossip on %s from %s (%d bytes)", topic, from_peer, len(data))
+        try:
+            record = await trio.to_thread.run_sync(decode_record, data)
+            if topic not in {topic_of(project) for project in sync_projects(record)}:
+                raise DecodeError(f"a record of {record.project} on the topic {topic}")
+        except OstromError as exc:
+            strikes = self._strikes.get(from_peer, 0) + 1
+            self._strikes[from_peer] = strikes
+            log.info("invalid gossip from %s (%d): %s", from_peer, strikes, exc.message)
+            if strikes >= MAX_GOSSIP_STRIKES and self._nursery is not None:
+                self._nursery.start_soon(
+                    self._drop, from_peer, f"{strikes} gossiped records failed verification"
+                )
+            return False
+        new = await self.service._store_new([record], "gossip")
+        if new:
+            present = await self._present(record.parents)
+            if any(parent not in present for parent in record.parents):
+                self._request_sync(from_peer, record.project)
+            elif isinstance(record.body, Contribution) and self._nursery is not None:
+                self._nursery.start_soon(self._complete_blocks, record.project, [from_peer])
+        return True
+
+    async def _present(self, cids: Sequence[CID]) -> set[CID]:
+        return await self.service.db(lambda store: store.has_records(cids))
+
+    # --- sync ----------------------------------------------------------------------------------
+
+    async def _run_syncs(self) -> None:
+        async with trio.open_nursery() as nursery:
+            async for request in self._sync_requests:
+                # A request already queued or running covers a repeat of it.
+                if request not in self._pending:
+                    self._pending.add(request)
+                    nursery.start_soon(self._sync_with, *request)
+
+    async def _sync_with(self, peer_id: str, project: CID) -> None:
+        try:
+            await self._sync_once(peer_id, project)
+        finally:
+            self._pending.discard((peer_id, project))
+
+    async def _sync_once(self, peer_id: str, project: CID) -> None:
+        async with self._limiter:
+            try:
+                stream = await self.mesh.open_stream(peer_id, sync.PROTOCOL)
+            except OstromError as exc:
+                log.debug("no sync stream to %s: %s", peer_id, exc.message)
+                return
+            try:
+                # Leaving `async with` finishes the stream: both sides close, then it is
+                # released (a stream only closed stays allocated in py-libp2p).
+                async with stream:
+                    result = await sync.pull(stream, self.service, project, peer_id)
+            except Refused:
+                return  # the peer does not host this project
+            except sync.PeerMisbehaving as exc:
+                await self._drop(peer_id, exc.message)
+                return
+            except OstromError as exc:
+                log.info("sync of %s with %s failed: %s", project, peer_id, exc.message)
+                return
+        self._shared.setdefault(peer_id, set()).add(project)
+        if result.received or result.sent:
+            self.service.events.publish(
+                {
+                    "type": "sync.completed",
+                    "project": str(project),
+                    "peer": peer_id,
+                    "received": result.received,
+                    "sent": result.sent,
+                }
+            )
+        await self._complete_blocks(project, [peer_id])
+
+    async def _serve_sync(self, stream: MeshStream) -> None:
+        try:
+            result = await sync.serve(stream, self.service, stream.peer_id)
+        except sync.PeerMisbehaving as exc:
+            await self._drop(stream.peer_id, exc.message)
+            return
+        except OstromError as exc:
+            log.info("sync served to %s failed: %s", stream.peer_id, exc.message)
+            return
+        # The mesh finishes a handler's stream when the handler returns.
+        if result is not None:
+            self._shared.setdefault(stream.peer_id, set()).add(result.project)
+            if result.received:
+                await self._complete_blocks(result.project, [stream.peer_id])
+
+    async def _run_periodic(self) -> None:
+        while True:
+            await trio.sleep(SYNC_INTERVAL_S)
+            peers = [p.peer_id for p in self.mesh.peers()]
+            for project in list(self._following):
+                sharing = [p for p in peers if project in self._shared.get(p, ())] or peers
+                for peer in random.sample(sharing, min(2, len(sharing))):
+                    self._request_sync(peer, project)
+
+    # --- blocks --------------------------------------------------------------------------------
+
+    async def _serve_blocks(self, stream: MeshStream) -> None:
+        try:
+            await blocks.serve(stream, self.service, stream.peer_id)
+        except (DecodeError, BlockMismatch) as exc:
+            await self._drop(stream.peer_id, exc.message)
+        except OstromError as exc:
+            log.info("serving blocks to %s stopped: %s", stream.peer_id, exc.message)
+
+    async def _complete_blocks(self, project: CID, peers: Sequence[str]) -> None:
+        """Fetch the changesets, manifests and (following in full) file blocks `project` lacks."""
+        mode = await self.service.db(lambda store: store.follow_mode(project))
+        if mode is None:
+            return
+        sources = list(peers) + [
+            p for p, projects in self._shared.items() if project in projects and p not in peers
+        ]
+
+        @asynccontextmanager
+        async def open_stream(peer: str) -> AsyncIterator[MeshStream]:
+            async with await self.mesh.open_stream(peer, blockwire.PROTOCOL) as stream:
+                yield stream
+
+        for phase in ("changesets", "manifests", "files"):
+            if phase == "files" and mode != "full":
+                break
+            wanted = await self.service.db(wanted_blocks, project, phase)
+            if not wanted:
+                continue
+            total = len(wanted)
+            result = await blocks.fetch(open_stream, sources, self.service, wanted)
+            self.service.events.publish(
+                {
+                    "type": "blocks.fetched",
+                    "project": str(project),
+                    "phase": phase,
+                    "wanted": total,
+                    "fetched": result.fetched,
+                    "bytes": result.bytes,
+                    "missing": result.missing,
+                }
+            )
+
+    # --- DHT -----------------------------------------------------------------------------------
+
+    async def _provide(self, project: CID) -> None:
+        while project in self._following:
+            try:
+                await self.mesh.provide(project.raw)
+            except OstromError as exc:
+                log.debug("providing %s failed: %s", project, exc.message)
+            await trio.sleep(PROVIDE_INTERVAL_S)
+
+    async def _find_and_fetch(self, project: CID) -> None:
+        try:
+            providers = await self.mesh.find_providers(project.raw, timeout=FIND_TIMEOUT_S)
+        except OstromError as exc:
+            log.info("looking for providers of %s failed: %s", project, exc.message)
+            return
+        connected = {p.peer_id for p in self.mesh.peers()}
+        for provider in providers:
+            if provider.peer_id == self.mesh.peer_id:
+                continue
+            if provider.peer_id not in connected:
+                for addr in provider.addrs:
+                    try:
+                        await self.mesh.connect(f"{addr}/p2p/{provider.peer_id}")
+                        break
+                    except OstromError as exc:
+                        log.debug("provider %s at %s: %s", provider.peer_id, addr, exc.message)
+            self._request_sync(provider.peer_id, project)
+
+
+def wanted_blocks(store: Store, project: CID, phase: str) -> list[CID]:
+    """The blocks `project` needs and this store lacks, for one phase of completion.
+
+    Changesets first (they name the manifests), then manifests (they name the file
+    blocks), then the file blocks themselves; contributions of upstream projects that the
+    project's history reaches count too.
+    """
+    records = store.project_records(project, ("contribution",))
+    parents = {p for r in records for p in r.parents}
+    genesis = store.get_record(project)
+    if genesis is not None:
+        parents.update(genesis.parents)
+    everything: dict[CID, SignedRecord] = {r.cid: r for r in records}
+    everything.update(store.ancestors(parents))
+    changesets = [
+        link
+        for r in everything.values()
+        if isinstance(r.body, Contribution)
+        for link in r.body.changes
+    ]
+    present = store.has_blocks(changesets)
+    if phase == "changesets":
+        return sorted(set(changesets) - present)
+    files: set[CID] = set()
+    for link in present:
+        data = store.get_block(link)
+        if data is not None:
+            files.update(c.file for c in Changeset.decode(data).changes if isinstance(c, Put))
+    present_files = store.has_blocks(files)
+    if phase == "manifests":
+        return sorted(files - present_files)
+    raw: set[CID] = set()
+    for link in present_files:
+        data = store.get_block(link)
+        if data is not None:
+            raw.update(ref.cid for ref in FileManifest.decode(data).blocks)
+    return sorted(raw - store.has_blocks(raw))
+
+
+class MeshNetwork:
+    """The mesh as the RPC methods see it (`ostrom.node.service.Network`)."""
+
+    def __init__(self, mesh: Mesh, replicator: Replicator) -> None:
+        self._mesh = mesh
+        self._replicator = replicator
+
+    def addresses(self) -> list[str]:
+        suffix = f"/p2p/{self._mesh.peer_id}"
+        return [
+            addr if addr.endswith(suffix) else addr + suffix for addr in self._mesh.advertised_addrs
+        ]
+
+    def peers(self) -> list[dict[str, object]]:
+        return [
+            {
+                "peer_id": p.peer_id,
+                "addrs": list(p.addrs),
+                "projects": self._replicator.shared_projects(p.peer_id),
+            }
+            for p in self._mesh.peers()
+        ]
+
+    async def connect(self, addr: str) -> dict[str, object]:
+        peer = await self._mesh.connect(addr)
+        return {"peer_id": peer.peer_id, "addrs": list(peer.addrs)}
+
+    async def follow(self, project: CID) -> None:
+        await self._replicator.follow(project)
+
+    async def unfollow(self, project: CID) -> None:
+        await self._replicator.unfollow(project)

@@ -1,0 +1,499 @@
+"""The libp2p adapter, with real hosts on 127.0.0.1 in one trio run.
+
+Every wait is bounded; hosts listen on port 0 and are stopped when each test ends.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from ostrom.crypto.cid import CID
+from ostrom.crypto.keys import Identity
+from ostrom.errors import (
+    DecodeError,
+    InternalError,
+    InvalidInput,
+    PeerUnreachable,
+    TooLarge,
+)
+from ostrom.node import mesh as mesh_module
+from ostrom.node.mesh import GossipHandler, Mesh, MeshConfig, MeshStream, PeerInfo
+
+LOCAL = MeshConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False)
+ECHO = "/ostrom-test/echo/1.0.0"
+TOPIC = "ostrom/1/project/test"
+
+
+def new_mesh(config: MeshConfig = LOCAL) -> Mesh:
+    return Mesh(os.urandom(32), config)
+
+
+@asynccontextmanager
+async def running(*meshes: Mesh) -> AsyncIterator[None]:
+    async with trio.open_nursery() as nursery:
+        for mesh in meshes:
+            with trio.fail_after(10):
+                await nursery.start(mesh.serve)
+        yield
+        nursery.cancel_scope.cancel()
+
+
+async def echo(stream: MeshStream) -> None:
+    while data := await stream.read(1 << 20):
+        await stream.write(data)
+    await stream.close()
+
+
+async def read_all(stream: MeshStream) -> bytes:
+    chunks = []
+    while data := await stream.read(1 << 20):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+async def wait_until(condition: object, timeout: float = 10) -> None:
+    """Poll `condition()` every 50 ms until it is true; fail after `timeout` seconds."""
+    assert callable(condition)
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.05)
+
+
+def peer_ids(mesh: Mesh) -> set[str]:
+    return {p.peer_id for p in mesh.peers()}
+
+
+def count_tasks() -> int:
+    """Every task in this trio run."""
+    stack = [trio.lowlevel.current_root_task()]
+    count = 0
+    while stack:
+        task = stack.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# --- identity and configuration ------------------------------------------------------------------
+
+
+def test_peer_id_is_the_identity_peer_id() -> None:
+    seed = os.urandom(32)
+    assert Mesh(seed, LOCAL).peer_id == Identity.from_seed(seed).peer_id
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"listen": ()},
+        {"listen": ("not a multiaddr",)},
+        {"listen": ("/ip4/127.0.0.1/udp/0",)},
+        {"bootstrap": ("/ip4/127.0.0.1/tcp/4001",)},
+        {"max_peers": 0},
+        {"max_peers": True},
+    ],
+)
+def test_bad_config_is_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(InvalidInput):
+        MeshConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_wildcard_listen_addresses_are_advertised_as_interfaces() -> None:
+    from multiaddr import Multiaddr
+
+    from ostrom.node.mesh import _advertised
+
+    advertised = [str(a) for a in _advertised([Multiaddr("/ip4/0.0.0.0/tcp/4001")])]
+    assert advertised
+    assert all(a.startswith("/ip4/") and a.endswith("/tcp/4001") for a in advertised)
+    assert not any(a.startswith("/ip4/0.0.0.0/") for a in advertised)
+    kept = _advertised([Multiaddr("/ip4/127.0.0.1/tcp/1"), Multiaddr("/ip4/127.0.0.1/tcp/1")])
+    assert [str(a) for a in kept] == ["/ip4/127.0.0.1/tcp/1"]
+
+
+async def test_methods_need_serve() -> None:
+    mesh = new_mesh()
+    with pytest.raises(InternalError):
+        await mesh.publish(TOPIC, b"x")
+
+
+async def test_busy_port_is_a_clear_error() -> None:
+    first = new_mesh()
+    async with running(first):
+        second = new_mesh(MeshConfig(listen=tuple(first.listen_addrs), mdns=False))
+        with pytest.raises(InvalidInput, match="cannot listen"), trio.fail_after(10):
+            await second.serve()
+
+
+# --- connections and streams ---------------------------------------------------------------------
+
+
+async def test_connect_streams_both_ways_and_eof() -> None:
+    a, b = new_mesh(), new_mesh()
+    a.set_stream_handler(ECHO, echo)
+    b.set_stream_handler(ECHO, echo)
+    connected: list[str] = []
+    disconnected: list[str] = []
+    b.on_peer_connected(connected.append)
+    b.on_peer_disconnected(disconnected.append)
+    async with running(a, b):
+        with trio.fail_after(10):
+            info = await a.connect(b.advertised_addrs[0])
+        assert info.peer_id == b.peer_id
+        assert b.listen_addrs[0] in info.addrs
+        await wait_until(lambda: connected == [a.peer_id])
+        assert peer_ids(b) == {a.peer_id}
+
+        payload = os.urandom(1 << 20)
+        for opener, other in ((a, b), (b, a)):
+            with trio.fail_after(20):
+                stream = await opener.open_stream(other.peer_id, ECHO)
+                assert (stream.protocol, stream.peer_id) == (ECHO, other.peer_id)
+                await stream.write(b"ping")
+                assert await stream.read(100) == b"ping"
+                async with trio.open_nursery() as nursery:
+                    got: list[bytes] = []
+
+                    async def collect(s: MeshStream = stream, out: list[bytes] = got) -> None:
+                        out.append(await read_all(s))
+
+                    nursery.start_soon(collect)
+                    await stream.write(payload)
+                    await stream.close()
+                assert got == [payload]
+                assert await stream.read(100) == b""
+
+        with trio.fail_after(10):
+            await a.disconnect(b.peer_id, "test over")
+        await wait_until(lambda: disconnected == [a.peer_id] and not b.peers())
+
+
+async def test_stream_failures_are_typed() -> None:
+    a, b = new_mesh(), new_mesh()
+
+    async def fail(stream: MeshStream) -> None:
+        await stream.read(10)
+        raise InvalidInput("handler gives up")
+
+    b.set_stream_handler("/ostrom-test/fail/1.0.0", fail)
+    async with running(a, b):
+        with trio.fail_after(10):
+            await a.connect(b.advertised_addrs[0])
+            with pytest.raises(PeerUnreachable):
+                await a.open_stream(b.peer_id, "/ostrom-test/unknown/1.0.0")
+            stream = await a.open_stream(b.peer_id, "/ostrom-test/fail/1.0.0")
+            await stream.write(b"x")
+            with pytest.raises(PeerUnreachable):
+                await stream.read(10)
+            await stream.close()
+            with pytest.raises(InvalidInput):
+                await stream.write(b"after close")
+
+
+async def test_finished_streams_release_their_resources(monkeypatch: pytest.MonkeyPatch) -> None:
+    # py-libp2p keeps a stream (and one of its 10,000 stream slots) until both sides are
+    # closed and it notices; the dialler that closes first and reads to the end never did.
+    a, b = new_mesh(), new_mesh()
+
+    async def reply_and_return(stream: MeshStream) -> None:
+        await stream.read(100)  # one request; the handler does not wait for end of stream
+        await stream.write(b"reply")
+
+    b.set_stream_handler(ECHO, echo)
+    b.set_stream_handler("/ostrom-test/reply/1.0.0", reply_and_return)
+
+    def open_streams(mesh: Mesh) -> int:
+        return sum(len(c.get_streams()) for c in mesh._swarm.get_connections())
+
+    monkeypatch.setattr(mesh_module, "_STREAM_SWEEP_S", 0.5)
+    async with running(a, b):
+        with trio.fail_after(10):
+            await a.connect(b.advertised_addrs[0])
+        await trio.sleep(0.5)  # identify and gossipsub open their own streams first
+        baseline = (open_streams(a), open_streams(b))
+        with trio.fail_after(60):
+            for n in range(100):
+                stream = await a.open_stream(b.peer_id, ECHO)
+                await stream.write(b"request %d" % n)
+                await stream.close()
+                assert await read_all(stream) == b"request %d" % n
+                async with await a.open_stream(b.peer_id, "/ostrom-test/reply/1.0.0") as other:
+                    await other.write(b"request")
+                    assert await other.read(100) == b"reply"
+        await wait_until(lambda: (open_streams(a), open_streams(b)) == baseline)
+        # Closed by both sides but never read to the end: released by the periodic sweep.
+        with trio.fail_after(10):
+            for _ in range(20):
+                stream = await a.open_stream(b.peer_id, ECHO)
+                await stream.write(b"x")
+                await stream.close()
+        await wait_until(lambda: (open_streams(a), open_streams(b)) == baseline)
+
+
+async def test_dead_address_is_unreachable_quickly() -> None:
+    a = new_mesh()
+    nobody = Identity.generate().peer_id
+    async with running(a):
+        with pytest.raises(PeerUnreachable), trio.fail_after(3):
+            await a.connect(f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{nobody}")
+        with pytest.raises(InvalidInput):
+            await a.connect("/ip4/127.0.0.1/tcp/4001")
+        with pytest.raises(InvalidInput):
+            await a.connect(f"/ip4/127.0.0.1/tcp/1/p2p/{a.peer_id}")
+
+
+async def test_simultaneous_dials_leave_a_working_connection() -> None:
+    a, b = new_mesh(), new_mesh()
+    a.set_stream_handler(ECHO, echo)
+    b.set_stream_handler(ECHO, echo)
+    async with running(a, b):
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.connect, b.advertised_addrs[0])
+                nursery.start_soon(b.connect, a.advertised_addrs[0])
+        await trio.sleep(0.5)
+        assert peer_ids(a) == {b.peer_id} and peer_ids(b) == {a.peer_id}
+        for opener, other in ((a, b), (b, a)):
+            with trio.fail_after(10):
+                stream = await opener.open_stream(other.peer_id, ECHO)
+                await stream.write(b"both ways")
+                await stream.close()
+                assert await read_all(stream) == b"both ways"
+
+
+async def test_max_peers_refuses_the_extra_peer() -> None:
+    hub = new_mesh(MeshConfig(listen=LOCAL.listen, mdns=False, max_peers=1))
+    first, extra = new_mesh(), new_mesh()
+    reported: list[str] = []
+    hub.on_peer_connected(reported.append)
+    async with running(hub, first, extra):
+        with trio.fail_after(10):
+            await first.connect(hub.advertised_addrs[0])
+        await wait_until(lambda: peer_ids(hub) == {first.peer_id})
+        try:
+            with trio.fail_after(10):
+                await extra.connect(hub.advertised_addrs[0])
+        except PeerUnreachable:
+            pass  # the hub closed the connection before the dial returned
+        await wait_until(lambda: not extra.peers())
+        assert peer_ids(hub) == {first.peer_id}
+        assert reported == [first.peer_id]
+
+
+async def _negotiate(port: int, protocol: str) -> str:
+    """Propose `protocol` for securing a raw TCP connection; return the listener's answer."""
+
+    def frame(line: str) -> bytes:
+        body = (line + "\n").encode()
+        assert len(body) < 128  # a one-byte varint length
+        return bytes([len(body)]) + body
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(frame("/multistream/1.0.0") + frame(protocol))
+        buffer = b""
+        answers: list[str] = []
+        while len(answers) < 2:
+            data = await stream.receive_some(1024)
+            assert data, "the listener closed the connection"
+            buffer += data
+            while buffer and len(buffer) > buffer[0]:
+                length = buffer[0]
+                answers.append(buffer[1 : 1 + length].decode().rstrip("\n"))
+                buffer = buffer[1 + length :]
+    assert answers[0] == "/multistream/1.0.0"
+    return answers[1]
+
+
+async def test_only_noise_is_offered() -> None:
+    a = new_mesh()
+    async with running(a):
+        port = int(a.listen_addrs[0].rsplit("/", 1)[1])
+        with trio.fail_after(10):
+            assert await _negotiate(port, "/noise") == "/noise"
+            for insecure in ("/plaintext/2.0.0", "/plaintext/1.0.0", "/secio/1.0.0", "/tls/1.0.0"):
+                assert await _negotiate(port, insecure) == "na"
+
+
+# --- gossip --------------------------------------------------------------------------------------
+
+
+async def test_gossip_reaches_subscribers_and_validators_stop_relay() -> None:
+    a, b, c = new_mesh(), new_mesh(), new_mesh()
+    seen: dict[str, list[tuple[str, bytes, str]]] = {"a": [], "b": [], "c": []}
+
+    def recorder(name: str, accept_rejects: bool = True) -> GossipHandler:
+        async def handler(topic: str, data: bytes, sender: str) -> bool:
+            seen[name].append((topic, data, sender))
+            return accept_rejects or not data.startswith(b"reject")
+
+        return handler
+
+    def got(name: str, data: bytes) -> bool:
+        return any(d == data for _, d, _ in seen[name])
+
+    async with running(a, b, c):
+        await a.subscribe(TOPIC, recorder("a"))
+        await b.subscribe(TOPIC, recorder("b", accept_rejects=False))
+        await c.subscribe(TOPIC, recorder("c"))
+        with trio.fail_after(10):
+            await a.connect(b.advertised_addrs[0])
+            await c.connect(b.advertised_addrs[0])
+        # Wait until the gossip meshes have formed: probe until one reaches C through B.
+        with trio.fail_after(20):
+            for n in range(1000):
+                await a.publish(TOPIC, b"probe %d" % n)
+                with trio.move_on_after(0.3):
+                    await wait_until(lambda: any(d.startswith(b"probe") for _, d, _ in seen["c"]))
+                    break
+
+        await a.publish(TOPIC, b"hello")
+        await wait_until(lambda: got("b", b"hello") and got("c", b"hello"))
+        assert (TOPIC, b"hello", b.peer_id) in seen["c"]  # the neighbour that relayed it
+        assert (TOPIC, b"hello", a.peer_id) in seen["b"]
+        assert seen["a"] == []  # a node's own messages do not go through its handler
+
+        await a.publish(TOPIC, b"reject me")
+        await wait_until(lambda: got("b", b"reject me"))
+        await a.publish(TOPIC, b"after")
+        await wait_until(lambda: got("c", b"after"))
+        await trio.sleep(1.5)  # a heartbeat's worth of gossip, which must not carry it either
+        assert not got("c", b"reject me")
+
+        await c.unsubscribe(TOPIC)
+        count = len(seen["c"])
+        await a.publish(TOPIC, b"after unsubscribe")
+        await wait_until(lambda: got("b", b"after unsubscribe"))
+        await trio.sleep(0.5)
+        assert len(seen["c"]) == count
+
+
+async def test_a_burst_of_gossip_is_not_dropped() -> None:
+    # py-libp2p drops what does not fit a peer's 32-message queue; publish paces itself.
+    a, b = new_mesh(), new_mesh()
+    received: set[bytes] = set()
+
+    async def handler(topic: str, data: bytes, sender: str) -> bool:
+        received.add(data)
+        return True
+
+    async with running(a, b):
+        await a.subscribe(TOPIC, handler)
+        await b.subscribe(TOPIC, handler)
+        with trio.fail_after(10):
+            await a.connect(b.advertised_addrs[0])
+        with trio.fail_after(20):
+            for n in range(1000):
+                await a.publish(TOPIC, b"probe %d" % n)
+                with trio.move_on_after(0.3):
+                    await wait_until(lambda: bool(received))
+                    break
+        with pytest.raises(TooLarge):
+            await a.publish(TOPIC, bytes(1 << 20))
+        burst = [b"record %d" % n for n in range(300)]
+        with trio.fail_after(30):
+            for message in burst:
+                await a.publish(TOPIC, message)
+        await wait_until(lambda: received.issuperset(burst), 30)
+
+
+# --- DHT -----------------------------------------------------------------------------------------
+
+
+async def test_find_providers_across_three_nodes() -> None:
+    a, b, c = new_mesh(), new_mesh(), new_mesh()
+    key = CID.of_dag_cbor(b"a project").raw
+    async with running(a, b, c):
+        with trio.fail_after(10):
+            await a.connect(b.advertised_addrs[0])
+            await c.connect(b.advertised_addrs[0])
+        assert a.peer_id not in peer_ids(c)
+        found: list[PeerInfo] = []
+        with trio.fail_after(30):
+            while not found:
+                await a.provide(key)
+                found = await c.find_providers(key, timeout=3)
+                if not found:
+                    await trio.sleep(0.2)
+        assert [p.peer_id for p in found] == [a.peer_id]
+        assert a.listen_addrs[0] in found[0].addrs
+        with trio.fail_after(10):
+            await a.provide(key)  # providing again must not duplicate the answer
+            again = await c.find_providers(key, timeout=3)
+        assert [p.peer_id for p in again] == [a.peer_id]
+        with pytest.raises(DecodeError):
+            await a.provide(b"not a cid")
+
+
+# --- discovery -----------------------------------------------------------------------------------
+
+
+def _multicast_route() -> bool:
+    """Whether the kernel has a route for mDNS multicast (connecting a UDP socket sends nothing)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("224.0.0.251", 5353))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+async def test_mdns_finds_and_connects() -> None:
+    if not _multicast_route():
+        pytest.skip("no multicast route in this sandbox: mDNS cannot work here")
+    config = MeshConfig(listen=LOCAL.listen, mdns=True, dht=False)
+    a, b = new_mesh(config), new_mesh(config)
+    async with running(a, b):
+        # Other Ostrom nodes on this machine may answer too; only these two matter.
+        await wait_until(lambda: b.peer_id in peer_ids(a) and a.peer_id in peer_ids(b), 30)
+
+
+# --- the inbound-slot leak -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_hundreds_of_connections_to_one_host() -> None:
+    # py-libp2p's listener holds a slot per inbound connection until it stops (about 250 by
+    # default); 300 lifetime connections must leave the host accepting new ones.
+    hub = new_mesh()
+    clients = [new_mesh() for _ in range(3)]
+    hub.set_stream_handler(ECHO, echo)
+
+    async def cycles(client: Mesh, count: int) -> None:
+        for _ in range(count):
+            with trio.fail_after(10):
+                await client.connect(hub.advertised_addrs[0])
+                await client.disconnect(hub.peer_id, "cycle")
+            await wait_until(lambda: client.peer_id not in peer_ids(hub))
+
+    async with running(hub, *clients):
+        tasks_before = count_tasks()
+        async with trio.open_nursery() as nursery:
+            for client in clients:
+                nursery.start_soon(cycles, client, 100)
+        await trio.sleep(1)
+        # py-libp2p would keep one task (and its memory) per inbound connection until shutdown.
+        assert count_tasks() < tasks_before + 30
+        latecomer = new_mesh()
+        async with running(latecomer):
+            with trio.fail_after(10):
+                await latecomer.connect(hub.advertised_addrs[0])
+                stream = await latecomer.open_stream(hub.peer_id, ECHO)
+                await stream.write(b"still alive")
+                await stream.close()
+                assert await read_all(stream) == b"still alive"
