@@ -49,6 +49,10 @@ MAX_CONCURRENT_SYNCS: Final = 4
 PROVIDE_INTERVAL_S: Final = 600.0
 # Queued sync requests; past this, requests are dropped (the periodic sync covers them).
 SYNC_QUEUE: Final = 1024
+# Attempts to complete a project's blocks when peers lacked some, and the first wait between
+# them (doubling): a relay usually has them within a second or two of the record.
+BLOCK_RETRIES: Final = 5
+BLOCK_RETRY_FIRST_S: Final = 1.0
 # How long a follow of an unseen project keeps looking for providers before giving up.
 FIND_TIMEOUT_S: Final = 20.0
 
@@ -263,10 +267,22 @@ class Replicator:
             log.info("serving blocks to %s stopped: %s", stream.peer_id, exc.message)
 
     async def _complete_blocks(self, project: CID, peers: Sequence[str]) -> None:
-        """Fetch the changesets, manifests and (following in full) file blocks `project` lacks."""
+        """Fetch what `project` lacks; when peers lacked some of it (a relay that has the
+        record but is still fetching its blocks), try again a few times with backoff."""
+        delay = BLOCK_RETRY_FIRST_S
+        for _ in range(BLOCK_RETRIES):
+            if not await self._fetch_missing_blocks(project, peers):
+                return
+            await trio.sleep(delay)
+            delay *= 2
+
+    async def _fetch_missing_blocks(self, project: CID, peers: Sequence[str]) -> bool:
+        """Fetch the changesets, manifests and (following in full) file blocks `project` lacks.
+
+        Returns True if some are still missing."""
         mode = await self.service.db(lambda store: store.follow_mode(project))
         if mode is None:
-            return
+            return False
         sources = list(peers) + [
             p for p, projects in self._shared.items() if project in projects and p not in peers
         ]
@@ -295,6 +311,9 @@ class Replicator:
                     "missing": result.missing,
                 }
             )
+            if result.missing:
+                return True
+        return False
 
     # --- DHT -----------------------------------------------------------------------------------
 

@@ -1,0 +1,206 @@
+"""End to end over the libp2p mesh: real `ostrom daemon` processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from ostrom.crypto.cid import CID
+from ostrom.crypto.keys import Identity
+from ostrom.protocol.records import Need, sign
+from tests.daemons import Daemon, DaemonFactory
+
+pytestmark = pytest.mark.slow
+
+# How long replication may take to show on another node: gossip arrives in milliseconds,
+# a sync on connect within a second or two; the bound is for a loaded CI machine.
+REPLICATION_TIMEOUT = 45.0
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = REPLICATION_TIMEOUT) -> Any:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def address(node: Daemon) -> str:
+    return str(node.json("status")["addresses"][0])
+
+
+def statuses(node: Daemon, project: str) -> dict[str, str]:
+    return {e["cid"]: e["status"] for e in node.json("log", project)}
+
+
+def test_three_nodes_replicate_and_agree(daemons: DaemonFactory, tmp_path: Path) -> None:
+    alice = daemons.make("alice")
+    hub = address(alice)
+    bob, carol = daemons.make("bob", "--bootstrap", hub), daemons.make("carol", "--bootstrap", hub)
+    bob_id = bob.json("id")["peer_id"]
+    project = alice.json(
+        "project", "create", "commons", "--license", "MIT", "--maintainer", bob_id
+    )["cid"]
+    for node in (bob, carol):
+        node.json("follow", project)
+    wait_for(
+        lambda: all(project in [p["cid"] for p in n.json("project", "list")] for n in (bob, carol)),
+        "bob and carol to have the project",
+    )
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "design.scad").write_text("cube(10);\n")
+    (src / "notes.bin").write_bytes(os.urandom(700_000))
+    by_carol = carol.json("contribute", project, str(src), "-m", "carol's design")["cid"]
+    assert carol.json("show", by_carol)["status"] == "pending"
+    wait_for(lambda: by_carol in statuses(bob, project), "carol's work to reach bob")
+    bob.json("validate", by_carol, "--accept", "--note", "looks good")
+
+    everyone = (alice, bob, carol)
+    wait_for(
+        lambda: all(statuses(n, project).get(by_carol) == "accepted" for n in everyone),
+        "every node to see carol's work accepted",
+    )
+    trees = [n.json("tree", project) for n in everyone]
+    assert trees[0] == trees[1] == trees[2]
+    assert {f["path"] for f in trees[0]["files"]} == {"design.scad", "notes.bin"}
+    for node in everyone:
+        out = tmp_path / f"out-{node.data_dir.name}"
+        wait_for(
+            lambda n=node, o=out: (
+                n.cli("checkout", project, str(o), "--force", check=False).returncode == 0
+            ),
+            f"{node.data_dir.name} to check out",
+        )
+        assert (out / "notes.bin").read_bytes() == (src / "notes.bin").read_bytes()
+    peers = {p["peer_id"]: p for p in alice.json("peers")}
+    assert project in peers[bob_id]["projects"]
+
+
+def test_a_20_mib_artifact_moves_and_verifies(daemons: DaemonFactory, tmp_path: Path) -> None:
+    alice = daemons.make("alice")
+    bob = daemons.make("bob", "--bootstrap", address(alice))
+    project = alice.json("project", "create", "big", "--license", "CC0-1.0")["cid"]
+    artifact = tmp_path / "artifact.bin"
+    artifact.write_bytes(os.urandom(20 * 1024 * 1024))
+    alice.json("contribute", project, str(artifact), "-m", "a big design file")
+    bob.json("follow", project)
+    wait_for(
+        lambda: bob.json("status")["store"]["block_bytes"] >= 20 * 1024 * 1024,
+        "bob to hold the artifact's blocks",
+    )
+    out = tmp_path / "out"
+    bob.json("checkout", project, str(out))
+    assert (out / "artifact.bin").read_bytes() == artifact.read_bytes()
+
+
+def test_a_stopped_node_catches_up(daemons: DaemonFactory, tmp_path: Path) -> None:
+    alice = daemons.make("alice")
+    hub = address(alice)
+    bob = daemons.make("bob", "--bootstrap", hub)
+    project = alice.json("project", "create", "journal", "--license", "MIT")["cid"]
+    bob.json("follow", project)
+    wait_for(lambda: len(statuses(bob, project)) == 1, "bob to have the genesis")
+    bob.stop()
+    page = tmp_path / "page.md"
+    made = []
+    for day in range(3):
+        page.write_text(f"day {day}\n")
+        made.append(alice.json("contribute", project, str(page), "-m", f"day {day}")["cid"])
+    need = alice.json("need", "create", project, "Illustrations")["cid"]
+    bob.start("--bootstrap", hub)
+    wait_for(lambda: set(made) <= set(statuses(bob, project)), "bob to catch up on restart")
+    wait_for(
+        lambda: [n["cid"] for n in bob.json("need", "list", project)] == [need],
+        "bob to have the need",
+    )
+    assert bob.json("tree", project) == alice.json("tree", project)
+
+
+def test_a_fork_made_on_one_node_is_seen_on_another(daemons: DaemonFactory) -> None:
+    alice = daemons.make("alice")
+    bob = daemons.make("bob", "--bootstrap", address(alice))
+    project = alice.json("project", "create", "upstream", "--license", "MIT")["cid"]
+    bob.json("follow", project)
+    wait_for(lambda: len(statuses(bob, project)) == 1, "bob to have the project")
+    fork = bob.json("fork", project, "--name", "bobs-fork")["cid"]
+    wait_for(
+        lambda: [f["project"] for f in alice.json("forks", project)["forks"]] == [fork],
+        "alice to see bob's fork",
+    )
+
+
+def test_a_project_known_only_by_cid_is_found_through_the_dht(daemons: DaemonFactory) -> None:
+    hub = daemons.make("hub")  # follows nothing: it only routes
+    hub_addr = address(hub)
+    alice = daemons.make("alice", "--bootstrap", hub_addr)
+    project = alice.json("project", "create", "findme", "--license", "MIT")["cid"]
+    dora = daemons.make("dora", "--bootstrap", hub_addr)
+    alice_id = alice.json("id")["peer_id"]
+    assert alice_id not in {p["peer_id"] for p in dora.json("peers")}
+    followed = dora.json("follow", project)
+    assert followed["present"] is False
+    wait_for(
+        lambda: project in [p["cid"] for p in dora.json("project", "list")],
+        "dora to find alice through the DHT and replicate the project",
+    )
+    assert alice_id in {p["peer_id"] for p in dora.json("peers")}
+
+
+async def test_a_peer_gossiping_forged_records_is_dropped(daemons: DaemonFactory) -> None:
+    from ostrom.node.mesh import Mesh, MeshConfig
+    from ostrom.node.replication import topic_of
+
+    alice = await trio.to_thread.run_sync(daemons.make, "alice")
+    project = (
+        await trio.to_thread.run_sync(alice.json, "project", "create", "target", "--license", "MIT")
+    )["cid"]
+    before = (await trio.to_thread.run_sync(alice.json, "status"))["store"]["records"]
+    addr = await trio.to_thread.run_sync(address, alice)
+    alice_id = addr.rsplit("/p2p/", 1)[1]
+
+    mallory = Identity.generate()
+    mesh = Mesh(mallory.seed, MeshConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False))
+    forged = []
+    for i in range(5):
+        need = sign(
+            Need(
+                author=mallory.public_key,
+                ts=1_700_000_000_000 + i,
+                project=CID.parse(project),
+                title=f"forged {i}",
+            ),
+            mallory,
+        )
+        forged.append(need.data[:-1] + bytes([need.data[-1] ^ 1]))  # break the signature
+
+    async def nothing(topic: str, data: bytes, peer: str) -> bool:
+        return True
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mesh.serve)
+            await mesh.connect(addr)
+            await mesh.subscribe(topic_of(CID.parse(project)), nothing)
+            await trio.sleep(3)  # let the topic mesh form (1 s heartbeats)
+            for data in forged:
+                await mesh.publish(topic_of(CID.parse(project)), data)
+                await trio.sleep(0.3)
+            while alice_id in {p.peer_id for p in mesh.peers()}:
+                await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    after = (await trio.to_thread.run_sync(alice.json, "status"))["store"]["records"]
+    assert after == before  # nothing mallory sent was stored
+    log = await trio.to_thread.run_sync(alice.log)
+    assert "failed verification" in log
