@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import pytest
 import trio
@@ -442,25 +444,60 @@ async def test_find_providers_across_three_nodes() -> None:
 # --- discovery -----------------------------------------------------------------------------------
 
 
-def _multicast_route() -> bool:
-    """Whether the kernel has a route for mDNS multicast (connecting a UDP socket sends nothing)."""
+# Two meshes with mDNS on, in a process of their own: prints "found" once they connected.
+_MDNS_SCRIPT = """
+import trio
+from ostrom.crypto.keys import Identity
+from ostrom.node.mesh import Mesh, MeshConfig
+
+async def main():
+    config = MeshConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=True, dht=False)
+    a, b = Mesh(Identity.generate().seed, config), Mesh(Identity.generate().seed, config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.serve)
+        await nursery.start(b.serve)
+        with trio.move_on_after(30):
+            while b.peer_id not in {p.peer_id for p in a.peers()}:
+                await trio.sleep(0.2)
+        print("found" if b.peer_id in {p.peer_id for p in a.peers()} else "not found")
+        nursery.cancel_scope.cancel()
+
+trio.run(main)
+"""
+
+
+@contextmanager
+def network_namespace() -> Iterator[str]:
+    """A network namespace of this test's own, with multicast on its loopback only.
+
+    mDNS multicasts; inside the namespace the only interface is `lo`, so nothing leaves the
+    machine and no other node on it can answer.
+    """
+    name = f"ostrom-mdns-{os.getpid()}"
+    setup = [
+        ["ip", "netns", "add", name],
+        ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+        ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "multicast", "on"],
+        ["ip", "netns", "exec", name, "ip", "route", "add", "224.0.0.0/4", "dev", "lo"],
+    ]
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.connect(("224.0.0.251", 5353))
-    except OSError:
-        return False
-    return True
+        for command in setup:
+            subprocess.run(command, check=True, capture_output=True, timeout=30)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
 
 
 @pytest.mark.slow
-async def test_mdns_finds_and_connects() -> None:
-    if not _multicast_route():
-        pytest.skip("no multicast route in this sandbox: mDNS cannot work here")
-    config = MeshConfig(listen=LOCAL.listen, mdns=True, dht=False)
-    a, b = new_mesh(config), new_mesh(config)
-    async with running(a, b):
-        # Other Ostrom nodes on this machine may answer too; only these two matter.
-        await wait_until(lambda: b.peer_id in peer_ids(a) and a.peer_id in peer_ids(b), 30)
+def test_mdns_finds_and_connects() -> None:
+    with network_namespace() as namespace:
+        result = subprocess.run(
+            ["ip", "netns", "exec", namespace, sys.executable, "-c", _MDNS_SCRIPT],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    assert result.stdout.strip() == "found", result.stderr[-2000:]
 
 
 # --- the inbound-slot leak -----------------------------------------------------------------------
