@@ -171,7 +171,7 @@ class Replicator:
                     self._drop, from_peer, f"{strikes} gossiped records failed verification"
                 )
             return False
-        new = await self.service._store_new([record], "gossip")
+        new = await self.service.store_new([record], "gossip")
         if new:
             present = await self._present(record.parents)
             if any(parent not in present for parent in record.parents):

@@ -124,7 +124,10 @@ class NodeService:
         self._last_ts = max(int(self._clock() * 1000), self._last_ts + 1)
         return self._last_ts
 
-    async def _store_new(self, records: Sequence[SignedRecord], origin: str) -> list[CID]:
+    async def store_new(self, records: Sequence[SignedRecord], origin: str) -> list[CID]:
+        """Store verified records; returns those that were new, after updating the sync
+        indexes, telling the record listeners, and publishing events and status changes.
+        `origin` says where they came from: local, import, sync or gossip."""
         if not records:
             return []
         projects = {record.project for record in records}
@@ -195,7 +198,7 @@ class NodeService:
     async def sign_and_store(self, body: Body) -> SignedRecord:
         """Sign `body` with this node's key and store it (events and status changes follow)."""
         record = sign(body, self.identity)
-        await self._store_new([record], "local")
+        await self.store_new([record], "local")
         return record
 
     # --- what a sync session needs (ostrom.node.sync.SyncHost) -----------------------------
@@ -239,7 +242,7 @@ class NodeService:
             good.append(item)
         if result.refused:
             log.info("peer %s sent %d record(s) that were refused", peer_id, result.refused)
-        new = set(await self._store_new(good, "sync"))
+        new = set(await self.store_new(good, "sync"))
         result.stored = [r.cid for r in good if r.cid in new]
         result.known = [r.cid for r in good if r.cid not in new]
         parents = {p for r in good if r.cid in new for p in r.parents}

@@ -121,7 +121,7 @@ async def _ingest(node: NodeService, items: Sequence[bytes]) -> dict[str, Any]:
     decoded = await node.verifier.decode_records(items)
     good = [item for item in decoded if isinstance(item, SignedRecord)]
     refused = [item for item in decoded if isinstance(item, Refusal)]
-    new = await node._store_new(good, "import")
+    new = await node.store_new(good, "import")
     return {
         "stored": [str(cid) for cid in new],
         "known": len(good) - len(new),
@@ -144,7 +144,7 @@ async def car_import(node: NodeService, params: Params, conn: RpcConnection) -> 
     blocks = [(item.cid, item.data) for item in decoded if isinstance(item, Block)]
     refused = [item for item in decoded if isinstance(item, Refusal)]
     stored_blocks = await node.db(lambda store: store.put_blocks(blocks)) if blocks else 0
-    new = await node._store_new(records, "import")
+    new = await node.store_new(records, "import")
     return {
         "stored": [str(cid) for cid in new],
         "known": len(records) - len(new),
