@@ -223,8 +223,8 @@ class NodeService:
         return index
 
     async def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
-        found = await self.db(lambda store: store.get_records(cids))
-        return [found[cid].data for cid in cids if cid in found]
+        found = await self.db(lambda store: store.get_record_bytes(cids))
+        return [found[cid] for cid in cids if cid in found]
 
     async def sync_ingest(
         self, items: Sequence[bytes], peer_id: str, project: CID | None = None

@@ -344,6 +344,21 @@ class Store:
                 out[cid] = _decode_stored(cid, data)
         return out
 
+    def get_record_bytes(self, cids: Iterable[CID]) -> dict[CID, bytes]:
+        """The stored bytes of the records among `cids`, checked against their CIDs but not
+        decoded: what a peer is sent, which it verifies itself."""
+        wanted = list({c.raw for c in cids})
+        out: dict[CID, bytes] = {}
+        for chunk in _chunks(wanted):
+            sql = f"SELECT cid, data FROM records WHERE cid IN ({_placeholders(len(chunk))})"
+            for raw, data in self._conn.execute(sql, chunk).fetchall():
+                cid = _stored_cid(raw, "record")
+                data = bytes(data)
+                if not cid.matches(data):
+                    raise StoreCorrupt(f"record {cid}: stored bytes do not match its CID")
+                out[cid] = data
+        return out
+
     def has_records(self, cids: Iterable[CID]) -> set[CID]:
         """Which of `cids` are stored records (without reading or checking their bytes)."""
         by_raw = {c.raw: c for c in cids}

@@ -52,6 +52,9 @@ MAX_WANT: Final = 1024
 # Reconciliation rounds: log_16 of a million records is 5; the slack covers message-size
 # splits. A peer that needs more is not converging and is cut off.
 MAX_RECONCILE_ROUNDS: Final = 64
+# Wants sent ahead of their answers: two keep the responder reading the next want while this
+# side verifies the answer to the last; each is bounded by MAX_WANT records.
+WANTS_IN_FLIGHT: Final = 2
 # Rounds of fetching missing parents after the first transfer: a fork's merge of upstream
 # work needs one or two; each round may fetch many records.
 MAX_ANCESTOR_ROUNDS: Final = 16
@@ -238,8 +241,7 @@ class _Puller:
             self.outstanding -= len(items) + len(missing)
             if items:
                 await self.take_in(items)
-            if self.outstanding == 0:
-                self.answered.set()
+            self.answered.set()
 
     async def take_in(self, items: list[bytes]) -> None:
         unwanted = [item for item in items if CID.of_dag_cbor(item) not in self.wanted]
@@ -255,15 +257,20 @@ class _Puller:
         self.chasing.update(ingest.missing_parents - self.wanted)
 
     async def ask(self, cids: Sequence[CID]) -> None:
+        """Send wants for `cids`, keeping up to WANTS_IN_FLIGHT unanswered, then wait for
+        every answer: the responder reads the next want while this side verifies."""
         if len(self.wanted) + len(cids) > MAX_SESSION_RECORDS:
             raise PeerMisbehaving("the session asked for more records than any project holds")
         for start in range(0, len(cids), MAX_WANT):
             chunk = cids[start : start + MAX_WANT]
+            while self.outstanding > (WANTS_IN_FLIGHT - 1) * MAX_WANT:
+                self.answered = trio.Event()
+                await self.answered.wait()
             self.wanted.update(chunk)
             self.outstanding += len(chunk)
-            self.answered = trio.Event()
             await self.framed.send({"t": "want", "cids": [cid.raw for cid in chunk]})
-            # One want at a time: its answers are bounded by MAX_WANT records.
+        while self.outstanding:
+            self.answered = trio.Event()
             await self.answered.wait()
 
     async def run(self, need: list[CID], have: list[CID]) -> None:
