@@ -1,0 +1,241 @@
+"""A large artifact between daemons, beside a raw py-libp2p stream between the same hosts.
+
+Ceiling: two processes, each a `ostrom.node.mesh.Mesh` on 127.0.0.1 (Noise + Yamux, as the
+daemon uses), one streaming SIZE bytes in 1 MiB writes over a custom protocol to the other,
+which reads to the end and acknowledges; MB/s (MB = 10^6 bytes) from `open_stream` to ack.
+Measured: daemon A contributes a SIZE random file to a project; daemon B, bootstrapped to A,
+follows it in full; MB/s is the file size over the time from `follow` until B's
+`block_bytes` reaches A's. Then three holders A1..A3 (A2, A3 `ostrom import` A1's CAR
+export) and a fresh B bootstrapped to all three.
+
+    python -m bench.artifact [--mib 256] [--out bench/results/artifact.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.catchup import Daemon
+from ostrom.client import Client
+from ostrom.errors import OstromError
+
+# The raw stream's write size: what the brief fixes for the ceiling.
+WRITE_BYTES = 1 << 20
+RAW_PROTOCOL = "/ostrom-bench/raw/1.0.0"
+# Status polling while a fetch runs: coarse enough not to load the daemon.
+POLL_S = 0.2
+
+
+async def _raw_receiver() -> None:
+    import trio
+
+    from ostrom.node.mesh import Mesh, MeshConfig, MeshStream
+
+    mesh = Mesh(os.urandom(32), MeshConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False, dht=False))
+
+    async def handle(stream: MeshStream) -> None:
+        total = 0
+        while chunk := await stream.read(WRITE_BYTES):
+            total += len(chunk)
+        await stream.write(struct.pack(">Q", total))
+        await stream.close()
+
+    mesh.set_stream_handler(RAW_PROTOCOL, handle)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mesh.serve)
+        print(mesh.advertised_addrs[0], flush=True)
+        await trio.sleep_forever()
+
+
+async def _raw_send(addr: str, size: int) -> float:
+    import trio
+
+    from ostrom.node.mesh import Mesh, MeshConfig
+
+    mesh = Mesh(os.urandom(32), MeshConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False, dht=False))
+    payload = os.urandom(WRITE_BYTES)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mesh.serve)
+        peer = await mesh.connect(addr)
+        start = time.perf_counter()
+        stream = await mesh.open_stream(peer.peer_id, RAW_PROTOCOL)
+        for _ in range(size // WRITE_BYTES):
+            await stream.write(payload)
+        await stream.close()
+        ack = b""
+        while len(ack) < 8:
+            chunk = await stream.read(8)
+            if not chunk:
+                break
+            ack += chunk
+        elapsed = time.perf_counter() - start
+        assert struct.unpack(">Q", ack)[0] == size, ack
+        await stream.finish()
+        nursery.cancel_scope.cancel()
+    return elapsed
+
+
+def raw_stream_mb_s(size: int) -> float:
+    import trio
+
+    receiver = subprocess.Popen(
+        [sys.executable, "-m", "bench.artifact", "--raw-receiver"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert receiver.stdout is not None
+        addr = receiver.stdout.readline().strip()
+        elapsed = trio.run(_raw_send, addr, size)
+        return size / elapsed / 1e6
+    finally:
+        receiver.terminate()
+        receiver.wait(20)
+
+
+def collect_fetches(home: Path, out: list[dict[str, Any]]) -> None:
+    client = Client(home, timeout=None)
+    try:
+        for event in client.events():
+            if event.get("type") == "blocks.fetched":
+                out.append(event)
+    except (OstromError, OSError):  # the daemon stopping ends the stream
+        return
+
+
+def wait_bytes(daemon: Daemon, target: int, timeout: float) -> float:
+    start = time.perf_counter()
+    while True:
+        held = daemon.client.status()["store"]["block_bytes"]
+        if held >= target:
+            return time.perf_counter() - start
+        if time.perf_counter() - start > timeout:
+            raise TimeoutError(f"{held} of {target} block bytes after {timeout} s")
+        time.sleep(POLL_S)
+
+
+def wait_peers(daemon: Daemon, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while daemon.client.status()["peers"] < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"fewer than {count} peers after 30 s")
+        time.sleep(0.05)
+
+
+def fetch_mb_s(
+    holders: list[Daemon], home: Path, project: str, target: int, size: int, timeout: float
+) -> dict[str, Any]:
+    b = Daemon(home, bootstrap=[h.addr() for h in holders])
+    fetched: list[dict[str, Any]] = []
+    try:
+        b.wait_ready()
+        wait_peers(b, len(holders))
+        threading.Thread(target=collect_fetches, args=(b.home, fetched), daemon=True).start()
+        time.sleep(0.3)
+        start = time.perf_counter()
+        b.client.follow(project)
+        elapsed = (time.perf_counter() - start) + wait_bytes(b, target, timeout)
+        time.sleep(1.0)  # let the fetch tasks report
+        return {
+            "seconds": round(elapsed, 2),
+            "mb_s": round(size / elapsed / 1e6, 1),
+            # Sum over B's `blocks.fetched` events: above the artifact's size means the
+            # same blocks were downloaded more than once.
+            "bytes_fetched_reported": sum(e.get("bytes", 0) for e in fetched),
+            "fetch_events": len(fetched),
+        }
+    finally:
+        b.stop()
+
+
+def run(size: int, workdir: Path, timeout: float) -> dict[str, Any]:
+    raw = raw_stream_mb_s(size)
+    artifact = workdir / "artifact.bin"
+    with open(artifact, "wb") as f:
+        for _ in range(size // WRITE_BYTES):
+            f.write(os.urandom(WRITE_BYTES))
+    holders = [Daemon(workdir / f"a{i}") for i in range(3)]
+    try:
+        for h in holders:
+            h.wait_ready()
+        a = holders[0]
+        project = a.client.create_project("artifact", license="MIT")["cid"]
+        t0 = time.perf_counter()
+        a.client.contribute(project, [artifact], message="artifact")
+        contribute_s = time.perf_counter() - t0
+        target = a.client.status()["store"]["block_bytes"]
+        one = fetch_mb_s([a], workdir / "b1", project, target, size, timeout)
+        car = workdir / "project.car"
+        a.client.export_car(project, car)
+        t0 = time.perf_counter()
+        for h in holders[1:]:
+            h.client.import_car(car)
+            assert h.client.status()["store"]["block_bytes"] >= target
+        import_s = (time.perf_counter() - t0) / 2
+        three = fetch_mb_s(holders, workdir / "b3", project, target, size, timeout)
+        raw_after = raw_stream_mb_s(size)
+    finally:
+        for h in holders:
+            h.stop()
+    return {
+        "raw_stream_mb_s": [round(raw, 1), round(raw_after, 1)],
+        "one_peer": one,
+        "three_peers": three,
+        "contribute_into_a_s": round(contribute_s, 2),
+        "import_car_s": round(import_s, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--out", default="bench/results/artifact.json")
+    parser.add_argument("--raw-receiver", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.raw_receiver:
+        import trio
+
+        trio.run(_raw_receiver)
+        return {}
+    size = args.mib << 20
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = run(size, Path(tmp), args.timeout)
+    raw = max(figures["raw_stream_mb_s"])
+    result = {
+        "benchmark": "artifact",
+        "bytes": size,
+        **figures,
+        "ratio_one_peer": round(figures["one_peer"]["mb_s"] / raw, 3),
+        "ratio_three_peers": round(figures["three_peers"]["mb_s"] / raw, 3),
+        "three_faster_than_one": figures["three_peers"]["mb_s"] > figures["one_peer"]["mb_s"],
+        "target_ratio": 0.8,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "command": "python -m bench.artifact "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

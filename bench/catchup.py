@@ -1,0 +1,203 @@
+"""Catch-up of a project from one peer: records/s beside the single-thread verify ceiling.
+
+Daemon A gets an N-record project by `ostrom import` of a CAR built in process (signed
+records from `bench.import_rate.make_records`). Daemon B, bootstrapped to A, follows the
+project; the figure is N over the time from `follow` until B's store holds all N records.
+The ceiling is PyNaCl's raw ed25519 verify rate on one thread over the same records,
+measured in the same run right before the catch-up.
+
+    python -m bench.catchup [--records N] [--out bench/results/catchup.json]
+
+This module also holds `Daemon`, the small helper the other network benchmarks use to run
+real daemon processes on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.import_rate import make_records, verify_ceiling
+from ostrom.client import Client
+from ostrom.crypto.cid import CID
+from ostrom.errors import OstromError
+from ostrom.protocol.car import encode_header, encode_section
+from ostrom.protocol.records import SignedRecord
+
+# Seconds a daemon gets to open its RPC socket: startup imports libp2p (a few seconds on
+# a loaded 2-core machine with many daemons starting).
+START_TIMEOUT_S = 60.0
+# Poll interval while waiting for a store to fill: small beside catch-ups of seconds.
+POLL_S = 0.05
+
+
+class Daemon:
+    """A real `python -m ostrom.node` process listening on 127.0.0.1 (any free port)."""
+
+    def __init__(self, home: Path, bootstrap: list[str] | None = None) -> None:
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "ostrom.node",
+            "--data-dir",
+            str(home),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--no-mdns",
+            "--log-level",
+            "warning",
+        ]
+        for addr in bootstrap or []:
+            cmd += ["--bootstrap", addr]
+        self.log = open(home / "daemon.log", "wb")  # noqa: SIM115 (closed in `stop`)
+        self.proc = subprocess.Popen(
+            cmd, env=dict(os.environ, OSTROM_HOME=str(home)), stderr=self.log
+        )
+        self._client: Client | None = None
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (self.home / "ostrom.sock").exists():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"daemon in {self.home} did not start")
+            time.sleep(0.05)
+        while True:
+            try:
+                Client(self.home, timeout=30).status()
+                return
+            except (OstromError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.home, timeout=300)
+        return self._client
+
+    def addr(self) -> str:
+        """A multiaddr ending in /p2p/<id> on 127.0.0.1."""
+        addrs: list[str] = self.client.status()["addresses"]
+        return next(a for a in addrs if "/127.0.0.1/" in a)
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+def write_car(path: Path, records: list[SignedRecord], blocks: list[tuple[CID, bytes]]) -> None:
+    with open(path, "wb") as f:
+        f.write(encode_header([records[0].cid]))
+        for r in records:
+            f.write(encode_section(r.cid, r.data))
+        for cid, data in blocks:
+            f.write(encode_section(cid, data))
+
+
+def wait_records(client: Client, count: int, timeout: float) -> float:
+    """Seconds until the daemon's store holds `count` records (raises on timeout)."""
+    start = time.perf_counter()
+    deadline = start + timeout
+    while True:
+        held = client.status()["store"]["records"]
+        if held >= count:
+            return time.perf_counter() - start
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"store holds {held} of {count} records after {timeout} s")
+        time.sleep(POLL_S)
+
+
+def catchup(records: list[SignedRecord], workdir: Path, timeout: float) -> dict[str, Any]:
+    car = workdir / "project.car"
+    write_car(car, records, [])
+    a = Daemon(workdir / "a")
+    b: Daemon | None = None
+    try:
+        a.wait_ready()
+        t0 = time.perf_counter()
+        summary = a.client.import_car(car)
+        import_s = time.perf_counter() - t0
+        assert summary["stored"] == len(records), summary
+        b = Daemon(workdir / "b", bootstrap=[a.addr()])
+        b.wait_ready()
+        # Wait for the connection so the figure is catch-up, not dialling.
+        deadline = time.monotonic() + 30
+        while b.client.status()["peers"] < 1 and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+        ceiling = verify_ceiling(records)
+        project = str(records[0].cid)
+        start = time.perf_counter()
+        b.client.follow(project)
+        first_wait = time.perf_counter() - start
+        elapsed = first_wait + wait_records(b.client, len(records), timeout)
+        return {
+            "ceiling": ceiling,
+            "rate": len(records) / elapsed,
+            "seconds": elapsed,
+            "import_into_a_s": import_s,
+        }
+    finally:
+        if b is not None:
+            b.stop()
+        a.stop()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--out", default="bench/results/catchup.json")
+    args = parser.parse_args(argv)
+    records = make_records(args.records)
+    runs = []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            runs.append(catchup(records, Path(tmp), args.timeout))
+    ratios = sorted(r["rate"] / r["ceiling"] for r in runs)
+    result = {
+        "benchmark": "catchup",
+        "records": len(records),
+        "ratio_median": round(ratios[len(ratios) // 2], 3),
+        "records_per_s": [round(r["rate"]) for r in runs],
+        "verify_ceiling_per_s": [round(r["ceiling"]) for r in runs],
+        "seconds": [round(r["seconds"], 2) for r in runs],
+        "import_into_a_s": [round(r["import_into_a_s"], 2) for r in runs],
+        "target_ratio": 0.65,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "command": "python -m bench.catchup "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

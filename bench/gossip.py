@@ -1,0 +1,237 @@
+"""Time for a new record to reach every node of a mesh of real daemons, p50 and p99.
+
+NODES daemons on 127.0.0.1 in a random connected topology (node i bootstraps to up to two
+random earlier nodes), all following one project. Node 0 creates RATE needs per second
+for SECONDS seconds; a thread per daemon streams its `record.added` events and stamps
+each arrival with the shared monotonic clock. A record's time-to-all-nodes is the last
+arrival among all nodes minus the moment just before its `need.create` call.
+
+    python -m bench.gossip [--nodes 20] [--rate 20] [--seconds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.catchup import Daemon
+from ostrom.client import Client
+from ostrom.errors import OstromError
+
+# Seconds after the last publish to wait for stragglers (a sync covers lost gossip).
+DRAIN_S = 15.0
+# Seconds for gossipsub meshes to form after everyone follows (heartbeat is 1 s).
+SETTLE_S = 5.0
+
+
+def listen(home: Path, arrivals: dict[str, float], ready: threading.Event) -> None:
+    client = Client(home, timeout=None)
+    events = client.events()
+    ready.set()
+    try:
+        for event in events:
+            if event.get("type") == "record.added":
+                cid = event["record"]["cid"]
+                arrivals.setdefault(cid, time.monotonic())
+    except (OstromError, OSError):  # the daemon stopping ends the stream
+        return
+
+
+def poll_counts(home: Path, times: list[float], stop: threading.Event, interval: float) -> None:
+    """Stamp the moment the node's record count first reaches each value (no subscription:
+    an events subscriber makes the daemon re-evaluate the project on every stored record)."""
+    client = Client(home, timeout=30)
+    try:
+        while not stop.is_set():
+            count = client.status()["store"]["records"]
+            now = time.monotonic()
+            while len(times) < count:
+                times.append(now)
+            time.sleep(interval)
+    finally:
+        client.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run(
+    nodes: int,
+    rate: float,
+    seconds: float,
+    workdir: Path,
+    seed: int,
+    topology: str,
+    probe: str,
+    poll_s: float,
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    daemons: list[Daemon] = []
+    try:
+        first = Daemon(workdir / "n0")
+        first.wait_ready()
+        daemons.append(first)
+        addrs = [first.addr()]
+        for i in range(1, nodes):
+            boot = [addrs[-1]] if topology == "chain" else rng.sample(addrs, min(2, len(addrs)))
+            d = Daemon(workdir / f"n{i}", bootstrap=boot)
+            d.wait_ready()
+            daemons.append(d)
+            addrs.append(d.addr())
+        project = first.client.create_project("gossip", license="MIT")["cid"]
+        for d in daemons[1:]:
+            d.client.follow(project)
+        deadline = time.monotonic() + 60
+        while any(d.client.status()["store"]["records"] < 1 for d in daemons[1:]):
+            if time.monotonic() > deadline:
+                raise TimeoutError("not every node got the project record")
+            time.sleep(0.2)
+        time.sleep(SETTLE_S)
+        arrivals: list[dict[str, float]] = [{} for _ in daemons]
+        counts: list[list[float]] = [[] for _ in daemons]
+        base = [d.client.status()["store"]["records"] for d in daemons]
+        stop = threading.Event()
+        for d, arr, cnt in zip(daemons, arrivals, counts, strict=True):
+            if probe == "events":
+                ready = threading.Event()
+                threading.Thread(target=listen, args=(d.home, arr, ready), daemon=True).start()
+                ready.wait(10)
+            else:
+                threading.Thread(
+                    target=poll_counts, args=(d.home, cnt, stop, poll_s), daemon=True
+                ).start()
+        time.sleep(0.5)
+        sent: dict[str, float] = {}
+        interval = 1.0 / rate
+        start = time.monotonic()
+        for k in range(int(rate * seconds)):
+            target = start + k * interval
+            now = time.monotonic()
+            if target > now:
+                time.sleep(target - now)
+            t = time.monotonic()
+            cid = first.client.create_need(project, f"need {k}")["cid"]
+            sent[cid] = t
+        publish_s = time.monotonic() - start
+        order = list(sent)
+
+        def fill_from_counts() -> None:
+            # The k-th new record on a node is taken to be the k-th published (gossip keeps
+            # one publisher's order on each link; a reordering shifts stamps by a poll).
+            for arr, cnt, b in zip(arrivals, counts, base, strict=True):
+                for k, cid in enumerate(order):
+                    if b + k < len(cnt):
+                        arr[cid] = cnt[b + k]
+
+        deadline = time.monotonic() + DRAIN_S
+        while time.monotonic() < deadline:
+            if probe == "count":
+                fill_from_counts()
+            if all(all(c in arr for arr in arrivals) for c in sent):
+                break
+            time.sleep(0.2)
+        stop.set()
+        if probe == "count":
+            fill_from_counts()
+        latencies = []
+        in_order: list[float | None] = []
+        from_origin = []
+        incomplete = 0
+        for cid, t in sent.items():
+            times = [arr.get(cid) for arr in arrivals]
+            if any(x is None for x in times):
+                incomplete += 1
+                in_order.append(None)
+                continue
+            last = max(x for x in times if x is not None)
+            latencies.append(last - t)
+            in_order.append(round(1000 * (last - t)))
+            from_origin.append(last - arrivals[0][cid])
+        rss = []
+        for d in daemons:
+            try:
+                with open(f"/proc/{d.proc.pid}/status") as f:
+                    rss += [int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS")]
+            except OSError:
+                pass
+        return {
+            "records": len(sent),
+            "publish_rate_achieved": round(len(sent) / publish_s, 1),
+            "incomplete_after_drain": incomplete,
+            "p50_ms": round(1000 * percentile(latencies, 0.5), 1) if latencies else None,
+            "p99_ms": round(1000 * percentile(latencies, 0.99), 1) if latencies else None,
+            "max_ms": round(1000 * max(latencies), 1) if latencies else None,
+            "p50_from_origin_event_ms": round(1000 * percentile(from_origin, 0.5), 1)
+            if from_origin
+            else None,
+            "p99_from_origin_event_ms": round(1000 * percentile(from_origin, 0.99), 1)
+            if from_origin
+            else None,
+            "latencies_ms_in_send_order": in_order,
+            "daemon_rss_mb_median": sorted(rss)[len(rss) // 2] if rss else None,
+        }
+    finally:
+        for d in daemons:
+            d.stop()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--nodes", type=int, default=20)
+    parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--probe", choices=["events", "count"], default="events")
+    parser.add_argument("--poll-s", type=float, default=0.05)
+    parser.add_argument("--topology", choices=["random", "chain"], default="random")
+    parser.add_argument("--out", default="bench/results/gossip.json")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        figures = run(
+            args.nodes,
+            args.rate,
+            args.seconds,
+            Path(tmp),
+            args.seed,
+            args.topology,
+            args.probe,
+            args.poll_s,
+        )
+    result = {
+        "benchmark": "gossip",
+        "nodes": args.nodes,
+        "topology": args.topology
+        if args.topology == "chain"
+        else "random: node i bootstraps to 2 random earlier nodes",
+        "probe": args.probe,
+        "rate_per_s": args.rate,
+        "seconds": args.seconds,
+        **figures,
+        "target_p99_ms": 300,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "command": "python -m bench.gossip " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
