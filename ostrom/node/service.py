@@ -157,11 +157,14 @@ class NodeService:
                         index.add(record.cid.raw)
         for listener in self.record_listeners:
             listener([r for r in records if r.cid in new_set], origin)
-        # A record can complete the ancestry of any project (a missing parent arriving), so
-        # imported records drop every cached state; local ones only their project's.
-        if origin == "local":
-            for project in projects:
-                self._states.pop(project, None)
+        # A record can complete the ancestry of any project (an upstream record a fork merged,
+        # arriving by import or sync), so those drop every cached state. Local and gossiped
+        # records belong to the projects they name (a fork's genesis also to its parent), so
+        # only those states go: a busy topic must not re-evaluate every project per record.
+        if origin in ("local", "gossip"):
+            for record in records:
+                for project in sync_projects(record):
+                    self._states.pop(project, None)
         else:
             self._states.clear()
         if self.events.subscriber_count:
