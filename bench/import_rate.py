@@ -43,7 +43,7 @@ from ostrom.protocol.records import (
 # Authors in the synthetic project: enough that keys vary like in a real community.
 AUTHORS = 8
 # Repetitions of each timing; the median is reported.
-REPEATS = 3
+REPEATS = 5
 
 
 def make_records(count: int) -> list[SignedRecord]:

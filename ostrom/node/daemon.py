@@ -7,6 +7,7 @@ returns, whether it stopped on SIGINT/SIGTERM or on an error.
 from __future__ import annotations
 
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -110,6 +111,10 @@ async def _serve(
             service.network = MeshNetwork(mesh, replicator)
             log.info("mesh listening on %s", ", ".join(mesh.listen_addrs))
             await nursery.start(serve_rpc, data_dir.socket, handle)
+            # Everything loaded so far (libp2p alone is about 1,250 modules) lives as long as
+            # the daemon; frozen, the garbage collector stops re-scanning it on every full
+            # collection, which otherwise slows work that allocates a lot (imports, syncs).
+            gc.freeze()
             log.info("ostrom daemon %s listening on %s", identity.peer_id, data_dir.socket)
             print(
                 f"ostrom daemon ready: peer {identity.peer_id}, socket {data_dir.socket}",
