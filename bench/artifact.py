@@ -14,9 +14,7 @@ export) and a fresh B bootstrapped to all three.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import struct
 import subprocess
 import sys
@@ -26,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.catchup import Daemon
+from bench.common import Daemon, machine, write_result
 from ostrom.client import Client
 from ostrom.errors import OstromError
 
@@ -222,19 +220,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_three_peers": round(figures["three_peers"]["mb_s"] / raw, 3),
         "three_faster_than_one": figures["three_peers"]["mb_s"] > figures["one_peer"]["mb_s"],
         "target_ratio": 0.8,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "command": "python -m bench.artifact "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

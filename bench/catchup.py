@@ -15,103 +15,19 @@ real daemon processes on 127.0.0.1.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import Daemon, machine, write_car, write_result
 from bench.import_rate import make_records, verify_ceiling
 from ostrom.client import Client
-from ostrom.crypto.cid import CID
-from ostrom.errors import OstromError
-from ostrom.protocol.car import encode_header, encode_section
 from ostrom.protocol.records import SignedRecord
 
-# Seconds a daemon gets to open its RPC socket: startup imports libp2p (a few seconds on
-# a loaded 2-core machine with many daemons starting).
-START_TIMEOUT_S = 60.0
 # Poll interval while waiting for a store to fill: small beside catch-ups of seconds.
 POLL_S = 0.05
-
-
-class Daemon:
-    """A real `python -m ostrom.node` process listening on 127.0.0.1 (any free port)."""
-
-    def __init__(self, home: Path, bootstrap: list[str] | None = None) -> None:
-        self.home = home
-        home.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "ostrom.node",
-            "--data-dir",
-            str(home),
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--no-mdns",
-            "--log-level",
-            "warning",
-        ]
-        for addr in bootstrap or []:
-            cmd += ["--bootstrap", addr]
-        self.log = open(home / "daemon.log", "wb")  # noqa: SIM115 (closed in `stop`)
-        self.proc = subprocess.Popen(
-            cmd, env=dict(os.environ, OSTROM_HOME=str(home)), stderr=self.log
-        )
-        self._client: Client | None = None
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not (self.home / "ostrom.sock").exists():
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"daemon in {self.home} did not start")
-            time.sleep(0.05)
-        while True:
-            try:
-                Client(self.home, timeout=30).status()
-                return
-            except (OstromError, OSError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-
-    @property
-    def client(self) -> Client:
-        if self._client is None:
-            self._client = Client(self.home, timeout=300)
-        return self._client
-
-    def addr(self) -> str:
-        """A multiaddr ending in /p2p/<id> on 127.0.0.1."""
-        addrs: list[str] = self.client.status()["addresses"]
-        return next(a for a in addrs if "/127.0.0.1/" in a)
-
-    def stop(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.log.close()
-
-
-def write_car(path: Path, records: list[SignedRecord], blocks: list[tuple[CID, bytes]]) -> None:
-    with open(path, "wb") as f:
-        f.write(encode_header([records[0].cid]))
-        for r in records:
-            f.write(encode_section(r.cid, r.data))
-        for cid, data in blocks:
-            f.write(encode_section(cid, data))
 
 
 def wait_records(client: Client, count: int, timeout: float) -> float:
@@ -184,19 +100,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": [round(r["seconds"], 2) for r in runs],
         "import_into_a_s": [round(r["import_into_a_s"], 2) for r in runs],
         "target_ratio": 0.65,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "command": "python -m bench.catchup "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,6 @@ arrival among all nodes minus the moment just before its `need.create` call.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -23,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.catchup import Daemon
+from bench.common import Daemon, machine, write_result
 from ostrom.client import Client
 from ostrom.errors import OstromError
 
@@ -219,18 +216,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": args.seconds,
         **figures,
         "target_p99_ms": 300,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "command": "python -m bench.gossip " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,10 +25,10 @@ from typing import Any
 
 import nacl.bindings
 
+from bench.common import Daemon, machine, write_car, write_result
 from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity
 from ostrom.crypto.signing import RECORD_DOMAIN
-from ostrom.protocol.car import encode_header, encode_section
 from ostrom.protocol.records import (
     Contribution,
     Policy,
@@ -146,43 +145,17 @@ def daemon_import_rates(
 ) -> tuple[list[tuple[float, float]], int]:
     """(ceiling, rate) pairs for `ostrom import` of a CAR file into a fresh real daemon."""
     car = workdir / "bench.car"
-    with open(car, "wb") as f:
-        f.write(encode_header([records[0].cid]))
-        for r in records:
-            f.write(encode_section(r.cid, r.data))
+    write_car(car, records)
     pairs = []
     for repeat in range(REPEATS):
-        home = workdir / f"home{repeat}"
-        env = dict(os.environ, OSTROM_HOME=str(home))
-        daemon = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "ostrom.node",
-                "--data-dir",
-                str(home),
-                "--log-level",
-                "warning",
-                # Loopback only, any free port, no LAN discovery: the benchmark stays local.
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--no-mdns",
-            ],
-            env=env,
-            stderr=subprocess.DEVNULL,
-        )
+        daemon = Daemon(workdir / f"home{repeat}")
         try:
-            deadline = time.monotonic() + 30
-            while not (home / "ostrom.sock").exists():
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    raise RuntimeError("daemon did not start")
-                time.sleep(0.05)
-            time.sleep(0.2)
+            daemon.wait_ready()
             ceiling = verify_ceiling(records)
             start = time.perf_counter()
             result = subprocess.run(
                 [sys.executable, "-m", "ostrom.cli", "--json", "import", str(car)],
-                env=env,
+                env=dict(os.environ, OSTROM_HOME=str(daemon.home)),
                 capture_output=True,
                 text=True,
                 timeout=600,
@@ -192,8 +165,7 @@ def daemon_import_rates(
             summary = json.loads(result.stdout)
             assert summary["stored"] == len(records), summary
         finally:
-            daemon.terminate()
-            daemon.wait(30)
+            daemon.stop()
     return pairs, car.stat().st_size
 
 
@@ -222,18 +194,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "daemon_import": summary(daemon),
         "in_process": summary(inproc),
         "target_ratio": 0.65,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "command": "python -m bench.import_rate --records " + str(args.records),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

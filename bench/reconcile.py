@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
+from bench.common import machine, write_result
 from ostrom.crypto.cid import CID
 from ostrom.protocol.reconcile import (
     BRANCHING,
@@ -233,17 +230,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cases": results,
         "incremental_index": incremental(shared, a_only),
         "sweep_5_each_side": sweeps,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "command": f"python -m bench.reconcile --records {n} --repeats {repeats}",
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return write_result(result, args.out, show=False)
 
 
 if __name__ == "__main__":
