@@ -352,13 +352,7 @@ def wanted_blocks(store: Store, project: CID, phase: str) -> list[CID]:
     blocks), then the file blocks themselves; contributions of upstream projects that the
     project's history reaches count too.
     """
-    records = store.project_records(project, ("contribution",))
-    parents = {p for r in records for p in r.parents}
-    genesis = store.get_record(project)
-    if genesis is not None:
-        parents.update(genesis.parents)
-    everything: dict[CID, SignedRecord] = {r.cid: r for r in records}
-    everything.update(store.ancestors(parents))
+    everything = store.project_history(project, ("contribution",))
     changesets = [
         link
         for r in everything.values()

@@ -308,11 +308,7 @@ class NodeService:
             genesis = store.get_record(project)
             if genesis is None or not isinstance(genesis.body, Project):
                 raise NotFound(f"no project {project}")
-            records = store.project_records(project)
-            edges = {parent for record in records for parent in record.parents}
-            edges.update(genesis.parents)
-            ancestors = store.ancestors(edges)
-            return evaluate(genesis, [*records, *ancestors.values()])
+            return evaluate(genesis, store.project_history(project).values())
 
         state = await self.db(compute)
         self._states[project] = state

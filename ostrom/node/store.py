@@ -487,6 +487,23 @@ class Store:
             )
         return _stored_cid(rows[0][0], "record")
 
+    def project_history(
+        self, project: CID, types: Collection[str] | None = None
+    ) -> dict[CID, SignedRecord]:
+        """The records of `project` (of `types`) and every stored record their history
+        reaches: their parents' ancestry and, for a fork, the upstream records it forks at.
+
+        This is what acceptance, tree replay, export and block completion all work over.
+        """
+        own = self.project_records(project, types)
+        edges = {parent for record in own for parent in record.parents}
+        genesis = self.get_record(project)
+        if genesis is not None:
+            edges.update(genesis.parents)
+        history = self.ancestors(edges)
+        history.update((record.cid, record) for record in own)
+        return history
+
     def ancestors(self, heads: Iterable[CID]) -> dict[CID, SignedRecord]:
         """The stored records reachable from `heads` through `parents`, the heads included.
 

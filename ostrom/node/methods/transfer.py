@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from ostrom.crypto.cid import CID
@@ -88,20 +88,23 @@ async def block_get(node: NodeService, params: Params, conn: RpcConnection) -> A
     cids = params.cids("cids")
     params.done()
 
-    def read(store: Store) -> list[list[Any]]:
-        out: list[list[Any]] = []
-        total = 0
-        for cid in cids:
-            data = store.get_block(cid)
-            if data is None:
-                raise NotFound(f"block {cid} is not in the store")
-            total += len(data)
-            if out and total > MAX_GET_BYTES:
-                break
-            out.append([str(cid), data])
-        return out
+    return await node.db(lambda store: _answer(cids, store.get_block, "block"))
 
-    return await node.db(read)
+
+def _answer(cids: list[CID], lookup: Callable[[CID], bytes | None], kind: str) -> list[list[Any]]:
+    """`[[cid, bytes], ...]` for `cids` in order, stopping once the answer would pass
+    MAX_GET_BYTES (the caller asks again for the rest); a CID not here is `NotFound`."""
+    out: list[list[Any]] = []
+    total = 0
+    for cid in cids:
+        data = lookup(cid)
+        if data is None:
+            raise NotFound(f"{kind} {cid} is not in the store")
+        total += len(data)
+        if out and total > MAX_GET_BYTES:
+            break
+        out.append([str(cid), data])
+    return out
 
 
 # --- import and export -------------------------------------------------------------------------
@@ -170,11 +173,7 @@ async def car_export(node: NodeService, params: Params, conn: RpcConnection) -> 
     genesis = await node.resolve_project(text)
 
     def plan(store: Store) -> dict[str, Any]:
-        own = store.project_records(genesis.cid)
-        edges = {parent for record in own for parent in record.parents} | set(genesis.parents)
-        ancestors = store.ancestors(edges)
-        records: dict[CID, SignedRecord] = {r.cid: r for r in ancestors.values()}
-        records.update((r.cid, r) for r in own)
+        records = store.project_history(genesis.cid)
         # Upstream genesis records, so a fork's lineage can be shown after import.
         current = genesis
         for _ in range(MAX_FORK_DEPTH):
@@ -225,17 +224,7 @@ async def record_get(node: NodeService, params: Params, conn: RpcConnection) -> 
     params.done()
 
     def read(store: Store) -> list[list[Any]]:
-        found = store.get_records(cids)
-        out: list[list[Any]] = []
-        total = 0
-        for cid in cids:
-            record = found.get(cid)
-            if record is None:
-                raise NotFound(f"record {cid} is not in the store")
-            total += len(record.data)
-            if out and total > MAX_GET_BYTES:
-                break
-            out.append([str(cid), record.data])
-        return out
+        # The bytes as stored, checked against their CIDs; the asker verifies them itself.
+        return _answer(cids, store.get_record_bytes(cids).get, "record")
 
     return await node.db(read)
