@@ -800,8 +800,15 @@ class Mesh:
         await self._host.disconnect(pid)
 
     def peers(self) -> list[PeerInfo]:
-        """The connected peers, with the addresses they listen on (as far as known)."""
-        return [self._peer_info(pid) for pid in list(self._swarm.connections)]
+        """The connected peers, with the addresses they listen on (as far as known).
+
+        A connection refused for `max_peers` is not a peer, even while it is being closed.
+        """
+        return [
+            self._peer_info(pid)
+            for pid, conns in list(self._swarm.connections.items())
+            if conns and pid.to_base58() in self._reported
+        ]
 
     def on_peer_connected(self, callback: Callable[[str], None]) -> None:
         """Call `callback(peer_id)` when a peer's first connection opens (not when refused).
