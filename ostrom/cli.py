@@ -196,6 +196,11 @@ def cmd_status(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None
         out.line(f"records     {store['records']}")
         out.line(f"blocks      {store['blocks']} ({_size(store['block_bytes'])})")
         out.line(f"database    {_size(store['db_bytes'])}")
+        for t in v.get("transfers", []):
+            out.line(
+                f"transfer    {t['purpose']} of {_short(t['project'])}: {t['fetched']}/"
+                f"{t['wanted']} blocks, {_size(t['bytes'])} at {_size(t['bytes_per_s'])}/s"
+            )
 
     out.result(value, human)
 
@@ -380,6 +385,7 @@ def cmd_checkout(args: argparse.Namespace, out: Output, data_dir: DataDir) -> No
             at=args.at,
             overwrite=args.force,
             progress=out.progress("checking out"),
+            fetch_progress=out.progress("fetching blocks"),
         )
 
     def human(v: dict[str, Any]) -> None:
@@ -558,6 +564,12 @@ def _event_line(event: dict[str, Any]) -> str:
         return f"{kind} {r['type']} {r['cid']} by {_peer(r)} ({event.get('origin')})"
     if kind == "status.changed":
         return f"{kind} {event['record']} {event.get('was')} -> {event['status']}"
+    if kind in ("blocks.progress", "blocks.done"):
+        missing = f", {event['missing']} missing" if event.get("missing") else ""
+        return (
+            f"{kind} {event['purpose']} of {_short(event['project'])}: {event['fetched']}/"
+            f"{event['wanted']} blocks, {_size(event['bytes'])}{missing}"
+        )
     return f"{kind} {json.dumps({k: v for k, v in event.items() if k != 'type'}, default=str)}"
 
 

@@ -112,13 +112,27 @@ class Connection:
         self._outstanding[msgid] = method
         return msgid
 
-    def wait(self, msgid: int) -> Any:
-        """The result of the submitted request `msgid`, or the daemon's error for it."""
+    def wait(
+        self,
+        msgid: int,
+        on_notification: Callable[[str, list[Any]], None] | None = None,
+    ) -> Any:
+        """The result of the submitted request `msgid`, or the daemon's error for it.
+
+        With `on_notification`, notifications that arrive meanwhile go to it instead of the
+        queue `notifications()` reads, and each one restarts the timeout: a long call that
+        reports progress (`block.fetch`) is alive for as long as it keeps reporting.
+        """
         method = self._outstanding[msgid]
         sock = self._open_socket()
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
         try:
             while msgid not in self._answered:
+                if on_notification is not None and self._pending:
+                    while self._pending:
+                        on_notification(*self._pending.popleft())
+                    if self._timeout is not None:
+                        deadline = time.monotonic() + self._timeout
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -240,6 +254,9 @@ UPLOAD_BATCH_BYTES: Final = 4 * 1024 * 1024
 FILE_READ_SIZE: Final = 1024 * 1024
 # CIDs asked for per `block.get` / `record.get`; the daemon also caps each answer's bytes.
 FETCH_BATCH: Final = 32
+# CIDs per `block.missing` or `block.fetch` call: 600 KiB of request, well under the daemon's
+# list limit; a 2.5 GiB file's blocks in one call.
+CIDS_PER_CALL: Final = 10_000
 RECORD_FETCH_BATCH: Final = 512
 # Sections sent per `car.import` call: enough to keep the daemon's verification threads
 # busy, small enough to stay under the RPC message limit with 1 MiB blocks in between.
@@ -450,11 +467,75 @@ class Client:
 
     def read_file(self, manifest_cid: str) -> Iterator[bytes]:
         """The bytes of a file by its manifest CID, block by block, each verified."""
+        return self._read(self._manifest(manifest_cid))
+
+    def _read(self, manifest: Any) -> Iterator[bytes]:
         from ostrom.protocol.chunking import assemble
 
-        manifest = self._manifest(manifest_cid)
         blocks = self._fetch_blocks([ref.cid for ref in manifest.blocks])
         return assemble(manifest, lambda cid: next(blocks)[1])
+
+    def missing_blocks(self, cids: Sequence[str]) -> list[str]:
+        """Those of `cids` the daemon does not have."""
+        missing: list[str] = []
+        for start in range(0, len(cids), CIDS_PER_CALL):
+            missing += self.call("block.missing", cids=list(cids[start : start + CIDS_PER_CALL]))
+        return missing
+
+    def fetch_blocks(
+        self,
+        project: str,
+        cids: Sequence[str],
+        *,
+        total_bytes: int = 0,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """Have the daemon fetch those of `cids` it lacks from peers sharing `project`: the
+        blocks of a records-only project, fetched on demand. `progress(bytes, total_bytes)`
+        follows the transfer. Raises `NotFound` if some could not be fetched (the others
+        are kept, so asking again resumes)."""
+        done = {"requested": 0, "fetched": 0, "bytes": 0}
+        for start in range(0, len(cids), CIDS_PER_CALL):
+
+            def report(method: str, params: list[Any], offset: int = done["bytes"]) -> None:
+                if (
+                    progress is not None
+                    and method == "block.progress"
+                    and params
+                    and isinstance(params[0], dict)
+                ):
+                    progress(offset + int(params[0].get("bytes", 0)), total_bytes)
+
+            batch = list(cids[start : start + CIDS_PER_CALL])
+            msgid = self._connection.submit("block.fetch", {"project": project, "cids": batch})
+            answer = self._connection.wait(msgid, on_notification=report)
+            for key in done:
+                done[key] += int(answer[key])
+        if progress is not None:
+            progress(done["bytes"], max(total_bytes, done["bytes"]))
+        return done
+
+    def _complete(
+        self, project: str, manifest_cids: Sequence[str], progress: Progress | None
+    ) -> dict[str, Any]:
+        """The manifests of `manifest_cids`, after fetching whatever blocks of them the
+        daemon lacks (a records-only project keeps its file blocks on its peers)."""
+        from ostrom.crypto.cid import CID
+        from ostrom.protocol.changesets import FileManifest
+
+        missing = self.missing_blocks(manifest_cids)
+        if missing:
+            self.fetch_blocks(project, missing)
+        manifests = {
+            str(cid): FileManifest.decode(data)
+            for cid, data in self._fetch_blocks([CID.parse(text) for text in manifest_cids])
+        }
+        sizes = {str(ref.cid): ref.size for m in manifests.values() for ref in m.blocks}
+        missing = self.missing_blocks(list(sizes))
+        if missing:
+            total = sum(sizes[text] for text in missing)
+            self.fetch_blocks(project, missing, total_bytes=total, progress=progress)
+        return manifests
 
     def checkout(
         self,
@@ -464,15 +545,21 @@ class Client:
         at: str | None = None,
         overwrite: bool = False,
         progress: Progress | None = None,
+        fetch_progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Write the project's tree (accepted by default, or as of `at`) into `directory`.
 
-        Every block is verified against its CID before it is written; nothing is written
-        outside `directory`, even through a symlink planted inside it.
+        Blocks the daemon lacks (a records-only project) are fetched from its peers first,
+        reported to `fetch_progress`. Every block is verified against its CID before it is
+        written; nothing is written outside `directory`, even through a symlink planted
+        inside it.
         """
         from ostrom.files import CheckoutWriter
 
         tree = self.tree(project, at=at)
+        manifests = self._complete(
+            project, sorted({f["file"] for f in tree["files"]}), fetch_progress
+        )
         total = sum(f["size"] for f in tree["files"])
         done = 0
         with CheckoutWriter(directory, overwrite=overwrite) as writer:
@@ -487,7 +574,9 @@ class Client:
                         yield chunk
 
                 writer.write(
-                    entry["path"], counted(self.read_file(entry["file"])), exec=entry["exec"]
+                    entry["path"],
+                    counted(self._read(manifests[entry["file"]])),
+                    exec=entry["exec"],
                 )
         if progress:
             progress(total, total)

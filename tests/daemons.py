@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -120,6 +122,49 @@ class Daemon:
 
     def json(self, *args: str) -> Any:
         return json.loads(self.cli(*args, "--json").stdout)
+
+    def cli_on_terminal(self, *args: str) -> tuple[str, bytes]:
+        """Run `ostrom ARGS` with stderr on a pseudo-terminal (where progress bars are drawn);
+        returns its stdout and everything drawn on the terminal. Fails if it exits non-zero.
+
+        The terminal is read while the command runs: a long progress bar would otherwise
+        fill the terminal's buffer and block the command."""
+        controller, terminal = pty.openpty()
+        drawn = b""
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "ostrom.cli", "--data-dir", str(self.data_dir), *args],
+                stdout=subprocess.PIPE,
+                stderr=terminal,
+                text=True,
+                env=_env(self.data_dir),
+            )
+            os.close(terminal)
+            terminal = -1
+            deadline = time.monotonic() + CLI_TIMEOUT
+            while time.monotonic() < deadline:
+                if select.select([controller], [], [], 0.2)[0]:
+                    try:
+                        chunk = os.read(controller, 65536)
+                    except OSError:
+                        chunk = b""  # Linux reports a terminal closed by the command as EIO
+                    drawn += chunk
+                    if chunk:
+                        continue
+                if process.poll() is not None:
+                    break
+            else:
+                process.kill()
+            stdout, _ = process.communicate(timeout=STOP_TIMEOUT)
+        finally:
+            if terminal >= 0:
+                os.close(terminal)
+            os.close(controller)
+        if process.returncode != 0:
+            raise AssertionError(
+                f"ostrom {' '.join(args)} exited {process.returncode}\nterminal: {drawn!r}"
+            )
+        return stdout, drawn
 
     def client(self) -> Any:
         from ostrom.client import Client

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import queue
-import select
 import signal
 import subprocess
 import sys
@@ -159,43 +157,9 @@ def test_progress_bar_on_a_terminal(node: Daemon, tmp_path: Path) -> None:
     node.json("project", "create", "big", "--license", "MIT")
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(6 * 1024 * 1024))
-    controller, terminal = pty.openpty()
-    try:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "ostrom.cli",
-                "--data-dir",
-                str(node.data_dir),
-                "contribute",
-                "big",
-                str(big),
-                "-m",
-                "big file",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=terminal,
-            timeout=120,
-            check=True,
-        )
-        os.close(terminal)
-        terminal = -1
-        drawn = b""
-        while select.select([controller], [], [], 0.2)[0]:
-            try:
-                chunk = os.read(controller, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            drawn += chunk
-    finally:
-        if terminal >= 0:
-            os.close(terminal)
-        os.close(controller)
+    stdout, drawn = node.cli_on_terminal("contribute", "big", str(big), "-m", "big file")
     assert b"uploading [" in drawn and b"100.0%" in drawn
-    assert b"contribution" in result.stdout
+    assert "contribution" in stdout
 
 
 def test_import_refuses_a_changeset_with_an_escaping_path(node: Daemon, tmp_path: Path) -> None:

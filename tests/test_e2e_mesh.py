@@ -105,6 +105,46 @@ def test_a_20_mib_artifact_moves_and_verifies(daemons: DaemonFactory, tmp_path: 
     assert (out / "artifact.bin").read_bytes() == artifact.read_bytes()
 
 
+def test_a_records_only_checkout_fetches_blocks_on_demand(
+    daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    alice = daemons.make("alice")
+    bob = daemons.make("bob", "--bootstrap", address(alice))
+    project = alice.json("project", "create", "designs", "--license", "CERN-OHL-S-2.0")["cid"]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "frame.step").write_bytes(os.urandom(3 * 1024 * 1024))
+    (src / "README.md").write_text("a bicycle frame\n")
+    first = alice.json("contribute", project, str(src), "-m", "frame v1")["cid"]
+    bob.json("follow", project, "--records-only")
+    wait_for(lambda: first in statuses(bob, project), "bob to have the contribution")
+    wait_for(lambda: bob.cli("tree", project, check=False).returncode == 0, "bob's tree")
+    # Records, changesets and manifests only: the 3 MiB of file blocks stay with alice.
+    assert bob.json("status")["store"]["block_bytes"] < 256 * 1024
+
+    out = tmp_path / "out"
+    stdout, drawn = bob.cli_on_terminal("checkout", project, str(out))
+    assert b"fetching blocks [" in drawn and b"100.0%" in drawn
+    assert "checked out 2 file(s)" in stdout
+    assert (out / "frame.step").read_bytes() == (src / "frame.step").read_bytes()
+    assert bob.json("status")["transfers"] == []
+
+    # Fetched blocks stay: with alice gone, the same tree still checks out.
+    (src / "fork.step").write_bytes(os.urandom(512 * 1024))
+    second = alice.json("contribute", project, str(src / "fork.step"), "-m", "fork")["cid"]
+    wait_for(lambda: second in statuses(bob, project), "bob to have the second contribution")
+    wait_for(
+        lambda: {f["path"] for f in bob.json("tree", project)["files"]} >= {"fork.step"},
+        "bob's tree to name fork.step",
+    )
+    alice.stop()
+    failed = bob.cli("checkout", project, str(tmp_path / "out2"), check=False)
+    assert failed.returncode == 1
+    assert "could not be fetched" in failed.stderr
+    bob.json("checkout", project, str(tmp_path / "out3"), "--at", first)
+    assert (tmp_path / "out3" / "frame.step").read_bytes() == (src / "frame.step").read_bytes()
+
+
 def test_a_stopped_node_catches_up(daemons: DaemonFactory, tmp_path: Path) -> None:
     alice = daemons.make("alice")
     hub = address(alice)

@@ -27,6 +27,7 @@ from ostrom.node import blocks, sync
 from ostrom.node.mesh import Mesh, MeshStream
 from ostrom.node.service import NodeService, sync_projects
 from ostrom.node.store import Store
+from ostrom.node.transfers import ProgressListener, Purpose, Transfer
 from ostrom.protocol import blockwire
 from ostrom.protocol.changesets import Changeset, FileManifest, Put
 from ostrom.protocol.records import Contribution, SignedRecord, decode_record
@@ -283,37 +284,48 @@ class Replicator:
         mode = await self.service.db(lambda store: store.follow_mode(project))
         if mode is None:
             return False
-        sources = list(peers) + [
-            p for p, projects in self._shared.items() if project in projects and p not in peers
-        ]
-
-        @asynccontextmanager
-        async def open_stream(peer: str) -> AsyncIterator[MeshStream]:
-            async with await self.mesh.open_stream(peer, blockwire.PROTOCOL) as stream:
-                yield stream
-
-        for phase in ("changesets", "manifests", "files"):
+        sources = list(peers) + [p for p in self._sources(project) if p not in peers]
+        phases: tuple[Purpose, ...] = ("changesets", "manifests", "files")
+        for phase in phases:
             if phase == "files" and mode != "full":
                 break
             wanted = await self.service.db(wanted_blocks, project, phase)
             if not wanted:
                 continue
-            total = len(wanted)
-            result = await blocks.fetch(open_stream, sources, self.service, wanted)
-            self.service.events.publish(
-                {
-                    "type": "blocks.fetched",
-                    "project": str(project),
-                    "phase": phase,
-                    "wanted": total,
-                    "fetched": result.fetched,
-                    "bytes": result.bytes,
-                    "missing": result.missing,
-                }
-            )
+            with self.service.transfers.track(project, phase, len(wanted)) as transfer:
+                result = await blocks.fetch(
+                    self._open_blocks_stream, sources, self.service, wanted, transfer.add
+                )
+                transfer.missing = result.missing
             if result.missing:
                 return True
         return False
+
+    async def fetch_blocks(
+        self, project: CID, cids: Sequence[CID], listener: ProgressListener | None = None
+    ) -> Transfer:
+        """Fetch those of `cids` this node lacks, from the peers sharing `project` (or, when
+        none is known to, from every connected peer): the blocks a checkout of a records-only
+        project needs. What arrives is stored even if the rest cannot be found."""
+        present = await self.service.blocks_have(cids)
+        wanted = sorted(set(cids) - present)
+        sources = self._sources(project) or [p.peer_id for p in self.mesh.peers()]
+        with self.service.transfers.track(project, "on-demand", len(wanted), listener) as transfer:
+            if wanted:
+                result = await blocks.fetch(
+                    self._open_blocks_stream, sources, self.service, wanted, transfer.add
+                )
+                transfer.missing = result.missing
+        return transfer
+
+    def _sources(self, project: CID) -> list[str]:
+        """The connected peers known to share `project`."""
+        return [p for p, projects in self._shared.items() if project in projects]
+
+    @asynccontextmanager
+    async def _open_blocks_stream(self, peer: str) -> AsyncIterator[MeshStream]:
+        async with await self.mesh.open_stream(peer, blockwire.PROTOCOL) as stream:
+            yield stream
 
     # --- DHT -----------------------------------------------------------------------------------
 
@@ -410,3 +422,8 @@ class MeshNetwork:
 
     async def unfollow(self, project: CID) -> None:
         await self._replicator.unfollow(project)
+
+    async def fetch_blocks(
+        self, project: CID, cids: Sequence[CID], listener: ProgressListener | None = None
+    ) -> Transfer:
+        return await self._replicator.fetch_blocks(project, cids, listener)

@@ -25,6 +25,7 @@ from ostrom.errors import (
 from ostrom.node.events import EventBus
 from ostrom.node.store import Store
 from ostrom.node.sync import IngestResult
+from ostrom.node.transfers import ProgressListener, Transfer, Transfers
 from ostrom.node.verifier import VerifierPool
 from ostrom.node.views import key_view, record_view, status_view
 from ostrom.protocol.acceptance import ProjectState, evaluate
@@ -74,6 +75,11 @@ class Network(Protocol):
 
     async def unfollow(self, project: CID) -> None: ...
 
+    async def fetch_blocks(
+        self, project: CID, cids: Sequence[CID], listener: ProgressListener | None = None
+    ) -> Transfer:
+        """Fetch those of `cids` this node lacks from peers that share `project`."""
+
 
 class NodeService:
     """Every RPC method, over one identity, one store and one event bus."""
@@ -92,6 +98,7 @@ class NodeService:
         self.store = store
         self.data_dir = data_dir
         self.events = events or EventBus()
+        self.transfers = Transfers(self.events)
         # Without a pool from the daemon, batches are decoded on a thread (tests, tools).
         self.verifier = verifier or VerifierPool(workers=1)
         self._clock = clock

@@ -46,6 +46,7 @@ async def node_status(node: NodeService, params: Params, conn: RpcConnection) ->
         "subscribers": node.events.subscriber_count,
         "addresses": [] if node.network is None else node.network.addresses(),
         "peers": 0 if node.network is None else len(node.network.peers()),
+        "transfers": node.transfers.running(),
     }
 
 

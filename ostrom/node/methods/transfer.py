@@ -10,6 +10,7 @@ from ostrom.errors import (
     DecodeError,
     InvalidInput,
     NotFound,
+    Refused,
     TooLarge,
 )
 from ostrom.node.ingest import Block, Refusal
@@ -89,6 +90,29 @@ async def block_get(node: NodeService, params: Params, conn: RpcConnection) -> A
     params.done()
 
     return await node.db(lambda store: _answer(cids, store.get_block, "block"))
+
+
+@method("block.fetch")
+async def block_fetch(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    """Fetch from peers those of `cids` this node lacks, for `project` (a records-only
+    project's blocks, before a checkout). `block.progress` notifications report the transfer
+    while it runs; blocks no peer could deliver are `NotFound`, and what did arrive stays."""
+    project = (await node.resolve_project(params.text("project"))).cid
+    cids = params.cids("cids")
+    params.done()
+    if node.network is None:
+        raise Refused("this node is not connected to the mesh")
+
+    def forward(view: dict[str, Any]) -> None:
+        conn.notify_nowait("block.progress", [view])
+
+    transfer = await node.network.fetch_blocks(project, cids, forward)
+    if transfer.missing:
+        raise NotFound(
+            f"{transfer.missing} of {len(cids)} blocks could not be fetched from any connected "
+            f"peer sharing the project; {transfer.fetched} were fetched and kept"
+        )
+    return {"requested": len(cids), "fetched": transfer.fetched, "bytes": transfer.bytes}
 
 
 def _answer(cids: list[CID], lookup: Callable[[CID], bytes | None], kind: str) -> list[list[Any]]:

@@ -1,0 +1,21 @@
+"""docs/RPC.md documents exactly the methods the daemon serves."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import ostrom.node.methods  # noqa: F401  (registers every method)
+from ostrom.node.methods.registry import METHODS
+
+RPC_DOC = Path(__file__).resolve().parent.parent / "docs" / "RPC.md"
+
+
+def documented_methods() -> set[str]:
+    text = RPC_DOC.read_text()
+    table = text[text.index("## Methods") : text.index("## Events")]
+    return set(re.findall(r"^\| `([a-z_.]+)` \|", table, flags=re.MULTILINE))
+
+
+def test_every_method_is_documented_and_every_documented_method_exists() -> None:
+    assert documented_methods() == set(METHODS)
