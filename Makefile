@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The js-libp2p peer of the interop test (tests/test_interop_js.py), installed from its lock file.
 JS_PEER := interop/node_modules/.installed
 
-.PHONY: run test lint bench setup clean
+.PHONY: run test lint bench setup service clean
 
 setup: $(STAMP) $(JS_PEER)
 
@@ -49,6 +49,18 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# Install the node as a systemd user service that runs this checkout's `ostrom` (README:
+# "Run it as a service"). Enabling it is left to you.
+SYSTEMD_USER_DIR := $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/systemd/user
+service: $(STAMP)
+	mkdir -p $(SYSTEMD_USER_DIR)
+	sed 's|@OSTROM@|$(abspath $(BIN))/ostrom|' contrib/systemd/ostrom.service \
+	  > $(SYSTEMD_USER_DIR)/ostrom.service
+	systemctl --user daemon-reload
+	@echo "installed $(SYSTEMD_USER_DIR)/ostrom.service; start it with:"
+	@echo "  systemctl --user enable --now ostrom"
+	@echo "  loginctl enable-linger $$USER    # once: start at boot, before you log in"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache interop/node_modules

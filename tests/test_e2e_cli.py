@@ -56,7 +56,7 @@ def test_second_daemon_on_the_same_data_dir_is_refused(node: Daemon, tmp_path: P
         text=True,
         timeout=60,
     )
-    assert result.returncode == 1
+    assert result.returncode == 78  # cannot start: a service manager must not retry
     assert "already running" in result.stderr
     assert node.cli("status").returncode == 0  # the first one is unharmed
 

@@ -14,6 +14,11 @@ from ostrom.errors import OstromError
 from ostrom.node.config import DaemonConfig, load_config
 from ostrom.node.daemon import run_daemon
 
+# Exit status when the daemon refuses to start (another daemon owns the data directory, a
+# bad config.toml, an unusable listen address): EX_CONFIG from sysexits.h, distinct from a
+# crash (1), so a service manager restarts a crashed node but not one that cannot start.
+EXIT_CANNOT_START = 78
+
 
 def add_network_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(partial(run_daemon, data_dir, config=config))
     except OstromError as exc:
         print(f"ostrom daemon: {exc.message}", file=sys.stderr)
-        return 1
+        return EXIT_CANNOT_START
     return 0
 
 
