@@ -33,6 +33,7 @@ from ostrom.protocol import (
     chunking,
     dagcbor,
     frames,
+    meshes,
     paths,
     reconcile,
     records,
@@ -131,6 +132,9 @@ def test_the_signing_domain_is_as_documented() -> None:
     assert documented == b"ostrom/record/v1\x00"
     assert documented == signing.RECORD_DOMAIN
     assert _doc().count(documented.hex()) >= 2  # in section 4.6 and in section 12
+    mesh_domain = bytes.fromhex("6f7374726f6d2f6d6573682f763100")
+    assert mesh_domain == meshes.MESH_DOMAIN == b"ostrom/mesh/v1\x00"
+    assert mesh_domain.hex() in _doc()  # section 13
 
 
 _CONSTANT_ROW = re.compile(r"^\| `([A-Z][A-Z0-9_]*)` \| (\d+) \|", re.MULTILINE)
@@ -146,6 +150,7 @@ _CONSTANT_MODULES = (
     reconcile,
     frames,
     blockwire,
+    meshes,
 )
 
 
