@@ -128,21 +128,8 @@ def cmd_id(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
 
 
 def cmd_daemon(args: argparse.Namespace, out: Output, data_dir: DataDir) -> NoReturn:
-    argv = [
-        sys.executable,
-        "-m",
-        "ostrom.node",
-        "--data-dir",
-        str(data_dir.root),
-        "--log-level",
-        args.log_level,
-    ]
-    for addr in args.listen or ():
-        argv += ["--listen", addr]
-    for addr in args.bootstrap or ():
-        argv += ["--bootstrap", addr]
-    if args.no_mdns:
-        argv.append("--no-mdns")
+    # Every other flag (--listen, limits, --help, ...) belongs to the daemon's own parser.
+    argv = [sys.executable, "-m", "ostrom.node", "--data-dir", str(data_dir.root), *args.extra]
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, argv)
@@ -604,32 +591,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
-        name: str, fn: Callable[..., Any], help_text: str, parent: Any = sub
+        name: str, fn: Callable[..., Any], help_text: str, parent: Any = sub, add_help: bool = True
     ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(
-            name, parents=[common], help=help_text, description=help_text
+            name, parents=[common], help=help_text, description=help_text, add_help=add_help
         )
         p.set_defaults(func=fn)
         return p
 
     command("init", cmd_init, "create the data directory and this node's identity")
     command("id", cmd_id, "print this node's peer id and public key")
-    p = command("daemon", cmd_daemon, "run the node in the foreground")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument(
-        "--listen",
-        action="append",
-        metavar="MULTIADDR",
-        help="address to listen on (repeatable; default /ip4/0.0.0.0/tcp/4001; "
-        "port 0 picks a free port)",
+    p = command(
+        "daemon",
+        cmd_daemon,
+        "run the node in the foreground (`ostrom daemon --help` lists its flags)",
+        add_help=False,
     )
-    p.add_argument(
-        "--bootstrap",
-        action="append",
-        metavar="MULTIADDR",
-        help="a peer to dial at start, ending in /p2p/<peer id> (repeatable)",
-    )
-    p.add_argument("--no-mdns", action="store_true", help="no discovery on the local network")
     p = command("peers", cmd_peers, "list connected peers and the projects you share")
     p = command("connect", cmd_connect, "dial a peer (a multiaddr ending in /p2p/<peer id>)")
     p.add_argument("addr", metavar="MULTIADDR")
@@ -748,7 +725,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "func", None) is cmd_daemon:
+        args.extra = extra
+    elif extra:
+        parser.parse_args(argv)  # reports the unrecognised arguments and exits
     if getattr(args, "command", None) == "contribute" and not args.paths and not args.delete:
         _usage("contribute needs at least one PATH or --delete PATH")
     out = Output(getattr(args, "json", False))

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from functools import partial
+from typing import Final
 
 import trio
 
@@ -37,6 +38,30 @@ def add_network_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-mdns", action="store_true", help="do not discover peers on the local network"
     )
+    limits = parser.add_argument_group(
+        "limits", "what the node may use (0 or 'unlimited': no limit; overrides config.toml)"
+    )
+    limits.add_argument(
+        "--spare",
+        action="store_true",
+        help="start from the Raspberry Pi preset: 256KiB/s up, 1MiB/s down, 8GiB of storage, "
+        "2GiB per project, 24 peers",
+    )
+    limits.add_argument("--upload-limit", metavar="RATE", help="e.g. 256KiB/s")
+    limits.add_argument("--download-limit", metavar="RATE", help="e.g. 1MiB/s")
+    limits.add_argument("--storage-limit", metavar="SIZE", help="e.g. 8GiB")
+    limits.add_argument("--project-storage-limit", metavar="SIZE", help="e.g. 2GiB")
+    limits.add_argument("--max-peers", type=int, metavar="N", help="connected peers at most")
+
+
+# Limit flags and the `Limits` field each sets.
+_LIMIT_FLAGS: Final = {
+    "upload_limit": "upload_rate",
+    "download_limit": "download_rate",
+    "storage_limit": "storage",
+    "project_storage_limit": "project_storage",
+    "max_peers": "max_peers",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
             listen=tuple(args.listen) if args.listen else config.listen,
             bootstrap=tuple(args.bootstrap) if args.bootstrap else config.bootstrap,
             mdns=config.mdns and not args.no_mdns,
+            spare=config.spare or args.spare,
+            limit_settings=config.limit_settings
+            + tuple(
+                (name, getattr(args, flag))
+                for flag, name in _LIMIT_FLAGS.items()
+                if getattr(args, flag) is not None
+            ),
         )
         trio.run(partial(run_daemon, data_dir, config=config))
     except OstromError as exc:

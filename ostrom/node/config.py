@@ -3,6 +3,14 @@
     listen = ["/ip4/0.0.0.0/tcp/4001"]
     bootstrap = ["/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."]
     mdns = true
+    spare = false              # true: start from the Raspberry Pi preset (limits.SPARE)
+
+    [limits]                   # each one overrides the preset; 0 or "unlimited": no limit
+    upload_rate = "256KiB/s"
+    download_rate = "1MiB/s"
+    storage = "8GiB"
+    project_storage = "2GiB"
+    max_peers = 24
 
 An unknown key or a value of the wrong type is an error that names the key, so a typo never
 silently leaves a setting at its default.
@@ -16,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from ostrom.errors import InvalidInput
+from ostrom.node.limits import SPARE, Limits
 
 # The TCP port libp2p nodes conventionally listen on.
 DEFAULT_LISTEN: Final = ("/ip4/0.0.0.0/tcp/4001",)
@@ -26,6 +35,18 @@ class DaemonConfig:
     listen: tuple[str, ...] = DEFAULT_LISTEN
     bootstrap: tuple[str, ...] = ()
     mdns: bool = True
+    # Start from the `--spare` preset rather than no limits.
+    spare: bool = False
+    # Limits set explicitly, in order (config.toml, then flags): each overrides the preset.
+    limit_settings: tuple[tuple[str, str | int], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.limits  # noqa: B018  (a bad limit is refused when the settings are made)
+
+    @property
+    def limits(self) -> Limits:
+        """The limits in effect: the preset (or none), then each explicit setting."""
+        return (SPARE if self.spare else Limits()).updated(dict(self.limit_settings))
 
 
 def _strings(path: Path, key: str, value: Any) -> tuple[str, ...]:
@@ -46,20 +67,28 @@ def load_config(path: Path) -> DaemonConfig:
         values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInput(f"{path} is not valid TOML: {exc}") from None
-    unknown = set(values) - {"listen", "bootstrap", "mdns"}
+    unknown = set(values) - {"listen", "bootstrap", "mdns", "spare", "limits"}
     if unknown:
         raise InvalidInput(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
-    config = DaemonConfig()
-    if "listen" in values:
-        config = DaemonConfig(
-            _strings(path, "listen", values["listen"]), config.bootstrap, config.mdns
+    for key in ("mdns", "spare"):
+        if key in values and not isinstance(values[key], bool):
+            raise InvalidInput(f"{path}: {key} must be true or false")
+    settings: tuple[tuple[str, str | int], ...] = ()
+    if "limits" in values:
+        if not isinstance(values["limits"], dict):
+            raise InvalidInput(f"{path}: limits must be a table ([limits])")
+        settings = tuple(values["limits"].items())
+    try:
+        return DaemonConfig(
+            listen=_strings(path, "listen", values["listen"])
+            if "listen" in values
+            else DEFAULT_LISTEN,
+            bootstrap=_strings(path, "bootstrap", values["bootstrap"])
+            if "bootstrap" in values
+            else (),
+            mdns=values.get("mdns", True),
+            spare=values.get("spare", False),
+            limit_settings=settings,
         )
-    if "bootstrap" in values:
-        config = DaemonConfig(
-            config.listen, _strings(path, "bootstrap", values["bootstrap"]), config.mdns
-        )
-    if "mdns" in values:
-        if not isinstance(values["mdns"], bool):
-            raise InvalidInput(f"{path}: mdns must be true or false")
-        config = DaemonConfig(config.listen, config.bootstrap, values["mdns"])
-    return config
+    except InvalidInput as exc:
+        raise InvalidInput(f"{path}: {exc.message}") from None

@@ -96,7 +96,12 @@ async def _serve(
     service = NodeService(identity, store, data_dir, verifier=verifier)
     mesh = Mesh(
         identity.seed,
-        MeshConfig(listen=config.listen, bootstrap=config.bootstrap, mdns=config.mdns),
+        MeshConfig(
+            listen=config.listen,
+            bootstrap=config.bootstrap,
+            mdns=config.mdns,
+            max_peers=config.limits.max_peers,
+        ),
     )
     replicator = Replicator(service, mesh)
 
