@@ -26,6 +26,7 @@ from ostrom.errors import (
 from ostrom.node.store import SCHEMA_VERSION, Store, _prefix_range
 from ostrom.protocol import dagcbor
 from ostrom.protocol.changesets import MAX_BLOCK_SIZE
+from ostrom.protocol.meshes import Membership, MeshDescription, sign_mesh_record
 from ostrom.protocol.records import (
     Comment,
     Contribution,
@@ -188,6 +189,51 @@ def test_open_refuses_a_foreign_database_and_a_newer_schema(tmp_path: Path) -> N
     conn.close()
     with pytest.raises(StoreCorrupt, match="schema version"):
         Store.open(newer)
+
+
+def test_a_version_1_store_is_migrated_and_keeps_its_records(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    g = genesis()
+    with Store.open(path) as s:
+        s.put_records([g])
+    # Take the store back to what version 1 wrote: no mesh tables.
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "DROP TABLE mesh_records; DROP TABLE meshes_joined; PRAGMA user_version = 1;"
+    )
+    conn.close()
+    with Store.open(path) as s:
+        again = s.get_record(g.cid)
+        assert again is not None and again.data == g.data
+        assert s.joined_meshes() == []
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        conn.close()
+
+
+def test_mesh_records_are_stored_once_and_read_back_verified(tmp_path: Path) -> None:
+    steward, member = Identity.generate(), Identity.generate()
+    description = sign_mesh_record(
+        MeshDescription(steward.public_key, 1, "makers", "private", (steward.public_key,)),
+        steward,
+    )
+    admit = sign_mesh_record(
+        Membership(steward.public_key, 2, description.cid, "admit", member.public_key), steward
+    )
+    path = tmp_path / "store.db"
+    with Store.open(path) as s:
+        assert s.put_mesh_records([admit, description]) == [admit.cid, description.cid]
+        assert s.put_mesh_records([description]) == []
+        assert s.mesh_records(description.cid) == [description, admit]
+        s.join_mesh(description.cid, since=5)
+        assert s.joined_meshes() == [description.cid]
+        assert s.leave_mesh(description.cid) and not s.leave_mesh(description.cid)
+        assert s.mesh_records(description.cid) == [description, admit]  # records stay
+    tamper(path, "mesh_records", admit.cid, "data", description.data)
+    with Store.open(path) as s, pytest.raises(StoreCorrupt, match="does not match"):
+        s.mesh_records(description.cid)
 
 
 def test_open_in_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:

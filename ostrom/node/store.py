@@ -47,13 +47,15 @@ from ostrom.errors import (
     TooLarge,
 )
 from ostrom.protocol.changesets import MAX_BLOCK_SIZE
+from ostrom.protocol.meshes import SignedMeshRecord, decode_mesh_record
 from ostrom.protocol.records import BODY_TYPES, Project, SignedRecord, decode_record
 
 # How a node follows a project: everything, or its records with blocks fetched on demand.
 FOLLOW_MODES: Final = ("full", "records")
-# PRAGMA user_version of the schema below; a store written with another version is refused
-# rather than misread. Raise it with every schema change (and add a migration).
-SCHEMA_VERSION: Final = 1
+# PRAGMA user_version of the schema below; a store written with a newer version is refused
+# rather than misread, an older one is migrated. Raise it with every schema change, and add
+# the step from the previous version to _MIGRATIONS.
+SCHEMA_VERSION: Final = 2
 # CIDs per `IN (...)` query: far below SQLite's bound on parameters (32766 since 3.32), and
 # large enough that a batch of 1,000 costs two queries.
 _CHUNK: Final = 500
@@ -103,6 +105,24 @@ CREATE TABLE follows (
     since INTEGER NOT NULL     -- ms since the epoch, when this node began to follow
 );
 """
+
+# Community meshes (schema version 2): their descriptions and membership records, and the
+# meshes this node has joined.
+_MESH_SCHEMA: Final = """
+CREATE TABLE mesh_records (
+    cid BLOB PRIMARY KEY,
+    mesh BLOB NOT NULL,      -- the description's CID; a description holds its own
+    type TEXT NOT NULL,      -- 'mesh' or 'membership'
+    data BLOB NOT NULL       -- the signed record's canonical bytes
+);
+CREATE INDEX mesh_records_mesh ON mesh_records (mesh, type);
+CREATE TABLE meshes_joined (
+    mesh BLOB PRIMARY KEY,
+    since INTEGER NOT NULL   -- ms since the epoch, when this node joined
+);
+"""
+# From each schema version, the script that brings a store to the next one.
+_MIGRATIONS: Final = {1: _MESH_SCHEMA}
 
 # One insert per record shape, so that no row binds a NULL (see the module docstring). A
 # record already stored is skipped by the conflict clause; any other violation still raises.
@@ -643,6 +663,56 @@ class Store:
         rows = self._conn.execute("SELECT project, mode FROM follows ORDER BY since, project")
         return {CID(bytes(project)): mode for project, mode in rows}
 
+    # --- community meshes ----------------------------------------------------------------------
+
+    def put_mesh_records(self, records: Sequence[SignedMeshRecord]) -> list[CID]:
+        """Store verified mesh records; return the CIDs of those that were new."""
+        new: list[CID] = []
+        with self._write() as conn:
+            for record in records:
+                cursor = conn.execute(
+                    "INSERT INTO mesh_records (cid, mesh, type, data) VALUES (?, ?, ?, ?)"
+                    " ON CONFLICT (cid) DO NOTHING",
+                    (record.cid.raw, record.mesh.raw, record.body.TYPE, record.data),
+                )
+                if cursor.rowcount:
+                    new.append(record.cid)
+        return new
+
+    def mesh_records(self, mesh: CID) -> list[SignedMeshRecord]:
+        """A mesh's description (first, if present) and its membership records, verified."""
+        rows = self._conn.execute(
+            "SELECT cid, data FROM mesh_records WHERE mesh = ? ORDER BY type = 'membership', cid",
+            (mesh.raw,),
+        ).fetchall()
+        out = []
+        for raw, data in rows:
+            cid = _stored_cid(raw, "mesh record")
+            if not cid.matches(data):
+                raise StoreCorrupt(f"mesh record {cid} does not match its CID")
+            out.append(decode_mesh_record(bytes(data)))
+        return out
+
+    def join_mesh(self, mesh: CID, since: int) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO meshes_joined (mesh, since) VALUES (?, ?)"
+                " ON CONFLICT (mesh) DO NOTHING",
+                (mesh.raw, since),
+            )
+
+    def leave_mesh(self, mesh: CID) -> bool:
+        """Stop being in `mesh`; its records stay. True if this node was in it."""
+        with self._write() as conn:
+            return (
+                conn.execute("DELETE FROM meshes_joined WHERE mesh = ?", (mesh.raw,)).rowcount > 0
+            )
+
+    def joined_meshes(self) -> list[CID]:
+        """The meshes this node is in, oldest first."""
+        rows = self._conn.execute("SELECT mesh FROM meshes_joined ORDER BY since, mesh")
+        return [CID(bytes(raw)) for (raw,) in rows]
+
     def stats(self) -> StoreStats:
         conn = self._conn
         by_type = {
@@ -681,6 +751,16 @@ class Store:
         return [_decode_stored(_stored_cid(raw, "record"), data) for raw, data in rows]
 
 
+def _run_script(conn: sqlite3.Connection, script: str) -> None:
+    """Run `script` as one transaction."""
+    try:
+        conn.executescript(f"BEGIN IMMEDIATE; {script} COMMIT;")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _set_up(conn: sqlite3.Connection, path: Path) -> None:
     """Configure a fresh connection and create or check the schema."""
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -694,15 +774,14 @@ def _set_up(conn: sqlite3.Connection, path: Path) -> None:
     if version == 0:
         if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
             raise sqlite3.DatabaseError("it holds tables but no Ostrom schema version")
-        try:
-            conn.executescript(
-                f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
-            )
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-    elif version != SCHEMA_VERSION:
+        _run_script(conn, f"{_SCHEMA} {_MESH_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION};")
+        version = SCHEMA_VERSION
+    elif version > SCHEMA_VERSION:
         raise sqlite3.DatabaseError(
-            f"its schema version is {version}; this Ostrom reads version {SCHEMA_VERSION}"
+            f"its schema version is {version}; this Ostrom reads up to version "
+            f"{SCHEMA_VERSION} (a newer Ostrom wrote it)"
         )
+    while version < SCHEMA_VERSION:
+        # One transaction per step: a crash leaves the store at a version it can resume from.
+        _run_script(conn, f"{_MIGRATIONS[version]} PRAGMA user_version = {version + 1};")
+        version += 1
