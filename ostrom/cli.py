@@ -475,6 +475,88 @@ def cmd_need_list(args: argparse.Namespace, out: Output, data_dir: DataDir) -> N
     out.result(value, human)
 
 
+def _print_mesh(out: Output, v: dict[str, Any]) -> None:
+    role = "steward" if v["steward"] else "member" if v["member"] else "not admitted"
+    out.line(f"mesh {v['name']} ({v['access']}, you: {role})")
+    out.line(f"  cid        {v['cid']}")
+    if v["description"]:
+        out.line(f"  about      {v['description']}")
+    for steward in v["stewards"]:
+        out.line(f"  steward    {steward}")
+    if "members" in v:
+        out.line(f"  members    {v['members']}")
+    for member in v.get("admitted", []):
+        out.line(f"  admitted   {member}")
+    for addr in v["bootstrap"]:
+        out.line(f"  bootstrap  {addr}")
+
+
+def cmd_mesh_create(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
+    with _client(data_dir) as client:
+        value = client.create_mesh(
+            args.name,
+            private=args.private,
+            description=args.description or "",
+            bootstrap=args.bootstrap,
+            stewards=args.steward or (),
+        )
+    out.result(value, lambda v: _print_mesh(out, v))
+
+
+def cmd_mesh_invite(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
+    with _client(data_dir) as client:
+        value = client.mesh_invite(args.mesh)
+    out.result({"invite": value}, lambda v: out.line(v["invite"]))
+
+
+def cmd_mesh_join(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
+    with _client(data_dir) as client:
+        value = client.join_mesh(args.invite)
+
+    def human(v: dict[str, Any]) -> None:
+        _print_mesh(out, v)
+        for peer in v["connected"]:
+            out.line(f"  connected  {peer}")
+        for failed in v["unreachable"]:
+            out.line(f"  unreachable {failed['addr']}: {failed['reason']}")
+
+    out.result(value, human)
+
+
+def cmd_mesh_list(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
+    with _client(data_dir) as client:
+        value = client.meshes()
+
+    def human(meshes: list[dict[str, Any]]) -> None:
+        if not meshes:
+            out.line("in no mesh (create one with `ostrom mesh create`, or `ostrom mesh join`)")
+        for m in meshes:
+            out.line(f"{_short(m['cid'])}  {m['name']}  ({m['access']})")
+
+    out.result(value, human)
+
+
+def cmd_mesh_show(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
+    with _client(data_dir) as client:
+        value = client.mesh(args.mesh)
+    out.result(value, lambda v: _print_mesh(out, v))
+
+
+def cmd_mesh_leave(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
+    with _client(data_dir) as client:
+        value = client.leave_mesh(args.mesh)
+    out.result(value, lambda v: out.line(f"left mesh {v['name']}"))
+
+
+def cmd_mesh_admit(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
+    with _client(data_dir) as client:
+        if args.command_name == "admit":
+            value = client.admit(args.mesh, args.peer, note=args.note or "")
+        else:
+            value = client.revoke(args.mesh, args.peer, note=args.note or "")
+    out.result(value, lambda v: out.line(f"{v['action']} {v['member']} ({v['cid']})"))
+
+
 def cmd_comment(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
     with _client(data_dir) as client:
         value = client.comment(args.record, args.text)
@@ -707,6 +789,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body")
     p = command("list", cmd_need_list, "list a project's needs", nsub)
     p.add_argument("project")
+
+    mesh = sub.add_parser("mesh", help="community meshes: create, invite, join, admit, revoke")
+    msub = mesh.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    p = command("create", cmd_mesh_create, "create a mesh, with this node as steward", msub)
+    p.add_argument("name")
+    p.add_argument("--private", action="store_true", help="only admitted members take part")
+    p.add_argument("--description")
+    p.add_argument(
+        "--bootstrap",
+        action="append",
+        metavar="MULTIADDR",
+        help="an address joining nodes dial (repeatable; default: this node's addresses)",
+    )
+    p.add_argument(
+        "--steward", action="append", metavar="KEY", help="another steward (peer id or hex key)"
+    )
+    p = command("invite", cmd_mesh_invite, "print an invite string for a mesh", msub)
+    p.add_argument("mesh", help="name, CID or CID prefix")
+    p = command("join", cmd_mesh_join, "join the mesh an invite describes", msub)
+    p.add_argument("invite")
+    command("list", cmd_mesh_list, "list the meshes this node is in", msub)
+    p = command("show", cmd_mesh_show, "show a mesh: stewards, members, bootstrap", msub)
+    p.add_argument("mesh")
+    p = command("leave", cmd_mesh_leave, "leave a mesh", msub)
+    p.add_argument("mesh")
+    for name, verb in (("admit", "admit a peer to"), ("revoke", "revoke a member of")):
+        p = command(name, cmd_mesh_admit, f"(steward) {verb} a private mesh", msub)
+        p.add_argument("mesh")
+        p.add_argument("peer", metavar="PEER-ID")
+        p.add_argument("--note")
+        p.set_defaults(command_name=name)
 
     p = command("comment", cmd_comment, "comment on a record")
     p.add_argument("record")

@@ -401,6 +401,51 @@ class Client:
             note=note,
         )
 
+    # --- community meshes --------------------------------------------------------------------
+
+    def create_mesh(
+        self,
+        name: str,
+        *,
+        private: bool = False,
+        description: str = "",
+        bootstrap: Sequence[str] | None = None,
+        stewards: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """Create a mesh with this node as a steward; bootstrap defaults to its addresses."""
+        return self._map(
+            "mesh.create",
+            name=name,
+            private=private,
+            description=description,
+            bootstrap=None if bootstrap is None else list(bootstrap),
+            stewards=list(stewards),
+        )
+
+    def mesh_invite(self, mesh: str) -> str:
+        """The invite string that lets others join `mesh`."""
+        return str(self._map("mesh.invite", mesh=mesh)["invite"])
+
+    def join_mesh(self, invite: str) -> dict[str, Any]:
+        return self._map("mesh.join", invite=invite)
+
+    def meshes(self) -> list[dict[str, Any]]:
+        return self._list("mesh.list")
+
+    def mesh(self, mesh: str) -> dict[str, Any]:
+        return self._map("mesh.show", mesh=mesh)
+
+    def leave_mesh(self, mesh: str) -> dict[str, Any]:
+        return self._map("mesh.leave", mesh=mesh)
+
+    def admit(self, mesh: str, peer: str, *, note: str = "") -> dict[str, Any]:
+        return self._map("mesh.admit", mesh=mesh, peer=peer, note=note)
+
+    def revoke(self, mesh: str, peer: str, *, note: str = "") -> dict[str, Any]:
+        return self._map("mesh.revoke", mesh=mesh, peer=peer, note=note)
+
+    # --- needs and comments ------------------------------------------------------------------
+
     def create_need(self, project: str, title: str, *, body: str = "") -> dict[str, Any]:
         return self._map("need.create", project=project, title=title, body=body)
 

@@ -94,6 +94,7 @@ async def _serve(
     from ostrom.node.replication import MeshNetwork, Replicator
 
     service = NodeService(identity, store, data_dir, verifier=verifier)
+    await service.meshes.load()
     mesh = Mesh(
         identity.seed,
         MeshConfig(

@@ -23,6 +23,7 @@ from ostrom.errors import (
     NotFound,
 )
 from ostrom.node.events import EventBus
+from ostrom.node.meshes import MeshRegistry
 from ostrom.node.store import Store
 from ostrom.node.sync import IngestResult
 from ostrom.node.transfers import ProgressListener, Transfer, Transfers
@@ -99,6 +100,8 @@ class NodeService:
         self.data_dir = data_dir
         self.events = events or EventBus()
         self.transfers = Transfers(self.events)
+        # The community meshes this node is in; the daemon loads them at start.
+        self.meshes = MeshRegistry(identity, self.db, self.events, clock)
         # Without a pool from the daemon, batches are decoded on a thread (tests, tools).
         self.verifier = verifier or VerifierPool(workers=1)
         self._clock = clock

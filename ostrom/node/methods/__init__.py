@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from ostrom.errors import MethodNotFound
-from ostrom.node.methods import node, projects, records, transfer
+from ostrom.node.methods import meshes, node, projects, records, transfer
 from ostrom.node.methods.registry import METHODS
 from ostrom.node.params import Params
 from ostrom.node.rpc_server import RpcConnection
 from ostrom.node.service import NodeService
 
-__all__ = ["METHODS", "dispatch", "node", "projects", "records", "transfer"]
+__all__ = ["METHODS", "dispatch", "meshes", "node", "projects", "records", "transfer"]
 
 
 async def dispatch(

@@ -1,0 +1,283 @@
+"""The community meshes this node is in: their descriptions, members, and this node's part.
+
+The registry keeps, for each joined mesh, its verified description and its members as the
+stored membership records say (`ostrom.protocol.meshes.members`), recomputed whenever a new
+membership record is stored. Listeners hear of every change of membership, so a revocation
+takes effect at once: the mesh layer re-checks its connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ostrom.crypto.cid import CID
+from ostrom.crypto.keys import Identity, peer_id_of
+from ostrom.errors import (
+    AlreadyExists,
+    Ambiguous,
+    InvalidInput,
+    InvalidRecord,
+    NotFound,
+    OstromError,
+    Refused,
+)
+from ostrom.node.events import EventBus
+from ostrom.node.store import Store
+from ostrom.protocol.meshes import (
+    Access,
+    Membership,
+    MembershipAction,
+    MeshDescription,
+    MeshMembers,
+    SignedMeshRecord,
+    check_membership,
+    decode_invite,
+    encode_invite,
+    members,
+    sign_mesh_record,
+)
+
+log = logging.getLogger(__name__)
+
+Db = Callable[..., Awaitable[Any]]
+
+# The most membership records one mesh may hold here: a community of thousands, each admitted
+# and revoked a few times. Past it, new records for that mesh are refused.
+MAX_MEMBERSHIP_RECORDS: Final = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class JoinedMesh:
+    """A mesh this node is in: its description record and who belongs to it."""
+
+    description: SignedMeshRecord
+    members: MeshMembers
+
+    @property
+    def cid(self) -> CID:
+        return self.description.cid
+
+    @property
+    def body(self) -> MeshDescription:
+        body = self.description.body
+        assert isinstance(body, MeshDescription)
+        return body
+
+
+class MeshRegistry:
+    """The meshes this node is in, kept in memory and in the store."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        db: Db,
+        events: EventBus,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._identity = identity
+        self._db = db
+        self._events = events
+        self._clock = clock
+        self._joined: dict[CID, JoinedMesh] = {}
+        # Called with a mesh's CID when its membership changes, or when it is joined or left.
+        self.listeners: list[Callable[[CID], None]] = []
+
+    async def load(self) -> None:
+        """Read the joined meshes and their membership records from the store."""
+
+        def read(store: Store) -> list[list[SignedMeshRecord]]:
+            return [store.mesh_records(mesh) for mesh in store.joined_meshes()]
+
+        for records in await self._db(read):
+            if records and isinstance(records[0].body, MeshDescription):
+                self._set(records[0], records[1:])
+
+    def _set(self, description: SignedMeshRecord, memberships: Sequence[SignedMeshRecord]) -> None:
+        self._joined[description.cid] = JoinedMesh(description, members(description, memberships))
+
+    def _changed(self, mesh: CID, kind: str, **fields: Any) -> None:
+        self._events.publish({"type": kind, "mesh": str(mesh), **fields})
+        for listener in list(self.listeners):
+            try:
+                listener(mesh)
+            except OstromError as exc:
+                log.warning("a mesh listener failed: %s", exc.message)
+
+    # --- what the node asks -----------------------------------------------------------------
+
+    def joined(self) -> list[JoinedMesh]:
+        return list(self._joined.values())
+
+    def get(self, mesh: CID) -> JoinedMesh | None:
+        return self._joined.get(mesh)
+
+    def resolve(self, text: str) -> JoinedMesh:
+        """A joined mesh by full CID, unique CID prefix, or unique name."""
+        text = text.strip()
+        found = [m for m in self._joined.values() if m.body.name == text]
+        if not found:
+            found = [m for m in self._joined.values() if str(m.cid).startswith(text)]
+        if not found:
+            raise NotFound(f"this node is in no mesh named {text!r} (see `ostrom mesh list`)")
+        if len(found) > 1:
+            names = ", ".join(f"{m.body.name} ({m.cid})" for m in found[:5])
+            raise Ambiguous(f"{text!r} names several meshes: {names}")
+        return found[0]
+
+    def meshes_of(self, public_key: bytes) -> list[JoinedMesh]:
+        """The joined private meshes `public_key` is a member of."""
+        return [
+            m
+            for m in self._joined.values()
+            if m.members.access == "private" and m.members.admits(public_key)
+        ]
+
+    def admits(self, public_key: bytes) -> bool:
+        """Whether a peer may stay connected: a node in no mesh, or in an open one, takes
+        anyone; a node only in private meshes takes their members."""
+        if not self._joined or any(m.members.access == "open" for m in self._joined.values()):
+            return True
+        return any(m.members.admits(public_key) for m in self._joined.values())
+
+    # --- what the owner does -----------------------------------------------------------------
+
+    def _now(self) -> int:
+        return int(self._clock() * 1000)
+
+    async def create(
+        self,
+        name: str,
+        access: Access,
+        *,
+        description: str = "",
+        bootstrap: Sequence[str] = (),
+        stewards: Sequence[bytes] = (),
+    ) -> JoinedMesh:
+        """Sign a new mesh description with this node's key, as its first steward, and join."""
+        if any(m.body.name == name for m in self._joined.values()):
+            raise AlreadyExists(f"this node is already in a mesh named {name!r}")
+        keys = tuple(sorted({self._identity.public_key, *stewards}))
+        try:
+            body = MeshDescription(
+                author=self._identity.public_key,
+                ts=self._now(),
+                name=name,
+                access=access,
+                stewards=keys,
+                bootstrap=tuple(dict.fromkeys(bootstrap)),
+                description=description,
+            )
+        except InvalidRecord as exc:
+            raise InvalidInput(exc.message) from None
+        record = sign_mesh_record(body, self._identity)
+        return await self._join(record)
+
+    def invite(self, mesh: CID) -> str:
+        joined = self._joined.get(mesh)
+        if joined is None:
+            raise NotFound(f"this node is not in mesh {mesh}")
+        return encode_invite(joined.description)
+
+    async def join(self, invite: str) -> JoinedMesh:
+        """Join the mesh an invite describes (the invite is verified first)."""
+        try:
+            description = decode_invite(invite)
+        except (InvalidRecord, InvalidInput) as exc:
+            raise InvalidInput(f"not a valid invite: {exc.message}") from None
+        return await self._join(description)
+
+    async def _join(self, description: SignedMeshRecord) -> JoinedMesh:
+        now = self._now()
+
+        def write(store: Store) -> list[SignedMeshRecord]:
+            store.put_mesh_records([description])
+            store.join_mesh(description.cid, now)
+            return store.mesh_records(description.cid)[1:]
+
+        memberships = await self._db(write)
+        already = description.cid in self._joined
+        self._set(description, memberships)
+        joined = self._joined[description.cid]
+        if not already:
+            self._changed(joined.cid, "mesh.joined", name=joined.body.name)
+        return joined
+
+    async def leave(self, mesh: CID) -> bool:
+        left = await self._db(lambda store: store.leave_mesh(mesh))
+        gone = self._joined.pop(mesh, None)
+        if gone is not None:
+            self._changed(mesh, "mesh.left", name=gone.body.name)
+        return bool(left)
+
+    async def set_membership(
+        self, mesh: CID, member: bytes, action: MembershipAction, note: str = ""
+    ) -> SignedMeshRecord:
+        """Sign and store an admission or revocation; this node must be a steward."""
+        joined = self._joined.get(mesh)
+        if joined is None:
+            raise NotFound(f"this node is not in mesh {mesh}")
+        if self._identity.public_key not in joined.body.stewards:
+            raise Refused(f"only a steward of {joined.body.name!r} admits or revokes members")
+        try:
+            body = Membership(self._identity.public_key, self._now(), mesh, action, member, note)
+            record = sign_mesh_record(body, self._identity)
+            check_membership(joined.description, record)
+        except InvalidRecord as exc:
+            raise InvalidInput(exc.message) from None
+        await self.ingest([record])
+        return record
+
+    # --- what peers send --------------------------------------------------------------------
+
+    async def ingest(self, records: Sequence[SignedMeshRecord]) -> list[SignedMeshRecord]:
+        """Store the membership records of joined meshes that a steward could have signed;
+        return the new ones. Others are ignored (a peer may be in meshes we are not)."""
+        by_mesh: dict[CID, list[SignedMeshRecord]] = {}
+        for record in records:
+            joined = self._joined.get(record.mesh)
+            if joined is None or not isinstance(record.body, Membership):
+                continue
+            try:
+                check_membership(joined.description, record)
+            except InvalidRecord as exc:
+                log.info("ignoring a membership record of %s: %s", record.mesh, exc.message)
+                continue
+            by_mesh.setdefault(record.mesh, []).append(record)
+        new: list[SignedMeshRecord] = []
+        for mesh, batch in by_mesh.items():
+
+            def write(store: Store, m: CID = mesh, b: list[SignedMeshRecord] = batch) -> Any:
+                current = store.mesh_records(m)
+                if len(current) + len(b) > MAX_MEMBERSHIP_RECORDS + 1:
+                    raise Refused(f"mesh {m} holds too many membership records")
+                stored = set(store.put_mesh_records(b))
+                return stored, store.mesh_records(m)[1:]
+
+            try:
+                stored, memberships = await self._db(write)
+            except Refused as exc:
+                log.warning("%s", exc.message)
+                continue
+            if not stored:
+                continue
+            joined = self._joined[mesh]
+            before = joined.members
+            self._set(joined.description, memberships)
+            after = self._joined[mesh].members
+            new += [r for r in batch if r.cid in stored]
+            if after != before:
+                self._changed(
+                    mesh,
+                    "mesh.members",
+                    admitted=[peer_id_of(k) for k in sorted(after.admitted - before.admitted)],
+                    revoked=[peer_id_of(k) for k in sorted(before.admitted - after.admitted)],
+                )
+        return new
+
+    async def records_of(self, mesh: CID) -> list[SignedMeshRecord]:
+        """A joined mesh's description and membership records, to send to a member."""
+        return list(await self._db(lambda store: store.mesh_records(mesh)))
