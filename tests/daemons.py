@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,21 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 # A CLI command is one RPC round trip; anything near this bound is a hang.
 CLI_TIMEOUT = 120.0
+# How long a change may take to show on another node: gossip arrives in milliseconds, a sync
+# or a mesh exchange on connect within a second or two; the bound is for a loaded CI machine.
+REPLICATION_TIMEOUT = 45.0
+
+
+def wait_for(condition: Callable[[], Any], what: str, timeout: float = REPLICATION_TIMEOUT) -> Any:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
 def _env(data_dir: Path) -> dict[str, str]:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -14,25 +11,9 @@ import trio
 from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity
 from ostrom.protocol.records import Need, sign
-from tests.daemons import Daemon, DaemonFactory
+from tests.daemons import Daemon, DaemonFactory, wait_for
 
 pytestmark = pytest.mark.slow
-
-# How long replication may take to show on another node: gossip arrives in milliseconds,
-# a sync on connect within a second or two; the bound is for a loaded CI machine.
-REPLICATION_TIMEOUT = 45.0
-
-
-def wait_for(condition: Callable[[], Any], what: str, timeout: float = REPLICATION_TIMEOUT) -> Any:
-    """Poll `condition` until it returns something truthy; fail with `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = condition()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
 def address(node: Daemon) -> str:

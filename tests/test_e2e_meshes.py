@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.daemons import DaemonFactory
+from tests.daemons import DaemonFactory, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -69,3 +69,41 @@ def test_a_bad_invite_or_mesh_name_is_a_clear_error(daemons: DaemonFactory) -> N
     assert missing.returncode == 1 and "no mesh named 'nowhere'" in missing.stderr
     assert node.json("mesh", "list") == []
     assert node.cli("status").returncode == 0
+
+
+def test_a_private_mesh_refuses_outsiders_and_a_revocation_takes_effect_at_once(
+    daemons: DaemonFactory,
+) -> None:
+    steward = daemons.make("steward")
+    member, outsider = daemons.make("member"), daemons.make("outsider")
+    member_id = member.json("id")["peer_id"]
+    outsider_id = outsider.json("id")["peer_id"]
+    steward.json("mesh", "create", "workshop", "--private")
+    steward.json("mesh", "admit", "workshop", member_id)
+    invite = steward.json("mesh", "invite", "workshop")["invite"]
+
+    member.json("mesh", "join", invite)
+    # The exchange on connect brings the steward's admission to the member's node.
+    wait_for(lambda: member.json("mesh", "show", "workshop")["member"], "the member's admission")
+    peers = {p["peer_id"]: p for p in steward.json("peers")}
+    assert peers[member_id]["meshes"] == ["workshop"]
+
+    outsider.json("mesh", "join", invite)
+    wait_for(
+        lambda: outsider_id not in {p["peer_id"] for p in steward.json("peers")},
+        "the steward to close the outsider's connection",
+    )
+    assert not outsider.json("mesh", "show", "workshop")["member"]
+    assert member_id in {p["peer_id"] for p in steward.json("peers")}
+
+    steward.json("mesh", "revoke", "workshop", member_id, "--note", "left the group")
+    wait_for(
+        lambda: not member.json("mesh", "show", "workshop")["member"],
+        "the revocation to reach the member's node",
+    )
+    wait_for(
+        lambda: member_id not in {p["peer_id"] for p in steward.json("peers")},
+        "the steward to cut the revoked member off",
+    )
+    # Nothing was restarted, and both nodes still answer.
+    assert steward.cli("status").returncode == 0 and member.cli("status").returncode == 0

@@ -91,6 +91,7 @@ async def _serve(
     """Serve RPC and the mesh until SIGINT or SIGTERM; every task lives in this one nursery."""
     # The mesh (and with it libp2p) is imported only here: it is the slow import.
     from ostrom.node.mesh import Mesh, MeshConfig
+    from ostrom.node.meshsync import MeshReplicator
     from ostrom.node.replication import MeshNetwork, Replicator
 
     service = NodeService(identity, store, data_dir, verifier=verifier)
@@ -105,6 +106,7 @@ async def _serve(
         ),
     )
     replicator = Replicator(service, mesh)
+    mesh_replicator = MeshReplicator(service.meshes, mesh)
 
     async def handle(method: str, params: list[Any], conn: RpcConnection) -> Any:
         return await dispatch(service, method, params, conn)
@@ -114,7 +116,8 @@ async def _serve(
             await nursery.start(verifier.serve_reaper)
             await nursery.start(mesh.serve)
             await nursery.start(replicator.serve)
-            service.network = MeshNetwork(mesh, replicator)
+            await nursery.start(mesh_replicator.serve)
+            service.network = MeshNetwork(mesh, replicator, mesh_replicator)
             log.info("mesh listening on %s", ", ".join(mesh.listen_addrs))
             await nursery.start(serve_rpc, data_dir.socket, handle)
             # Everything loaded so far (libp2p alone is about 1,250 modules) lives as long as

@@ -80,11 +80,13 @@ class MeshRegistry:
     ) -> None:
         self._identity = identity
         self._db = db
-        self._events = events
+        self.events = events
         self._clock = clock
         self._joined: dict[CID, JoinedMesh] = {}
         # Called with a mesh's CID when its membership changes, or when it is joined or left.
         self.listeners: list[Callable[[CID], None]] = []
+        # Called with the membership records this node signs, for the mesh layer to publish.
+        self.record_listeners: list[Callable[[Sequence[SignedMeshRecord]], None]] = []
 
     async def load(self) -> None:
         """Read the joined meshes and their membership records from the store."""
@@ -100,7 +102,7 @@ class MeshRegistry:
         self._joined[description.cid] = JoinedMesh(description, members(description, memberships))
 
     def _changed(self, mesh: CID, kind: str, **fields: Any) -> None:
-        self._events.publish({"type": kind, "mesh": str(mesh), **fields})
+        self.events.publish({"type": kind, "mesh": str(mesh), **fields})
         for listener in list(self.listeners):
             try:
                 listener(mesh)
@@ -136,12 +138,26 @@ class MeshRegistry:
             if m.members.access == "private" and m.members.admits(public_key)
         ]
 
-    def admits(self, public_key: bytes) -> bool:
-        """Whether a peer may stay connected: a node in no mesh, or in an open one, takes
-        anyone; a node only in private meshes takes their members."""
+    def admits(self, public_key: bytes | None) -> bool:
+        """Whether a peer (by key; None if it has no ed25519 key) may stay connected: a node
+        in no mesh, or in an open one, takes anyone; a node only in private meshes takes
+        their members."""
         if not self._joined or any(m.members.access == "open" for m in self._joined.values()):
             return True
-        return any(m.members.admits(public_key) for m in self._joined.values())
+        return public_key is not None and any(
+            m.members.admits(public_key) for m in self._joined.values()
+        )
+
+    def accepts(self, record: SignedMeshRecord) -> bool:
+        """Whether `record` is a membership record of a joined mesh that a steward signed."""
+        joined = self._joined.get(record.mesh)
+        if joined is None:
+            return False
+        try:
+            check_membership(joined.description, record)
+        except InvalidRecord:
+            return False
+        return True
 
     # --- what the owner does -----------------------------------------------------------------
 
@@ -228,6 +244,10 @@ class MeshRegistry:
             check_membership(joined.description, record)
         except InvalidRecord as exc:
             raise InvalidInput(exc.message) from None
+        # Published first, stored next: listeners of the membership change then act after
+        # the record is on its way to the members.
+        for listener in list(self.record_listeners):
+            listener([record])
         await self.ingest([record])
         return record
 

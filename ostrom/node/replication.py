@@ -35,6 +35,8 @@ from ostrom.protocol.records import Contribution, SignedRecord, decode_record
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
+    from ostrom.node.meshsync import MeshReplicator
+
 log = logging.getLogger(__name__)
 
 TOPIC_PREFIX: Final = "ostrom/1/project/"
@@ -393,9 +395,12 @@ def wanted_blocks(store: Store, project: CID, phase: str) -> list[CID]:
 class MeshNetwork:
     """The mesh as the RPC methods see it (`ostrom.node.service.Network`)."""
 
-    def __init__(self, mesh: Mesh, replicator: Replicator) -> None:
+    def __init__(
+        self, mesh: Mesh, replicator: Replicator, meshes: MeshReplicator | None = None
+    ) -> None:
         self._mesh = mesh
         self._replicator = replicator
+        self._meshes = meshes
 
     def addresses(self) -> list[str]:
         suffix = f"/p2p/{self._mesh.peer_id}"
@@ -409,6 +414,7 @@ class MeshNetwork:
                 "peer_id": p.peer_id,
                 "addrs": list(p.addrs),
                 "projects": self._replicator.shared_projects(p.peer_id),
+                "meshes": [] if self._meshes is None else self._meshes.shared_meshes(p.peer_id),
             }
             for p in self._mesh.peers()
         ]

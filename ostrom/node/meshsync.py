@@ -1,0 +1,288 @@
+"""Mesh records between members, and who may stay connected: `/ostrom/mesh/1.0.0`.
+
+On every new connection the two nodes exchange the membership records of the meshes they
+share (`exchange`); a steward's new admission or revocation travels at once by gossip on the
+mesh's topic. A node in private meshes only keeps peers those meshes admit, and re-checks its
+connections whenever membership changes, so a revocation takes effect without a restart.
+
+    each side, at once              the other side
+    hello {meshes}            <->   hello {meshes}
+    records {mesh, records}   <->   records {mesh, records} ...
+    done {}                   <->   done {}
+
+A side lists only the meshes it may reveal to this peer: its open meshes, and the private
+ones the peer belongs to. Records then flow for the meshes both listed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from ostrom.crypto.cid import CID
+from ostrom.crypto.keys import public_key_of_peer_id
+from ostrom.errors import DecodeError, InvalidInput, InvalidRecord, OstromError
+from ostrom.node.framed import ByteStream, FramedStream
+from ostrom.node.mesh import Mesh, MeshStream
+from ostrom.node.meshes import MeshRegistry
+from ostrom.protocol.meshes import MAX_MESH_RECORD_SIZE, SignedMeshRecord, decode_mesh_record
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+log = logging.getLogger(__name__)
+
+PROTOCOL: Final = "/ostrom/mesh/1.0.0"
+# Frames carry at most this many bytes of records, plus the map around them.
+RECORDS_FRAME_BYTES: Final = 512 * 1024
+MAX_FRAME: Final = RECORDS_FRAME_BYTES + MAX_MESH_RECORD_SIZE + 4096
+# Meshes one hello may list: far more than anyone joins, and a bound.
+MAX_HELLO_MESHES: Final = 256
+# Frames one exchange may receive: 20,000 membership records of a full-size mesh in 512 KiB
+# frames is under 400; this leaves room for several meshes and still ends a flood.
+MAX_EXCHANGE_FRAMES: Final = 2048
+# A whole exchange must end within this: a few frames either way on a slow link.
+EXCHANGE_TIMEOUT_S: Final = 60.0
+# Connection checks and exchanges waiting to run; beyond it the next change or connection
+# repeats them anyway.
+QUEUE: Final = 256
+TOPIC_PREFIX: Final = "ostrom/1/mesh/"
+# Seconds a peer whose membership was revoked stays connected: time for the gossiped
+# revocation to reach it, so its own node knows why it was cut off.
+REVOCATION_GRACE_S: Final = 2.0
+
+
+def topic_of(mesh: CID) -> str:
+    return f"{TOPIC_PREFIX}{mesh}"
+
+
+def _peer_key(peer_id: str) -> bytes | None:
+    try:
+        return public_key_of_peer_id(peer_id)
+    except (InvalidInput, DecodeError):
+        return None  # not an ed25519 peer id: no mesh can list it
+
+
+class MeshReplicator:
+    """Runs the mesh protocol for one node: exchanges, gossip, and the connection gate."""
+
+    def __init__(self, registry: MeshRegistry, mesh: Mesh) -> None:
+        self.registry = registry
+        self.mesh = mesh
+        # The meshes each connected peer shares with this node, as their exchange found.
+        self._shared: dict[str, set[CID]] = {}
+        self._subscribed: set[CID] = set()
+        # One queue, in order: a revocation is published before the revoked peer is cut off.
+        self._send, self._receive = trio.open_memory_channel[tuple[str, Any]](QUEUE)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.mesh.set_stream_handler(PROTOCOL, self._serve_stream)
+        self.mesh.on_peer_connected(lambda peer: self._queue("connected", peer))
+        self.mesh.on_peer_disconnected(self._forget)
+        self.registry.listeners.append(lambda mesh: self._queue("changed", str(mesh)))
+        self.registry.record_listeners.append(self._signed_here)
+        async with trio.open_nursery() as nursery:
+            await self._subscribe_joined()
+            nursery.start_soon(self._run, nursery)
+            task_status.started()
+
+    def _forget(self, peer_id: str) -> None:
+        self._shared.pop(peer_id, None)
+
+    def shared_meshes(self, peer_id: str) -> list[str]:
+        """The meshes this node shares with `peer_id`, by name."""
+        names = []
+        for cid in sorted(self._shared.get(peer_id, ())):
+            joined = self.registry.get(cid)
+            if joined is not None:
+                names.append(joined.body.name)
+        return names
+
+    def _queue(self, kind: str, subject: Any) -> None:
+        try:
+            self._send.send_nowait((kind, subject))
+        except trio.WouldBlock:
+            log.debug("mesh queue full; dropping %s %s", kind, subject)
+
+    async def _run(self, nursery: trio.Nursery) -> None:
+        async for kind, subject in self._receive:
+            if kind == "connected":
+                if await self._gate(subject):
+                    nursery.start_soon(self._initiate, subject)
+            elif kind == "publish":
+                await self.mesh.publish(topic_of(subject.mesh), subject.data)
+            elif kind == "changed":
+                await self._subscribe_joined()
+                peers = [p.peer_id for p in self.mesh.peers()]
+                refused = [p for p in peers if not self.registry.admits(_peer_key(p))]
+                if refused:
+                    nursery.start_soon(self._cut_off, refused)
+                for peer in peers:
+                    if peer not in refused:
+                        nursery.start_soon(self._initiate, peer)
+
+    async def _cut_off(self, peers: list[str]) -> None:
+        """Disconnect peers that membership no longer admits, after a grace period in which
+        the revocation that caused it reaches them."""
+        await trio.sleep(REVOCATION_GRACE_S)
+        for peer in peers:
+            await self._gate(peer)
+
+    async def _gate(self, peer_id: str) -> bool:
+        """Disconnect `peer_id` unless this node's meshes admit it; True if it may stay."""
+        if self.registry.admits(_peer_key(peer_id)):
+            return True
+        log.info("disconnecting %s: not a member of any mesh this node is in", peer_id)
+        self.registry.events.publish(
+            {
+                "type": "peer.refused",
+                "peer": peer_id,
+                "reason": "not a member of this node's meshes",
+            }
+        )
+        try:
+            await self.mesh.disconnect(peer_id, "not a member of this node's meshes")
+        except OstromError as exc:
+            log.debug("disconnecting %s: %s", peer_id, exc.message)
+        return False
+
+    async def _subscribe_joined(self) -> None:
+        joined = {m.cid for m in self.registry.joined()}
+        for mesh in joined - self._subscribed:
+            await self.mesh.subscribe(topic_of(mesh), self._gossip_received)
+            self._subscribed.add(mesh)
+        for mesh in self._subscribed - joined:
+            await self.mesh.unsubscribe(topic_of(mesh))
+            self._subscribed.discard(mesh)
+
+    # --- gossip --------------------------------------------------------------------------------
+
+    def _signed_here(self, records: Sequence[SignedMeshRecord]) -> None:
+        for record in records:
+            self._queue("publish", record)
+
+    async def _gossip_received(self, topic: str, data: bytes, from_peer: str) -> bool:
+        """A membership record on a mesh topic: relayed only if valid for that mesh."""
+        try:
+            record = decode_mesh_record(data)
+        except (DecodeError, InvalidRecord) as exc:
+            log.info("bad mesh record from %s: %s", from_peer, exc.message)
+            return False
+        if topic != topic_of(record.mesh) or not self.registry.accepts(record):
+            return False
+        await self.registry.ingest([record])
+        return True
+
+    # --- the exchange --------------------------------------------------------------------------
+
+    def _offer(self, peer_id: str) -> list[CID]:
+        """The meshes this node may name to `peer_id`."""
+        key = _peer_key(peer_id)
+        return [
+            m.cid
+            for m in self.registry.joined()
+            if m.members.access == "open" or (key is not None and m.members.admits(key))
+        ]
+
+    async def _initiate(self, peer_id: str) -> None:
+        try:
+            async with await self.mesh.open_stream(peer_id, PROTOCOL) as stream:
+                await self.exchange(stream, peer_id)
+        except OstromError as exc:
+            log.info("mesh exchange with %s stopped: %s", peer_id, exc.message)
+
+    async def _serve_stream(self, stream: MeshStream) -> None:
+        try:
+            await self.exchange(stream, stream.peer_id)
+        except OstromError as exc:
+            log.info("mesh exchange with %s stopped: %s", stream.peer_id, exc.message)
+
+    async def exchange(self, stream: ByteStream, peer_id: str) -> set[CID]:
+        """Run one exchange; return the meshes shared with `peer_id`."""
+        framed = FramedStream(stream, max_frame=MAX_FRAME)
+        offered = self._offer(peer_id)
+        with trio.fail_after(EXCHANGE_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                hello: trio.MemorySendChannel[set[CID]]
+                hello, their_hello = trio.open_memory_channel[set[CID]](1)
+                nursery.start_soon(self._send_side, framed, offered, their_hello)
+                shared = await self._receive_side(framed, offered, hello, peer_id)
+        self._shared[peer_id] = shared
+        return shared
+
+    async def _send_side(
+        self,
+        framed: FramedStream,
+        offered: list[CID],
+        their_hello: trio.MemoryReceiveChannel[set[CID]],
+    ) -> None:
+        await framed.send({"t": "hello", "meshes": [m.raw for m in offered]})
+        shared = await their_hello.receive()
+        for mesh in sorted(shared):
+            records = [r.data for r in await self.registry.records_of(mesh)]
+            batch: list[bytes] = []
+            size = 0
+            for data in records:
+                if batch and size + len(data) > RECORDS_FRAME_BYTES:
+                    await framed.send({"t": "records", "mesh": mesh.raw, "records": batch})
+                    batch, size = [], 0
+                batch.append(data)
+                size += len(data)
+            if batch:
+                await framed.send({"t": "records", "mesh": mesh.raw, "records": batch})
+        await framed.send({"t": "done"})
+
+    async def _receive_side(
+        self,
+        framed: FramedStream,
+        offered: list[CID],
+        hello: trio.MemorySendChannel[set[CID]],
+        peer_id: str,
+    ) -> set[CID]:
+        first = _expect(await framed.receive(), "hello")
+        listed = first.get("meshes")
+        if not isinstance(listed, list) or len(listed) > MAX_HELLO_MESHES:
+            raise DecodeError(f"a hello lists up to {MAX_HELLO_MESHES} meshes")
+        theirs = {_cid(raw) for raw in listed}
+        shared = theirs & set(offered)
+        await hello.send(shared)
+        for _ in range(MAX_EXCHANGE_FRAMES):
+            frame = _expect(await framed.receive(), "records", "done")
+            if frame["t"] == "done":
+                return shared
+            mesh = _cid(frame.get("mesh"))
+            items = frame.get("records")
+            if mesh not in shared or not isinstance(items, list):
+                raise DecodeError("records for a mesh not shared in this exchange")
+            records = []
+            for data in items:
+                if not isinstance(data, bytes):
+                    raise DecodeError("a mesh record is bytes")
+                try:
+                    records.append(decode_mesh_record(data))
+                except InvalidRecord as exc:
+                    log.info("bad mesh record from %s: %s", peer_id, exc.message)
+            await self.registry.ingest([r for r in records if r.mesh == mesh])
+        raise DecodeError(f"more than {MAX_EXCHANGE_FRAMES} frames in one mesh exchange")
+
+
+def _expect(frame: Any, *kinds: str) -> dict[str, Any]:
+    if frame is None:
+        raise DecodeError("the peer closed the mesh exchange early")
+    if not isinstance(frame, dict) or frame.get("t") not in kinds:
+        raise DecodeError(f"expected {' or '.join(kinds)} in the mesh exchange")
+    return frame
+
+
+def _cid(raw: object) -> CID:
+    if not isinstance(raw, bytes):
+        raise DecodeError("a mesh is named by its CID's bytes")
+    try:
+        return CID(raw)
+    except (DecodeError, InvalidInput) as exc:
+        raise DecodeError(f"not a CID: {exc.message}") from None
