@@ -206,6 +206,8 @@ def _print_project(out: Output, v: dict[str, Any]) -> None:
         out.line(f"maintainer  {m['peer_id']}")
     if v.get("fork_of"):
         out.line(f"fork of     {v['fork_of']['project']}")
+    if v.get("mesh"):
+        out.line(f"mesh        {v['mesh']} (private: served to its members only)")
     counts = v["records"]
     out.line(
         f"records     {counts['accepted']} accepted, {counts['pending']} pending, "
@@ -226,6 +228,7 @@ def cmd_project_create(args: argparse.Namespace, out: Output, data_dir: DataDir)
             description=args.description or "",
             quorum=args.quorum,
             maintainers=args.maintainer or [],
+            mesh=args.mesh,
         )
     out.result(value, lambda v: _print_project(out, v))
 
@@ -706,6 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="KEY",
         help="another initial maintainer (peer id or hex key); repeatable",
+    )
+    p.add_argument(
+        "--mesh", help="a private mesh you are in: only its members are served the project"
     )
     command("list", cmd_project_list, "list the projects this node hosts", psub)
     p = command("show", cmd_project_show, "show a project", psub)

@@ -328,7 +328,10 @@ class Client:
         description: str = "",
         quorum: int = 1,
         maintainers: Sequence[str] = (),
+        mesh: str | None = None,
     ) -> dict[str, Any]:
+        """Create a project; with `mesh` (a private mesh this node is in), only that mesh's
+        members are ever served it."""
         return self._map(
             "project.create",
             name=name,
@@ -336,6 +339,7 @@ class Client:
             description=description,
             quorum=quorum,
             maintainers=list(maintainers),
+            mesh=mesh,
         )
 
     def projects(self) -> list[dict[str, Any]]:

@@ -830,3 +830,25 @@ def test_any_value_in_any_field_decodes_or_is_an_invalid_record(
 )
 def test_bytes_that_are_not_a_record_map_are_refused(make: Callable[[bytes], bytes]) -> None:
     _refuses_consistently(make(sign(_shape("need"), ALICE).data))
+
+
+def test_a_project_of_a_private_mesh_names_it_and_round_trips() -> None:
+    founder = Identity.generate()
+    mesh = CID.of_dag_cbor(b"\xa0")
+    body = Project(
+        author=founder.public_key,
+        ts=1,
+        name="workshop tools",
+        license="CERN-OHL-S-2.0",
+        policy=Policy((founder.public_key,)),
+        mesh=mesh,
+    )
+    record = sign(body, founder)
+    again = decode_record(record.data)
+    assert isinstance(again.body, Project) and again.body.mesh == mesh
+    with pytest.raises(InvalidRecord, match="mesh must be a CID link"):
+        Project(founder.public_key, 1, "x", "MIT", Policy((founder.public_key,)), mesh="m")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRecord, match="mesh must link to a dag-cbor record"):
+        Project(
+            founder.public_key, 1, "x", "MIT", Policy((founder.public_key,)), mesh=CID.of_raw(b"")
+        )

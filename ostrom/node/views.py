@@ -50,6 +50,7 @@ def record_view(record: SignedRecord) -> dict[str, Any]:
                 "project": str(body.fork_of.project),
                 "heads": [str(cid) for cid in body.fork_of.heads],
             },
+            mesh=None if body.mesh is None else str(body.mesh),
         )
     elif isinstance(body, Contribution):
         out.update(

@@ -240,6 +240,9 @@ class Project:
     policy: Policy
     description: str = ""
     fork_of: ForkOf | None = None
+    # The private community mesh the project belongs to (its description's CID): nodes
+    # serve the project only to that mesh's members. None: a public project.
+    mesh: CID | None = None
 
     def __post_init__(self) -> None:
         _check_key(self.TYPE, "author", self.author)
@@ -266,6 +269,8 @@ class Project:
             raise _fail(self.TYPE, "policy must be a Policy")
         if self.fork_of is not None and not isinstance(self.fork_of, ForkOf):
             raise _fail(self.TYPE, "fork_of must be a ForkOf")
+        if self.mesh is not None:
+            _check_link(self.TYPE, "mesh", self.mesh)
 
     @property
     def parents(self) -> tuple[CID, ...]:
@@ -281,6 +286,8 @@ class Project:
         }
         if self.fork_of is not None:
             out["fork_of"] = self.fork_of.to_map()
+        if self.mesh is not None:
+            out["mesh"] = self.mesh
         return out
 
 
@@ -543,7 +550,7 @@ _REQUIRED: Final[dict[str, frozenset[str]]] = {
     "comment": frozenset({"project", "target", "text"}),
 }
 _OPTIONAL: Final[dict[str, frozenset[str]]] = {
-    "project": frozenset({"fork_of"}),
+    "project": frozenset({"fork_of", "mesh"}),
     "governance": frozenset({"key", "quorum"}),
 }
 _COMMON: Final = frozenset({"type", "v", "author", "ts", "sig"})
@@ -563,6 +570,7 @@ def _body_from_map(kind: str, m: Mapping[str, Any]) -> Body:
                 policy=Policy.from_map(m["policy"]),
                 description=m["description"],
                 fork_of=None if fork_of is None else ForkOf.from_map(fork_of),
+                mesh=m.get("mesh"),
             )
         if kind == "contribution":
             return Contribution(

@@ -60,7 +60,17 @@ async def project_create(node: NodeService, params: Params, conn: RpcConnection)
     description = params.text("description", "")
     quorum = params.integer("quorum", 1, minimum=1, maximum=256)
     extra = [parse_public_key(key) for key in params.texts("maintainers", [])]
+    mesh_text = params.text("mesh", None)
     params.done()
+    mesh = None
+    if mesh_text is not None:
+        joined = node.meshes.resolve(mesh_text)
+        if joined.body.access != "private":
+            raise Refused(
+                f"mesh {joined.body.name!r} is open: its projects are public anyway; "
+                "only a private mesh keeps a project to its members"
+            )
+        mesh = joined.cid
     license_normal = check_license_known(license_expr)
     maintainers = tuple(sorted({node.identity.public_key, *extra}))
     if quorum > len(maintainers):
@@ -77,6 +87,7 @@ async def project_create(node: NodeService, params: Params, conn: RpcConnection)
             license=license_normal,
             description=description,
             policy=Policy(maintainers=maintainers, quorum=quorum),
+            mesh=mesh,
         )
     record = await node.sign_and_store(body)
     await node.follow(record.cid, "full")
@@ -126,6 +137,8 @@ async def project_fork(node: NodeService, params: Params, conn: RpcConnection) -
             description=parent.body.description if description is None else description,
             policy=Policy(maintainers=(node.identity.public_key,), quorum=1),
             fork_of=ForkOf(project=parent.cid, heads=heads),
+            # A fork of a private mesh's project stays in that mesh.
+            mesh=parent.body.mesh,
         )
     record = await node.sign_and_store(body)
     await node.follow(record.cid, "full")
