@@ -941,8 +941,15 @@ class SimNode:
         return tuple(sorted(cid for cid in nodes if cid not in has_child))
 
     def contribute(
-        self, project: CID, changes: Mapping[str, Content], message: str = "a change"
+        self,
+        project: CID,
+        changes: Mapping[str, Content],
+        message: str = "a change",
+        *,
+        merge: Iterable[CID] = (),
     ) -> SignedRecord:
+        """A contribution on the default parents, and on `merge` too (say, upstream heads)."""
+        parents = tuple(sorted({*self.default_parents(project), *merge}, key=_raw))
         changeset = Changeset(tuple(make_change(p, changes[p]) for p in sorted(changes)))
         data = changeset.encode()
         link = CID.of_dag_cbor(data)
@@ -952,7 +959,7 @@ class SimNode:
                 author=self.identity.public_key,
                 ts=self.next_ts(),
                 project=project,
-                parents=self.default_parents(project),
+                parents=parents,
                 changes=(link,),
                 message=message,
             )
@@ -1345,3 +1352,76 @@ def converged(
     """Every node holds every expected record, no other, and the blocks the projects need."""
     keys = set(expected)
     return all(complete(node, projects, expected) and set(node.records) == keys for node in nodes)
+
+
+def _closure_key(cids: Iterable[CID]) -> bytes:
+    return hashlib.sha256(b"".join(sorted(c.raw for c in cids))).digest()
+
+
+def local_judgements(node: SimNode, project: CID) -> dict[tuple[CID, bytes], tuple[Any, ...]]:
+    """What `node` says about each record of `project`, keyed by what the verdict may depend
+    on: the record, its present ancestors and every validation of the project aimed at them.
+
+    acceptance.evaluate promises that a record's status depends on nothing else (not on the
+    order records came in, nor on unrelated records a node also holds), so two nodes with the
+    same key must give the same judgement, however different their replicas are otherwise.
+    The tree at the accepted heads is keyed the same way by the heads' ancestry.
+    """
+    if project not in node.records:
+        return {}
+    history = node.history(project)
+    state = node.state(project)
+    ballots: dict[CID, list[CID]] = {}
+    for cid, record in history.items():
+        body = record.body
+        if isinstance(body, Validation) and body.project == project:
+            ballots.setdefault(body.target, []).append(cid)
+    closures: dict[CID, frozenset[CID]] = {}
+
+    def closure(start: CID) -> frozenset[CID]:
+        found = closures.get(start)
+        if found is not None:
+            return found
+        seen: set[CID] = set()
+        stack = [start]
+        while stack:
+            cid = stack.pop()
+            if cid not in seen and cid in node.records:
+                seen.add(cid)
+                stack.extend(node.records[cid].parents)
+        closures[start] = frozenset(seen)
+        return closures[start]
+
+    def key(members: frozenset[CID]) -> bytes:
+        votes = [v for cid in members for v in ballots.get(cid, ())]
+        return _closure_key(members) + _closure_key(votes)
+
+    out: dict[tuple[CID, bytes], tuple[Any, ...]] = {}
+    for cid, status in state.statuses.items():
+        out[(cid, key(closure(cid)))] = (status.status, status.votes, status.quorum)
+    heads = state.accepted_heads
+    members = frozenset(c for h in heads for c in closure(h))
+    if not node.missing_changesets(project):
+        tree = replay(heads, history, node.changeset)
+        out[(project, b"tree" + key(members))] = (dict(tree.files), tree.conflicts)
+    return out
+
+
+def check_local_agreement(nodes: Sequence[SimNode], projects: Sequence[CID]) -> int:
+    """Assert that nodes judging a record from the same inputs agree; return how many
+    (record, inputs) pairs were held by two nodes or more."""
+    shared = 0
+    for project in projects:
+        seen: dict[tuple[CID, bytes], tuple[str, tuple[Any, ...]]] = {}
+        counted: set[tuple[CID, bytes]] = set()
+        for node in nodes:
+            for key, judgement in local_judgements(node, project).items():
+                first = seen.setdefault(key, (node.name, judgement))
+                if first[0] != node.name:
+                    assert judgement == first[1], (
+                        f"{node.name} and {first[0]} judge {key[0]} differently "
+                        f"from the same records: {judgement} != {first[1]}"
+                    )
+                    counted.add(key)
+        shared += len(counted)
+    return shared

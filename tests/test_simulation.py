@@ -31,6 +31,7 @@ from tests.sim import (
     SimulationLimit,
     Simulator,
     Snapshot,
+    check_local_agreement,
     converged,
     random_topology,
 )
@@ -111,11 +112,14 @@ def same_view(nodes: Sequence[SimNode], project: CID) -> Snapshot:
 # --- a random workload ---------------------------------------------------------------------------
 
 
-def random_action(mesh: Mesh, projects: Sequence[CID]) -> None:
+def random_action(mesh: Mesh, projects: list[CID], *, forks: bool = False) -> None:
     """One thing a user does: contribute (45%), validate (40%), govern (5%) or post a need.
 
     The user is a random node that holds the project; a validation or governance change is
     made by a maintainer of the project as that node sees it, about what that node sees.
+    With `forks`, some contributions fork the project instead (every node then follows the
+    fork, appended to `projects`), and contributions to a fork sometimes merge the upstream
+    project's accepted heads.
     """
     rng = mesh.sim.rng
     project = rng.choice(projects)
@@ -125,10 +129,22 @@ def random_action(mesh: Mesh, projects: Sequence[CID]) -> None:
     roll = rng.random()
     if roll < 0.45:
         node = rng.choice(holders)
+        if forks and rng.random() < 0.15:
+            fork = node.fork(project, f"fork by {node.name}").cid
+            projects.append(fork)
+            for other in mesh.nodes:
+                mesh.sim.after(rng.randrange(30 * SECOND), lambda o=other: o.follow(fork))  # type: ignore[misc]
+            return
+        merge: tuple[CID, ...] = ()
+        genesis = node.records[project].body
+        if forks and isinstance(genesis, Project) and genesis.fork_of and rng.random() < 0.5:
+            upstream = genesis.fork_of.project
+            if upstream in node.records:
+                merge = node.state(upstream).accepted_heads
         changes: dict[str, str | None] = {}
         for path in rng.sample(PATHS, rng.randint(1, 2)):
             changes[path] = None if rng.random() < 0.1 else f"{node.name} at {mesh.sim.now}"
-        node.contribute(project, changes, message=f"work by {node.name}")
+        node.contribute(project, changes, message=f"work by {node.name}", merge=merge)
         return
     if roll >= 0.9:
         node = rng.choice(holders)
@@ -149,18 +165,36 @@ def random_action(mesh: Mesh, projects: Sequence[CID]) -> None:
         if judged:
             node.validate(rng.choice(judged), "accept" if rng.random() < 0.8 else "reject")
         return
-    if rng.random() < 0.5:
-        others = sorted(n.identity.public_key for n in mesh.honest)
-        node.govern(project, "add-maintainer", key=rng.choice(others))
+    keys = sorted(n.identity.public_key for n in mesh.honest)
+    action = rng.random()
+    if action < 0.4:
+        node.govern(project, "add-maintainer", key=rng.choice(keys))
+    elif action < 0.6:
+        node.govern(project, "remove-maintainer", key=rng.choice(keys))
     else:
         node.govern(project, "set-quorum", quorum=rng.choice((1, 2)))
 
 
+def probe_agreement(mesh: Mesh, projects: Sequence[CID], every: int, until: int) -> list[int]:
+    """Check `check_local_agreement` every `every` ms up to `until`, mid-flight, while the
+    replicas differ; the returned list fills with the number of judgements compared."""
+    compared: list[int] = []
+
+    def probe() -> None:
+        compared.append(check_local_agreement(mesh.honest, projects))
+        if mesh.sim.now + every <= until:
+            mesh.sim.after(every, probe)
+
+    mesh.sim.after(every, probe)
+    return compared
+
+
 def schedule_workload(
-    mesh: Mesh, projects: Sequence[CID], actions: int, start: int, end: int
+    mesh: Mesh, projects: list[CID], actions: int, start: int, end: int, *, forks: bool = False
 ) -> None:
     for _ in range(actions):
-        mesh.sim.at(mesh.sim.rng.randrange(start, end), lambda: random_action(mesh, projects))
+        when = mesh.sim.rng.randrange(start, end)
+        mesh.sim.at(when, lambda: random_action(mesh, projects, forks=forks))
 
 
 def found_projects(mesh: Mesh) -> list[CID]:
@@ -184,7 +218,9 @@ def test_twelve_nodes_with_ten_percent_loss_converge() -> None:
     mesh.net.start()
     projects = found_projects(mesh)
     schedule_workload(mesh, projects, actions=80, start=SECOND, end=300 * SECOND)
+    compared = probe_agreement(mesh, projects, every=7 * SECOND, until=300 * SECOND)
     settle(mesh, projects, after=300 * SECOND)
+    assert sum(compared) > 100  # replicas that differed still agreed on what they shared
 
     views = [same_view(mesh.nodes, project) for project in projects]
     # The workload did what it was meant to: work was judged both ways and paths collided.
@@ -401,7 +437,8 @@ def test_any_schedule_converges(
     if groups:
         mesh.net.partition(groups, 20 * SECOND, 200 * SECOND)
     projects = found_projects(mesh)
-    schedule_workload(mesh, projects, actions, start=SECOND, end=150 * SECOND)
+    schedule_workload(mesh, projects, actions, start=SECOND, end=150 * SECOND, forks=True)
+    probe_agreement(mesh, projects, every=11 * SECOND, until=200 * SECOND)
     settle(mesh, projects, after=200 * SECOND)
     for project in projects:
         same_view(mesh.nodes, project)
@@ -442,6 +479,55 @@ def test_followers_that_only_know_each_other() -> None:
 
 def test_followers_that_only_know_each_other_reach_the_holder_when_exploring() -> None:
     followers_that_only_know_each_other(explore=True)
+
+
+def fork_only_follower(upstream_depth: int, follow_at: int) -> None:
+    """`up` holds a project with a chain of `upstream_depth` contributions and a fork of it;
+    `x` follows only the fork, from `follow_at` (ms). `x` must end with the fork's whole
+    history, upstream records included: its tree is a replay of them."""
+    sim = Simulator(seed=9)
+    net = Network(sim)
+    up, x = SimNode("up", net, identity("sim-up")), SimNode("x", net, identity("sim-x"))
+    net.connect("up", "x")
+    net.start()
+    p = up.create_project("upstream").cid
+    for i in range(upstream_depth):
+        up.contribute(p, {"README": f"version {i}"})
+    sim.run_until(SECOND)
+    fork = up.fork(p, "fork").cid
+    up.contribute(fork, {"FORK": "the fork's own file"})
+    sim.run_until(follow_at)
+    x.follow(fork)
+    wanted = up.history(fork)
+    sim.run_until_true(
+        lambda: x.records.keys() >= wanted.keys() and not x.missing_changesets(fork),
+        deadline=sim.now + SETTLE,
+        check_every=10 * SECOND,
+    )
+    assert x.snapshot(fork) == up.snapshot(fork)
+
+
+def test_a_fork_only_follower_gets_a_short_upstream_history() -> None:
+    fork_only_follower(upstream_depth=10, follow_at=30 * SECOND)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=SimulationLimit,
+    reason="sync chases missing parents only of records new in that session, 16 rounds deep",
+)
+def test_a_fork_only_follower_gets_a_deep_upstream_history() -> None:
+    fork_only_follower(upstream_depth=30, follow_at=30 * SECOND)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=SimulationLimit,
+    reason="a record that came by gossip is never chased: its upstream parents are in no sync set",
+)
+def test_a_fork_only_follower_that_hears_the_fork_by_gossip_first() -> None:
+    # `x` follows at the instant the fork is made: the genesis reaches it by gossip first.
+    fork_only_follower(upstream_depth=3, follow_at=SECOND)
 
 
 # --- determinism ---------------------------------------------------------------------------------
