@@ -1365,7 +1365,8 @@ def local_judgements(node: SimNode, project: CID) -> dict[tuple[CID, bytes], tup
     acceptance.evaluate promises that a record's status depends on nothing else (not on the
     order records came in, nor on unrelated records a node also holds), so two nodes with the
     same key must give the same judgement, however different their replicas are otherwise.
-    The tree at the accepted heads is keyed the same way by the heads' ancestry.
+    The tree at the accepted heads is keyed the same way by the heads' ancestry, once that
+    ancestry and its changesets are all here.
     """
     if project not in node.records:
         return {}
@@ -1401,7 +1402,10 @@ def local_judgements(node: SimNode, project: CID) -> dict[tuple[CID, bytes], tup
         out[(cid, key(closure(cid)))] = (status.status, status.votes, status.quorum)
     heads = state.accepted_heads
     members = frozenset(c for h in heads for c in closure(h))
-    if not node.missing_changesets(project):
+    # The tree needs the heads' whole ancestry and its changesets; a fork's genesis can be
+    # here before the upstream records it descends from (it travels with its parent project).
+    whole = all(p in node.records for c in members for p in node.records[c].parents)
+    if whole and not node.missing_changesets(project):
         tree = replay(heads, history, node.changeset)
         out[(project, b"tree" + key(members))] = (dict(tree.files), tree.conflicts)
     return out

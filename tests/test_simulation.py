@@ -387,18 +387,22 @@ def sync_cost(size: int) -> tuple[int, int]:
     net.start()
     records = shared_records(10_000)[:size]
     project = records[0].cid
-    for node in (a, b):
-        node.store_new(records, "import")
+    author = identity("sim-bulk")
+    extra = [
+        sign(Need(author=author.public_key, ts=1 + i, project=project, title=f"new {i}"), author)
+        for i in range(5)
+    ]
+    only_a, only_b = extra[:3], extra[3:]
+    for node, own in ((a, only_a), (b, only_b)):
+        node.store_new([*records, *own], "import")  # imported: not gossiped
         node.follow(project, sync_now=False)
-    only_a = [a.need(project, f"only on a {i}") for i in range(3)]
-    only_b = [b.need(project, f"only on b {i}") for i in range(2)]
-    sim.run_until(SECOND)  # the five are gossiped but nothing is connected to hear them
+    assert a.sync_index(project) is not None and len(a.sync_index(project) or ()) == size + 3
     a.request_sync("b", project)
     sim.run_until_true(lambda: bool(a.completed), deadline=60 * SECOND, check_every=SECOND)
     (session,) = a.completed
     assert session.outcome == "ok"
+    assert (session.result.received, session.result.sent) == (2, 3)
     assert set(a.records) == set(b.records)
-    assert {r.cid for r in only_a + only_b} <= set(a.records)
     result = session.result
     return result.bytes_in + result.bytes_out, session.rec_bytes
 
