@@ -9,6 +9,7 @@ conflicts included, from its own replica.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -420,18 +421,9 @@ def test_sync_cost_grows_with_the_difference_not_the_replica() -> None:
 # --- scenario 5: any schedule --------------------------------------------------------------------
 
 
-@pytest.mark.slow
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    seed=st.integers(0, 2**32),
-    count=st.integers(2, 7),
-    loss=st.sampled_from([0.0, 0.05, 0.1]),
-    actions=st.integers(1, 15),
-    split=st.booleans(),
-)
-def test_any_schedule_converges(
-    seed: int, count: int, loss: float, actions: int, split: bool
-) -> None:
+def run_schedule(seed: int, count: int, loss: float, actions: int, split: bool) -> None:
+    """A random mesh and workload (forks and merges included), checked mid-flight and at
+    the end; a split cuts the mesh in two from 20 s to 200 s."""
     names = [f"n{i:02}" for i in range(count)]
     groups = [set(names[: count // 2]), set(names[count // 2 :])] if split and count > 3 else []
     # `explore`: the node's own choice of peers can starve a quiet project (see
@@ -442,10 +434,37 @@ def test_any_schedule_converges(
         mesh.net.partition(groups, 20 * SECOND, 200 * SECOND)
     projects = found_projects(mesh)
     schedule_workload(mesh, projects, actions, start=SECOND, end=150 * SECOND, forks=True)
-    probe_agreement(mesh, projects, every=11 * SECOND, until=200 * SECOND)
+    probe_agreement(mesh, projects, every=5 * SECOND, until=200 * SECOND)
     settle(mesh, projects, after=200 * SECOND)
     for project in projects:
         same_view(mesh.nodes, project)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32),
+    count=st.integers(2, 7),
+    loss=st.sampled_from([0.0, 0.05, 0.1]),
+    actions=st.integers(1, 25),
+    split=st.booleans(),
+)
+def test_any_schedule_converges(
+    seed: int, count: int, loss: float, actions: int, split: bool
+) -> None:
+    run_schedule(seed, count, loss, actions, split)
+
+
+@pytest.mark.slow
+def test_forty_larger_schedules_converge() -> None:
+    for seed in range(40):
+        rng = random.Random(seed)
+        run_schedule(
+            seed,
+            count=rng.randint(3, 10),
+            loss=rng.choice([0.0, 0.05, 0.1]),
+            actions=rng.randint(10, 50),
+            split=rng.random() < 0.5,
+        )
 
 
 # --- a gap in the node's choice of peers ---------------------------------------------------------
