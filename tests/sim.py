@@ -25,7 +25,11 @@ node's own constants imported from there:
 - sync: the initiator/responder state machines of sync.py frame by frame (hello, rec,
   want/records with two wants in flight, ancestor chasing, push, done), their bounds and
   strikes, the idle timeout, sync on connect and every `SYNC_INTERVAL_S` with two peers
-  sharing the project, at most `MAX_CONCURRENT_SYNCS` sessions at once, repeats merged;
+  known to share the project, at most `MAX_CONCURRENT_SYNCS` sessions at once, repeats
+  merged. Two departures, each named where it is made: a responder that sends `done` with
+  wants unanswered is misbehaving (the node's initiator waits for the answers with no
+  bound), and a node built with `explore=True` also syncs with one peer not yet known to
+  share the project (the node's choice can starve a quiet project);
 - blocks: after a sync or a gossiped contribution, the missing changesets of the project's
   history are fetched from the peer, retried with backoff.
 
@@ -37,6 +41,13 @@ whose files are stand-in manifest CIDs, which tree replay never opens), the stor
 safety, and rate limits. A lost message of a sync session models a broken connection: the
 rest of that session is lost too and both sides give up after the idle timeout. A peer
 dropped for misbehaving stays disconnected for the rest of the run.
+
+Checks: `converged` (every node holds exactly the records created, and the changesets its
+trees need), `SimNode.snapshot` (records, statuses, policy, accepted heads, tree, conflicts:
+what a user sees) and `check_local_agreement`, which compares nodes while their replicas
+still differ: two nodes holding the same ancestry and validations of a record must judge it
+alike. Every run is bounded by `Simulator.max_events` and by a deadline in simulated time;
+either raises `SimulationLimit`, an AssertionError that says which.
 """
 
 from __future__ import annotations
@@ -360,8 +371,8 @@ def random_topology(
         for i in range(1, len(order)):
             edges.add(_link(order[i], order[rng.randrange(i)]))
         trees.append(order)
-    for a, b in itertools.pairwise(trees):  # join the groups into one graph
-        edges.add(_link(rng.choice(a), rng.choice(b)))
+    for left, right in itertools.pairwise(trees):  # join the groups into one graph
+        edges.add(_link(rng.choice(left), rng.choice(right)))
     attempts = 0
     target = len(edges) + extra
     while len(edges) < target and attempts < 100 * (extra + 1):
@@ -600,9 +611,9 @@ class _Pull(_Session):
         frame = _expect(frame, "records", "done")
         if frame["t"] == "done":
             if self.state == "pull":
-                # The real initiator stops reading here and, with answers outstanding, waits
-                # for them without a bound (see the report on sync.py); a peer that ends
-                # the session early breaks the protocol's order (PROTOCOL.md 11.3).
+                # A peer that ends the session with wants unanswered breaks the order of
+                # PROTOCOL.md 11.3. (sync._Puller stops reading at `done` and then waits for
+                # the outstanding answers with no bound; here the session fails at once.)
                 raise sync.PeerMisbehaving("peer ended the session with wants unanswered")
             self.close("ok")
             return

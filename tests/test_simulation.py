@@ -455,8 +455,8 @@ def test_any_schedule_converges(
 
 
 @pytest.mark.slow
-def test_forty_larger_schedules_converge() -> None:
-    for seed in range(40):
+def test_twenty_five_larger_schedules_converge() -> None:
+    for seed in range(25):
         rng = random.Random(seed)
         run_schedule(
             seed,
@@ -481,7 +481,12 @@ def followers_that_only_know_each_other(*, explore: bool) -> Mesh:
         net.connect(x, y)
     net.set_loss("f", "a", 1.0)
     net.set_loss("f", "b", 1.0)
-    sim.at(20 * SECOND, lambda: (net.set_loss("f", "a", None), net.set_loss("f", "b", None)))
+
+    def repaired() -> None:
+        net.set_loss("f", "a", None)
+        net.set_loss("f", "b", None)
+
+    sim.at(20 * SECOND, repaired)
     net.start()
     project = f.create_project("quiet").cid
     for node in (c, a, b):
