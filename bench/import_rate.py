@@ -45,15 +45,17 @@ AUTHORS = 8
 REPEATS = 5
 
 
-def make_records(count: int) -> list[SignedRecord]:
-    """A project of `count` records: a chain of contributions with validations beside them."""
+def make_records(count: int, name: str = "bench") -> list[SignedRecord]:
+    """A project of `count` records: a chain of contributions with validations beside them.
+
+    Projects of different `name`s are different projects (their genesis records differ)."""
     authors = [Identity.from_seed(bytes([i]) * 32) for i in range(AUTHORS)]
     founder = authors[0]
     genesis = sign(
         Project(
             author=founder.public_key,
             ts=1_700_000_000_000,
-            name="bench",
+            name=name,
             license="MIT",
             policy=Policy((founder.public_key,), 1),
         ),
