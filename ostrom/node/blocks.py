@@ -25,7 +25,7 @@ from typing import Final, Protocol
 import trio
 
 from ostrom.crypto.cid import CID
-from ostrom.errors import BlockMismatch, DecodeError, OstromError
+from ostrom.errors import BlockMismatch, DecodeError, OstromError, PeerUnreachable
 from ostrom.node.framed import ByteStream, FramedStream, PeerSilent
 from ostrom.node.sync import unwrap_single_error
 from ostrom.protocol import blockwire
@@ -239,7 +239,10 @@ class BlockFetch:
                     return  # nothing queued for this peer, and nothing more can come back
                 await self._changed.wait()  # another worker may give CIDs back
                 continue
-            message = blockwire.parse(await framed.receive())
+            frame = await framed.receive()
+            if frame is None:
+                raise PeerUnreachable(f"{peer} closed the stream with {len(asked)} blocks unsent")
+            message = blockwire.parse(frame)
             expected = asked[0]
             if isinstance(message, blockwire.Want) or message.cid != expected:
                 raise DecodeError(f"peer answered out of order (expected {expected})")
