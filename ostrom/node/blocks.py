@@ -29,6 +29,7 @@ from ostrom.errors import BlockMismatch, DecodeError, OstromError, PeerUnreachab
 from ostrom.node.framed import ByteStream, FramedStream, PeerSilent
 from ostrom.node.sync import unwrap_single_error
 from ostrom.protocol import blockwire
+from ostrom.protocol.frames import encode_frame
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,9 @@ WANTS_IN_FLIGHT: Final = 4
 # Blocks received and verified but not yet stored: the bound on what a slow disk can make a
 # fetch hold in memory (up to 32 MiB at the largest block size, 8 MiB at the default).
 STORE_QUEUE_BLOCKS: Final = 32
-# Blocks a server reads from its store per read: small enough that the first block leaves
-# soon after the want arrives, large enough that reads are few.
+# Blocks a server reads from its store per read, and writes to the stream in one write:
+# small enough that the first block leaves soon after the want arrives (and a write holds at
+# most 8 MiB), large enough that reads and writes are few.
 SERVE_READ_BLOCKS: Final = 8
 # Reads a server keeps ready ahead of the stream (each up to SERVE_READ_BLOCKS blocks).
 SERVE_READ_AHEAD: Final = 2
@@ -102,12 +104,18 @@ async def serve(stream: ByteStream, store: BlockStore, peer_id: str) -> int:
             nursery.start_soon(read_wants)
             async with ready_receive:
                 async for part in ready_receive:
+                    parts: list[bytes] = []
                     for cid, data in part:
                         if data is None:
-                            await framed.send(blockwire.Missing(cid).to_wire())
+                            parts.append(
+                                encode_frame(
+                                    blockwire.Missing(cid).to_wire(), max_frame=blockwire.MAX_FRAME
+                                )
+                            )
                         else:
-                            await framed.send(blockwire.Block(cid, data).to_wire())
-                            sent += 1
+                            parts.extend(blockwire.Block(cid, data).frame_parts())
+                    await framed.send_encoded(parts)
+                    sent += sum(data is not None for _, data in part)
     return sent
 
 
