@@ -34,7 +34,7 @@ class MemoryStore:
 
     async def blocks_put(self, blocks: Sequence[tuple[CID, bytes]]) -> int:
         if any(not cid.matches(data) for cid, data in blocks):
-            raise BlockMismatch("a block does not match its CID")
+            raise BlockMismatch("the bytes sent do not hash to this CID")
         self.transactions += 1
         new = [(c, d) for c, d in blocks if c not in self.blocks]
         self.blocks.update(new)
@@ -161,7 +161,7 @@ async def test_a_forged_block_is_never_stored_and_its_sender_is_dropped() -> Non
         fetch = blocks.BlockFetch(peers.open_stream, ours, cids, peers.drop)
         result = await fetch.run(["forger", "honest"])
     assert list(peers.dropped) == ["forger"]
-    assert "do not match" in peers.dropped["forger"]
+    assert "do not hash" in peers.dropped["forger"]
     assert (result.fetched, result.missing) == (40, 0)
     assert ours.blocks == {c: d for c, d in zip(cids, data, strict=True)}
 

@@ -122,6 +122,7 @@ async def serve(stream: ByteStream, store: BlockStore, peer_id: str) -> int:
 OpenStream = Callable[[str], AbstractAsyncContextManager[ByteStream]]
 # Called with a peer and the reason when it broke the protocol (sent a block that does not
 # match its CID, a malformed frame, an answer out of order); the caller disconnects it.
+# (A worker's cancellation also ends a call made from that worker, so calls are short.)
 OnMisbehaving = Callable[[str, str], Awaitable[None]]
 
 
@@ -130,6 +131,11 @@ class BlockFetch:
 
     `run` returns when every CID is stored or no peer fetched from can supply the rest.
     `add_peer` while it runs starts a worker for that peer (up to `MAX_PEERS_PER_FETCH`).
+
+    Each block is hashed once, on the storing task's thread: the store checks every block
+    against its CID before it writes any of a batch, and refuses the batch if one does not
+    match. A refused batch is then stored peer by peer, so that only the peer that sent the
+    bad block loses its blocks (they are asked of the others) and is reported.
     """
 
     def __init__(
@@ -146,13 +152,15 @@ class BlockFetch:
         self._queue: deque[CID] = deque(dict.fromkeys(cids))
         # For CIDs some peer answered `missing`: the peers that lacked them.
         self._lacked_by: dict[CID, set[str]] = {}
-        # CIDs asked of some peer and not yet answered, over every worker.
-        self._asked = 0
+        # CIDs asked of some peer and not yet stored (or given back), over every worker.
+        self._unsettled = 0
         self._workers: set[str] = set()
         self._finished: set[str] = set()  # peers whose worker ended: not started again
+        # Peers that sent a block the store refused, and why; their workers stop.
+        self._refused: dict[str, str] = {}
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
-        self._store_send, self._store_receive = trio.open_memory_channel[tuple[CID, bytes]](
+        self._store_send, self._store_receive = trio.open_memory_channel[tuple[str, CID, bytes]](
             STORE_QUEUE_BLOCKS
         )
         self.result = FetchResult()
@@ -200,13 +208,16 @@ class BlockFetch:
             else:
                 batch.append(cid)
         self._queue.extendleft(reversed(skipped))
-        self._asked += len(batch)
+        self._unsettled += len(batch)
         return batch
 
     def _give_back(self, cids: Sequence[CID]) -> None:
-        """CIDs asked but not delivered go back to the front of the queue."""
+        """CIDs asked but not stored go back to the front of the queue."""
         self._queue.extendleft(reversed(cids))
-        self._asked -= len(cids)
+        self._settled(len(cids))
+
+    def _settled(self, count: int) -> None:
+        self._unsettled -= count
         self._notify()
 
     # --- workers -------------------------------------------------------------------------------
@@ -215,16 +226,12 @@ class BlockFetch:
         asked: deque[CID] = deque()  # what this peer still owes, in the order it answers
         try:
             async with self._open_stream(peer) as stream:
-                await self._exchange(
-                    peer, FramedStream(stream, max_frame=blockwire.MAX_FRAME), asked
-                )
-        except (BlockMismatch, DecodeError) as exc:
-            if isinstance(exc, PeerSilent):
-                log.info("fetching blocks from %s stopped: %s", peer, exc.message)
-            else:
-                log.warning("peer %s broke the blocks protocol: %s", peer, exc.message)
-                if self._on_misbehaving is not None:
-                    await self._on_misbehaving(peer, exc.message)
+                framed = FramedStream(stream, max_frame=blockwire.MAX_FRAME)
+                await self._exchange(peer, framed, asked)
+        except PeerSilent as exc:
+            log.info("fetching blocks from %s stopped: %s", peer, exc.message)
+        except (DecodeError, BlockMismatch) as exc:
+            await self._misbehaving(peer, exc.message)
         except OstromError as exc:
             log.info("fetching blocks from %s stopped: %s", peer, exc.message)
         finally:
@@ -236,6 +243,8 @@ class BlockFetch:
 
     async def _exchange(self, peer: str, framed: FramedStream, asked: deque[CID]) -> None:
         while True:
+            if peer in self._refused:
+                raise BlockMismatch(self._refused[peer])
             while len(asked) <= (WANTS_IN_FLIGHT - 1) * WANT_BLOCKS:
                 batch = self._take(peer, WANT_BLOCKS)
                 if not batch:
@@ -243,14 +252,15 @@ class BlockFetch:
                 asked.extend(batch)
                 await framed.send(blockwire.Want(tuple(batch)).to_wire())
             if not asked:
-                if self._asked == 0:
+                if self._unsettled == 0:
                     return  # nothing queued for this peer, and nothing more can come back
-                await self._changed.wait()  # another worker may give CIDs back
+                await self._changed.wait()  # others may give CIDs back, or the store refuse some
                 continue
             frame = await framed.receive()
             if frame is None:
                 raise PeerUnreachable(f"{peer} closed the stream with {len(asked)} blocks unsent")
-            message = blockwire.parse(frame)
+            # Not hashed here: the storing task verifies each block as it stores it.
+            message = blockwire.parse(frame, verify=False)
             expected = asked[0]
             if isinstance(message, blockwire.Want) or message.cid != expected:
                 raise DecodeError(f"peer answered out of order (expected {expected})")
@@ -258,15 +268,18 @@ class BlockFetch:
             if isinstance(message, blockwire.Missing):
                 self._lacked_by.setdefault(expected, set()).add(peer)
                 self._give_back([expected])
-                continue
-            await self._store_send.send((message.cid, message.data))
-            self._asked -= 1
-            self.result.bytes += len(message.data)
-            if self._asked == 0:
-                self._notify()
+            else:
+                await self._store_send.send((peer, message.cid, message.data))
+
+    async def _misbehaving(self, peer: str, reason: str) -> None:
+        log.warning("peer %s broke the blocks protocol: %s", peer, reason)
+        if self._on_misbehaving is not None:
+            await self._on_misbehaving(peer, reason)
+
+    # --- storing -------------------------------------------------------------------------------
 
     async def _store_arrivals(self) -> None:
-        """Store verified blocks as they arrive: everything queued so far, one transaction."""
+        """Store blocks as they arrive: everything queued so far, in one transaction."""
         async with self._store_receive:
             async for first in self._store_receive:
                 batch = [first]
@@ -275,8 +288,37 @@ class BlockFetch:
                         batch.append(self._store_receive.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                await self._store.blocks_put(batch)
-                self.result.fetched += len(batch)
+                try:
+                    await self._put(batch)
+                except BlockMismatch:
+                    by_peer: dict[str, list[tuple[str, CID, bytes]]] = {}
+                    for arrival in batch:
+                        by_peer.setdefault(arrival[0], []).append(arrival)
+                    for peer, arrivals in by_peer.items():
+                        try:
+                            await self._put(arrivals)
+                        except BlockMismatch as exc:
+                            await self._refuse(peer, arrivals, exc.message)
+
+    async def _put(self, arrivals: Sequence[tuple[str, CID, bytes]]) -> None:
+        await self._store.blocks_put([(cid, data) for _, cid, data in arrivals])
+        self.result.fetched += len(arrivals)
+        self.result.bytes += sum(len(data) for _, _, data in arrivals)
+        self._settled(len(arrivals))
+
+    async def _refuse(
+        self, peer: str, arrivals: Sequence[tuple[str, CID, bytes]], reason: str
+    ) -> None:
+        """`peer` sent a block that does not match its CID: ask the others for its blocks,
+        and stop fetching from it; its worker reports it when it next looks (or here, if it
+        has ended)."""
+        self._give_back([cid for _, cid, _ in arrivals])
+        if peer in self._refused:
+            return
+        self._refused[peer] = reason
+        self._finished.add(peer)
+        if peer not in self._workers:
+            await self._misbehaving(peer, reason)
 
 
 async def fetch(

@@ -91,11 +91,13 @@ def _cid(value: object) -> CID:
     return CID(value)
 
 
-def parse(value: Any) -> Message:
+def parse(value: Any, *, verify: bool = True) -> Message:
     """A message from a decoded frame; `DecodeError` for anything else.
 
     A `block` is checked against its CID here, so no caller can keep unverified bytes;
-    a mismatch is `BlockMismatch`, which marks the peer as misbehaving.
+    a mismatch is `BlockMismatch`, which marks the peer as misbehaving. With `verify=False`
+    the check is left to the caller, which must make it before it keeps or uses the bytes
+    (a fetcher whose store checks every block as it writes it hashes each block once).
     """
     if not isinstance(value, dict) or not isinstance(value.get("t"), str):
         raise DecodeError("a blocks message is a map with a type `t`")
@@ -106,7 +108,7 @@ def parse(value: Any) -> Message:
         cid, data = _cid(value["cid"]), value["data"]
         if not isinstance(data, bytes) or len(data) > MAX_BLOCK_SIZE:
             raise DecodeError("block data is bytes of at most one block's size")
-        if not cid.matches(data):
+        if verify and not cid.matches(data):
             raise BlockMismatch(f"peer sent bytes that do not match block {cid}")
         return Block(cid, data)
     if kind == "missing" and set(value) == {"t", "cid"}:
