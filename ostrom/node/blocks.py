@@ -6,10 +6,10 @@ writes the frames, so the stream does not idle while the store reads.
 Fetching is one `BlockFetch` for a set of CIDs, with one stream per peer. Every peer's worker
 takes its next `want` from one shared queue, so a fast peer takes more and a peer that joins
 late takes its share of what is left; each keeps a few wants outstanding so that its peer
-always has the next one queued. A block is verified against its CID as its frame is parsed,
-then handed to one storing task through a bounded channel; that task writes whatever has
-arrived (from every peer) in one transaction while the workers keep receiving. What a peer
-lacks goes back to the queue for the others. Everything stored stays stored, so an
+always has the next one queued. Blocks go through a bounded channel to one storing task,
+which writes whatever has arrived (from every peer) in one transaction while the workers keep
+receiving; the store verifies each block against its CID before it writes any of a batch.
+What a peer lacks goes back to the queue for the others. Everything stored stays stored, so an
 interrupted fetch resumes where it stopped: the next fetch asks only for what is still missing.
 """
 
@@ -44,7 +44,7 @@ WANT_BLOCKS: Final = 16
 # the next one as soon as it has sent the last block of the previous one. Four of 16 blocks
 # keep up to 64 blocks (16 MiB of 256 KiB blocks) asked for, the largest Yamux window.
 WANTS_IN_FLIGHT: Final = 4
-# Blocks received and verified but not yet stored: the bound on what a slow disk can make a
+# Blocks received but not yet verified and stored: the bound on what a slow disk can make a
 # fetch hold in memory (up to 32 MiB at the largest block size, 8 MiB at the default).
 STORE_QUEUE_BLOCKS: Final = 32
 # Blocks a server reads from its store per read, and writes to the stream in one write:
