@@ -55,3 +55,12 @@ def test_a_maximal_block_fits_in_a_frame() -> None:
 def test_malformed_messages_are_decode_errors(value: object) -> None:
     with pytest.raises(DecodeError):
         parse(value)
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 65535, 65536, 256 * 1024, 1024 * 1024])
+def test_a_block_frame_in_parts_is_the_frame_of_the_message(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    block = Block(CID.of_raw(data), data)
+    parts = block.frame_parts()
+    assert b"".join(parts) == encode_frame(block.to_wire(), max_frame=MAX_FRAME)
+    assert parts[-1] is data  # the block is written as it is, not copied

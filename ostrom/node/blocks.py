@@ -1,15 +1,23 @@
 """`/ostrom/blocks/1.0.0` on the node: answering peers' wants and fetching what we lack.
 
-Fetching splits the wanted CIDs across the peers that can serve them, one stream per peer,
-each keeping one `want` of up to 64 blocks in flight. A block is verified against its CID as
-its frame is parsed and stored as it arrives, so an interrupted fetch resumes where it
-stopped: the next fetch asks only for what is still missing.
+Serving reads the wanted blocks from the store a few at a time on one task while another
+writes the frames, so the stream does not idle while the store reads.
+
+Fetching is one `BlockFetch` for a set of CIDs, with one stream per peer. Every peer's worker
+takes its next `want` from one shared queue, so a fast peer takes more and a peer that joins
+late takes its share of what is left; each keeps a few wants outstanding so that its peer
+always has the next one queued. Blocks go through a bounded channel to one storing task,
+which writes whatever has arrived (from every peer) in one transaction while the workers keep
+receiving; the store verifies each block against its CID before it writes any of a batch.
+What a peer lacks goes back to the queue for the others. Everything stored stays stored, so an
+interrupted fetch resumes where it stopped: the next fetch asks only for what is still missing.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -17,14 +25,34 @@ from typing import Final, Protocol
 import trio
 
 from ostrom.crypto.cid import CID
-from ostrom.errors import BlockMismatch, DecodeError, OstromError
-from ostrom.node.framed import ByteStream, FramedStream
+from ostrom.errors import BlockMismatch, DecodeError, OstromError, PeerUnreachable
+from ostrom.node.framed import ByteStream, FramedStream, PeerSilent
+from ostrom.node.sync import unwrap_single_error
 from ostrom.protocol import blockwire
+from ostrom.protocol.frames import encode_frame
 
 log = logging.getLogger(__name__)
 
-# Peers fetched from at once for one batch of CIDs.
+# Peers fetched from at once by one fetch: beyond a few, another peer adds connections and
+# CPU work on this node without adding bandwidth.
 MAX_PEERS_PER_FETCH: Final = 4
+# CIDs per `want` a fetcher sends: 16 blocks are 4 MiB of 256 KiB blocks, large enough that
+# a want's frame and bookkeeping cost nothing beside its blocks, small enough that the last
+# wants of a fetch spread over several peers instead of waiting on one.
+WANT_BLOCKS: Final = 16
+# Wants a fetcher keeps outstanding on one stream: with several queued, the responder starts
+# the next one as soon as it has sent the last block of the previous one. Four of 16 blocks
+# keep up to 64 blocks (16 MiB of 256 KiB blocks) asked for, the largest Yamux window.
+WANTS_IN_FLIGHT: Final = 4
+# Blocks received but not yet verified and stored: the bound on what a slow disk can make a
+# fetch hold in memory (up to 32 MiB at the largest block size, 8 MiB at the default).
+STORE_QUEUE_BLOCKS: Final = 32
+# Blocks a server reads from its store per read, and writes to the stream in one write:
+# small enough that the first block leaves soon after the want arrives (and a write holds at
+# most 8 MiB), large enough that reads and writes are few.
+SERVE_READ_BLOCKS: Final = 8
+# Reads a server keeps ready ahead of the stream (each up to SERVE_READ_BLOCKS blocks).
+SERVE_READ_AHEAD: Final = 2
 
 
 class BlockStore(Protocol):
@@ -43,92 +71,269 @@ class FetchResult:
 
 
 async def serve(stream: ByteStream, store: BlockStore, peer_id: str) -> int:
-    """Answer a peer's wants until it closes the stream; returns the blocks sent."""
+    """Answer a peer's wants until it closes the stream; returns the blocks sent.
+
+    One task reads wants and the blocks they name from the store, `SERVE_READ_BLOCKS` at a
+    time; another writes their frames. A malformed frame or a message other than `want` is
+    `DecodeError`.
+    """
     framed = FramedStream(stream, max_frame=blockwire.MAX_FRAME)
     sent = 0
-    while True:
-        frame = await framed.receive()
-        if frame is None:
-            return sent
-        message = blockwire.parse(frame)
-        if not isinstance(message, blockwire.Want):
-            raise DecodeError(f"peer {peer_id} sent {type(message).__name__} to a block server")
-        found = await store.blocks_get(message.cids)
-        for cid in message.cids:
-            data = found.get(cid)
-            if data is None:
-                await framed.send(blockwire.Missing(cid).to_wire())
+    ready_send, ready_receive = trio.open_memory_channel[list[tuple[CID, bytes | None]]](
+        SERVE_READ_AHEAD
+    )
+
+    async def read_wants() -> None:
+        async with ready_send:
+            while True:
+                frame = await framed.receive()
+                if frame is None:
+                    return
+                message = blockwire.parse(frame)
+                if not isinstance(message, blockwire.Want):
+                    raise DecodeError(
+                        f"peer {peer_id} sent {type(message).__name__} to a block server"
+                    )
+                for start in range(0, len(message.cids), SERVE_READ_BLOCKS):
+                    part = message.cids[start : start + SERVE_READ_BLOCKS]
+                    found = await store.blocks_get(part)
+                    await ready_send.send([(cid, found.get(cid)) for cid in part])
+
+    with unwrap_single_error():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_wants)
+            async with ready_receive:
+                async for part in ready_receive:
+                    parts: list[bytes] = []
+                    for cid, data in part:
+                        if data is None:
+                            parts.append(
+                                encode_frame(
+                                    blockwire.Missing(cid).to_wire(), max_frame=blockwire.MAX_FRAME
+                                )
+                            )
+                        else:
+                            parts.extend(blockwire.Block(cid, data).frame_parts())
+                    await framed.send_encoded(parts)
+                    sent += sum(data is not None for _, data in part)
+    return sent
+
+
+OpenStream = Callable[[str], AbstractAsyncContextManager[ByteStream]]
+# Called with a peer and the reason when it broke the protocol (sent a block that does not
+# match its CID, a malformed frame, an answer out of order); the caller disconnects it.
+# (A worker's cancellation also ends a call made from that worker, so calls are short.)
+OnMisbehaving = Callable[[str, str], Awaitable[None]]
+
+
+class BlockFetch:
+    """Fetching one set of CIDs from peers, some of which may join while it runs.
+
+    `run` returns when every CID is stored or no peer fetched from can supply the rest.
+    `add_peer` while it runs starts a worker for that peer (up to `MAX_PEERS_PER_FETCH`).
+
+    Each block is hashed once, on the storing task's thread: the store checks every block
+    against its CID before it writes any of a batch, and refuses the batch if one does not
+    match. A refused batch is then stored peer by peer, so that only the peer that sent the
+    bad block loses its blocks (they are asked of the others) and is reported.
+    """
+
+    def __init__(
+        self,
+        open_stream: OpenStream,
+        store: BlockStore,
+        cids: Sequence[CID],
+        on_misbehaving: OnMisbehaving | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self._open_stream = open_stream
+        self._store = store
+        self._on_misbehaving = on_misbehaving
+        # Called with each stored block's size (a transfer's progress).
+        self._progress = progress
+        # CIDs to ask for, in order; a CID a worker lacked or failed to deliver returns here.
+        self._queue: deque[CID] = deque(dict.fromkeys(cids))
+        # For CIDs some peer answered `missing`: the peers that lacked them.
+        self._lacked_by: dict[CID, set[str]] = {}
+        # CIDs asked of some peer and not yet stored (or given back), over every worker.
+        self._unsettled = 0
+        self._workers: set[str] = set()
+        self._finished: set[str] = set()  # peers whose worker ended: not started again
+        # Peers that sent a block the store refused, and why; their workers stop.
+        self._refused: dict[str, str] = {}
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._store_send, self._store_receive = trio.open_memory_channel[tuple[str, CID, bytes]](
+            STORE_QUEUE_BLOCKS
+        )
+        self.result = FetchResult()
+
+    def add_peer(self, peer: str) -> None:
+        """Fetch from `peer` too, if the fetch is running and has room for another peer."""
+        if self._nursery is None or peer in self._workers or peer in self._finished:
+            return
+        if len(self._workers) >= MAX_PEERS_PER_FETCH:
+            return
+        self._workers.add(peer)
+        self._nursery.start_soon(self._work, peer)
+
+    async def run(self, peers: Sequence[str]) -> FetchResult:
+        if self._queue:
+            with unwrap_single_error():
+                await self._run(peers)
+        self.result.missing = len(self._queue)
+        return self.result
+
+    async def _run(self, peers: Sequence[str]) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._store_arrivals)
+            async with self._store_send, trio.open_nursery() as workers:
+                self._nursery = workers
+                for peer in peers:
+                    self.add_peer(peer)
+                if not self._workers:
+                    self._nursery = None
+
+    # --- the shared queue ----------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _take(self, peer: str, count: int) -> list[CID]:
+        """Up to `count` queued CIDs that `peer` has not said it lacks."""
+        batch: list[CID] = []
+        skipped: list[CID] = []
+        while self._queue and len(batch) < count:
+            cid = self._queue.popleft()
+            if peer in self._lacked_by.get(cid, ()):
+                skipped.append(cid)
             else:
-                await framed.send(blockwire.Block(cid, data).to_wire())
-                sent += 1
+                batch.append(cid)
+        self._queue.extendleft(reversed(skipped))
+        self._unsettled += len(batch)
+        return batch
 
+    def _give_back(self, cids: Sequence[CID]) -> None:
+        """CIDs asked but not stored go back to the front of the queue."""
+        self._queue.extendleft(reversed(cids))
+        self._settled(len(cids))
 
-async def fetch_from(
-    stream: ByteStream,
-    store: BlockStore,
-    cids: Sequence[CID],
-    progress: Callable[[int], None] | None = None,
-) -> FetchResult:
-    """Fetch `cids` over one stream; each block is verified, then stored as it arrives."""
-    framed = FramedStream(stream, max_frame=blockwire.MAX_FRAME)
-    result = FetchResult()
-    for start in range(0, len(cids), blockwire.MAX_WANT):
-        batch = list(cids[start : start + blockwire.MAX_WANT])
-        await framed.send(blockwire.Want(tuple(batch)).to_wire())
-        # Stored once per want (one transaction, one sync to disk), not once per block.
-        received: list[tuple[CID, bytes]] = []
-        for expected in batch:
-            message = blockwire.parse(await framed.receive())
+    def _settled(self, count: int) -> None:
+        self._unsettled -= count
+        self._notify()
+
+    # --- workers -------------------------------------------------------------------------------
+
+    async def _work(self, peer: str) -> None:
+        asked: deque[CID] = deque()  # what this peer still owes, in the order it answers
+        try:
+            async with self._open_stream(peer) as stream:
+                framed = FramedStream(stream, max_frame=blockwire.MAX_FRAME)
+                await self._exchange(peer, framed, asked)
+        except PeerSilent as exc:
+            log.info("fetching blocks from %s stopped: %s", peer, exc.message)
+        except (DecodeError, BlockMismatch) as exc:
+            await self._misbehaving(peer, exc.message)
+        except OstromError as exc:
+            log.info("fetching blocks from %s stopped: %s", peer, exc.message)
+        finally:
+            self._workers.discard(peer)
+            self._finished.add(peer)
+            self._give_back(list(asked))
+            if not self._workers:
+                self._nursery = None  # the fetch is over: a peer joining now starts nothing
+
+    async def _exchange(self, peer: str, framed: FramedStream, asked: deque[CID]) -> None:
+        while True:
+            if peer in self._refused:
+                raise BlockMismatch(self._refused[peer])
+            while len(asked) <= (WANTS_IN_FLIGHT - 1) * WANT_BLOCKS:
+                batch = self._take(peer, WANT_BLOCKS)
+                if not batch:
+                    break
+                asked.extend(batch)
+                await framed.send(blockwire.Want(tuple(batch)).to_wire())
+            if not asked:
+                if self._unsettled == 0:
+                    return  # nothing queued for this peer, and nothing more can come back
+                await self._changed.wait()  # others may give CIDs back, or the store refuse some
+                continue
+            frame = await framed.receive()
+            if frame is None:
+                raise PeerUnreachable(f"{peer} closed the stream with {len(asked)} blocks unsent")
+            # Not hashed here: the storing task verifies each block as it stores it.
+            message = blockwire.parse(frame, verify=False)
+            expected = asked[0]
             if isinstance(message, blockwire.Want) or message.cid != expected:
                 raise DecodeError(f"peer answered out of order (expected {expected})")
+            asked.popleft()
             if isinstance(message, blockwire.Missing):
-                result.missing += 1
-                continue
-            received.append((message.cid, message.data))
-            result.fetched += 1
-            result.bytes += len(message.data)
-            if progress is not None:
-                progress(len(message.data))
-        if received:
-            await store.blocks_put(received)
-    return result
+                self._lacked_by.setdefault(expected, set()).add(peer)
+                self._give_back([expected])
+            else:
+                await self._store_send.send((peer, message.cid, message.data))
+
+    async def _misbehaving(self, peer: str, reason: str) -> None:
+        log.warning("peer %s broke the blocks protocol: %s", peer, reason)
+        if self._on_misbehaving is not None:
+            await self._on_misbehaving(peer, reason)
+
+    # --- storing -------------------------------------------------------------------------------
+
+    async def _store_arrivals(self) -> None:
+        """Store blocks as they arrive: everything queued so far, in one transaction."""
+        async with self._store_receive:
+            async for first in self._store_receive:
+                batch = [first]
+                while True:
+                    try:
+                        batch.append(self._store_receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                try:
+                    await self._put(batch)
+                except BlockMismatch:
+                    by_peer: dict[str, list[tuple[str, CID, bytes]]] = {}
+                    for arrival in batch:
+                        by_peer.setdefault(arrival[0], []).append(arrival)
+                    for peer, arrivals in by_peer.items():
+                        try:
+                            await self._put(arrivals)
+                        except BlockMismatch as exc:
+                            await self._refuse(peer, arrivals, exc.message)
+
+    async def _put(self, arrivals: Sequence[tuple[str, CID, bytes]]) -> None:
+        await self._store.blocks_put([(cid, data) for _, cid, data in arrivals])
+        self.result.fetched += len(arrivals)
+        self.result.bytes += sum(len(data) for _, _, data in arrivals)
+        if self._progress is not None:
+            for _, _, data in arrivals:
+                self._progress(len(data))
+        self._settled(len(arrivals))
+
+    async def _refuse(
+        self, peer: str, arrivals: Sequence[tuple[str, CID, bytes]], reason: str
+    ) -> None:
+        """`peer` sent a block that does not match its CID: ask the others for its blocks,
+        and stop fetching from it; its worker reports it when it next looks (or here, if it
+        has ended)."""
+        self._give_back([cid for _, cid, _ in arrivals])
+        if peer in self._refused:
+            return
+        self._refused[peer] = reason
+        self._finished.add(peer)
+        if peer not in self._workers:
+            await self._misbehaving(peer, reason)
 
 
 async def fetch(
-    open_stream: Callable[[str], AbstractAsyncContextManager[ByteStream]],
+    open_stream: OpenStream,
     peers: Sequence[str],
     store: BlockStore,
     cids: Sequence[CID],
+    on_misbehaving: OnMisbehaving | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> FetchResult:
-    """Fetch `cids` from several peers at once: each peer takes an equal share, and what a
-    peer lacks or fails to deliver is asked of the others in a second pass."""
-    total = FetchResult()
-    remaining = list(cids)
-    tried: set[str] = set()
-    while remaining and len(tried) < len(peers):
-        round_peers = [p for p in peers if p not in tried][:MAX_PEERS_PER_FETCH]
-        tried.update(round_peers)
-        shares = [remaining[i :: len(round_peers)] for i in range(len(round_peers))]
-
-        async def one(peer: str, share: list[CID]) -> None:
-            try:
-                async with open_stream(peer) as stream:
-                    result = await fetch_from(stream, store, share, progress)
-            except BlockMismatch as exc:
-                log.warning("peer %s sent a forged block: %s", peer, exc.message)
-                return
-            except OstromError as exc:
-                log.info("fetching blocks from %s stopped: %s", peer, exc.message)
-                return
-            total.fetched += result.fetched
-            total.bytes += result.bytes
-
-        async with trio.open_nursery() as nursery:
-            for peer, share in zip(round_peers, shares, strict=True):
-                if share:
-                    nursery.start_soon(one, peer, share)
-        have = await store.blocks_have(remaining)
-        remaining = [cid for cid in remaining if cid not in have]
-    total.missing = len(remaining)
-    return total
+    """Fetch `cids` from `peers` at once (see `BlockFetch`)."""
+    return await BlockFetch(open_stream, store, cids, on_misbehaving, progress).run(peers)

@@ -7,6 +7,7 @@ peer's silence into an error instead of a task that waits forever.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
 import trio
@@ -50,6 +51,15 @@ class FramedStream:
 
     async def send(self, value: Any) -> None:
         data = encode_frame(value, max_frame=self._max_frame)
+        self.bytes_out += len(data)
+        await self._stream.write(data)
+
+    async def send_encoded(self, parts: Sequence[bytes]) -> None:
+        """Send frames already encoded (one or more, cut in any number of parts) in one
+        write: the muxer then cuts full-sized frames of its own instead of ending each of
+        ours with a short one, and each write has a cost of its own. The caller bounds how
+        many bytes one call holds."""
+        data = b"".join(parts)
         self.bytes_out += len(data)
         await self._stream.write(data)
 

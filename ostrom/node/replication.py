@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
 
@@ -60,6 +60,36 @@ BLOCK_RETRY_FIRST_S: Final = 1.0
 FIND_TIMEOUT_S: Final = 20.0
 
 
+class _Completion:
+    """One project's block completion under way, and the peers it fetches from."""
+
+    def __init__(self, peers: Iterable[str]) -> None:
+        self.sources: list[str] = []
+        self.fetch: blocks.BlockFetch | None = None
+        # Set when a peer joins: the lists of missing blocks may be out of date.
+        self.joined = False
+        self._joined_event = trio.Event()
+        self.add_sources(peers)
+
+    def add_sources(self, peers: Iterable[str]) -> None:
+        """Fetch from `peers` too, from now on and in the fetch under way."""
+        for peer in peers:
+            if peer not in self.sources:
+                self.sources.append(peer)
+            if self.fetch is not None:
+                self.fetch.add_peer(peer)
+
+    def join(self, peers: Iterable[str]) -> None:
+        """`peers` have news for this project (a sync or gossip brought records)."""
+        self.add_sources(peers)
+        self.joined = True
+        self._joined_event.set()
+        self._joined_event = trio.Event()
+
+    async def wait_joined(self) -> None:
+        await self._joined_event.wait()
+
+
 def topic_of(project: CID) -> str:
     return f"{TOPIC_PREFIX}{project}"
 
@@ -75,6 +105,7 @@ class Replicator:
         self._send_publish, self._publish_queue = trio.open_memory_channel[SignedRecord](SYNC_QUEUE)
         self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_SYNCS)
         self._pending: set[tuple[str, CID]] = set()
+        self._completions: dict[CID, _Completion] = {}  # block completions under way
         self._nursery: trio.Nursery | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -270,23 +301,45 @@ class Replicator:
             log.info("serving blocks to %s stopped: %s", stream.peer_id, exc.message)
 
     async def _complete_blocks(self, project: CID, peers: Sequence[str]) -> None:
-        """Fetch what `project` lacks; when peers lacked some of it (a relay that has the
-        record but is still fetching its blocks), try again a few times with backoff."""
-        delay = BLOCK_RETRY_FIRST_S
-        for _ in range(BLOCK_RETRIES):
-            if not await self._fetch_missing_blocks(project, peers):
-                return
-            await trio.sleep(delay)
-            delay *= 2
+        """Fetch what `project` lacks, once per project whatever the number of peers.
 
-    async def _fetch_missing_blocks(self, project: CID, peers: Sequence[str]) -> bool:
+        The first call runs the completion; a call while it runs adds its peers to it (to
+        the fetch under way, too) and returns. Since such a peer may have just brought
+        records naming more blocks, the completion then looks again for what is missing
+        once its fetch ends. When peers lacked some blocks (a relay that has the record but
+        is still fetching its blocks), it tries again a few times with backoff.
+        """
+        running = self._completions.get(project)
+        if running is not None:
+            running.join(peers)
+            return
+        completion = _Completion(peers)
+        self._completions[project] = completion
+        try:
+            delay = BLOCK_RETRY_FIRST_S
+            failures = 0
+            while failures < BLOCK_RETRIES:
+                completion.joined = False
+                if not await self._fetch_missing_blocks(project, completion):
+                    if not completion.joined:
+                        return
+                    continue
+                failures += 1
+                if not completion.joined:
+                    with trio.move_on_after(delay):
+                        await completion.wait_joined()
+                delay *= 2
+        finally:
+            del self._completions[project]
+
+    async def _fetch_missing_blocks(self, project: CID, completion: _Completion) -> bool:
         """Fetch the changesets, manifests and (following in full) file blocks `project` lacks.
 
         Returns True if some are still missing."""
         mode = await self.service.db(lambda store: store.follow_mode(project))
         if mode is None:
             return False
-        sources = list(peers) + [p for p in self._sources(project) if p not in peers]
+        completion.add_sources(self._sources(project))
         phases: tuple[Purpose, ...] = ("changesets", "manifests", "files")
         for phase in phases:
             if phase == "files" and mode != "full":
@@ -295,9 +348,14 @@ class Replicator:
             if not wanted:
                 continue
             with self.service.transfers.track(project, phase, len(wanted)) as transfer:
-                result = await blocks.fetch(
-                    self._open_blocks_stream, sources, self.service, wanted, transfer.add
+                fetch = blocks.BlockFetch(
+                    self._open_blocks_stream, self.service, wanted, self._drop, transfer.add
                 )
+                completion.fetch = fetch
+                try:
+                    result = await fetch.run(completion.sources)
+                finally:
+                    completion.fetch = None
                 transfer.missing = result.missing
             if result.missing:
                 return True
@@ -315,7 +373,12 @@ class Replicator:
         with self.service.transfers.track(project, "on-demand", len(wanted), listener) as transfer:
             if wanted:
                 result = await blocks.fetch(
-                    self._open_blocks_stream, sources, self.service, wanted, transfer.add
+                    self._open_blocks_stream,
+                    sources,
+                    self.service,
+                    wanted,
+                    self._drop,
+                    transfer.add,
                 )
                 transfer.missing = result.missing
         return transfer

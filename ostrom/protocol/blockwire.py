@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ostrom.crypto.cid import CID
-from ostrom.errors import BlockMismatch, DecodeError
+from ostrom.errors import BlockMismatch, DecodeError, TooLarge
 from ostrom.protocol.changesets import MAX_BLOCK_SIZE
+from ostrom.protocol.frames import encode_frame, encode_varint
 
 PROTOCOL: Final = "/ostrom/blocks/1.0.0"
 # CIDs one `want` may name: enough to keep a stream busy for a round trip (64 x 256 KiB =
@@ -49,6 +50,29 @@ class Block:
     def to_wire(self) -> dict[str, Any]:
         return {"t": "block", "cid": self.cid.raw, "data": self.data}
 
+    def frame_parts(self) -> list[bytes]:
+        """This message's frame as pieces to write in order: the bytes of
+        `encode_frame(self.to_wire(), max_frame=MAX_FRAME)`, without copying the block.
+
+        The MessagePack body is the map's head up to the `data` key, a bin header, and the
+        block itself; MessagePack writes a bin's length in 1, 2 or 4 bytes (bin 8/16/32).
+        """
+        head = encode_frame({"t": "block", "cid": self.cid.raw, "data": b""}, max_frame=MAX_FRAME)
+        # Without its varint prefix (one byte: with a 36-byte CID the body is far under 128
+        # bytes) and without the empty bin 8 at its end.
+        size = len(self.data)
+        if size < 1 << 8:
+            bin_header = b"\xc4" + size.to_bytes(1, "big")
+        elif size < 1 << 16:
+            bin_header = b"\xc5" + size.to_bytes(2, "big")
+        else:
+            bin_header = b"\xc6" + size.to_bytes(4, "big")
+        body_head = head[1:-2] + bin_header
+        length = len(body_head) + size
+        if length > MAX_FRAME:
+            raise TooLarge(f"frame of {length} bytes is over the limit of {MAX_FRAME}")
+        return [encode_varint(length), body_head, self.data]
+
 
 @dataclass(frozen=True, slots=True)
 class Missing:
@@ -67,11 +91,13 @@ def _cid(value: object) -> CID:
     return CID(value)
 
 
-def parse(value: Any) -> Message:
+def parse(value: Any, *, verify: bool = True) -> Message:
     """A message from a decoded frame; `DecodeError` for anything else.
 
     A `block` is checked against its CID here, so no caller can keep unverified bytes;
-    a mismatch is `BlockMismatch`, which marks the peer as misbehaving.
+    a mismatch is `BlockMismatch`, which marks the peer as misbehaving. With `verify=False`
+    the check is left to the caller, which must make it before it keeps or uses the bytes
+    (a fetcher whose store checks every block as it writes it hashes each block once).
     """
     if not isinstance(value, dict) or not isinstance(value.get("t"), str):
         raise DecodeError("a blocks message is a map with a type `t`")
@@ -82,7 +108,7 @@ def parse(value: Any) -> Message:
         cid, data = _cid(value["cid"]), value["data"]
         if not isinstance(data, bytes) or len(data) > MAX_BLOCK_SIZE:
             raise DecodeError("block data is bytes of at most one block's size")
-        if not cid.matches(data):
+        if verify and not cid.matches(data):
             raise BlockMismatch(f"peer sent bytes that do not match block {cid}")
         return Block(cid, data)
     if kind == "missing" and set(value) == {"t", "cid"}:

@@ -1,0 +1,246 @@
+"""Fetching and serving blocks between nodes, over in-memory streams."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+
+from ostrom.crypto.cid import CID
+from ostrom.errors import BlockMismatch, DecodeError
+from ostrom.node import blocks
+from ostrom.node.framed import ByteStream, FramedStream
+from ostrom.protocol import blockwire
+
+
+class MemoryStore:
+    """A block store in a dict; refuses, as the real one does, a block that does not match."""
+
+    def __init__(self, data: Sequence[bytes] = ()) -> None:
+        self.blocks = {CID.of_raw(d): d for d in data}
+        self.asked: list[CID] = []  # every CID read, in order
+        self.transactions = 0
+
+    async def blocks_get(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+        self.asked.extend(cids)
+        return {c: self.blocks[c] for c in cids if c in self.blocks}
+
+    async def blocks_have(self, cids: Sequence[CID]) -> set[CID]:
+        return {c for c in cids if c in self.blocks}
+
+    async def blocks_put(self, blocks: Sequence[tuple[CID, bytes]]) -> int:
+        if any(not cid.matches(data) for cid, data in blocks):
+            raise BlockMismatch("the bytes sent do not hash to this CID")
+        self.transactions += 1
+        new = [(c, d) for c, d in blocks if c not in self.blocks]
+        self.blocks.update(new)
+        return len(new)
+
+
+class ForgingStore(MemoryStore):
+    """Serves other bytes under every CID it is asked for."""
+
+    async def blocks_get(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+        return {cid: b"not the block" for cid in cids}
+
+
+class GatedStore(MemoryStore):
+    """Serves `before` reads, then waits for `gate`."""
+
+    def __init__(self, data: Sequence[bytes], before: int, gate: trio.Event) -> None:
+        super().__init__(data)
+        self.before = before
+        self.gate = gate
+
+    async def blocks_get(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+        if self.before <= 0:
+            await self.gate.wait()
+        self.before -= 1
+        return await super().blocks_get(cids)
+
+
+class Pipe:
+    """One side of an in-memory stream, as `ByteStream`."""
+
+    def __init__(self, stream: trio.testing.StapledStream) -> None:  # type: ignore[type-arg]
+        self._stream = stream
+
+    async def read(self, max_bytes: int) -> bytes:
+        return await self._stream.receive_some(max_bytes)
+
+    async def write(self, data: bytes) -> None:
+        await self._stream.send_all(data)
+
+    async def close(self) -> None:
+        await self._stream.send_eof()
+
+
+class Peers:
+    """Peers by name, each serving its own store; records what each served."""
+
+    def __init__(self, nursery: trio.Nursery, stores: dict[str, MemoryStore]) -> None:
+        self.nursery = nursery
+        self.stores = stores
+        self.sent: dict[str, int] = {}
+        self.dropped: dict[str, str] = {}
+
+    @asynccontextmanager
+    async def open_stream(self, peer: str) -> AsyncIterator[ByteStream]:
+        ours, theirs = trio.testing.memory_stream_pair()
+
+        async def serve() -> None:
+            try:
+                sent = await blocks.serve(Pipe(theirs), self.stores[peer], "us")
+            finally:
+                await theirs.aclose()
+            self.sent[peer] = self.sent.get(peer, 0) + sent
+
+        self.nursery.start_soon(serve)
+        try:
+            yield Pipe(ours)
+        finally:
+            await ours.send_eof()
+
+    async def drop(self, peer: str, reason: str) -> None:
+        self.dropped[peer] = reason
+
+
+def make_blocks(count: int, size: int = 1000) -> list[bytes]:
+    return [os.urandom(size) for _ in range(count)]
+
+
+async def test_every_block_arrives_verified_and_stored_in_few_transactions() -> None:
+    data = make_blocks(3 * blocks.WANTS_IN_FLIGHT * blocks.WANT_BLOCKS + 5)
+    cids = [CID.of_raw(d) for d in data]
+    ours = MemoryStore()
+    async with trio.open_nursery() as nursery:
+        peers = Peers(nursery, {"a": MemoryStore(data)})
+        result = await blocks.fetch(peers.open_stream, ["a"], ours, cids)
+    assert (result.fetched, result.missing, result.bytes) == (len(data), 0, 1000 * len(data))
+    assert ours.blocks == {c: d for c, d in zip(cids, data, strict=True)}
+    assert ours.transactions < len(data)
+    assert peers.sent == {"a": len(data)}
+
+
+async def test_what_one_peer_lacks_comes_from_another() -> None:
+    data = make_blocks(100)
+    cids = [CID.of_raw(d) for d in data]
+    ours = MemoryStore()
+    async with trio.open_nursery() as nursery:
+        stores = {"half": MemoryStore(data[:50]), "other-half": MemoryStore(data[50:])}
+        peers = Peers(nursery, stores)
+        result = await blocks.fetch(peers.open_stream, ["half", "other-half"], ours, cids)
+    assert (result.fetched, result.missing) == (100, 0)
+    assert set(ours.blocks) == set(cids)
+    assert peers.sent == {"half": 50, "other-half": 50}
+
+
+async def test_a_block_nobody_has_is_reported_missing() -> None:
+    data = make_blocks(20)
+    nowhere = CID.of_raw(b"nobody has this")
+    ours = MemoryStore()
+    async with trio.open_nursery() as nursery:
+        peers = Peers(nursery, {"a": MemoryStore(data), "b": MemoryStore(data[:3])})
+        cids = [CID.of_raw(d) for d in data] + [nowhere]
+        result = await blocks.fetch(peers.open_stream, ["a", "b"], ours, cids)
+    assert (result.fetched, result.missing) == (20, 1)
+    assert nowhere not in ours.blocks
+
+
+async def test_a_forged_block_is_never_stored_and_its_sender_is_dropped() -> None:
+    data = make_blocks(40)
+    cids = [CID.of_raw(d) for d in data]
+    ours = MemoryStore()
+    async with trio.open_nursery() as nursery:
+        stores = {"forger": ForgingStore(), "honest": MemoryStore(data)}
+        peers = Peers(nursery, stores)
+        fetch = blocks.BlockFetch(peers.open_stream, ours, cids, peers.drop)
+        result = await fetch.run(["forger", "honest"])
+    assert list(peers.dropped) == ["forger"]
+    assert "do not hash" in peers.dropped["forger"]
+    assert (result.fetched, result.missing) == (40, 0)
+    assert ours.blocks == {c: d for c, d in zip(cids, data, strict=True)}
+
+
+async def test_an_interrupted_fetch_keeps_what_it_stored_and_resumes() -> None:
+    data = make_blocks(200)
+    cids = [CID.of_raw(d) for d in data]
+    ours = MemoryStore()
+    gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        peers = Peers(nursery, {"a": GatedStore(data, before=5, gate=gate)})
+        nursery.start_soon(blocks.fetch, peers.open_stream, ["a"], ours, cids)
+        await trio.testing.wait_all_tasks_blocked()  # the peer stalls after 5 reads
+        nursery.cancel_scope.cancel()
+    stored = set(ours.blocks)
+    assert 0 < len(stored) < len(cids)
+    assert all(ours.blocks[c] == d for c, d in zip(cids, data, strict=True) if c in stored)
+
+    server = MemoryStore(data)
+    async with trio.open_nursery() as nursery:
+        peers = Peers(nursery, {"a": server})
+        wanted = [c for c in cids if c not in await ours.blocks_have(cids)]
+        result = await blocks.fetch(peers.open_stream, ["a"], ours, wanted)
+    assert result.fetched == len(cids) - len(stored)
+    assert set(server.asked) == set(cids) - stored
+    assert set(ours.blocks) == set(cids)
+
+
+async def test_a_peer_added_while_a_fetch_runs_takes_what_is_left() -> None:
+    data = make_blocks(300)
+    cids = [CID.of_raw(d) for d in data]
+    ours = MemoryStore()
+    gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        stores = {"slow": GatedStore(data, before=2, gate=gate), "late": MemoryStore(data)}
+        peers = Peers(nursery, stores)
+        fetch = blocks.BlockFetch(peers.open_stream, ours, cids)
+        async with trio.open_nursery() as inner:
+            inner.start_soon(fetch.run, ["slow"])
+            await trio.testing.wait_all_tasks_blocked()
+            fetch.add_peer("late")
+            while len(ours.blocks) < len(cids) - blocks.WANTS_IN_FLIGHT * blocks.WANT_BLOCKS:
+                await trio.sleep(0.01)
+            gate.set()
+    assert set(ours.blocks) == set(cids)
+    assert peers.sent["late"] > len(cids) // 2
+    assert fetch.result.missing == 0
+
+
+async def test_a_server_answers_in_order_and_says_what_it_lacks() -> None:
+    data = make_blocks(3)
+    cids = [CID.of_raw(d) for d in data]
+    unknown = CID.of_raw(b"unknown")
+    ours, theirs = trio.testing.memory_stream_pair()
+    framed = FramedStream(Pipe(ours), max_frame=blockwire.MAX_FRAME)
+    sent: list[int] = []
+
+    async def serve() -> None:
+        sent.append(await blocks.serve(Pipe(theirs), MemoryStore(data), "peer"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        await framed.send(blockwire.Want((cids[2], unknown, cids[0])).to_wire())
+        await framed.send(blockwire.Want((cids[1],)).to_wire())
+        answers = [blockwire.parse(await framed.receive()) for _ in range(4)]
+        await framed.close()
+    assert sent == [3]
+    assert answers == [
+        blockwire.Block(cids[2], data[2]),
+        blockwire.Missing(unknown),
+        blockwire.Block(cids[0], data[0]),
+        blockwire.Block(cids[1], data[1]),
+    ]
+
+
+async def test_a_server_refuses_anything_but_wants() -> None:
+    data = b"a block"
+    ours, theirs = trio.testing.memory_stream_pair()
+    framed = FramedStream(Pipe(ours), max_frame=blockwire.MAX_FRAME)
+    await framed.send(blockwire.Block(CID.of_raw(data), data).to_wire())
+    with pytest.raises(DecodeError):
+        await blocks.serve(Pipe(theirs), MemoryStore(), "peer")
