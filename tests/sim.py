@@ -26,10 +26,9 @@ node's own constants imported from there:
   want/records with two wants in flight, ancestor chasing, push, done), their bounds and
   strikes, the idle timeout, sync on connect and every `SYNC_INTERVAL_S` with two peers
   known to share the project, at most `MAX_CONCURRENT_SYNCS` sessions at once, repeats
-  merged. Two departures, each named where it is made: a responder that sends `done` with
-  wants unanswered is misbehaving (the node's initiator waits for the answers with no
-  bound), and a node built with `explore=True` also syncs with one peer not yet known to
-  share the project (the node's choice can starve a quiet project);
+  merged, plus one peer not known to share the project (`explore=False` turns that off, to
+  show why the node does it). One departure, named where it is made: a responder that sends
+  `done` with wants unanswered is misbehaving;
 - blocks: after a sync or a gossiped contribution, the missing changesets of the project's
   history are fetched from the peer, retried with backoff.
 
@@ -752,7 +751,7 @@ class SimNode:
         identity: Identity,
         *,
         periodic: bool = True,
-        explore: bool = False,
+        explore: bool = True,
     ) -> None:
         self.name = name
         self.net = net
@@ -1132,13 +1131,13 @@ class SimNode:
 
     def _periodic(self) -> None:
         """Replicator._run_periodic: every project with two peers known to share it (or any
-        two, when none is known to).
+        two, when none is known to), and one connected peer not known to share it.
 
-        That choice can starve a project: two followers that synced with each other first
-        (and not with the node holding the records, a connection lost at start) know each
-        other as sharing it and never try anyone else until new gossip or a reconnection;
-        see test_simulation.py::test_followers_that_only_know_each_other. With `explore`,
-        each round also syncs with one connected peer not known to share the project.
+        Without that third peer (`explore=False`) the choice can starve a project: two
+        followers that synced with each other first (and not with the node holding the
+        records, a connection lost at start) know each other as sharing it and never try
+        anyone else until new gossip or a reconnection; see
+        test_simulation.py::test_followers_that_only_know_each_other.
         """
         peers = self.peers()
         for project in list(self.following):

@@ -69,7 +69,7 @@ def make_mesh(
     loss: float = 0.0,
     extra_links: int | None = None,
     groups: Sequence[set[str]] = (),
-    explore: bool = False,
+    explore: bool = True,
 ) -> Mesh:
     sim = Simulator(seed)
     net = Network(sim, loss=loss)
@@ -426,9 +426,7 @@ def run_schedule(seed: int, count: int, loss: float, actions: int, split: bool) 
     the end; a split cuts the mesh in two from 20 s to 200 s."""
     names = [f"n{i:02}" for i in range(count)]
     groups = [set(names[: count // 2]), set(names[count // 2 :])] if split and count > 3 else []
-    # `explore`: the node's own choice of peers can starve a quiet project (see
-    # test_followers_that_only_know_each_other); this property is about the protocol.
-    mesh = make_mesh(seed, count, loss=loss, groups=groups, explore=True)
+    mesh = make_mesh(seed, count, loss=loss, groups=groups)
     mesh.net.start()
     if groups:
         mesh.net.partition(groups, 20 * SECOND, 200 * SECOND)
@@ -496,16 +494,13 @@ def followers_that_only_know_each_other(*, explore: bool) -> Mesh:
     return mesh
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SimulationLimit,
-    reason="Replicator._run_periodic syncs only with peers already known to share a project",
-)
-def test_followers_that_only_know_each_other() -> None:
-    followers_that_only_know_each_other(explore=False)
+def test_followers_that_only_know_each_other_starve_without_exploring() -> None:
+    """Why the node's periodic sync also tries a peer not known to share the project."""
+    with pytest.raises(SimulationLimit):
+        followers_that_only_know_each_other(explore=False)
 
 
-def test_followers_that_only_know_each_other_reach_the_holder_when_exploring() -> None:
+def test_followers_that_only_know_each_other_reach_the_holder() -> None:
     followers_that_only_know_each_other(explore=True)
 
 

@@ -286,8 +286,15 @@ class Replicator:
             await trio.sleep(SYNC_INTERVAL_S)
             peers = [p.peer_id for p in self.mesh.peers()]
             for project in list(self._following):
-                sharing = [p for p in peers if project in self._shared.get(p, ())] or peers
-                for peer in random.sample(sharing, min(2, len(sharing))):
+                sharing = [p for p in peers if project in self._shared.get(p, ())]
+                chosen = random.sample(sharing or peers, min(2, len(sharing or peers)))
+                # Also one peer not known to share the project: followers that first synced
+                # only with each other (the holder unreachable then) would otherwise never
+                # try anyone else while the project is quiet.
+                others = [p for p in peers if p not in sharing]
+                if sharing and others:
+                    chosen.append(random.choice(others))
+                for peer in chosen:
                     self._request_sync(peer, project)
 
     # --- blocks --------------------------------------------------------------------------------
