@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import pytest
 import trio
@@ -46,13 +46,13 @@ class FakeHost:
             return None
         return ReconcileIndex.build(c.raw for c, r in self.records.items() if r.project == project)
 
-    async def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
-        return [self.records[c].data for c in cids if c in self.records]
+    async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+        return {c: self.records[c].data for c in cids if c in self.records}
 
-    async def sync_ingest(
-        self, items: Sequence[bytes], peer_id: str, project: CID | None = None
-    ) -> sync.IngestResult:
-        result = sync.IngestResult()
+    async def sync_verify(
+        self, items: Sequence[bytes], project: CID | None = None
+    ) -> sync.Verified:
+        result = sync.Verified()
         for item in items:
             try:
                 record = decode_record(item)
@@ -62,6 +62,14 @@ class FakeHost:
             if project is not None and record.project != project:
                 result.refused += 1
                 continue
+            result.records.append(record)
+        return result
+
+    async def sync_store(
+        self, records: Sequence[SignedRecord], expected: Collection[CID] = ()
+    ) -> sync.IngestResult:
+        result = sync.IngestResult()
+        for record in records:
             if record.cid in self.records:
                 result.known.append(record.cid)
                 continue
@@ -69,7 +77,7 @@ class FakeHost:
             result.stored.append(record.cid)
         for cid in result.stored:
             result.missing_parents.update(
-                p for p in self.records[cid].parents if p not in self.records
+                p for p in self.records[cid].parents if p not in self.records and p not in expected
             )
         return result
 
@@ -148,8 +156,8 @@ async def test_forged_pushes_are_strikes_and_the_peer_is_cut_off() -> None:
     tampered = [r.data[:-1] + bytes([r.data[-1] ^ 1]) for r in records[1:]]
 
     class Forger(FakeHost):
-        async def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
-            return tampered[: len(cids)]
+        async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+            return dict(zip(cids, tampered, strict=False))
 
     a = FakeHost([g.cid], [g])
     b = Forger([g.cid], records)
@@ -164,8 +172,8 @@ async def test_a_peer_pushing_forgeries_is_cut_off_and_nothing_forged_is_kept() 
     tampered = [r.data[:-1] + bytes([r.data[-1] ^ 1]) for r in records[1:]]
 
     class Pusher(FakeHost):
-        async def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
-            return tampered[: len(cids)]
+        async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+            return dict(zip(cids, tampered, strict=False))
 
     a = Pusher([g.cid], records)
     b = FakeHost([g.cid], [g])

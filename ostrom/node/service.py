@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -24,7 +24,7 @@ from ostrom.errors import (
 )
 from ostrom.node.events import EventBus
 from ostrom.node.store import Store
-from ostrom.node.sync import IngestResult
+from ostrom.node.sync import IngestResult, Verified
 from ostrom.node.verifier import VerifierPool
 from ostrom.node.views import key_view, record_view, status_view
 from ostrom.protocol.acceptance import ProjectState, evaluate
@@ -225,30 +225,32 @@ class NodeService:
             index = self._indexes.setdefault(project, ReconcileIndex.build(c.raw for c in cids))
         return index
 
-    async def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
-        found = await self.db(lambda store: store.get_record_bytes(cids))
-        return [found[cid] for cid in cids if cid in found]
+    async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+        return await self.db(lambda store: store.get_record_bytes(cids))
 
-    async def sync_ingest(
-        self, items: Sequence[bytes], peer_id: str, project: CID | None = None
-    ) -> IngestResult:
-        """Verify and store records a peer sent; with `project`, refuse other projects'."""
-        result = IngestResult()
-        decoded = await self.verifier.decode_records(items)
-        good: list[SignedRecord] = []
-        for item in decoded:
+    async def sync_verify(self, items: Sequence[bytes], project: CID | None = None) -> Verified:
+        """Decode and verify records a peer sent; with `project`, refuse other projects'."""
+        result = Verified()
+        for item in await self.verifier.decode_records(items):
             if not isinstance(item, SignedRecord) or (
                 project is not None and project not in sync_projects(item)
             ):
                 result.refused += 1
-                continue
-            good.append(item)
-        if result.refused:
-            log.info("peer %s sent %d record(s) that were refused", peer_id, result.refused)
-        new = set(await self.store_new(good, "sync"))
-        result.stored = [r.cid for r in good if r.cid in new]
-        result.known = [r.cid for r in good if r.cid not in new]
-        parents = {p for r in good if r.cid in new for p in r.parents}
+            else:
+                result.records.append(item)
+        return result
+
+    async def sync_store(
+        self, records: Sequence[SignedRecord], expected: Collection[CID] = ()
+    ) -> IngestResult:
+        """Store records verified by `sync_verify`; see `SyncHost.sync_store`."""
+        result = IngestResult()
+        new = set(await self.store_new(records, "sync"))
+        result.stored = [r.cid for r in records if r.cid in new]
+        result.known = [r.cid for r in records if r.cid not in new]
+        # In a catch-up nearly every parent is a record the session fetches anyway: only the
+        # others are looked up.
+        parents = {p for r in records if r.cid in new for p in r.parents if p not in expected}
         if parents:
             present = await self.db(lambda store: store.has_records(parents))
             result.missing_parents = parents - present
