@@ -11,6 +11,7 @@ import trio.testing
 from ostrom.crypto.cid import CID
 from ostrom.errors import OstromError, Refused
 from ostrom.node import sync
+from ostrom.node.ingest import RecordRow, decode_row, record_row
 from ostrom.protocol.reconcile import ReconcileIndex
 from ostrom.protocol.records import SignedRecord, decode_record
 from tests.dagfactory import World, identity
@@ -62,22 +63,23 @@ class FakeHost:
             if project is not None and record.project != project:
                 result.refused += 1
                 continue
-            result.records.append(record)
+            result.rows.append(record_row(record))
         return result
 
     async def sync_store(
-        self, records: Sequence[SignedRecord], expected: Collection[CID] = ()
+        self, rows: Sequence[RecordRow], expected: Collection[bytes] = ()
     ) -> sync.IngestResult:
         result = sync.IngestResult()
-        for record in records:
-            if record.cid in self.records:
-                result.known.append(record.cid)
-                continue
-            self.records[record.cid] = record
-            result.stored.append(record.cid)
-        for cid in result.stored:
+        for row in rows:
+            record = decode_row(row)
+            if record.cid not in self.records:
+                self.records[record.cid] = record
+                result.stored.append(record.cid.raw)
+        for raw in result.stored:
             result.missing_parents.update(
-                p for p in self.records[cid].parents if p not in self.records and p not in expected
+                p.raw
+                for p in self.records[CID(raw)].parents
+                if p not in self.records and p.raw not in expected
             )
         return result
 

@@ -41,8 +41,8 @@ import trio
 from ostrom.crypto.cid import CID
 from ostrom.errors import DecodeError, Refused
 from ostrom.node.framed import IDLE_TIMEOUT_S, ByteStream, FramedStream
+from ostrom.node.ingest import ROW_CID, RecordRow
 from ostrom.protocol.reconcile import ReconcileIndex, Reconciler, decode_message, encode_message
-from ostrom.protocol.records import SignedRecord
 
 log = logging.getLogger(__name__)
 
@@ -89,26 +89,28 @@ class SyncHost(Protocol):
         other projects count as refused. Several calls may run at once."""
 
     async def sync_store(
-        self, records: Sequence[SignedRecord], expected: Collection[CID] = ()
+        self, rows: Sequence[RecordRow], expected: Collection[bytes] = ()
     ) -> IngestResult:
         """Store records `sync_verify` accepted. The parents of new records that are neither
-        stored nor in `expected` (records the session will fetch anyway) come back as
+        stored nor in `expected` (binary CIDs the session fetches anyway) come back as
         missing. Calls are made one at a time, in the order the records arrived."""
 
 
 @dataclass(slots=True)
 class Verified:
-    """What verifying one batch from a peer gave: the good records, and how many were not."""
+    """What verifying one batch from a peer gave: the good records as store rows
+    (`ostrom.node.ingest.RecordRow`), and how many records were refused."""
 
-    records: list[SignedRecord] = field(default_factory=list)
+    rows: list[RecordRow] = field(default_factory=list)
     refused: int = 0
 
 
 @dataclass(slots=True)
 class IngestResult:
-    stored: list[CID] = field(default_factory=list)
-    known: list[CID] = field(default_factory=list)
-    missing_parents: set[CID] = field(default_factory=set)
+    """What storing one verified batch did; CIDs in binary form."""
+
+    stored: list[bytes] = field(default_factory=list)
+    missing_parents: set[bytes] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -234,7 +236,7 @@ async def _ingest(
     """Verify and store one batch of records, counting refusals as strikes first."""
     verified = await host.sync_verify(items, project)
     _strike(result, verified.refused)
-    return await host.sync_store(verified.records)
+    return await host.sync_store(verified.rows)
 
 
 def _strike(result: SyncResult, refused: int) -> None:
@@ -279,8 +281,9 @@ class _Puller:
         self.framed = framed
         self.host = host
         self.result = result
-        self.wanted: set[CID] = set()
-        self.chasing: set[CID] = set()
+        # Binary CIDs: hashing bytes is cheaper than hashing CID objects, per record.
+        self.wanted: set[bytes] = set()
+        self.chasing: set[bytes] = set()
         self.outstanding = 0  # CIDs wanted and not yet answered
         self.unstored = 0  # answers read and not yet stored
         self.progress = trio.Event()  # set when either count goes down
@@ -321,18 +324,18 @@ class _Puller:
             await answer.ready.wait()
             verified = answer.verified
             assert verified is not None  # set before `ready`
-            unwanted = sum(1 for record in verified.records if record.cid not in self.wanted)
+            unwanted = sum(1 for row in verified.rows if row[ROW_CID] not in self.wanted)
             if unwanted:
                 raise PeerMisbehaving(f"peer sent {unwanted} record(s) that were not asked for")
             _strike(self.result, verified.refused)
-            ingest = await self.host.sync_store(verified.records, self.wanted)
+            ingest = await self.host.sync_store(verified.rows, self.wanted)
             self.result.received += len(ingest.stored)
             self.chasing.update(ingest.missing_parents)
             self.unstored -= 1
             self.progress.set()
 
-    async def ask(self, cids: Sequence[CID]) -> None:
-        """Send wants for `cids`, keeping up to WANTS_IN_FLIGHT unanswered, then wait until
+    async def ask(self, cids: Sequence[bytes]) -> None:
+        """Send wants for `cids` (binary), keeping up to WANTS_IN_FLIGHT unanswered, then wait until
         every answer is stored (so that its missing parents are known)."""
         if len(self.wanted) + len(cids) > MAX_SESSION_RECORDS:
             raise PeerMisbehaving("the session asked for more records than any project holds")
@@ -341,10 +344,10 @@ class _Puller:
             await self.wait_until(lambda: self.outstanding <= (WANTS_IN_FLIGHT - 1) * MAX_WANT)
             self.wanted.update(chunk)
             self.outstanding += len(chunk)
-            await self.framed.send({"t": "want", "cids": [cid.raw for cid in chunk]})
+            await self.framed.send({"t": "want", "cids": chunk})
         await self.wait_until(lambda: not self.outstanding and not self.unstored)
 
-    async def run(self, need: list[CID], have: list[CID]) -> None:
+    async def run(self, need: list[bytes], have: list[CID]) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.read_answers, nursery)
             nursery.start_soon(self.store_answers)
@@ -382,7 +385,8 @@ async def pull(stream: ByteStream, host: SyncHost, project: CID, peer_id: str) -
         raise Refused(f"peer {peer_id} refused to sync {project}: {reply.get('reason')!r}")
     reconciler = Reconciler(index, initiator=True)
     await _reconcile(framed, reconciler, result, reconciler.start())
-    need = sorted(CID(raw) for raw in reconciler.need)
+    # The reconciler has checked every id it took in; those wanted travel in binary.
+    need = sorted(reconciler.need)
     have = sorted(CID(raw) for raw in reconciler.have)
     with unwrap_single_error():
         await _Puller(framed, host, result).run(need, have)
