@@ -182,3 +182,55 @@ async def test_a_peer_pushing_forgeries_is_cut_off_and_nothing_forged_is_kept() 
     with pytest.raises(sync.PeerMisbehaving, match="failed verification"):
         await _session(a, b, g.cid)
     assert set(b.records) == {g.cid}
+
+
+async def test_a_catch_up_of_many_wants_arrives_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small wants, so that a few hundred records make many answers: each is verified while
+    # later ones are read and earlier ones stored, and nothing may be lost or reordered.
+    monkeypatch.setattr(sync, "MAX_WANT", 16)
+    world = World()
+    g, records = _project(world, 300)
+    a = FakeHost([g.cid], [g])
+    b = FakeHost([g.cid], records)
+    pulled, _ = await _session(a, b, g.cid)
+    assert set(a.records) == {r.cid for r in records}
+    assert pulled.received == len(records) - 1
+
+
+async def test_a_valid_record_that_was_not_asked_for_is_refused_and_not_kept() -> None:
+    world = World()
+    g, records = _project(world, 10)
+    stranger = world.genesis(BOB)  # well signed, but nobody asked for it
+
+    class Volunteer(FakeHost):
+        async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+            found = await super().sync_records(cids)
+            return {
+                cid: stranger.data if i == 0 else data
+                for i, (cid, data) in enumerate(found.items())
+            }
+
+    a = FakeHost([g.cid], [g])
+    b = Volunteer([g.cid], records)
+    with pytest.raises(sync.PeerMisbehaving, match="not asked for"):
+        await _session(a, b, g.cid)
+    assert stranger.cid not in a.records
+
+
+async def test_one_forged_record_among_many_is_dropped_and_the_rest_kept() -> None:
+    world = World()
+    g, records = _project(world, 600)
+    forged = records[5].data[:-1] + bytes([records[5].data[-1] ^ 1])
+
+    class OneForgery(FakeHost):
+        async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+            found = await super().sync_records(cids)
+            if records[5].cid in found:
+                found[records[5].cid] = forged
+            return found
+
+    a = FakeHost([g.cid], [g])
+    b = OneForgery([g.cid], records)
+    pulled, _ = await _session(a, b, g.cid)
+    assert pulled.refused == 1
+    assert set(a.records) == {r.cid for r in records} - {records[5].cid}

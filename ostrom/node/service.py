@@ -183,7 +183,7 @@ class NodeService:
         # Status changes are reported against the state before these records; it is worked
         # out only when someone listens (a cached one costs nothing).
         before: dict[CID, ProjectState | None] = {}
-        for project in {CID(row[ROW_PROJECT]) for row in rows}:
+        for project in map(CID, {row[ROW_PROJECT] for row in rows}):
             before[project] = self._states.get(project)
             if before[project] is None and self.events.subscriber_count:
                 try:
