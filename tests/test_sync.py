@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Sequence
 
 import pytest
@@ -234,3 +235,24 @@ async def test_one_forged_record_among_many_is_dropped_and_the_rest_kept() -> No
     pulled, _ = await _session(a, b, g.cid)
     assert pulled.refused == 1
     assert set(a.records) == {r.cid for r in records} - {records[5].cid}
+
+
+async def test_a_replica_starting_from_nothing_reconciles_a_very_large_set() -> None:
+    # 150k ids take about 84 reconciliation messages each way, more than any fixed small
+    # bound; the responder holds the ids but none of the records, and says so.
+    world = World()
+    g, _ = _project(world, 0)
+    many = [
+        CID(b"\x01\x71\x12\x20" + hashlib.sha256(i.to_bytes(4, "big")).digest())
+        for i in range(150_000)
+    ]
+
+    class Claimer(FakeHost):
+        async def sync_index(self, project: CID) -> ReconcileIndex | None:
+            return ReconcileIndex.build([*(c.raw for c in many), g.cid.raw])
+
+    a = FakeHost([g.cid], [g])
+    b = Claimer([g.cid], [g])
+    pulled, _ = await _session(a, b, g.cid)
+    assert pulled.reconcile_rounds > 64
+    assert pulled.received == 0 and set(a.records) == {g.cid}
