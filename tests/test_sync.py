@@ -12,8 +12,9 @@ import trio.testing
 from ostrom.crypto.cid import CID
 from ostrom.errors import OstromError, Refused
 from ostrom.node import sync
+from ostrom.node.framed import FramedStream
 from ostrom.node.ingest import RecordRow, decode_row, record_row
-from ostrom.protocol.reconcile import ReconcileIndex
+from ostrom.protocol.reconcile import ReconcileIndex, Reconciler
 from ostrom.protocol.records import SignedRecord, decode_record
 from tests.dagfactory import World, identity
 
@@ -256,3 +257,30 @@ async def test_a_replica_starting_from_nothing_reconciles_a_very_large_set() -> 
     pulled, _ = await _session(a, b, g.cid)
     assert pulled.reconcile_rounds > 64
     assert pulled.received == 0 and set(a.records) == {g.cid}
+
+
+async def test_a_peer_ending_the_session_before_answering_is_cut_off() -> None:
+    world = World()
+    g, records = _project(world, 10)
+    left, right = trio.testing.memory_stream_pair()
+
+    async def quitter() -> None:
+        # Reconciles honestly, then says `done` instead of answering the wants.
+        framed = FramedStream(MemoryByteStream(right), max_frame=sync.MAX_FRAME)
+        await framed.receive()  # hello
+        await framed.send({"t": "welcome"})
+        index = ReconcileIndex.build(r.cid.raw for r in records)
+        await sync._reconcile(
+            framed, Reconciler(index, initiator=False), sync.SyncResult(g.cid, "a"), None
+        )
+        await framed.receive()  # the first want
+        await framed.send({"t": "done"})
+
+    with (
+        trio.fail_after(20),
+        pytest.raises(sync.PeerMisbehaving, match="before this side"),
+        sync.unwrap_single_error(),
+    ):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(quitter)
+            await sync.pull(MemoryByteStream(left), FakeHost([g.cid], [g]), g.cid, "quitter")

@@ -288,6 +288,7 @@ class _Puller:
         self.outstanding = 0  # CIDs wanted and not yet answered
         self.unstored = 0  # answers read and not yet stored
         self.progress = trio.Event()  # set when either count goes down
+        self.sent_done = False
         self.peer_done = trio.Event()
         self.to_store, self.answers = trio.open_memory_channel[_Answer](VERIFY_AHEAD)
 
@@ -300,6 +301,9 @@ class _Puller:
         while True:
             frame = _expect(await self.framed.receive(), "records", "done")
             if frame["t"] == "done":
+                if not self.sent_done:
+                    # This side would otherwise wait for answers that will never come.
+                    raise PeerMisbehaving("peer ended the session before this side did")
                 self.peer_done.set()
                 return
             items = _record_items(frame)
@@ -366,6 +370,7 @@ class _Puller:
             self.result.sent = await _send_records(
                 self.framed, [pushed[c] for c in have if c in pushed]
             )
+            self.sent_done = True
             await self.framed.send({"t": "done"})
             with trio.move_on_after(IDLE_TIMEOUT_S):
                 await self.peer_done.wait()
