@@ -43,6 +43,7 @@ class FakeHost:
     def __init__(self, hosted: Sequence[CID], records: Sequence[SignedRecord] = ()) -> None:
         self.hosted = set(hosted)
         self.records: dict[CID, SignedRecord] = {r.cid: r for r in records}
+        self.prepared = 0
 
     async def sync_index(self, project: CID) -> ReconcileIndex | None:
         if project not in self.hosted:
@@ -51,6 +52,9 @@ class FakeHost:
 
     async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
         return {c: self.records[c].data for c in cids if c in self.records}
+
+    async def sync_prepare(self, count: int) -> None:
+        self.prepared = count
 
     async def sync_verify(
         self, items: Sequence[bytes], project: CID | None = None
@@ -197,6 +201,7 @@ async def test_a_catch_up_of_many_wants_arrives_whole(monkeypatch: pytest.Monkey
     pulled, _ = await _session(a, b, g.cid)
     assert set(a.records) == {r.cid for r in records}
     assert pulled.received == len(records) - 1
+    assert a.prepared >= 16  # told to get ready once a full want was needed
 
 
 async def test_a_valid_record_that_was_not_asked_for_is_refused_and_not_kept() -> None:

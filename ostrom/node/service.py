@@ -35,7 +35,7 @@ from ostrom.node.ingest import (
 )
 from ostrom.node.store import Store
 from ostrom.node.sync import IngestResult, Verified
-from ostrom.node.verifier import VerifierPool
+from ostrom.node.verifier import PROCESS_THRESHOLD, VerifierPool
 from ostrom.node.views import key_view, record_view, status_view
 from ostrom.protocol.acceptance import ProjectState, evaluate
 from ostrom.protocol.changesets import (
@@ -283,6 +283,10 @@ class NodeService:
 
     async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
         return await self.db(lambda store: store.get_record_bytes(cids))
+
+    async def sync_prepare(self, count: int) -> None:
+        if count >= PROCESS_THRESHOLD:
+            await self.verifier.warm()
 
     async def sync_verify(self, items: Sequence[bytes], project: CID | None = None) -> Verified:
         """Decode and verify records a peer sent; with `project`, refuse other projects'."""

@@ -81,6 +81,10 @@ class SyncHost(Protocol):
     async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
         """The bytes of those of `cids` this node has (the others are absent)."""
 
+    async def sync_prepare(self, count: int) -> None:
+        """The session will fetch at least `count` records: get ready to verify them (the
+        node starts its verification workers). Runs beside the reconciliation."""
+
     async def sync_verify(self, items: Sequence[bytes], project: CID | None = None) -> Verified:
         """Decode and verify records from a peer, storing nothing; with `project`, records of
         other projects count as refused. Several calls may run at once."""
@@ -186,9 +190,14 @@ async def _send_records(
 
 
 async def _reconcile(
-    framed: FramedStream, reconciler: Reconciler, result: SyncResult, first: Any | None
+    framed: FramedStream,
+    reconciler: Reconciler,
+    result: SyncResult,
+    first: Any | None,
+    learned: Callable[[], None] = lambda: None,
 ) -> None:
-    """Exchange reconciliation messages until one side has nothing left to say."""
+    """Exchange reconciliation messages until one side has nothing left to say; `learned`
+    is called after each message taken in."""
     outgoing = first
     while True:
         if outgoing is not None:
@@ -207,6 +216,7 @@ async def _reconcile(
             outgoing = reconciler.receive(decode_message(message))
         except DecodeError as exc:  # TooLarge too: past the bound
             raise PeerMisbehaving(f"reconciliation: {exc.message}") from None
+        learned()
         if outgoing is None:
             await framed.send({"t": "rec-end"})
             return
@@ -390,12 +400,24 @@ async def pull(stream: ByteStream, host: SyncHost, project: CID, peer_id: str) -
     if reply["t"] == "refuse":
         raise Refused(f"peer {peer_id} refused to sync {project}: {reply.get('reason')!r}")
     reconciler = Reconciler(index, initiator=True)
-    await _reconcile(framed, reconciler, result, reconciler.start())
-    # The reconciler has checked every id it took in; those wanted travel in binary.
-    need = sorted(reconciler.need)
-    have = sorted(CID(raw) for raw in reconciler.have)
     with unwrap_single_error():
-        await _Puller(framed, host, result).run(need, have)
+        async with trio.open_nursery() as nursery:
+            preparing = False
+
+            def learned() -> None:
+                # Once a full want is needed, the node gets its verification workers going
+                # while the reconciliation goes on (starting them takes a few tenths of a
+                # second, as long as verifying a few answers).
+                nonlocal preparing
+                if not preparing and len(reconciler.need) >= MAX_WANT:
+                    preparing = True
+                    nursery.start_soon(host.sync_prepare, len(reconciler.need))
+
+            await _reconcile(framed, reconciler, result, reconciler.start(), learned)
+            # The reconciler has checked every id it took in; those wanted travel in binary.
+            need = sorted(reconciler.need)
+            have = sorted(CID(raw) for raw in reconciler.have)
+            await _Puller(framed, host, result).run(need, have)
     result.bytes_in, result.bytes_out = framed.bytes_in, framed.bytes_out
     return result
 

@@ -98,6 +98,25 @@ class VerifierPool:
         self._last_used = time.monotonic()
         return self._executor
 
+    async def warm(self) -> None:
+        """Start the worker processes now, ahead of a large batch known to be coming."""
+        if self._workers < 2:
+            return
+        executor = self._executor_now()
+        # Each submission starts one more worker while none is idle; empty slices cost
+        # nothing to run.
+        futures = [executor.submit(decode_row_slice, [], 0) for _ in range(self._workers)]
+
+        def started() -> None:
+            for future in futures:
+                future.result()
+
+        try:
+            await trio.to_thread.run_sync(started)
+        except BrokenProcessPool:
+            self._executor = None
+            raise InternalError("a verification worker died while starting") from None
+
     async def _run(
         self, fn: Callable[[Sequence[Any], int], list[T]], items: Sequence[Any]
     ) -> list[T]:
