@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Collection, Sequence
 
 import pytest
 import trio
@@ -11,7 +12,9 @@ import trio.testing
 from ostrom.crypto.cid import CID
 from ostrom.errors import OstromError, Refused
 from ostrom.node import sync
-from ostrom.protocol.reconcile import ReconcileIndex
+from ostrom.node.framed import FramedStream
+from ostrom.node.ingest import RecordRow, decode_row, record_row
+from ostrom.protocol.reconcile import ReconcileIndex, Reconciler
 from ostrom.protocol.records import SignedRecord, decode_record
 from tests.dagfactory import World, identity
 
@@ -40,19 +43,23 @@ class FakeHost:
     def __init__(self, hosted: Sequence[CID], records: Sequence[SignedRecord] = ()) -> None:
         self.hosted = set(hosted)
         self.records: dict[CID, SignedRecord] = {r.cid: r for r in records}
+        self.prepared = 0
 
     async def sync_index(self, project: CID) -> ReconcileIndex | None:
         if project not in self.hosted:
             return None
         return ReconcileIndex.build(c.raw for c, r in self.records.items() if r.project == project)
 
-    async def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
-        return [self.records[c].data for c in cids if c in self.records]
+    async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+        return {c: self.records[c].data for c in cids if c in self.records}
 
-    async def sync_ingest(
-        self, items: Sequence[bytes], peer_id: str, project: CID | None = None
-    ) -> sync.IngestResult:
-        result = sync.IngestResult()
+    async def sync_prepare(self, count: int) -> None:
+        self.prepared = count
+
+    async def sync_verify(
+        self, items: Sequence[bytes], project: CID | None = None
+    ) -> sync.Verified:
+        result = sync.Verified()
         for item in items:
             try:
                 record = decode_record(item)
@@ -62,14 +69,23 @@ class FakeHost:
             if project is not None and record.project != project:
                 result.refused += 1
                 continue
-            if record.cid in self.records:
-                result.known.append(record.cid)
-                continue
-            self.records[record.cid] = record
-            result.stored.append(record.cid)
-        for cid in result.stored:
+            result.rows.append(record_row(record))
+        return result
+
+    async def sync_store(
+        self, rows: Sequence[RecordRow], expected: Collection[bytes] = ()
+    ) -> sync.IngestResult:
+        result = sync.IngestResult()
+        for row in rows:
+            record = decode_row(row)
+            if record.cid not in self.records:
+                self.records[record.cid] = record
+                result.stored.append(record.cid.raw)
+        for raw in result.stored:
             result.missing_parents.update(
-                p for p in self.records[cid].parents if p not in self.records
+                p.raw
+                for p in self.records[CID(raw)].parents
+                if p not in self.records and p.raw not in expected
             )
         return result
 
@@ -148,8 +164,8 @@ async def test_forged_pushes_are_strikes_and_the_peer_is_cut_off() -> None:
     tampered = [r.data[:-1] + bytes([r.data[-1] ^ 1]) for r in records[1:]]
 
     class Forger(FakeHost):
-        async def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
-            return tampered[: len(cids)]
+        async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+            return dict(zip(cids, tampered, strict=False))
 
     a = FakeHost([g.cid], [g])
     b = Forger([g.cid], records)
@@ -164,11 +180,112 @@ async def test_a_peer_pushing_forgeries_is_cut_off_and_nothing_forged_is_kept() 
     tampered = [r.data[:-1] + bytes([r.data[-1] ^ 1]) for r in records[1:]]
 
     class Pusher(FakeHost):
-        async def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
-            return tampered[: len(cids)]
+        async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+            return dict(zip(cids, tampered, strict=False))
 
     a = Pusher([g.cid], records)
     b = FakeHost([g.cid], [g])
     with pytest.raises(sync.PeerMisbehaving, match="failed verification"):
         await _session(a, b, g.cid)
     assert set(b.records) == {g.cid}
+
+
+async def test_a_catch_up_of_many_wants_arrives_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small wants, so that a few hundred records make many answers: each is verified while
+    # later ones are read and earlier ones stored, and nothing may be lost or reordered.
+    monkeypatch.setattr(sync, "MAX_WANT", 16)
+    world = World()
+    g, records = _project(world, 300)
+    a = FakeHost([g.cid], [g])
+    b = FakeHost([g.cid], records)
+    pulled, _ = await _session(a, b, g.cid)
+    assert set(a.records) == {r.cid for r in records}
+    assert pulled.received == len(records) - 1
+    assert a.prepared >= 16  # told to get ready once a full want was needed
+
+
+async def test_a_valid_record_that_was_not_asked_for_is_refused_and_not_kept() -> None:
+    world = World()
+    g, records = _project(world, 10)
+    stranger = world.genesis(BOB)  # well signed, but nobody asked for it
+
+    class Volunteer(FakeHost):
+        async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+            found = await super().sync_records(cids)
+            return {
+                cid: stranger.data if i == 0 else data
+                for i, (cid, data) in enumerate(found.items())
+            }
+
+    a = FakeHost([g.cid], [g])
+    b = Volunteer([g.cid], records)
+    with pytest.raises(sync.PeerMisbehaving, match="not asked for"):
+        await _session(a, b, g.cid)
+    assert stranger.cid not in a.records
+
+
+async def test_one_forged_record_among_many_is_dropped_and_the_rest_kept() -> None:
+    world = World()
+    g, records = _project(world, 600)
+    forged = records[5].data[:-1] + bytes([records[5].data[-1] ^ 1])
+
+    class OneForgery(FakeHost):
+        async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+            found = await super().sync_records(cids)
+            if records[5].cid in found:
+                found[records[5].cid] = forged
+            return found
+
+    a = FakeHost([g.cid], [g])
+    b = OneForgery([g.cid], records)
+    pulled, _ = await _session(a, b, g.cid)
+    assert pulled.refused == 1
+    assert set(a.records) == {r.cid for r in records} - {records[5].cid}
+
+
+async def test_a_replica_starting_from_nothing_reconciles_a_very_large_set() -> None:
+    # 150k ids take about 84 reconciliation messages each way, more than any fixed small
+    # bound; the responder holds the ids but none of the records, and says so.
+    world = World()
+    g, _ = _project(world, 0)
+    many = [
+        CID(b"\x01\x71\x12\x20" + hashlib.sha256(i.to_bytes(4, "big")).digest())
+        for i in range(150_000)
+    ]
+
+    class Claimer(FakeHost):
+        async def sync_index(self, project: CID) -> ReconcileIndex | None:
+            return ReconcileIndex.build([*(c.raw for c in many), g.cid.raw])
+
+    a = FakeHost([g.cid], [g])
+    b = Claimer([g.cid], [g])
+    pulled, _ = await _session(a, b, g.cid)
+    assert pulled.reconcile_rounds > 64
+    assert pulled.received == 0 and set(a.records) == {g.cid}
+
+
+async def test_a_peer_ending_the_session_before_answering_is_cut_off() -> None:
+    world = World()
+    g, records = _project(world, 10)
+    left, right = trio.testing.memory_stream_pair()
+
+    async def quitter() -> None:
+        # Reconciles honestly, then says `done` instead of answering the wants.
+        framed = FramedStream(MemoryByteStream(right), max_frame=sync.MAX_FRAME)
+        await framed.receive()  # hello
+        await framed.send({"t": "welcome"})
+        index = ReconcileIndex.build(r.cid.raw for r in records)
+        await sync._reconcile(
+            framed, Reconciler(index, initiator=False), sync.SyncResult(g.cid, "a"), None
+        )
+        await framed.receive()  # the first want
+        await framed.send({"t": "done"})
+
+    with (
+        trio.fail_after(20),
+        pytest.raises(sync.PeerMisbehaving, match="before this side"),
+        sync.unwrap_single_error(),
+    ):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(quitter)
+            await sync.pull(MemoryByteStream(left), FakeHost([g.cid], [g]), g.cid, "quitter")

@@ -174,7 +174,7 @@ class Replicator:
 
     # --- gossip --------------------------------------------------------------------------------
 
-    def _records_stored(self, records: list[SignedRecord], origin: str) -> None:
+    def _records_stored(self, records: Sequence[SignedRecord], origin: str) -> None:
         if origin != "local":
             return
         for record in records:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, Protocol, TypeVar, overload
 
 import trio
 
-from ostrom.crypto.cid import CID
+from ostrom.crypto.cid import CID, CID_LENGTH
 from ostrom.crypto.keys import Identity
 from ostrom.datadir import DataDir
 from ostrom.errors import (
@@ -23,11 +23,21 @@ from ostrom.errors import (
     NotFound,
 )
 from ostrom.node.events import EventBus
+from ostrom.node.ingest import (
+    ROW_CID,
+    ROW_FORK_OF,
+    ROW_PARENTS,
+    ROW_PROJECT,
+    RecordRow,
+    Refusal,
+    decode_row,
+    record_row,
+)
 from ostrom.node.meshes import MeshRegistry
 from ostrom.node.store import Store
-from ostrom.node.sync import IngestResult
+from ostrom.node.sync import IngestResult, Verified
 from ostrom.node.transfers import ProgressListener, Transfer, Transfers
-from ostrom.node.verifier import VerifierPool
+from ostrom.node.verifier import PROCESS_THRESHOLD, VerifierPool
 from ostrom.node.views import key_view, record_view, status_view
 from ostrom.protocol.acceptance import ProjectState, evaluate
 from ostrom.protocol.changesets import (
@@ -61,6 +71,33 @@ def sync_projects(record: SignedRecord) -> tuple[CID, ...]:
     if isinstance(body, Project) and body.fork_of is not None:
         return (record.project, body.fork_of.project)
     return (record.project,)
+
+
+class _StoredRecords(Sequence[SignedRecord]):
+    """The records of newly stored rows, as the record listeners see them: those the caller
+    had as records are handed over, the others decoded from their rows when first read."""
+
+    def __init__(self, rows: Sequence[RecordRow], records: dict[bytes, SignedRecord]) -> None:
+        self._rows = rows
+        self._records = records
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @overload
+    def __getitem__(self, index: int) -> SignedRecord: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[SignedRecord]: ...
+
+    def __getitem__(self, index: int | slice) -> SignedRecord | Sequence[SignedRecord]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = self._rows[index]
+        record = self._records.get(row[ROW_CID])
+        if record is None:
+            record = self._records[row[ROW_CID]] = decode_row(row)
+        return record
 
 
 class Network(Protocol):
@@ -112,7 +149,7 @@ class NodeService:
         # Called with every batch of newly stored records and their origin (local, import,
         # sync, gossip); the replicator publishes local records this way. A listener must not
         # block.
-        self.record_listeners: list[Callable[[list[SignedRecord], str], None]] = []
+        self.record_listeners: list[Callable[[Sequence[SignedRecord], str], None]] = []
         # The mesh, once the daemon has started it; None in tests and tools without one.
         self.network: Network | None = None
         self._last_ts = 0
@@ -138,13 +175,25 @@ class NodeService:
         """Store verified records; returns those that were new, after updating the sync
         indexes, telling the record listeners, and publishing events and status changes.
         `origin` says where they came from: local, import, sync or gossip."""
-        if not records:
+        by_cid = {record.cid.raw: record for record in records}
+        new = await self._store([record_row(record) for record in records], origin, by_cid)
+        return [by_cid[raw].cid for raw in new]
+
+    async def store_rows(self, rows: Sequence[RecordRow], origin: str) -> list[bytes]:
+        """`store_new` for records verified in worker processes and sent back as rows
+        (`ostrom.node.ingest`); returns the binary CIDs of the new ones. Listeners and
+        events get the records decoded again from the rows, only if they look at them."""
+        return await self._store(rows, origin, {})
+
+    async def _store(
+        self, rows: Sequence[RecordRow], origin: str, records: dict[bytes, SignedRecord]
+    ) -> list[bytes]:
+        if not rows:
             return []
-        projects = {record.project for record in records}
         # Status changes are reported against the state before these records; it is worked
         # out only when someone listens (a cached one costs nothing).
         before: dict[CID, ProjectState | None] = {}
-        for project in projects:
+        for project in map(CID, {row[ROW_PROJECT] for row in rows}):
             before[project] = self._states.get(project)
             if before[project] is None and self.events.subscriber_count:
                 try:
@@ -152,37 +201,44 @@ class NodeService:
                 except NotFound:
                     before[project] = None
 
-        def write(store: Store) -> list[CID]:
-            return store.put_records(records)
+        def write(store: Store) -> list[bytes]:
+            return store.put_rows(rows)
 
         new = await self.db(write)
         if not new:
             return new
-        new_set = set(new)
-        for record in records:
-            if record.cid in new_set:
-                for project in sync_projects(record):
-                    index = self._indexes.get(project)
+        if len(new) == len(rows):  # the usual case: every row was new (and none repeated)
+            fresh = rows
+        else:
+            new_set = set(new)
+            fresh = list({row[ROW_CID]: row for row in rows if row[ROW_CID] in new_set}.values())
+        # A record is in its project's set, and a fork's genesis also in its parent's.
+        indexes = {project.raw: index for project, index in self._indexes.items()}
+        if indexes:
+            for row in fresh:
+                for project_raw in (row[ROW_PROJECT], row[ROW_FORK_OF]):
+                    index = indexes.get(project_raw) if project_raw is not None else None
                     if index is not None:
-                        index.add(record.cid.raw)
+                        index.add(row[ROW_CID])
+        stored = _StoredRecords(fresh, records)
         for listener in self.record_listeners:
-            listener([r for r in records if r.cid in new_set], origin)
+            listener(stored, origin)
         # A record can complete the ancestry of any project (an upstream record a fork merged,
         # arriving by import or sync), so those drop every cached state. Local and gossiped
         # records belong to the projects they name (a fork's genesis also to its parent), so
         # only those states go: a busy topic must not re-evaluate every project per record.
         if origin in ("local", "gossip"):
-            for record in records:
-                for project in sync_projects(record):
-                    self._states.pop(project, None)
+            for row in fresh:
+                for project_raw in (row[ROW_PROJECT], row[ROW_FORK_OF]):
+                    if project_raw is not None:
+                        self._states.pop(CID(project_raw), None)
         else:
             self._states.clear()
         if self.events.subscriber_count:
-            for record in records:
-                if record.cid in new_set:
-                    self.events.publish(
-                        {"type": "record.added", "origin": origin, "record": record_view(record)}
-                    )
+            for record in stored:
+                self.events.publish(
+                    {"type": "record.added", "origin": origin, "record": record_view(record)}
+                )
         for project, old in before.items():
             if old is not None:
                 await self._publish_status_changes(project, old)
@@ -235,33 +291,45 @@ class NodeService:
             index = self._indexes.setdefault(project, ReconcileIndex.build(c.raw for c in cids))
         return index
 
-    async def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
-        found = await self.db(lambda store: store.get_record_bytes(cids))
-        return [found[cid] for cid in cids if cid in found]
+    async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+        return await self.db(lambda store: store.get_record_bytes(cids))
 
-    async def sync_ingest(
-        self, items: Sequence[bytes], peer_id: str, project: CID | None = None
-    ) -> IngestResult:
-        """Verify and store records a peer sent; with `project`, refuse other projects'."""
-        result = IngestResult()
-        decoded = await self.verifier.decode_records(items)
-        good: list[SignedRecord] = []
-        for item in decoded:
-            if not isinstance(item, SignedRecord) or (
-                project is not None and project not in sync_projects(item)
+    async def sync_prepare(self, count: int) -> None:
+        if count >= PROCESS_THRESHOLD:
+            await self.verifier.warm()
+
+    async def sync_verify(self, items: Sequence[bytes], project: CID | None = None) -> Verified:
+        """Decode and verify records a peer sent; with `project`, refuse other projects'."""
+        result = Verified()
+        wanted = None if project is None else project.raw
+        for item in await self.verifier.decode_rows(items):
+            if isinstance(item, Refusal) or (
+                wanted is not None and wanted not in (item[ROW_PROJECT], item[ROW_FORK_OF])
             ):
                 result.refused += 1
-                continue
-            good.append(item)
-        if result.refused:
-            log.info("peer %s sent %d record(s) that were refused", peer_id, result.refused)
-        new = set(await self.store_new(good, "sync"))
-        result.stored = [r.cid for r in good if r.cid in new]
-        result.known = [r.cid for r in good if r.cid not in new]
-        parents = {p for r in good if r.cid in new for p in r.parents}
+            else:
+                result.rows.append(item)
+        return result
+
+    async def sync_store(
+        self, rows: Sequence[RecordRow], expected: Collection[bytes] = ()
+    ) -> IngestResult:
+        """Store rows verified by `sync_verify`; see `SyncHost.sync_store`."""
+        result = IngestResult(stored=await self.store_rows(rows, "sync"))
+        # In a catch-up nearly every parent is a record the session fetches anyway: only the
+        # others are looked up.
+        new = set(result.stored)
+        parents = {
+            parent
+            for row in rows
+            if row[ROW_CID] in new and (edges := row[ROW_PARENTS])
+            for i in range(0, len(edges), CID_LENGTH)
+            if (parent := edges[i : i + CID_LENGTH]) not in expected
+        }
         if parents:
-            present = await self.db(lambda store: store.has_records(parents))
-            result.missing_parents = parents - present
+            cids = [CID(raw) for raw in parents]
+            present = await self.db(lambda store: store.has_records(cids))
+            result.missing_parents = parents - {cid.raw for cid in present}
         return result
 
     # --- what the blocks protocol needs (ostrom.node.blocks.BlockStore) --------------------

@@ -46,6 +46,7 @@ from ostrom.errors import (
     StoreCorrupt,
     TooLarge,
 )
+from ostrom.node.ingest import ROW_CID, RecordRow, record_row
 from ostrom.protocol.changesets import MAX_BLOCK_SIZE
 from ostrom.protocol.meshes import SignedMeshRecord, decode_mesh_record
 from ostrom.protocol.records import BODY_TYPES, Project, SignedRecord, decode_record
@@ -305,47 +306,52 @@ class Store:
         unique: dict[bytes, SignedRecord] = {}
         for record in records:
             unique.setdefault(record.cid.raw, record)
+        new = self.put_rows([record_row(record) for record in unique.values()])
+        return [unique[raw].cid for raw in new]
+
+    def put_rows(self, rows: Sequence[RecordRow]) -> list[bytes]:
+        """`put_records` for records given as their rows (`ostrom.node.ingest.record_row`);
+        returns the binary CIDs that were new, in order."""
+        unique: dict[bytes, RecordRow] = {}
+        for row in rows:
+            unique.setdefault(row[ROW_CID], row)
         if not unique:
             return []
         plain: list[tuple[object, ...]] = []
         targeted: list[tuple[object, ...]] = []
         genesis: list[tuple[object, ...]] = []
-        for record in unique.values():
-            body = record.body
-            parents = record.parents
+        for cid, kind, project, author, ts, parents, target, fork_of, name, data in unique.values():
             head = (
-                bytearray(record.cid.raw),
-                body.TYPE,
-                bytearray(record.project.raw),
-                bytearray(body.author),
-                body.ts,
-                bytearray(
-                    parents[0].raw if len(parents) == 1 else b"".join(p.raw for p in parents)
-                ),
+                bytearray(cid),
+                kind,
+                bytearray(project),
+                bytearray(author),
+                ts,
+                bytearray(parents),
             )
-            if isinstance(body, Project):
-                fork_of = None if body.fork_of is None else bytearray(body.fork_of.project.raw)
-                genesis.append((*head, fork_of, body.name, bytearray(record.data)))
-            elif (target := record.target) is not None:
-                targeted.append((*head, bytearray(target.raw), bytearray(record.data)))
+            if kind == Project.TYPE:
+                forks = None if fork_of is None else bytearray(fork_of)
+                genesis.append((*head, forks, name, bytearray(data)))
+            elif target is not None:
+                targeted.append((*head, bytearray(target), bytearray(data)))
             else:
-                plain.append((*head, bytearray(record.data)))
+                plain.append((*head, bytearray(data)))
         with self._write() as conn:
             # Rows get ids above the highest id so far (INTEGER PRIMARY KEY picks max + 1 and
             # this transaction is the only writer), so the rows above `top` are the new ones.
             top = conn.execute("SELECT coalesce(max(id), 0) FROM records").fetchone()[0]
             inserted = 0
-            for sql, rows in (
+            for sql, values in (
                 (_INSERT_PLAIN, plain),
                 (_INSERT_TARGETED, targeted),
                 (_INSERT_GENESIS, genesis),
             ):
-                if rows:
-                    inserted += conn.executemany(sql, rows).rowcount
+                if values:
+                    inserted += conn.executemany(sql, values).rowcount
             if inserted == len(unique):  # the usual case on import: every record was new
-                return [r.cid for r in unique.values()]
+                return list(unique)
             new = {raw for (raw,) in conn.execute("SELECT cid FROM records WHERE id > ?", (top,))}
-        return [r.cid for raw, r in unique.items() if raw in new]
+        return [raw for raw in unique if raw in new]
 
     def get_record(self, cid: CID) -> SignedRecord | None:
         row = self._conn.execute("SELECT data FROM records WHERE cid = ?", (cid.raw,)).fetchone()

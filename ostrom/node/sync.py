@@ -21,12 +21,17 @@ Everything a peer controls is bounded: frame size, CIDs per want, records per fr
 of reconciliation and of ancestor chasing, and the time it may stay silent. A responder
 answers only for records it has; an initiator keeps only records it asked for or that belong
 to the project. Records that fail verification are strikes against the peer.
+
+The initiator pulls as a pipeline of three stages joined by bounded channels, so that on a
+catch-up the network, the verification workers and the store all stay busy: one task reads
+answers, each answer is verified as soon as it is read (in worker processes, several answers
+queued at once), and one task stores the verified answers in the order they arrived.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -36,6 +41,7 @@ import trio
 from ostrom.crypto.cid import CID
 from ostrom.errors import DecodeError, Refused
 from ostrom.node.framed import IDLE_TIMEOUT_S, ByteStream, FramedStream
+from ostrom.node.ingest import ROW_CID, RecordRow
 from ostrom.protocol.reconcile import ReconcileIndex, Reconciler, decode_message, encode_message
 
 log = logging.getLogger(__name__)
@@ -49,12 +55,13 @@ MAX_FRAME: Final = 1024 * 1024 + 4096
 RECORDS_FRAME_BYTES: Final = 1024 * 1024
 # CIDs per `want` frame: 36 KiB of ids, answered by at most a few frames of records.
 MAX_WANT: Final = 1024
-# Reconciliation rounds: log_16 of a million records is 5; the slack covers message-size
-# splits. A peer that needs more is not converging and is cut off.
-MAX_RECONCILE_ROUNDS: Final = 64
-# Wants sent ahead of their answers: two keep the responder reading the next want while this
-# side verifies the answer to the last; each is bounded by MAX_WANT records.
-WANTS_IN_FLIGHT: Final = 2
+# Wants sent ahead of their answers: the responder always has the next want to answer while
+# this side verifies and stores earlier answers; each is bounded by MAX_WANT records.
+WANTS_IN_FLIGHT: Final = 3
+# Answers read and being verified ahead of the one being stored (each at most one frame):
+# with two, the verification workers always have the next answer queued when they finish
+# one, while the store writes the answer before it.
+VERIFY_AHEAD: Final = 2
 # Rounds of fetching missing parents after the first transfer: a fork's merge of upstream
 # work needs one or two; each round may fetch many records.
 MAX_ANCESTOR_ROUNDS: Final = 16
@@ -71,21 +78,40 @@ class SyncHost(Protocol):
     async def sync_index(self, project: CID) -> ReconcileIndex | None:
         """The project's record-id index, or None if this node does not host the project."""
 
-    async def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
-        """The bytes of those of `cids` this node has, in order."""
+    async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+        """The bytes of those of `cids` this node has (the others are absent)."""
 
-    async def sync_ingest(
-        self, items: Sequence[bytes], peer_id: str, project: CID | None = None
+    async def sync_prepare(self, count: int) -> None:
+        """The session will fetch at least `count` records: get ready to verify them (the
+        node starts its verification workers). Runs beside the reconciliation."""
+
+    async def sync_verify(self, items: Sequence[bytes], project: CID | None = None) -> Verified:
+        """Decode and verify records from a peer, storing nothing; with `project`, records of
+        other projects count as refused. Several calls may run at once."""
+
+    async def sync_store(
+        self, rows: Sequence[RecordRow], expected: Collection[bytes] = ()
     ) -> IngestResult:
-        """Verify and store records from a peer; with `project`, refuse records of others."""
+        """Store records `sync_verify` accepted. The parents of new records that are neither
+        stored nor in `expected` (binary CIDs the session fetches anyway) come back as
+        missing. Calls are made one at a time, in the order the records arrived."""
+
+
+@dataclass(slots=True)
+class Verified:
+    """What verifying one batch from a peer gave: the good records as store rows
+    (`ostrom.node.ingest.RecordRow`), and how many records were refused."""
+
+    rows: list[RecordRow] = field(default_factory=list)
+    refused: int = 0
 
 
 @dataclass(slots=True)
 class IngestResult:
-    stored: list[CID] = field(default_factory=list)
-    known: list[CID] = field(default_factory=list)
-    refused: int = 0
-    missing_parents: set[CID] = field(default_factory=set)
+    """What storing one verified batch did; CIDs in binary form."""
+
+    stored: list[bytes] = field(default_factory=list)
+    missing_parents: set[bytes] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -164,23 +190,33 @@ async def _send_records(
 
 
 async def _reconcile(
-    framed: FramedStream, reconciler: Reconciler, result: SyncResult, first: Any | None
+    framed: FramedStream,
+    reconciler: Reconciler,
+    result: SyncResult,
+    first: Any | None,
+    learned: Callable[[], None] = lambda: None,
 ) -> None:
-    """Exchange reconciliation messages until one side has nothing left to say."""
+    """Exchange reconciliation messages until one side has nothing left to say; `learned`
+    is called after each message taken in."""
     outgoing = first
     while True:
         if outgoing is not None:
             await framed.send({"t": "rec", "m": encode_message(outgoing)})
         frame = _expect(await framed.receive(), "rec", "rec-end")
         result.reconcile_rounds += 1
-        if result.reconcile_rounds > MAX_RECONCILE_ROUNDS:
-            raise PeerMisbehaving("reconciliation did not converge")
         if frame["t"] == "rec-end":
             return
         message = frame.get("m")
         if not isinstance(message, bytes):
             raise PeerMisbehaving("rec frame without a message")
-        outgoing = reconciler.receive(decode_message(message))
+        try:
+            # The reconciler bounds the messages it takes by what it has learned (PROTOCOL.md
+            # 11.4.5): a replica starting from nothing receives the peer's ids in 64 KiB
+            # messages, about 28 per 50,000 ids, so no fixed count would do.
+            outgoing = reconciler.receive(decode_message(message))
+        except DecodeError as exc:  # TooLarge too: past the bound
+            raise PeerMisbehaving(f"reconciliation: {exc.message}") from None
+        learned()
         if outgoing is None:
             await framed.send({"t": "rec-end"})
             return
@@ -205,6 +241,25 @@ def unwrap_single_error() -> Iterator[None]:
         raise
 
 
+async def _ingest(
+    host: SyncHost, items: list[bytes], result: SyncResult, project: CID | None
+) -> IngestResult:
+    """Verify and store one batch of records, counting refusals as strikes first."""
+    verified = await host.sync_verify(items, project)
+    _strike(result, verified.refused)
+    return await host.sync_store(verified.rows)
+
+
+def _strike(result: SyncResult, refused: int) -> None:
+    """Count `refused` records against the peer; past MAX_STRIKES it is cut off."""
+    if not refused:
+        return
+    result.refused += refused
+    log.info("peer %s sent %d record(s) that were refused", result.peer_id, refused)
+    if result.refused >= MAX_STRIKES:
+        raise PeerMisbehaving(f"peer sent {result.refused} records that failed verification")
+
+
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     out: list[BaseException] = []
     for exc in group.exceptions:
@@ -215,75 +270,117 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
+@dataclass(slots=True, eq=False)
+class _Answer:
+    """One `records` frame of an answer, on its way from the stream to the store."""
+
+    items: list[bytes]
+    verified: Verified | None = None
+    ready: trio.Event = field(default_factory=trio.Event)
+
+
 class _Puller:
-    """The initiator's side after reconciliation: ask, receive, chase ancestors, push."""
+    """The initiator's side after reconciliation: ask, receive, chase ancestors, push.
+
+    Three tasks share the work: `ask` sends wants, `read_answers` reads answers and starts
+    verifying each at once, `store_answers` stores them in order. At most WANTS_IN_FLIGHT
+    wants are unanswered and VERIFY_AHEAD answers wait for the store, so memory stays
+    bounded, and a slow store holds back the reading, which holds back the responder.
+    """
 
     def __init__(self, framed: FramedStream, host: SyncHost, result: SyncResult) -> None:
         self.framed = framed
         self.host = host
         self.result = result
-        self.wanted: set[CID] = set()
-        self.chasing: set[CID] = set()
-        self.outstanding = 0
-        self.answered = trio.Event()
+        # Binary CIDs: hashing bytes is cheaper than hashing CID objects, per record.
+        self.wanted: set[bytes] = set()
+        self.chasing: set[bytes] = set()
+        self.outstanding = 0  # CIDs wanted and not yet answered
+        self.unstored = 0  # answers read and not yet stored
+        self.progress = trio.Event()  # set when either count goes down
+        self.sent_done = False
         self.peer_done = trio.Event()
+        self.to_store, self.answers = trio.open_memory_channel[_Answer](VERIFY_AHEAD)
 
-    async def read_answers(self) -> None:
+    async def wait_until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            self.progress = trio.Event()
+            await self.progress.wait()
+
+    async def read_answers(self, verifying: trio.Nursery) -> None:
         while True:
             frame = _expect(await self.framed.receive(), "records", "done")
             if frame["t"] == "done":
+                if not self.sent_done:
+                    # This side would otherwise wait for answers that will never come.
+                    raise PeerMisbehaving("peer ended the session before this side did")
                 self.peer_done.set()
                 return
             items = _record_items(frame)
             missing = _cids(frame.get("missing", []), MAX_WANT)
             if len(items) + len(missing) > self.outstanding:
                 raise PeerMisbehaving("peer answered more CIDs than were asked for")
-            self.outstanding -= len(items) + len(missing)
             if items:
-                await self.take_in(items)
-            self.answered.set()
+                answer = _Answer(items)
+                self.unstored += 1
+                # Waits while VERIFY_AHEAD answers are queued: the store sets the pace.
+                await self.to_store.send(answer)
+                verifying.start_soon(self.verify, answer)
+            self.outstanding -= len(items) + len(missing)
+            self.progress.set()
 
-    async def take_in(self, items: list[bytes]) -> None:
-        unwanted = [item for item in items if CID.of_dag_cbor(item) not in self.wanted]
-        if unwanted:
-            raise PeerMisbehaving(f"peer sent {len(unwanted)} record(s) that were not asked for")
-        ingest = await self.host.sync_ingest(items, self.result.peer_id)
-        self.result.received += len(ingest.stored)
-        self.result.refused += ingest.refused
-        if self.result.refused >= MAX_STRIKES:
-            raise PeerMisbehaving(
-                f"peer sent {self.result.refused} records that failed verification"
-            )
-        self.chasing.update(ingest.missing_parents - self.wanted)
+    async def verify(self, answer: _Answer) -> None:
+        answer.verified = await self.host.sync_verify(answer.items)
+        answer.items = []
+        answer.ready.set()
 
-    async def ask(self, cids: Sequence[CID]) -> None:
-        """Send wants for `cids`, keeping up to WANTS_IN_FLIGHT unanswered, then wait for
-        every answer: the responder reads the next want while this side verifies."""
+    async def store_answers(self) -> None:
+        async for answer in self.answers:
+            await answer.ready.wait()
+            verified = answer.verified
+            assert verified is not None  # set before `ready`
+            unwanted = sum(1 for row in verified.rows if row[ROW_CID] not in self.wanted)
+            if unwanted:
+                raise PeerMisbehaving(f"peer sent {unwanted} record(s) that were not asked for")
+            _strike(self.result, verified.refused)
+            ingest = await self.host.sync_store(verified.rows, self.wanted)
+            self.result.received += len(ingest.stored)
+            self.chasing.update(ingest.missing_parents)
+            self.unstored -= 1
+            self.progress.set()
+
+    async def ask(self, cids: Sequence[bytes]) -> None:
+        """Send wants for `cids` (binary), keeping up to WANTS_IN_FLIGHT unanswered, then wait until
+        every answer is stored (so that its missing parents are known)."""
         if len(self.wanted) + len(cids) > MAX_SESSION_RECORDS:
             raise PeerMisbehaving("the session asked for more records than any project holds")
         for start in range(0, len(cids), MAX_WANT):
             chunk = cids[start : start + MAX_WANT]
-            while self.outstanding > (WANTS_IN_FLIGHT - 1) * MAX_WANT:
-                self.answered = trio.Event()
-                await self.answered.wait()
+            await self.wait_until(lambda: self.outstanding <= (WANTS_IN_FLIGHT - 1) * MAX_WANT)
             self.wanted.update(chunk)
             self.outstanding += len(chunk)
-            await self.framed.send({"t": "want", "cids": [cid.raw for cid in chunk]})
-        while self.outstanding:
-            self.answered = trio.Event()
-            await self.answered.wait()
+            await self.framed.send({"t": "want", "cids": chunk})
+        await self.wait_until(lambda: not self.outstanding and not self.unstored)
 
-    async def run(self, need: list[CID], have: list[CID]) -> None:
+    async def run(self, need: list[bytes], have: list[CID]) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.read_answers)
+            nursery.start_soon(self.read_answers, nursery)
+            nursery.start_soon(self.store_answers)
             await self.ask(need)
             rounds = 0
-            while self.chasing and rounds < MAX_ANCESTOR_ROUNDS:
+            while rounds < MAX_ANCESTOR_ROUNDS:
+                # Parents found missing early in a round may have been asked for later in it.
+                batch = sorted(self.chasing - self.wanted)
+                self.chasing = set()
+                if not batch:
+                    break
                 rounds += 1
-                batch, self.chasing = sorted(self.chasing), set()
                 await self.ask(batch)
             pushed = await self.host.sync_records(have)
-            self.result.sent = await _send_records(self.framed, pushed)
+            self.result.sent = await _send_records(
+                self.framed, [pushed[c] for c in have if c in pushed]
+            )
+            self.sent_done = True
             await self.framed.send({"t": "done"})
             with trio.move_on_after(IDLE_TIMEOUT_S):
                 await self.peer_done.wait()
@@ -303,11 +400,24 @@ async def pull(stream: ByteStream, host: SyncHost, project: CID, peer_id: str) -
     if reply["t"] == "refuse":
         raise Refused(f"peer {peer_id} refused to sync {project}: {reply.get('reason')!r}")
     reconciler = Reconciler(index, initiator=True)
-    await _reconcile(framed, reconciler, result, reconciler.start())
-    need = sorted(CID(raw) for raw in reconciler.need)
-    have = sorted(CID(raw) for raw in reconciler.have)
     with unwrap_single_error():
-        await _Puller(framed, host, result).run(need, have)
+        async with trio.open_nursery() as nursery:
+            preparing = False
+
+            def learned() -> None:
+                # Once a full want is needed, the node gets its verification workers going
+                # while the reconciliation goes on (starting them takes a few tenths of a
+                # second, as long as verifying a few answers).
+                nonlocal preparing
+                if not preparing and len(reconciler.need) >= MAX_WANT:
+                    preparing = True
+                    nursery.start_soon(host.sync_prepare, len(reconciler.need))
+
+            await _reconcile(framed, reconciler, result, reconciler.start(), learned)
+            # The reconciler has checked every id it took in; those wanted travel in binary.
+            need = sorted(reconciler.need)
+            have = sorted(CID(raw) for raw in reconciler.have)
+            await _Puller(framed, host, result).run(need, have)
     result.bytes_in, result.bytes_out = framed.bytes_in, framed.bytes_out
     return result
 
@@ -344,17 +454,12 @@ async def serve(stream: ByteStream, host: SyncHost, peer_id: str) -> SyncResult 
             if not cids:
                 raise PeerMisbehaving("an empty want")
             found = await host.sync_records(cids)
-            present = {CID.of_dag_cbor(item) for item in found}
-            missing = [cid for cid in cids if cid not in present]
-            result.sent += await _send_records(framed, found, missing)
+            items = [found[cid] for cid in cids if cid in found]
+            missing = [cid for cid in cids if cid not in found]
+            result.sent += await _send_records(framed, items, missing)
         else:
             # A push: records this node lacked in the project, as the initiator reckoned.
-            ingest = await host.sync_ingest(_record_items(frame), peer_id, project)
+            ingest = await _ingest(host, _record_items(frame), result, project)
             result.received += len(ingest.stored)
-            result.refused += ingest.refused
-            if result.refused >= MAX_STRIKES:
-                raise PeerMisbehaving(
-                    f"peer pushed {result.refused} records that failed verification"
-                )
     result.bytes_in, result.bytes_out = framed.bytes_in, framed.bytes_out
     return result

@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import trio
 
 from ostrom.errors import InternalError
-from ostrom.node.ingest import Block, Refusal, decode_section_slice, decode_slice
+from ostrom.node.ingest import (
+    Block,
+    RecordRow,
+    Refusal,
+    decode_row_slice,
+    decode_section_slice,
+    decode_slice,
+)
 from ostrom.protocol.records import SignedRecord
 
 if TYPE_CHECKING:
@@ -91,6 +98,25 @@ class VerifierPool:
         self._last_used = time.monotonic()
         return self._executor
 
+    async def warm(self) -> None:
+        """Start the worker processes now, ahead of a large batch known to be coming."""
+        if self._workers < 2:
+            return
+        executor = self._executor_now()
+        # Each submission starts one more worker while none is idle; empty slices cost
+        # nothing to run.
+        futures = [executor.submit(decode_row_slice, [], 0) for _ in range(self._workers)]
+
+        def started() -> None:
+            for future in futures:
+                future.result()
+
+        try:
+            await trio.to_thread.run_sync(started)
+        except BrokenProcessPool:
+            self._executor = None
+            raise InternalError("a verification worker died while starting") from None
+
     async def _run(
         self, fn: Callable[[Sequence[Any], int], list[T]], items: Sequence[Any]
     ) -> list[T]:
@@ -121,6 +147,11 @@ class VerifierPool:
     async def decode_records(self, items: Sequence[bytes]) -> list[SignedRecord | Refusal]:
         """Decode and verify records; each result is the record or why it was refused."""
         return await self._run(decode_slice, items)
+
+    async def decode_rows(self, items: Sequence[bytes]) -> list[RecordRow | Refusal]:
+        """`decode_records`, giving each good record as its store row (cheaper to send
+        back from a worker; see `ostrom.node.ingest`)."""
+        return await self._run(decode_row_slice, items)
 
     async def decode_sections(
         self, items: Sequence[Sequence[object]]
