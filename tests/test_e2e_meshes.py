@@ -3,6 +3,8 @@ creating, inviting, joining by invite, admitting and revoking)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.daemons import DaemonFactory, wait_for
@@ -107,3 +109,36 @@ def test_a_private_mesh_refuses_outsiders_and_a_revocation_takes_effect_at_once(
     )
     # Nothing was restarted, and both nodes still answer.
     assert steward.cli("status").returncode == 0 and member.cli("status").returncode == 0
+
+
+def test_a_private_mesh_project_is_served_to_members_only(daemons: DaemonFactory) -> None:
+    steward = daemons.make("steward")
+    member, outsider = daemons.make("member"), daemons.make("outsider")
+    member_id = member.json("id")["peer_id"]
+    steward.json("mesh", "create", "workshop", "--private")
+    steward.json("mesh", "admit", "workshop", member_id)
+    # An open mesh too, so the outsider may connect: what is tested is the project rule.
+    steward.json("mesh", "create", "town")
+    member.json("mesh", "join", steward.json("mesh", "invite", "workshop")["invite"])
+    outsider.json("mesh", "join", steward.json("mesh", "invite", "town")["invite"])
+
+    private = steward.json(
+        "project", "create", "jigs", "--license", "CERN-OHL-S-2.0", "--mesh", "workshop"
+    )
+    assert private["mesh"] is not None
+    public = steward.json("project", "create", "benches", "--license", "CC0-1.0")["cid"]
+    for node in (member, outsider):
+        node.json("follow", private["cid"])
+        node.json("follow", public)
+
+    def has(node: Any, cid: str) -> bool:
+        return cid in {p["cid"] for p in node.json("project", "list")}
+
+    wait_for(lambda: has(member, private["cid"]), "the member to get the private project")
+    wait_for(lambda: has(outsider, public), "the outsider to get the public project")
+    assert has(member, public)
+    assert not has(outsider, private["cid"])
+    refused = steward.cli(
+        "project", "create", "x", "--license", "MIT", "--mesh", "town", check=False
+    )
+    assert refused.returncode == 1 and "open" in refused.stderr

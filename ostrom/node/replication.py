@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
 
@@ -24,13 +24,15 @@ import trio
 from ostrom.crypto.cid import CID
 from ostrom.errors import BlockMismatch, DecodeError, OstromError, Refused
 from ostrom.node import blocks, sync
+from ostrom.node.ingest import RecordRow
 from ostrom.node.mesh import Mesh, MeshStream
 from ostrom.node.service import NodeService, sync_projects
 from ostrom.node.store import Store
 from ostrom.node.transfers import ProgressListener, Purpose, Transfer
 from ostrom.protocol import blockwire
 from ostrom.protocol.changesets import Changeset, FileManifest, Put
-from ostrom.protocol.records import Contribution, SignedRecord, decode_record
+from ostrom.protocol.reconcile import ReconcileIndex
+from ostrom.protocol.records import Contribution, Project, SignedRecord, decode_record
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -234,6 +236,8 @@ class Replicator:
             self._pending.discard((peer_id, project))
 
     async def _sync_once(self, peer_id: str, project: CID) -> None:
+        if not await self.service.may_serve(project, peer_id):
+            return  # a private mesh's project, and the peer is not a member: never offer it
         async with self._limiter:
             try:
                 stream = await self.mesh.open_stream(peer_id, sync.PROTOCOL)
@@ -268,7 +272,9 @@ class Replicator:
 
     async def _serve_sync(self, stream: MeshStream) -> None:
         try:
-            result = await sync.serve(stream, self.service, stream.peer_id)
+            result = await sync.serve(
+                stream, _ServedTo(self.service, stream.peer_id), stream.peer_id
+            )
         except sync.PeerMisbehaving as exc:
             await self._drop(stream.peer_id, exc.message)
             return
@@ -402,6 +408,10 @@ class Replicator:
     # --- DHT -----------------------------------------------------------------------------------
 
     async def _provide(self, project: CID) -> None:
+        # The project of a private mesh is not announced on the DHT: members find it in
+        # their mesh, and nobody else should learn it exists.
+        if await self.service.db(_private_mesh_of, project) is not None:
+            return
         while project in self._following:
             try:
                 await self.mesh.provide(project.raw)
@@ -427,6 +437,41 @@ class Replicator:
                     except OstromError as exc:
                         log.debug("provider %s at %s: %s", provider.peer_id, addr, exc.message)
             self._request_sync(provider.peer_id, project)
+
+
+def _private_mesh_of(store: Store, project: CID) -> CID | None:
+    genesis = store.get_record(project)
+    return genesis.body.mesh if genesis is not None and isinstance(genesis.body, Project) else None
+
+
+class _ServedTo:
+    """The node as one peer's sync responder sees it: a project this node may not serve that
+    peer (a private mesh's, the peer not a member) is not hosted here."""
+
+    def __init__(self, service: NodeService, peer_id: str) -> None:
+        self._service = service
+        self._peer_id = peer_id
+
+    async def sync_index(self, project: CID) -> ReconcileIndex | None:
+        if not await self._service.may_serve(project, self._peer_id):
+            return None
+        return await self._service.sync_index(project)
+
+    async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+        return await self._service.sync_records(cids)
+
+    async def sync_prepare(self, count: int) -> None:
+        await self._service.sync_prepare(count)
+
+    async def sync_verify(
+        self, items: Sequence[bytes], project: CID | None = None
+    ) -> sync.Verified:
+        return await self._service.sync_verify(items, project)
+
+    async def sync_store(
+        self, rows: Sequence[RecordRow], expected: Collection[bytes] = ()
+    ) -> sync.IngestResult:
+        return await self._service.sync_store(rows, expected)
 
 
 def wanted_blocks(store: Store, project: CID, phase: str) -> list[CID]:

@@ -16,10 +16,11 @@ from typing import Any, Protocol, TypeVar, overload
 import trio
 
 from ostrom.crypto.cid import CID, CID_LENGTH
-from ostrom.crypto.keys import Identity
+from ostrom.crypto.keys import Identity, public_key_of_peer_id
 from ostrom.datadir import DataDir
 from ostrom.errors import (
     DecodeError,
+    InvalidInput,
     NotFound,
 )
 from ostrom.node.events import EventBus
@@ -66,9 +67,10 @@ def _trusted_changeset(store: Store, cid: CID) -> Changeset:
 
 def sync_projects(record: SignedRecord) -> tuple[CID, ...]:
     """The projects whose sync and gossip carry `record`: its own, and for a fork's genesis
-    also the project it forks, so that the parent's followers learn of the fork."""
+    also the project it forks, so that the parent's followers learn of the fork (unless
+    the fork belongs to a private mesh: then it travels only to that mesh's members)."""
     body = record.body
-    if isinstance(body, Project) and body.fork_of is not None:
+    if isinstance(body, Project) and body.fork_of is not None and body.mesh is None:
         return (record.project, body.fork_of.project)
     return (record.project,)
 
@@ -139,6 +141,8 @@ class NodeService:
         self.transfers = Transfers(self.events)
         # The community meshes this node is in; the daemon loads them at start.
         self.meshes = MeshRegistry(identity, self.db, self.events, clock)
+        # The private mesh each project's genesis names (None: public), read once per project.
+        self._project_mesh: dict[CID, CID | None] = {}
         # Without a pool from the daemon, batches are decoded on a thread (tests, tools).
         self.verifier = verifier or VerifierPool(workers=1)
         self._clock = clock
@@ -285,11 +289,31 @@ class NodeService:
 
             def ids(store: Store) -> list[CID]:
                 # A project's forks travel with it, so its followers see them (`ostrom forks`).
-                return store.project_cids(project) + [f.cid for f in store.forks_of(project)]
+                forks = [f.cid for f in store.forks_of(project) if project in sync_projects(f)]
+                return store.project_cids(project) + forks
 
             cids = await self.db(ids)
             index = self._indexes.setdefault(project, ReconcileIndex.build(c.raw for c in cids))
         return index
+
+    async def may_serve(self, project: CID, peer_id: str) -> bool:
+        """Whether `project` may be served to `peer_id`: any project to anyone, except the
+        project of a private mesh, served only to the members this node knows of (none, if
+        this node is not in that mesh). A project not here yet is served to no one."""
+        if project not in self._project_mesh:
+            genesis = await self.db(lambda store: store.get_record(project))
+            if genesis is None or not isinstance(genesis.body, Project):
+                return False
+            self._project_mesh[project] = genesis.body.mesh
+        mesh = self._project_mesh[project]
+        if mesh is None:
+            return True
+        joined = self.meshes.get(mesh)
+        try:
+            key = public_key_of_peer_id(peer_id)
+        except (InvalidInput, DecodeError):
+            return False
+        return joined is not None and joined.members.admits(key)
 
     async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
         return await self.db(lambda store: store.get_record_bytes(cids))
