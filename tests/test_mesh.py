@@ -534,3 +534,54 @@ async def test_hundreds_of_connections_to_one_host() -> None:
                 await stream.write(b"still alive")
                 await stream.close()
                 assert await read_all(stream) == b"still alive"
+
+
+async def test_a_topic_kept_to_some_peers_reaches_only_them() -> None:
+    a, member, outsider = new_mesh(), new_mesh(), new_mesh()
+    allowed = {member.peer_id}
+    heard: dict[str, list[bytes]] = {"member": [], "outsider": []}
+
+    def recorder(name: str) -> GossipHandler:
+        async def handler(topic: str, data: bytes, sender: str) -> bool:
+            heard[name].append(data)
+            return True
+
+        return handler
+
+    async with running(a, member, outsider):
+        a.set_topic_access(TOPIC, lambda peer: peer in allowed)
+        await a.subscribe(TOPIC, recorder("a"))
+        await member.subscribe(TOPIC, recorder("member"))
+        await outsider.subscribe(TOPIC, recorder("outsider"))
+        with trio.fail_after(10):
+            await member.connect(a.advertised_addrs[0])
+            await outsider.connect(a.advertised_addrs[0])
+        with trio.fail_after(20):
+            for n in range(1000):
+                await a.publish(TOPIC, b"probe %d" % n)
+                with trio.move_on_after(0.3):
+                    await wait_until(lambda: bool(heard["member"]))
+                    break
+        await a.publish(TOPIC, b"members only")
+        await wait_until(lambda: b"members only" in heard["member"])
+        await trio.sleep(2)  # two heartbeats: time for announcements to reach anyone
+        assert heard["outsider"] == []
+
+        # Admitted while connected: the held subscription is taken up.
+        allowed.add(outsider.peer_id)
+        a.recheck_topic_access()
+        with trio.fail_after(20):
+            for n in range(1000):
+                await a.publish(TOPIC, b"now everyone %d" % n)
+                with trio.move_on_after(0.3):
+                    await wait_until(lambda: bool(heard["outsider"]))
+                    break
+
+
+def test_the_py_libp2p_hooks_topic_access_wraps_still_exist() -> None:
+    from libp2p.pubsub.gossipsub import GossipSub
+    from libp2p.pubsub.pubsub import Pubsub
+
+    assert callable(getattr(Pubsub, "handle_subscription", None))
+    assert callable(getattr(GossipSub, "handle_graft", None))
+    assert callable(getattr(GossipSub, "emit_prune", None))

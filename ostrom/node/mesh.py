@@ -582,6 +582,11 @@ class Mesh:
         # Peers whose gossip queue stayed full for a whole pacing wait (see `publish`).
         self._stalled: set[ID] = set()
         self._mdns_attempts: dict[str, float] = {}
+        # Topics only some peers may take part in (`set_topic_access`), and the subscriptions
+        # held back from peers not allowed, taken up if they become allowed.
+        self._topic_access: dict[str, Callable[[str], bool]] = {}
+        self._held_subscriptions: dict[str, set[ID]] = {}
+        self._filter_topic_subscriptions()
 
     def _end_inbound_handlers_on_close(self) -> None:
         """End each inbound connection's handler task when its connection closes.
@@ -1012,6 +1017,76 @@ class Mesh:
             raise TooLarge(f"a gossip message is at most {_MAX_GOSSIP_BYTES} bytes")
         await self._pace()
         await self._pubsub.publish(topic, bytes(data))
+
+    # --- topic access -------------------------------------------------------------------------
+
+    def set_topic_access(self, topic: str, allowed: Callable[[str], bool] | None) -> None:
+        """Keep `topic` to the peers for which `allowed(peer_id)` holds (None: anyone).
+
+        A peer not allowed is never treated as a subscriber of the topic: nothing published
+        or relayed on it, and no announcement of its messages, is sent to that peer, and its
+        requests to join the topic's mesh are pruned. Call `recheck_topic_access` when the
+        answer may have changed for peers already connected.
+        """
+        _check_topic(topic)
+        if allowed is None:
+            self._topic_access.pop(topic, None)
+        else:
+            self._topic_access[topic] = allowed
+        self.recheck_topic_access()
+
+    def recheck_topic_access(self) -> None:
+        """Apply every topic's access rule again to the peers subscribed or held back."""
+        pubsub, router = self._pubsub, self._gossipsub
+        for topic, allowed in list(self._topic_access.items()):
+            held = self._held_subscriptions.setdefault(topic, set())
+            for peer in list(pubsub.peer_topics.get(topic, ())):
+                if not allowed(peer.to_base58()):
+                    pubsub.peer_topics[topic].discard(peer)
+                    router.mesh.get(topic, set()).discard(peer)
+                    router.fanout.get(topic, set()).discard(peer)
+                    held.add(peer)
+            for peer in list(held):
+                if peer not in pubsub.peers:
+                    held.discard(peer)  # gone; it subscribes again if it comes back
+                elif allowed(peer.to_base58()):
+                    held.discard(peer)
+                    pubsub.peer_topics.setdefault(topic, set()).add(peer)
+                    # Its earlier GRAFTs were pruned with a back-off; without this the
+                    # heartbeat would not take it into the topic's mesh for a minute.
+                    router.back_off.get(topic, {}).pop(peer, None)
+                    if topic in router.mesh:
+                        router.mesh[topic].add(peer)
+
+    def _filter_topic_subscriptions(self) -> None:
+        """Wrap py-libp2p's handling of subscriptions and GRAFTs with `_topic_access`: it
+        has no notion of who may subscribe to a topic. (Instance attributes, so nothing
+        outside this mesh changes; tests/test_mesh.py checks both hooks still exist.)"""
+        pubsub, router = self._pubsub, self._gossipsub
+        handle_subscription = pubsub.handle_subscription
+        handle_graft = router.handle_graft
+
+        def filtered_subscription(origin_id: ID, sub_message: rpc_pb2.RPC.SubOpts) -> None:
+            topic = sub_message.topicid
+            allowed = self._topic_access.get(topic)
+            if allowed is not None:
+                held = self._held_subscriptions.setdefault(topic, set())
+                if not sub_message.subscribe:
+                    held.discard(origin_id)
+                elif not allowed(origin_id.to_base58()):
+                    held.add(origin_id)
+                    return
+            handle_subscription(origin_id, sub_message)
+
+        async def filtered_graft(graft_msg: rpc_pb2.ControlGraft, sender_peer_id: ID) -> None:
+            allowed = self._topic_access.get(graft_msg.topicID)
+            if allowed is not None and not allowed(sender_peer_id.to_base58()):
+                await router.emit_prune(graft_msg.topicID, sender_peer_id, False, False)
+                return
+            await handle_graft(graft_msg, sender_peer_id)
+
+        pubsub.handle_subscription = filtered_subscription  # type: ignore[method-assign]
+        router.handle_graft = filtered_graft  # type: ignore[method-assign]
 
     async def _pace(self) -> None:
         """Wait until every peer's outbound gossip queue has room.

@@ -117,6 +117,7 @@ class MeshReplicator:
             elif kind == "publish":
                 await self.mesh.publish(topic_of(subject.mesh), subject.data)
             elif kind == "changed":
+                self.mesh.recheck_topic_access()
                 await self._subscribe_joined()
                 peers = [p.peer_id for p in self.mesh.peers()]
                 refused = [p for p in peers if not self.registry.admits(_peer_key(p))]

@@ -103,6 +103,8 @@ class Replicator:
         self._strikes: dict[str, int] = {}
         self._shared: dict[str, set[CID]] = {}  # peer -> projects it synced with us
         self._following: set[CID] = set()
+        # Followed projects whose genesis has been read for a private mesh (`_keep_to_mesh`).
+        self._access_known: set[CID] = set()
         self._send_sync, self._sync_requests = trio.open_memory_channel[tuple[str, CID]](SYNC_QUEUE)
         self._send_publish, self._publish_queue = trio.open_memory_channel[SignedRecord](SYNC_QUEUE)
         self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_SYNCS)
@@ -149,6 +151,7 @@ class Replicator:
         if project in self._following:
             return
         self._following.add(project)
+        await self._keep_to_mesh(project)
         await self.mesh.subscribe(topic_of(project), self._gossip_received)
         if self._nursery is not None:
             self._nursery.start_soon(self._provide, project)
@@ -175,6 +178,21 @@ class Replicator:
         await self.mesh.disconnect(peer_id, reason)
 
     # --- gossip --------------------------------------------------------------------------------
+
+    async def _keep_to_mesh(self, project: CID) -> None:
+        """Gossip a private mesh's project only with that mesh's members. Known once the
+        genesis is here: a project followed by CID is checked again after each sync."""
+        if project in self._access_known:
+            return
+        genesis = await self.service.db(lambda store: store.get_record(project))
+        if genesis is None or not isinstance(genesis.body, Project):
+            return
+        self._access_known.add(project)
+        mesh = genesis.body.mesh
+        if mesh is not None:
+            self.mesh.set_topic_access(
+                topic_of(project), lambda peer: self.service.mesh_admits(mesh, peer)
+            )
 
     def _records_stored(self, records: Sequence[SignedRecord], origin: str) -> None:
         if origin != "local":
@@ -214,7 +232,11 @@ class Replicator:
                 self._request_sync(from_peer, record.project)
             elif isinstance(record.body, Contribution) and self._nursery is not None:
                 self._nursery.start_soon(self._complete_blocks, record.project, [from_peer])
-        return True
+        # Relayed only once this node knows who may have the project (its genesis says
+        # whether a private mesh keeps it): records of a project followed by CID and not
+        # here yet are kept but not passed on. Sync completes the others' replicas.
+        await self._keep_to_mesh(record.project)
+        return record.project in self._access_known
 
     async def _present(self, cids: Sequence[CID]) -> set[CID]:
         return await self.service.db(lambda store: store.has_records(cids))
@@ -258,6 +280,7 @@ class Replicator:
                 log.info("sync of %s with %s failed: %s", project, peer_id, exc.message)
                 return
         self._shared.setdefault(peer_id, set()).add(project)
+        await self._keep_to_mesh(project)
         if result.received or result.sent:
             self.service.events.publish(
                 {
@@ -408,11 +431,12 @@ class Replicator:
     # --- DHT -----------------------------------------------------------------------------------
 
     async def _provide(self, project: CID) -> None:
-        # The project of a private mesh is not announced on the DHT: members find it in
-        # their mesh, and nobody else should learn it exists.
-        if await self.service.db(_private_mesh_of, project) is not None:
-            return
         while project in self._following:
+            # The project of a private mesh is not announced on the DHT: members find it in
+            # their mesh, and nobody else should learn it exists. (Checked each time: a
+            # project followed by CID shows what it is once its genesis arrives.)
+            if await self.service.db(_private_mesh_of, project) is not None:
+                return
             try:
                 await self.mesh.provide(project.raw)
             except OstromError as exc:

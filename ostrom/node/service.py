@@ -299,15 +299,18 @@ class NodeService:
     async def may_serve(self, project: CID, peer_id: str) -> bool:
         """Whether `project` may be served to `peer_id`: any project to anyone, except the
         project of a private mesh, served only to the members this node knows of (none, if
-        this node is not in that mesh). A project not here yet is served to no one."""
+        this node is not in that mesh). Until its genesis is here a project is not known to
+        be private: this node can then only ask for it (a pull) and has nothing to give."""
         if project not in self._project_mesh:
             genesis = await self.db(lambda store: store.get_record(project))
             if genesis is None or not isinstance(genesis.body, Project):
-                return False
+                return True
             self._project_mesh[project] = genesis.body.mesh
         mesh = self._project_mesh[project]
-        if mesh is None:
-            return True
+        return mesh is None or self.mesh_admits(mesh, peer_id)
+
+    def mesh_admits(self, mesh: CID, peer_id: str) -> bool:
+        """Whether this node knows `peer_id` as a member of `mesh` (a mesh it is in)."""
         joined = self.meshes.get(mesh)
         try:
             key = public_key_of_peer_id(peer_id)
