@@ -167,6 +167,43 @@ def cmd_connect(args: argparse.Namespace, out: Output, data_dir: DataDir) -> Non
     out.result(value, lambda v: out.line(f"connected to {v['peer_id']}"))
 
 
+def _limit(n: int) -> str:
+    return "no limit" if not n else _size(n)
+
+
+def _print_limits(out: Output, limits: dict[str, Any]) -> None:
+    for name, label in (("upload_rate", "upload"), ("download_rate", "download")):
+        if name in limits:
+            v = limits[name]
+            out.line(
+                f"{label:<11} {_size(v['bytes_per_s'])}/s now, limit {_limit(v['limit'])}"
+                f"{'/s' if v['limit'] else ''} ({_size(v['bytes'])} since start)"
+            )
+    if "storage" in limits:
+        v = limits["storage"]
+        out.line(f"storage     {_size(v['used'])} used, limit {_limit(v['limit'])}")
+    if "max_peers" in limits:
+        v = limits["max_peers"]
+        out.line(f"peer limit  {v['used']} of {v['limit']}")
+
+
+def cmd_limits(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
+    changes = {
+        name: value
+        for name, value in (
+            ("upload_rate", args.upload_rate),
+            ("download_rate", args.download_rate),
+            ("storage", args.storage),
+            ("project_storage", args.project_storage),
+            ("max_peers", args.max_peers),
+        )
+        if value is not None
+    }
+    with _client(data_dir) as client:
+        value = client.set_limits(**changes) if changes else client.limits()
+    out.result(value, lambda v: _print_limits(out, v))
+
+
 def cmd_status(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
     with _client(data_dir) as client:
         value = client.status()
@@ -183,6 +220,7 @@ def cmd_status(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None
         out.line(f"records     {store['records']}")
         out.line(f"blocks      {store['blocks']} ({_size(store['block_bytes'])})")
         out.line(f"database    {_size(store['db_bytes'])}")
+        _print_limits(out, v.get("limits", {}))
         for t in v.get("transfers", []):
             out.line(
                 f"transfer    {t['purpose']} of {_short(t['project'])}: {t['fetched']}/"
@@ -696,6 +734,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("connect", cmd_connect, "dial a peer (a multiaddr ending in /p2p/<peer id>)")
     p.add_argument("addr", metavar="MULTIADDR")
     command("status", cmd_status, "show the running daemon's state")
+    p = command(
+        "limits", cmd_limits, "show the node's limits and use; change them until it restarts"
+    )
+    p.add_argument("--upload-rate", metavar="RATE", help="e.g. 256KiB/s; 0: no limit")
+    p.add_argument("--download-rate", metavar="RATE", help="e.g. 1MiB/s; 0: no limit")
+    p.add_argument("--storage", metavar="SIZE", help="e.g. 8GiB; 0: no limit")
+    p.add_argument("--project-storage", metavar="SIZE", help="e.g. 2GiB; 0: no limit")
+    p.add_argument("--max-peers", type=int, metavar="N")
 
     project = sub.add_parser("project", help="create, list and show projects")
     psub = project.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)

@@ -405,6 +405,18 @@ class Client:
             note=note,
         )
 
+    # --- limits ------------------------------------------------------------------------------
+
+    def limits(self) -> dict[str, Any]:
+        """Each limit the owner set beside what the node uses of it."""
+        return self._map("limits.get")
+
+    def set_limits(self, **changes: str | int) -> dict[str, Any]:
+        """Change limits until the daemon restarts: `upload_rate`, `download_rate` (bytes/s
+        or text like `256KiB/s`), `storage`, `project_storage` (bytes or `8GiB`), and
+        `max_peers`; 0 means no limit."""
+        return self._map("limits.set", **changes)
+
     # --- community meshes --------------------------------------------------------------------
 
     def create_mesh(

@@ -66,6 +66,12 @@ class Refused(OstromError):
     code = "refused"
 
 
+class QuotaExceeded(Refused):
+    """Storing more would pass a storage limit the node's owner set."""
+
+    code = "quota_exceeded"
+
+
 # --- bytes that fail to decode or verify -------------------------------------------------------
 
 

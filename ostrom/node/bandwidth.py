@@ -17,6 +17,7 @@ from typing import Any, Final, Literal
 import trio
 
 from ostrom.node.events import EventBus
+from ostrom.node.framed import ByteStream
 from ostrom.protocol.ratelimit import TokenBucket
 
 # Seconds between two `limit.reached` events of one direction: a throttled transfer bites on
@@ -121,3 +122,24 @@ class Bandwidth:
             }
             for direction, flow in self._flows.items()
         }
+
+
+class MeteredStream:
+    """A byte stream whose reads and writes go through the node's `Bandwidth`."""
+
+    def __init__(self, stream: ByteStream, meter: Bandwidth) -> None:
+        self._stream = stream
+        self._meter = meter
+
+    async def read(self, max_bytes: int) -> bytes:
+        data = await self._stream.read(max_bytes)
+        if data:
+            await self._meter.received(len(data))
+        return data
+
+    async def write(self, data: bytes) -> None:
+        await self._meter.sent(len(data))
+        await self._stream.write(data)
+
+    async def close(self) -> None:
+        await self._stream.close()

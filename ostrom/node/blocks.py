@@ -25,7 +25,7 @@ from typing import Final, Protocol
 import trio
 
 from ostrom.crypto.cid import CID
-from ostrom.errors import BlockMismatch, DecodeError, OstromError, PeerUnreachable
+from ostrom.errors import BlockMismatch, DecodeError, OstromError, PeerUnreachable, QuotaExceeded
 from ostrom.node.framed import ByteStream, FramedStream, PeerSilent
 from ostrom.node.sync import unwrap_single_error
 from ostrom.protocol import blockwire
@@ -68,6 +68,8 @@ class FetchResult:
     fetched: int = 0
     bytes: int = 0
     missing: int = 0
+    # Why the fetch stopped before the end, if the store refused to take more.
+    stopped: str | None = None
 
 
 async def serve(stream: ByteStream, store: BlockStore, peer_id: str) -> int:
@@ -163,6 +165,7 @@ class BlockFetch:
         self._refused: dict[str, str] = {}
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._fetch_scope = trio.CancelScope()
         self._store_send, self._store_receive = trio.open_memory_channel[tuple[str, CID, bytes]](
             STORE_QUEUE_BLOCKS
         )
@@ -186,6 +189,7 @@ class BlockFetch:
 
     async def _run(self, peers: Sequence[str]) -> None:
         async with trio.open_nursery() as nursery:
+            self._fetch_scope = nursery.cancel_scope
             nursery.start_soon(self._store_arrivals)
             async with self._store_send, trio.open_nursery() as workers:
                 self._nursery = workers
@@ -293,6 +297,12 @@ class BlockFetch:
                         break
                 try:
                     await self._put(batch)
+                except QuotaExceeded as exc:
+                    # The owner's storage limit: nothing more can be kept, so stop asking.
+                    self._give_back([cid for _, cid, _ in batch])
+                    self.result.stopped = exc.message
+                    self._fetch_scope.cancel()
+                    return
                 except BlockMismatch:
                     by_peer: dict[str, list[tuple[str, CID, bytes]]] = {}
                     for arrival in batch:

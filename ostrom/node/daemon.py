@@ -95,6 +95,7 @@ async def _serve(
     from ostrom.node.replication import MeshNetwork, Replicator
 
     service = NodeService(identity, store, data_dir, verifier=verifier)
+    service.set_limits(config.limits)
     await service.meshes.load()
     mesh = Mesh(
         identity.seed,
@@ -106,7 +107,7 @@ async def _serve(
         ),
     )
     replicator = Replicator(service, mesh)
-    mesh_replicator = MeshReplicator(service.meshes, mesh)
+    mesh_replicator = MeshReplicator(service.meshes, mesh, service.bandwidth)
 
     async def handle(method: str, params: list[Any], conn: RpcConnection) -> Any:
         return await dispatch(service, method, params, conn)

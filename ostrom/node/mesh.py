@@ -36,6 +36,7 @@ workaround in one place:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -814,6 +815,11 @@ class Mesh:
             for pid, conns in list(self._swarm.connections.items())
             if conns and pid.to_base58() in self._reported
         ]
+
+    def set_max_peers(self, max_peers: int) -> None:
+        """Change `MeshConfig.max_peers` at run time; it applies to new connections (peers
+        already connected stay)."""
+        self._config = dataclasses.replace(self._config, max_peers=max_peers)
 
     def on_peer_connected(self, callback: Callable[[str], None]) -> None:
         """Call `callback(peer_id)` when a peer's first connection opens (not when refused).

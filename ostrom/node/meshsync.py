@@ -25,6 +25,7 @@ import trio
 from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import public_key_of_peer_id
 from ostrom.errors import DecodeError, InvalidInput, InvalidRecord, OstromError
+from ostrom.node.bandwidth import Bandwidth, MeteredStream
 from ostrom.node.framed import ByteStream, FramedStream
 from ostrom.node.mesh import Mesh, MeshStream
 from ostrom.node.meshes import MeshRegistry
@@ -69,9 +70,10 @@ def _peer_key(peer_id: str) -> bytes | None:
 class MeshReplicator:
     """Runs the mesh protocol for one node: exchanges, gossip, and the connection gate."""
 
-    def __init__(self, registry: MeshRegistry, mesh: Mesh) -> None:
+    def __init__(self, registry: MeshRegistry, mesh: Mesh, bandwidth: Bandwidth) -> None:
         self.registry = registry
         self.mesh = mesh
+        self.bandwidth = bandwidth
         # The meshes each connected peer shares with this node, as their exchange found.
         self._shared: dict[str, set[CID]] = {}
         self._subscribed: set[CID] = set()
@@ -193,13 +195,13 @@ class MeshReplicator:
     async def _initiate(self, peer_id: str) -> None:
         try:
             async with await self.mesh.open_stream(peer_id, PROTOCOL) as stream:
-                await self.exchange(stream, peer_id)
+                await self.exchange(MeteredStream(stream, self.bandwidth), peer_id)
         except OstromError as exc:
             log.info("mesh exchange with %s stopped: %s", peer_id, exc.message)
 
     async def _serve_stream(self, stream: MeshStream) -> None:
         try:
-            await self.exchange(stream, stream.peer_id)
+            await self.exchange(MeteredStream(stream, self.bandwidth), stream.peer_id)
         except OstromError as exc:
             log.info("mesh exchange with %s stopped: %s", stream.peer_id, exc.message)
 

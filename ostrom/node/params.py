@@ -40,6 +40,17 @@ class Params:
             return default
         return value
 
+    def text_or_integer(self, name: str, default: Any = _MISSING) -> Any:
+        """A value given either way: a size or rate as text (`8GiB`) or as a number."""
+        value = self._get(name, default)
+        if value is default:
+            return value
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise self._wrong(name, "a number or a text such as 8GiB")
+        if isinstance(value, str) and len(value) > MAX_STRING:
+            raise self._wrong(name, "a short text")
+        return value
+
     def _wrong(self, name: str, expected: str) -> InvalidInput:
         return InvalidInput(f"{self.method}: parameter {name!r} must be {expected}")
 

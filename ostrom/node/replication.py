@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from ostrom.crypto.cid import CID
-from ostrom.errors import BlockMismatch, DecodeError, OstromError, Refused
+from ostrom.errors import BlockMismatch, DecodeError, OstromError, QuotaExceeded, Refused
 from ostrom.node import blocks, sync
+from ostrom.node.bandwidth import MeteredStream
+from ostrom.node.framed import ByteStream
 from ostrom.node.ingest import RecordRow
 from ostrom.node.mesh import Mesh, MeshStream
 from ostrom.node.service import NodeService, sync_projects
@@ -270,7 +272,7 @@ class Replicator:
                 # Leaving `async with` finishes the stream: both sides close, then it is
                 # released (a stream only closed stays allocated in py-libp2p).
                 async with stream:
-                    result = await sync.pull(stream, self.service, project, peer_id)
+                    result = await sync.pull(self._metered(stream), self.service, project, peer_id)
             except Refused:
                 return  # the peer does not host this project
             except sync.PeerMisbehaving as exc:
@@ -296,7 +298,7 @@ class Replicator:
     async def _serve_sync(self, stream: MeshStream) -> None:
         try:
             result = await sync.serve(
-                stream, _ServedTo(self.service, stream.peer_id), stream.peer_id
+                self._metered(stream), _ServedTo(self.service, stream.peer_id), stream.peer_id
             )
         except sync.PeerMisbehaving as exc:
             await self._drop(stream.peer_id, exc.message)
@@ -330,7 +332,7 @@ class Replicator:
 
     async def _serve_blocks(self, stream: MeshStream) -> None:
         try:
-            await blocks.serve(stream, self.service, stream.peer_id)
+            await blocks.serve(self._metered(stream), self.service, stream.peer_id)
         except (DecodeError, BlockMismatch) as exc:
             await self._drop(stream.peer_id, exc.message)
         except OstromError as exc:
@@ -417,16 +419,22 @@ class Replicator:
                     transfer.add,
                 )
                 transfer.missing = result.missing
+        if wanted and result.stopped is not None:
+            raise QuotaExceeded(result.stopped)
         return transfer
 
     def _sources(self, project: CID) -> list[str]:
         """The connected peers known to share `project`."""
         return [p for p, projects in self._shared.items() if project in projects]
 
+    def _metered(self, stream: MeshStream) -> MeteredStream:
+        """`stream` counted against the owner's upload and download limits."""
+        return MeteredStream(stream, self.service.bandwidth)
+
     @asynccontextmanager
-    async def _open_blocks_stream(self, peer: str) -> AsyncIterator[MeshStream]:
+    async def _open_blocks_stream(self, peer: str) -> AsyncIterator[ByteStream]:
         async with await self.mesh.open_stream(peer, blockwire.PROTOCOL) as stream:
-            yield stream
+            yield self._metered(stream)
 
     # --- DHT -----------------------------------------------------------------------------------
 
@@ -572,3 +580,6 @@ class MeshNetwork:
         self, project: CID, cids: Sequence[CID], listener: ProgressListener | None = None
     ) -> Transfer:
         return await self._replicator.fetch_blocks(project, cids, listener)
+
+    def set_max_peers(self, max_peers: int) -> None:
+        self._mesh.set_max_peers(max_peers)

@@ -22,7 +22,9 @@ from ostrom.errors import (
     DecodeError,
     InvalidInput,
     NotFound,
+    QuotaExceeded,
 )
+from ostrom.node.bandwidth import Bandwidth
 from ostrom.node.events import EventBus
 from ostrom.node.ingest import (
     ROW_CID,
@@ -34,6 +36,7 @@ from ostrom.node.ingest import (
     decode_row,
     record_row,
 )
+from ostrom.node.limits import Limits
 from ostrom.node.meshes import MeshRegistry
 from ostrom.node.store import Store
 from ostrom.node.sync import IngestResult, Verified
@@ -120,6 +123,9 @@ class Network(Protocol):
     ) -> Transfer:
         """Fetch those of `cids` this node lacks from peers that share `project`."""
 
+    def set_max_peers(self, max_peers: int) -> None:
+        """Keep at most `max_peers` connected peers from now on."""
+
 
 class NodeService:
     """Every RPC method, over one identity, one store and one event bus."""
@@ -139,6 +145,10 @@ class NodeService:
         self.data_dir = data_dir
         self.events = events or EventBus()
         self.transfers = Transfers(self.events)
+        # What the owner grants the node (`set_limits`), and the meter of our protocols'
+        # bytes that holds them to the upload and download rates.
+        self.limits = Limits()
+        self.bandwidth = Bandwidth(self.events)
         # The community meshes this node is in; the daemon loads them at start.
         self.meshes = MeshRegistry(identity, self.db, self.events, clock)
         # The private mesh each project's genesis names (None: public), read once per project.
@@ -296,6 +306,14 @@ class NodeService:
             index = self._indexes.setdefault(project, ReconcileIndex.build(c.raw for c in cids))
         return index
 
+    def set_limits(self, limits: Limits) -> None:
+        """Apply new limits at once: rates to transfers under way, peers to new connections
+        (the mesh reads `limits.max_peers` through `Network`)."""
+        self.limits = limits
+        self.bandwidth.set_rates(upload_rate=limits.upload_rate, download_rate=limits.download_rate)
+        if self.network is not None:
+            self.network.set_max_peers(limits.max_peers)
+
     async def may_serve(self, project: CID, peer_id: str) -> bool:
         """Whether `project` may be served to `peer_id`: any project to anyone, except the
         project of a private mesh, served only to the members this node knows of (none, if
@@ -376,7 +394,34 @@ class NodeService:
         return await self.db(lambda store: store.has_blocks(cids))
 
     async def blocks_put(self, blocks: Sequence[tuple[CID, bytes]]) -> int:
-        return await self.db(lambda store: store.put_blocks(blocks))
+        """Store blocks fetched from peers, within the owner's storage limit: a batch that
+        would pass it is refused whole (`QuotaExceeded`), and a `limit.reached` event says so.
+        (The owner's own contributions and imports are not held to it.)"""
+        limit = self.limits.storage
+
+        def put(store: Store) -> int:
+            if limit:
+                incoming = sum(len(data) for _, data in blocks)
+                used = store.size_bytes()
+                if used + incoming > limit:
+                    raise QuotaExceeded(
+                        f"the storage limit ({limit} bytes) is reached: {used} bytes are used "
+                        f"and {incoming} more were offered"
+                    )
+            return store.put_blocks(blocks)
+
+        try:
+            return await self.db(put)
+        except QuotaExceeded as exc:
+            self.events.publish(
+                {
+                    "type": "limit.reached",
+                    "limit": "storage",
+                    "value": limit,
+                    "message": exc.message,
+                }
+            )
+            raise
 
     async def follow(self, project: CID, mode: str) -> None:
         since = int(self._clock() * 1000)

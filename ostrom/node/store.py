@@ -727,6 +727,14 @@ class Store:
         rows = self._conn.execute("SELECT mesh FROM meshes_joined ORDER BY since, mesh")
         return [CID(bytes(raw)) for (raw,) in rows]
 
+    def size_bytes(self) -> int:
+        """Bytes the store's pages hold (free pages, which new data reuses, not counted)."""
+        conn = self._conn
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        return (int(pages) - int(free)) * int(page_size)
+
     def stats(self) -> StoreStats:
         conn = self._conn
         by_type = {

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from ostrom import __version__
-from ostrom.errors import Refused
+from ostrom.errors import InvalidInput, Refused
 from ostrom.node.methods.registry import (
     method,
 )
@@ -47,7 +47,47 @@ async def node_status(node: NodeService, params: Params, conn: RpcConnection) ->
         "addresses": [] if node.network is None else node.network.addresses(),
         "peers": 0 if node.network is None else len(node.network.peers()),
         "transfers": node.transfers.running(),
+        "limits": await _limits_view(node),
     }
+
+
+async def _limits_view(node: NodeService) -> dict[str, Any]:
+    """Each limit beside what the node uses of it (0: no limit)."""
+    used = await node.db(lambda store: store.size_bytes())
+    rates = node.bandwidth.view()
+    return {
+        "upload_rate": {"limit": node.limits.upload_rate, **rates["upload"]},
+        "download_rate": {"limit": node.limits.download_rate, **rates["download"]},
+        "storage": {"limit": node.limits.storage, "used": used},
+        "project_storage": {"limit": node.limits.project_storage},
+        "max_peers": {
+            "limit": node.limits.max_peers,
+            "used": 0 if node.network is None else len(node.network.peers()),
+        },
+    }
+
+
+@method("limits.get")
+async def limits_get(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    params.done()
+    return await _limits_view(node)
+
+
+@method("limits.set")
+async def limits_set(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    """Change limits while the node runs (until it restarts: config.toml and flags are
+    read at start). Rates may be written as text (`256KiB/s`), sizes too (`8GiB`)."""
+    changes: dict[str, Any] = {}
+    for name in ("upload_rate", "download_rate", "storage", "project_storage", "max_peers"):
+        value = params.text_or_integer(name, None)
+        if value is not None:
+            changes[name] = value
+    params.done()
+    if not changes:
+        raise InvalidInput("limits.set: name at least one limit to change")
+    node.set_limits(node.limits.updated(changes))
+    node.events.publish({"type": "limits.changed", **node.limits.to_map()})
+    return await _limits_view(node)
 
 
 # --- events ------------------------------------------------------------------------------------
