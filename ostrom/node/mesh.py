@@ -42,15 +42,20 @@ import math
 import os
 import socket
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+import libp2p.peer.peerstore as libp2p_peerstore
+import libp2p.pubsub.gossipsub as libp2p_gossipsub
+import libp2p.pubsub.pubsub as libp2p_pubsub
+import libp2p.pubsub.utils as libp2p_pubsub_utils
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
@@ -68,7 +73,6 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo as Libp2pPeerInfo
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as MESHSUB_10
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as MESHSUB_11
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12 as MESHSUB_12
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.pb import rpc_pb2
@@ -78,7 +82,7 @@ from libp2p.rcmgr import Direction
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
 
@@ -113,6 +117,11 @@ _DIAL_TIMEOUT: Final = 10.0
 _GOSSIP_D: Final = 6
 _GOSSIP_D_LOW: Final = 4
 _GOSSIP_D_HIGH: Final = 12
+# Gossipsub versions offered, preferred first. Not 1.2: its IDONTWANT sends a control message
+# to every mesh peer for every message received, which costs more CPU in py-libp2p (a frame,
+# an encryption and a send each) than the duplicates it saves for our small records. 1.1 and
+# 1.0 are what every implementation (go, js, rust) still speaks.
+_GOSSIP_PROTOCOLS: Final = (MESHSUB_11, MESHSUB_10)
 # One heartbeat a second, the specification's default (py-libp2p's is 120 s).
 _GOSSIP_HEARTBEAT_S: Final = 1
 # How long an identify exchange may take before a new peer is left out of the DHT routing table
@@ -157,6 +166,17 @@ _PUBLISH_POLL_S: Final = 0.002
 _MAX_GOSSIP_BYTES: Final = 1024 * 1024 - 16 * 1024
 # Bounds on a gossip topic name: non-empty, and short enough to be a sane protobuf field.
 _MAX_TOPIC_LENGTH: Final = 1024
+# How long our own signed peer record is reused before py-libp2p is asked again (it compares
+# the record with the host's current addresses, which costs about 2 ms each time). Addresses
+# change rarely (a new observed address); a minute is soon enough for peers to learn of it.
+_SENDER_RECORD_REISSUE_S: Final = 60.0
+# How long a peer's signed peer record, once verified, is taken as verified when the same
+# bytes arrive again. py-libp2p stores it with a 2-hour TTL; verifying it again every 10
+# minutes keeps that entry fresh.
+_SENDER_RECORD_RECHECK_S: Final = 600.0
+# Verified peer records remembered per host; past this the memory is dropped and rebuilt
+# (a node has at most 1,000 peers, see MeshConfig.max_peers).
+_SENDER_RECORD_CACHE: Final = 1024
 
 # --- public types --------------------------------------------------------------------------------
 
@@ -494,6 +514,120 @@ def _advertised(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiad
     return list(out.values())
 
 
+# --- patches to py-libp2p ------------------------------------------------------------------------
+#
+# py-libp2p 0.8.1 attaches the sender's signed peer record (an envelope with its addresses,
+# about 150 bytes) to every pubsub RPC, and on each RPC the sender builds it again and every
+# receiver verifies it again (an ed25519 verification, twice per RPC: once in Pubsub and once
+# in GossipSub.handle_rpc) before replacing the peer's addresses in the peerstore. For small
+# records that was most of a relay's CPU. Both ends are cached here, per host: the record we
+# send is reused for `_SENDER_RECORD_REISSUE_S`, and a peer's record is verified once and
+# accepted without a new verification while the same bytes keep coming, for
+# `_SENDER_RECORD_RECHECK_S`. What goes on the wire and what is accepted are unchanged.
+#
+# pubsub.py and gossipsub.py import the two functions by name, so the names are replaced in
+# those modules; `_patch_py_libp2p` refuses to run against a py-libp2p that no longer has
+# them, and tests/test_mesh.py checks that the caches are what the RPCs go through.
+
+# py-libp2p's own functions, which the caches call (module attributes so tests can count).
+_issue_sender_record = libp2p_peerstore.env_to_send_in_RPC
+_verify_sender_record = libp2p_pubsub_utils.maybe_consume_signed_record
+# host -> (reuse until, envelope bytes)
+_issued_records: weakref.WeakKeyDictionary[IHost, tuple[float, bytes]] = weakref.WeakKeyDictionary()
+# host -> {peer -> (trust until, envelope bytes)}
+_verified_records: weakref.WeakKeyDictionary[IHost, dict[ID, tuple[float, bytes]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _sender_record_to_send(host: IHost) -> tuple[bytes, bool]:
+    """`env_to_send_in_RPC`, reusing the envelope for `_SENDER_RECORD_REISSUE_S`."""
+    now = time.monotonic()
+    cached = _issued_records.get(host)
+    if cached is not None and now < cached[0]:
+        return cached[1], False
+    data, fresh = _issue_sender_record(host)
+    _issued_records[host] = (now + _SENDER_RECORD_REISSUE_S, data)
+    return data, fresh
+
+
+def _consume_sender_record(msg: rpc_pb2.RPC, host: IHost, peer_id: ID) -> bool:
+    """`maybe_consume_signed_record`, skipping bytes already verified for this peer."""
+    if not msg.HasField("senderRecord"):
+        return True
+    record = msg.senderRecord
+    now = time.monotonic()
+    known = _verified_records.setdefault(host, {})
+    cached = known.get(peer_id)
+    if cached is not None and now < cached[0] and cached[1] == record:
+        return True
+    if not _verify_sender_record(msg, host, peer_id):
+        known.pop(peer_id, None)
+        return False
+    if len(known) >= _SENDER_RECORD_CACHE:
+        known.clear()
+    known[peer_id] = (now + _SENDER_RECORD_RECHECK_S, record)
+    return True
+
+
+# py-libp2p's Yamux gives receive-window credit back after every read that consumed anything
+# (its "partial slack" branch), so each gossip RPC received cost a WINDOW_UPDATE frame, with its
+# own Noise encryption and socket send: about as many frames as the RPCs themselves.
+# go-yamux and js-yamux send an update only once half of the window has been consumed, which
+# is what `_window_update_at_half` does with the same bookkeeping (GrowTo and auto-tuning
+# kept). A sender never waits on it: while less than half is consumed, more than half of the
+# window is still credited to it, and a reader that consumes more sends the update.
+
+
+async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> None:
+    """`YamuxStream._auto_tune_and_send_window_update`, go-yamux's rule: credit at half."""
+    async with self.window_lock:
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        consumed = self.target_recv_window - (self.recv_window + buffered)
+        if consumed <= 0 or consumed < self._grow_threshold():
+            return
+        increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+        self._pending_recv_release = 0
+    if increment > 0:
+        await self.send_window_update(increment, skip_lock=True)
+
+
+# Names `_window_update_at_half` relies on; a py-libp2p without them is refused.
+_YAMUX_STREAM_NEEDS: Final = (
+    "_auto_tune_and_send_window_update",
+    "_grow_threshold",
+    "_grow_to_delta",
+    "_apply_autotune_epoch",
+    "send_window_update",
+)
+
+
+def _patch_py_libp2p() -> None:
+    """Install the caches above where pubsub.py and gossipsub.py look the functions up,
+    and go-yamux's window-update rule in YamuxStream."""
+    missing = [name for name in _YAMUX_STREAM_NEEDS if not hasattr(YamuxStream, name)]
+    if missing:
+        raise InternalError(
+            f"py-libp2p's YamuxStream lacks {missing}; check ostrom/node/mesh.py against it"
+        )
+    setattr(YamuxStream, "_auto_tune_and_send_window_update", _window_update_at_half)  # noqa: B010
+    for module in (libp2p_pubsub, libp2p_gossipsub):
+        for name, original, patched in (
+            ("env_to_send_in_RPC", _issue_sender_record, _sender_record_to_send),
+            ("maybe_consume_signed_record", _verify_sender_record, _consume_sender_record),
+        ):
+            current = getattr(module, name, None)
+            if current is not original and current is not patched:
+                raise InternalError(
+                    f"{module.__name__}.{name} is not the function this module patches; "
+                    "check ostrom/node/mesh.py against the installed py-libp2p"
+                )
+            setattr(module, name, patched)
+
+
+_patch_py_libp2p()
+
+
 # --- the mesh ------------------------------------------------------------------------------------
 
 
@@ -551,7 +685,7 @@ class Mesh:
         self._end_inbound_handlers_on_close()
 
         self._gossipsub = GossipSub(
-            protocols=[MESHSUB_12, MESHSUB_11, MESHSUB_10],
+            protocols=list(_GOSSIP_PROTOCOLS),
             degree=_GOSSIP_D,
             degree_low=_GOSSIP_D_LOW,
             degree_high=_GOSSIP_D_HIGH,
@@ -582,6 +716,8 @@ class Mesh:
         # Peers whose gossip queue stayed full for a whole pacing wait (see `publish`).
         self._stalled: set[ID] = set()
         self._mdns_attempts: dict[str, float] = {}
+        # Ids of gossip messages being validated (bounded by py-libp2p's concurrent validations).
+        self._validating: set[bytes] = set()
 
     def _end_inbound_handlers_on_close(self) -> None:
         """End each inbound connection's handler task when its connection closes.
@@ -983,11 +1119,21 @@ class Mesh:
             current = self._topics.get(topic)
             if current is None:
                 return False
+            # py-libp2p marks a message seen only once it is validated, so copies from other
+            # neighbours that arrive meanwhile would each be validated and relayed again. The
+            # first copy decides; the others are ignored (scoring is off, so this costs the
+            # neighbour nothing).
+            mid = _content_message_id(msg)
+            if mid in self._validating:
+                return False
+            self._validating.add(mid)
             try:
                 return bool(await current(topic, msg.data, forwarder.to_base58()))
             except Exception:
                 log.exception("gossip handler for %s failed; message dropped", topic)
                 return False
+            finally:
+                self._validating.discard(mid)
 
         self._pubsub.set_topic_validator(topic, validate, True)
         if topic not in self._pubsub.topic_ids:
