@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 import trio
 
@@ -43,6 +43,10 @@ from ostrom.protocol.tree import Tree, replay
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# The record types the acceptance rule judges or counts (ostrom.protocol.acceptance); it
+# ignores needs and comments except as parents, present or missing, of judged records.
+_JUDGED_TYPES: Final = frozenset({"project", "contribution", "governance", "validation"})
 
 
 def _trusted_changeset(store: Store, cid: CID) -> Changeset:
@@ -97,6 +101,9 @@ class NodeService:
         self._clock = clock
         self._lock = trio.Lock()
         self._states: dict[CID, ProjectState] = {}
+        # Per cached state, the parents its records lack: a need or comment among them is
+        # the only kind that can change the state.
+        self._missing: dict[CID, frozenset[CID]] = {}
         # Per project, the set of record ids that sync reconciles; built on first use.
         self._indexes: dict[CID, ReconcileIndex] = {}
         # Called with every batch of newly stored records and their origin (local, import,
@@ -130,7 +137,18 @@ class NodeService:
         `origin` says where they came from: local, import, sync or gossip."""
         if not records:
             return []
-        projects = {record.project for record in records}
+        # The projects whose acceptance state these records may change; needs and comments
+        # change none, unless a record names one as a parent it lacks, so a busy topic of
+        # needs does not re-evaluate its project on every record.
+        judged = [r for r in records if r.type in _JUDGED_TYPES]
+        lacked = {
+            project
+            for r in records
+            if r.type not in _JUDGED_TYPES
+            for project, missing in self._missing.items()
+            if r.cid in missing
+        }
+        projects = {record.project for record in judged} | lacked
         # Status changes are reported against the state before these records; it is worked
         # out only when someone listens (a cached one costs nothing).
         before: dict[CID, ProjectState | None] = {}
@@ -161,12 +179,12 @@ class NodeService:
         # arriving by import or sync), so those drop every cached state. Local and gossiped
         # records belong to the projects they name (a fork's genesis also to its parent), so
         # only those states go: a busy topic must not re-evaluate every project per record.
-        if origin in ("local", "gossip"):
-            for record in records:
-                for project in sync_projects(record):
-                    self._states.pop(project, None)
+        if origin in ("local", "gossip") or not judged:
+            for project in lacked | {p for r in judged for p in sync_projects(r)}:
+                self._forget_state(project)
         else:
             self._states.clear()
+            self._missing.clear()
         if self.events.subscriber_count:
             for record in records:
                 if record.cid in new_set:
@@ -312,7 +330,12 @@ class NodeService:
 
         state = await self.db(compute)
         self._states[project] = state
+        self._missing[project] = frozenset(c for st in state.statuses.values() for c in st.missing)
         return state
+
+    def _forget_state(self, project: CID) -> None:
+        self._states.pop(project, None)
+        self._missing.pop(project, None)
 
     async def resolve_project(self, text: str) -> SignedRecord:
         """A project named by full CID, unique CID prefix, or unique name."""
