@@ -533,6 +533,44 @@ async def test_window_updates_wait_for_half_the_window() -> None:
         assert 1 <= updates <= 2_000_000 // (128 * 1024) + 1
 
 
+def test_py_libp2p_patches_are_installed() -> None:
+    # mesh.py refuses, at import, a py-libp2p whose functions are not the ones it replaces;
+    # here: the replacements are what py-libp2p now calls.
+    m = mesh_module
+    assert m.Pubsub.handle_sending_messages is m._send_queued_rpcs
+    assert m.libp2p_pubsub.read_varint_prefixed_bytes_limited is m._read_rpc
+    assert m.YamuxStream._auto_tune_and_send_window_update is m._window_update_at_half
+    for module in (m.libp2p_pubsub, m.libp2p_gossipsub):
+        assert module.env_to_send_in_RPC is m._sender_record_to_send
+        assert module.maybe_consume_signed_record is m._consume_sender_record
+
+
+class _ChunkedReader:
+    """A stream that returns its bytes in the given chunks, then end of stream."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def read(self, n: int) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+async def test_pubsub_rpcs_are_cut_from_any_chunking() -> None:
+    bodies = [b"x" * 300, b"", b"y" * 5, b"z" * 20000]
+    wire = b"".join(bytes(mesh_module.encode_uvarint(len(b))) + b for b in bodies)
+    for cut in (1, 2, 7, 1000, len(wire)):
+        reader = _ChunkedReader([wire[i : i + cut] for i in range(0, len(wire), cut)])
+        assert [await mesh_module._read_rpc(reader, 1 << 20) for _ in bodies] == bodies
+        with pytest.raises(mesh_module.IncompleteReadError):
+            await mesh_module._read_rpc(reader, 1 << 20)
+    with pytest.raises(mesh_module.MessageTooLarge):
+        await mesh_module._read_rpc(_ChunkedReader([wire]), 299)
+    with pytest.raises(mesh_module.IncompleteReadError):
+        await mesh_module._read_rpc(_ChunkedReader([wire[:100]]), 1 << 20)
+    with pytest.raises(mesh_module.ParseError):
+        await mesh_module._read_rpc(_ChunkedReader([b"\xff" * 11]), 1 << 20)
+
+
 async def test_copies_arriving_during_validation_are_validated_once() -> None:
     # A triangle: C hears each message from A directly and again through B. py-libp2p marks a
     # message seen only after validating it, so without the mesh's guard C would validate (and

@@ -26,6 +26,12 @@ workaround in one place:
   the message bytes, in the message cache too (py-libp2p keys that cache by sender and seqno
   whatever id function is configured), so IHAVE/IWANT match other implementations.
   Publishing waits for room in the peers' outbound queues (full queues drop silently).
+- Gossip relaying is made cheaper (each patch is checked at import and by tests/test_mesh.py):
+  gossipsub 1.1 only (no IDONTWANT), the signed peer record attached to every RPC is built and
+  verified once instead of per RPC, Yamux returns window credit at half the window (go-yamux's
+  rule) instead of after every read, queued RPCs to a peer go out in one write, and pubsub
+  streams are read in chunks instead of a byte at a time for each length prefix. Copies of a
+  message that arrive while the first is being validated are ignored, not relayed again.
 - Subscriptions are drained at once (their channels hold 32 messages and drop the rest);
   the caller's handler runs as the topic validator, which is what decides relaying.
 - Identified peers are fed to the Kad-DHT routing table, which connections do not feed.
@@ -52,6 +58,7 @@ import libp2p.peer.peerstore as libp2p_peerstore
 import libp2p.pubsub.gossipsub as libp2p_gossipsub
 import libp2p.pubsub.pubsub as libp2p_pubsub
 import libp2p.pubsub.utils as libp2p_pubsub_utils
+import libp2p.utils.varint as libp2p_varint
 import multiaddr
 import trio
 from libp2p import new_host
@@ -62,11 +69,12 @@ from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.discovery.mdns.mdns import MDNSDiscovery
-from libp2p.exceptions import BaseLibp2pError
+from libp2p.exceptions import BaseLibp2pError, ParseError
 from libp2p.host.basic_host import BasicHost
+from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig, RetryConfig
-from libp2p.network.stream.exceptions import StreamEOF, StreamError
+from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
@@ -85,6 +93,7 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
+from libp2p.utils.varint import encode_uvarint
 
 from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity
@@ -177,6 +186,11 @@ _SENDER_RECORD_RECHECK_S: Final = 600.0
 # Verified peer records remembered per host; past this the memory is dropped and rebuilt
 # (a node has at most 1,000 peers, see MeshConfig.max_peers).
 _SENDER_RECORD_CACHE: Final = 1024
+# Queued gossip RPCs are written together up to about this many bytes: one Yamux frame
+# (64 KiB at most) and one Noise frame carry them.
+_RPC_BATCH_BYTES: Final = 60 * 1024
+# Read size on pubsub streams: what Yamux has buffered, up to one frame.
+_RPC_READ_BYTES: Final = 64 * 1024
 
 # --- public types --------------------------------------------------------------------------------
 
@@ -532,6 +546,10 @@ def _advertised(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiad
 # py-libp2p's own functions, which the caches call (module attributes so tests can count).
 _issue_sender_record = libp2p_peerstore.env_to_send_in_RPC
 _verify_sender_record = libp2p_pubsub_utils.maybe_consume_signed_record
+# The functions `_send_queued_rpcs` and `_read_rpc` replace, as shipped.
+_PUBSUB_SEND_LOOP: Final = Pubsub.handle_sending_messages
+_PUBSUB_READ_RPC: Final = libp2p_varint.read_varint_prefixed_bytes_limited
+_YAMUX_WINDOW_UPDATE: Final = YamuxStream._auto_tune_and_send_window_update
 # host -> (reuse until, envelope bytes)
 _issued_records: weakref.WeakKeyDictionary[IHost, tuple[float, bytes]] = weakref.WeakKeyDictionary()
 # host -> {peer -> (trust until, envelope bytes)}
@@ -592,6 +610,91 @@ async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> N
         await self.send_window_update(increment, skip_lock=True)
 
 
+# py-libp2p's pubsub sends each queued RPC with its own write (a Yamux frame, a Noise frame, a
+# socket send) and reads each one a byte at a time for its length prefix, every byte a
+# stream read through three trio locks. Under load the per-peer queue holds several RPCs;
+# `_send_queued_rpcs` writes what is queued (up to `_RPC_BATCH_BYTES`) with one write, the
+# same bytes on the wire, and `_read_rpc` reads pubsub streams in large chunks and cuts the
+# RPCs out of its own per-stream buffer. Only the pubsub read loop reads those streams
+# (`Pubsub.continuously_read_stream`, the one caller of the replaced name), so nothing else
+# misses the buffered bytes.
+
+
+async def _send_queued_rpcs(self: Pubsub, peer_id: ID, stream: INetStream, queue: Any) -> None:
+    """`Pubsub.handle_sending_messages`, writing every RPC queued so far in one write."""
+    try:
+        while True:
+            rpc = await queue.pop()
+            if rpc is None:
+                return  # the queue was closed: the peer is gone
+            data = bytearray()
+            while True:
+                body = rpc.SerializeToString()
+                data += encode_uvarint(len(body))
+                data += body
+                # `pop` returns at once, without a checkpoint, while the queue is not empty.
+                if not len(queue) or len(data) >= _RPC_BATCH_BYTES:
+                    break
+                rpc = await queue.pop()
+                if rpc is None:
+                    break
+            try:
+                await stream.write(bytes(data))
+            except (StreamClosed, StreamReset):
+                self._handle_dead_peer(peer_id)
+                return
+    except (StreamError, BaseLibp2pError, OSError) as exc:
+        log.debug("gossip sending to %s stopped: %r", peer_id, exc)
+        self._handle_dead_peer(peer_id)
+
+
+_rpc_read_buffers: weakref.WeakKeyDictionary[object, bytearray] = weakref.WeakKeyDictionary()
+
+
+async def _read_rpc(reader: Any, max_length: int) -> bytes:
+    """`read_varint_prefixed_bytes_limited` for pubsub streams, reading ahead into a buffer.
+
+    Raises what the original raises: `ParseError` for a bad length prefix, `MessageTooLarge`
+    over `max_length`, `IncompleteReadError` when the stream ends mid-RPC.
+    """
+    buf = _rpc_read_buffers.get(reader)
+    if buf is None:
+        buf = _rpc_read_buffers[reader] = bytearray()
+    while True:
+        length = used = 0
+        for i, byte in enumerate(buf[:10]):
+            length |= (byte & 0x7F) << (7 * i)
+            if not byte & 0x80:
+                used = i + 1
+                break
+        if used:
+            break
+        if len(buf) >= 10:
+            raise ParseError("varint length prefix exceeds 64 bits")
+        chunk = await reader.read(_RPC_READ_BYTES)
+        if not chunk:
+            raise IncompleteReadError(
+                "Stream ended while reading varint length prefix",
+                expected_bytes=1,
+                received_bytes=0,
+            )
+        buf += chunk
+    if length > max_length:
+        raise MessageTooLarge(f"Message length {length} exceeds maximum allowed {max_length}")
+    while len(buf) < used + length:
+        chunk = await reader.read(max(_RPC_READ_BYTES, used + length - len(buf)))
+        if not chunk:
+            raise IncompleteReadError(
+                f"Incomplete message: expected {length}, got {len(buf) - used}",
+                expected_bytes=length,
+                received_bytes=len(buf) - used,
+            )
+        buf += chunk
+    data = bytes(buf[used : used + length])
+    del buf[: used + length]
+    return data
+
+
 # Names `_window_update_at_half` relies on; a py-libp2p without them is refused.
 _YAMUX_STREAM_NEEDS: Final = (
     "_auto_tune_and_send_window_update",
@@ -602,27 +705,37 @@ _YAMUX_STREAM_NEEDS: Final = (
 )
 
 
+def _replace(owner: Any, name: str, original: object, patched: object) -> None:
+    """Set `owner.name` to `patched`, refusing a py-libp2p where it is not `original`."""
+    current = getattr(owner, name, None)
+    if current is not original and current is not patched:
+        raise InternalError(
+            f"{owner.__name__}.{name} is not the function ostrom/node/mesh.py patches; "
+            "check it against the installed py-libp2p"
+        )
+    setattr(owner, name, patched)
+
+
 def _patch_py_libp2p() -> None:
-    """Install the caches above where pubsub.py and gossipsub.py look the functions up,
-    and go-yamux's window-update rule in YamuxStream."""
+    """Install the replacements above where py-libp2p looks them up."""
     missing = [name for name in _YAMUX_STREAM_NEEDS if not hasattr(YamuxStream, name)]
     if missing:
         raise InternalError(
             f"py-libp2p's YamuxStream lacks {missing}; check ostrom/node/mesh.py against it"
         )
-    setattr(YamuxStream, "_auto_tune_and_send_window_update", _window_update_at_half)  # noqa: B010
+    _replace(
+        YamuxStream,
+        "_auto_tune_and_send_window_update",
+        _YAMUX_WINDOW_UPDATE,
+        _window_update_at_half,
+    )
+    _replace(Pubsub, "handle_sending_messages", _PUBSUB_SEND_LOOP, _send_queued_rpcs)
+    _replace(libp2p_pubsub, "read_varint_prefixed_bytes_limited", _PUBSUB_READ_RPC, _read_rpc)
     for module in (libp2p_pubsub, libp2p_gossipsub):
-        for name, original, patched in (
-            ("env_to_send_in_RPC", _issue_sender_record, _sender_record_to_send),
-            ("maybe_consume_signed_record", _verify_sender_record, _consume_sender_record),
-        ):
-            current = getattr(module, name, None)
-            if current is not original and current is not patched:
-                raise InternalError(
-                    f"{module.__name__}.{name} is not the function this module patches; "
-                    "check ostrom/node/mesh.py against the installed py-libp2p"
-                )
-            setattr(module, name, patched)
+        _replace(module, "env_to_send_in_RPC", _issue_sender_record, _sender_record_to_send)
+        _replace(
+            module, "maybe_consume_signed_record", _verify_sender_record, _consume_sender_record
+        )
 
 
 _patch_py_libp2p()
