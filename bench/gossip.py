@@ -201,6 +201,9 @@ def run(
             if len(cpu) > 1
             else None,
             "publisher_cpu_ms_per_record": round(1000 * cpu[0] / len(sent), 2),
+            # The ceiling: the machine's CPU shared by every daemon for every record, if
+            # nothing else ran. A median above it means the mesh cannot keep up.
+            "cpu_budget_ms_per_record": round(1000 * (os.cpu_count() or 1) / (nodes * rate), 2),
             "bench_process_cpu_s": round(bench_cpu, 1),
         }
     finally:
