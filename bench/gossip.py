@@ -12,6 +12,7 @@ arrival among all nodes minus the moment just before its `need.create` call.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 import tempfile
@@ -56,6 +57,17 @@ def poll_counts(home: Path, times: list[float], stop: threading.Event, interval:
             time.sleep(interval)
     finally:
         client.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # Fields 14 and 15 of stat (utime, stime), counted after the ")" that ends the name.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -109,6 +121,8 @@ def run(
                     target=poll_counts, args=(d.home, cnt, stop, poll_s), daemon=True
                 ).start()
         time.sleep(0.5)
+        cpu_before = [cpu_seconds(d.proc.pid) for d in daemons]
+        bench_cpu_before = time.process_time()
         sent: dict[str, float] = {}
         interval = 1.0 / rate
         start = time.monotonic()
@@ -139,6 +153,8 @@ def run(
                 break
             time.sleep(0.2)
         stop.set()
+        cpu = [cpu_seconds(d.proc.pid) - b for d, b in zip(daemons, cpu_before, strict=True)]
+        bench_cpu = time.process_time() - bench_cpu_before
         if probe == "count":
             fill_from_counts()
         latencies = []
@@ -177,6 +193,18 @@ def run(
             else None,
             "latencies_ms_in_send_order": in_order,
             "daemon_rss_mb_median": sorted(rss)[len(rss) // 2] if rss else None,
+            # CPU each daemon spent from the first publish until every record arrived (or the
+            # drain ran out), per record: what one record costs a relaying node.
+            "daemon_cpu_ms_per_record_median": round(
+                1000 * sorted(cpu[1:])[len(cpu[1:]) // 2] / len(sent), 2
+            )
+            if len(cpu) > 1
+            else None,
+            "publisher_cpu_ms_per_record": round(1000 * cpu[0] / len(sent), 2),
+            # The ceiling: the machine's CPU shared by every daemon for every record, if
+            # nothing else ran. A median above it means the mesh cannot keep up.
+            "cpu_budget_ms_per_record": round(1000 * (os.cpu_count() or 1) / (nodes * rate), 2),
+            "bench_process_cpu_s": round(bench_cpu, 1),
         }
     finally:
         for d in daemons:

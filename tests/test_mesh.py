@@ -413,6 +413,202 @@ async def test_a_burst_of_gossip_is_not_dropped() -> None:
         await wait_until(lambda: received.issuperset(burst), 30)
 
 
+async def _gossip_meshed(publisher: Mesh, subscriber: Mesh, got: set[bytes]) -> None:
+    """Publish probes until one reaches `subscriber`'s handler (the gossip mesh has formed)."""
+    with trio.fail_after(20):
+        for n in range(1000):
+            await publisher.publish(TOPIC, b"probe %d" % n)
+            with trio.move_on_after(0.3):
+                await wait_until(lambda: any(d.startswith(b"probe") for d in got))
+                return
+
+
+async def test_gossip_speaks_meshsub_1_1() -> None:
+    # Not 1.2: its IDONTWANT messages cost a relay more than the duplicates they save.
+    a, b = new_mesh(), new_mesh()
+    got: set[bytes] = set()
+
+    async def handler(topic: str, data: bytes, sender: str) -> bool:
+        got.add(data)
+        return True
+
+    async with running(a, b):
+        await a.subscribe(TOPIC, handler)
+        await b.subscribe(TOPIC, handler)
+        with trio.fail_after(10):
+            await a.connect(b.advertised_addrs[0])
+        await _gossip_meshed(a, b, got)
+        protocols = {str(p) for p in a._gossipsub.peer_protocol.values()}
+        assert protocols == {"/meshsub/1.1.0"}
+
+
+async def test_signed_peer_records_are_built_and_verified_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # py-libp2p attaches the sender's signed peer record to every RPC; mesh.py caches both
+    # building it and verifying it. Counting py-libp2p's own functions shows the cache is in
+    # the path: they still run, but not once per message.
+    issued = verified = 0
+    issue, verify = mesh_module._issue_sender_record, mesh_module._verify_sender_record
+
+    def counting_issue(host: object) -> tuple[bytes, bool]:
+        nonlocal issued
+        issued += 1
+        return issue(host)  # type: ignore[arg-type]
+
+    def counting_verify(msg: object, host: object, peer: object) -> bool:
+        nonlocal verified
+        verified += 1
+        return verify(msg, host, peer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mesh_module, "_issue_sender_record", counting_issue)
+    monkeypatch.setattr(mesh_module, "_verify_sender_record", counting_verify)
+    a, b = new_mesh(), new_mesh()
+    got: set[bytes] = set()
+
+    async def handler(topic: str, data: bytes, sender: str) -> bool:
+        got.add(data)
+        return True
+
+    async with running(a, b):
+        await a.subscribe(TOPIC, handler)
+        await b.subscribe(TOPIC, handler)
+        with trio.fail_after(10):
+            await a.connect(b.advertised_addrs[0])
+        await _gossip_meshed(a, b, got)
+        # py-libp2p's functions are what the cache calls: the hello RPCs went through them.
+        assert issued >= 1 and verified >= 1
+        issued_before, verified_before = issued, verified
+        burst = [b"message %d" % n for n in range(50)]
+        for message in burst:
+            await a.publish(TOPIC, message)
+        await wait_until(lambda: got.issuperset(burst))
+        # At most a refresh on each host during the burst, not one per message.
+        assert issued - issued_before <= 2
+        assert verified - verified_before <= 2
+        # Peer records still arrive: B knows where A listens from A's signed record.
+        assert a.listen_addrs[0] in {addr for p in b.peers() for addr in p.addrs}
+
+
+async def test_window_updates_wait_for_half_the_window() -> None:
+    # py-libp2p's Yamux sent a window update after every read; mesh.py makes it go-yamux's:
+    # one update per half window (128 KiB) consumed. Data must still flow without stalls.
+    a, b = new_mesh(), new_mesh()
+    received: list[bytes] = []
+    updates = 0
+
+    async def sink(stream: MeshStream) -> None:
+        nonlocal updates
+        conn = stream._stream.muxed_conn
+        write_frame = conn._write_frame
+
+        async def counting(frame: bytes) -> None:
+            nonlocal updates
+            kind, flags = frame[1], int.from_bytes(frame[2:4], "big")
+            if kind == 1 and flags == 0:  # WINDOW_UPDATE, not opening or closing a stream
+                updates += 1
+            await write_frame(frame)
+
+        conn._write_frame = counting
+        while data := await stream.read(1 << 20):
+            received.append(data)
+        await stream.close()
+
+    b.set_stream_handler(ECHO, sink)
+    async with running(a, b):
+        with trio.fail_after(10):
+            await a.connect(b.advertised_addrs[0])
+        with trio.fail_after(30):
+            stream = await a.open_stream(b.peer_id, ECHO)
+            message = os.urandom(1000)
+            for _ in range(100):  # 100 KB: under half the window
+                await stream.write(message)
+            await wait_until(lambda: sum(map(len, received)) == 100_000)
+            assert updates == 0
+            for _ in range(1900):  # 2 MB in all: eight times the initial window
+                await stream.write(message)
+            await stream.close()
+            assert await stream.read(10) == b""
+        assert sum(map(len, received)) == 2_000_000
+        assert 1 <= updates <= 2_000_000 // (128 * 1024) + 1
+
+
+def test_py_libp2p_patches_are_installed() -> None:
+    # mesh.py refuses, at import, a py-libp2p whose functions are not the ones it replaces;
+    # here: the replacements are what py-libp2p now calls.
+    m = mesh_module
+    assert m.Pubsub.handle_sending_messages is m._send_queued_rpcs
+    assert m.libp2p_pubsub.read_varint_prefixed_bytes_limited is m._read_rpc
+    assert m.YamuxStream._auto_tune_and_send_window_update is m._window_update_at_half
+    for module in (m.libp2p_pubsub, m.libp2p_gossipsub):
+        assert module.env_to_send_in_RPC is m._sender_record_to_send
+        assert module.maybe_consume_signed_record is m._consume_sender_record
+
+
+class _ChunkedReader:
+    """A stream that returns its bytes in the given chunks, then end of stream."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def read(self, n: int) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+async def test_pubsub_rpcs_are_cut_from_any_chunking() -> None:
+    bodies = [b"x" * 300, b"", b"y" * 5, b"z" * 20000]
+    wire = b"".join(bytes(mesh_module.encode_uvarint(len(b))) + b for b in bodies)
+    for cut in (1, 2, 7, 1000, len(wire)):
+        reader = _ChunkedReader([wire[i : i + cut] for i in range(0, len(wire), cut)])
+        assert [await mesh_module._read_rpc(reader, 1 << 20) for _ in bodies] == bodies
+        with pytest.raises(mesh_module.IncompleteReadError):
+            await mesh_module._read_rpc(reader, 1 << 20)
+    with pytest.raises(mesh_module.MessageTooLarge):
+        await mesh_module._read_rpc(_ChunkedReader([wire]), 299)
+    with pytest.raises(mesh_module.IncompleteReadError):
+        await mesh_module._read_rpc(_ChunkedReader([wire[:100]]), 1 << 20)
+    with pytest.raises(mesh_module.ParseError):
+        await mesh_module._read_rpc(_ChunkedReader([b"\xff" * 11]), 1 << 20)
+
+
+async def test_copies_arriving_during_validation_are_validated_once() -> None:
+    # A triangle: C hears each message from A directly and again through B. py-libp2p marks a
+    # message seen only after validating it, so without the mesh's guard C would validate (and
+    # relay) the copy from B too while still validating the first.
+    a, b, c = new_mesh(), new_mesh(), new_mesh()
+    calls: list[bytes] = []
+    got_b: set[bytes] = set()
+
+    async def fast(topic: str, data: bytes, sender: str) -> bool:
+        got_b.add(data)
+        return True
+
+    async def slow(topic: str, data: bytes, sender: str) -> bool:
+        calls.append(data)
+        await trio.sleep(1.0)
+        return True
+
+    async def quiet(topic: str, data: bytes, sender: str) -> bool:
+        return True
+
+    async with running(a, b, c):
+        await a.subscribe(TOPIC, quiet)
+        await b.subscribe(TOPIC, fast)
+        await c.subscribe(TOPIC, slow)
+        with trio.fail_after(10):
+            await a.connect(b.advertised_addrs[0])
+            await a.connect(c.advertised_addrs[0])
+            await b.connect(c.advertised_addrs[0])
+        await _gossip_meshed(a, b, got_b)
+        await wait_until(lambda: any(d.startswith(b"probe") for d in calls))
+        await trio.sleep(2.5)  # the probes' copies have come and gone
+        calls.clear()
+        await a.publish(TOPIC, b"once")
+        await wait_until(lambda: b"once" in got_b and b"once" in calls)
+        await trio.sleep(2.5)
+        assert calls == [b"once"]
+
+
 # --- DHT -----------------------------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ RecordRow = tuple[
 ]
 # Positions in a RecordRow that readers of rows use.
 ROW_CID: Final = 0
+ROW_TYPE: Final = 1
 ROW_PROJECT: Final = 2
 ROW_PARENTS: Final = 5
 ROW_FORK_OF: Final = 7

@@ -26,6 +26,12 @@ workaround in one place:
   the message bytes, in the message cache too (py-libp2p keys that cache by sender and seqno
   whatever id function is configured), so IHAVE/IWANT match other implementations.
   Publishing waits for room in the peers' outbound queues (full queues drop silently).
+- Gossip relaying is made cheaper (each patch is checked at import and by tests/test_mesh.py):
+  gossipsub 1.1 only (no IDONTWANT), the signed peer record attached to every RPC is built and
+  verified once instead of per RPC, Yamux returns window credit at half the window (go-yamux's
+  rule) instead of after every read, queued RPCs to a peer go out in one write, and pubsub
+  streams are read in chunks instead of a byte at a time for each length prefix. Copies of a
+  message that arrive while the first is being validated are ignored, not relayed again.
 - Subscriptions are drained at once (their channels hold 32 messages and drop the rest);
   the caller's handler runs as the topic validator, which is what decides relaying.
 - Identified peers are fed to the Kad-DHT routing table, which connections do not feed.
@@ -43,33 +49,39 @@ import math
 import os
 import socket
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
+import libp2p.peer.peerstore as libp2p_peerstore
+import libp2p.pubsub.gossipsub as libp2p_gossipsub
+import libp2p.pubsub.pubsub as libp2p_pubsub
+import libp2p.pubsub.utils as libp2p_pubsub_utils
+import libp2p.utils.varint as libp2p_varint
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.discovery.mdns.mdns import MDNSDiscovery
-from libp2p.exceptions import BaseLibp2pError
+from libp2p.exceptions import BaseLibp2pError, ParseError
 from libp2p.host.basic_host import BasicHost
+from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig, RetryConfig
-from libp2p.network.stream.exceptions import StreamEOF, StreamError
+from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo as Libp2pPeerInfo
 from libp2p.pubsub.gossipsub import PROTOCOL_ID as MESHSUB_10
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as MESHSUB_11
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12 as MESHSUB_12
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.pb import rpc_pb2
@@ -79,9 +91,10 @@ from libp2p.rcmgr import Direction
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
+from libp2p.utils.varint import encode_uvarint
 
 from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity
@@ -114,6 +127,11 @@ _DIAL_TIMEOUT: Final = 10.0
 _GOSSIP_D: Final = 6
 _GOSSIP_D_LOW: Final = 4
 _GOSSIP_D_HIGH: Final = 12
+# Gossipsub versions offered, preferred first. Not 1.2: its IDONTWANT sends a control message
+# to every mesh peer for every message received, which costs more CPU in py-libp2p (a frame,
+# an encryption and a send each) than the duplicates it saves for our small records. 1.1 and
+# 1.0 are what every implementation (go, js, rust) still speaks.
+_GOSSIP_PROTOCOLS: Final = (MESHSUB_11, MESHSUB_10)
 # One heartbeat a second, the specification's default (py-libp2p's is 120 s).
 _GOSSIP_HEARTBEAT_S: Final = 1
 # How long an identify exchange may take before a new peer is left out of the DHT routing table
@@ -158,6 +176,22 @@ _PUBLISH_POLL_S: Final = 0.002
 _MAX_GOSSIP_BYTES: Final = 1024 * 1024 - 16 * 1024
 # Bounds on a gossip topic name: non-empty, and short enough to be a sane protobuf field.
 _MAX_TOPIC_LENGTH: Final = 1024
+# How long our own signed peer record is reused before py-libp2p is asked again (it compares
+# the record with the host's current addresses, which costs about 2 ms each time). Addresses
+# change rarely (a new observed address); a minute is soon enough for peers to learn of it.
+_SENDER_RECORD_REISSUE_S: Final = 60.0
+# How long a peer's signed peer record, once verified, is taken as verified when the same
+# bytes arrive again. py-libp2p stores it with a 2-hour TTL; verifying it again every 10
+# minutes keeps that entry fresh.
+_SENDER_RECORD_RECHECK_S: Final = 600.0
+# Verified peer records remembered per host; past this the memory is dropped and rebuilt
+# (a node has at most 1,000 peers, see MeshConfig.max_peers).
+_SENDER_RECORD_CACHE: Final = 1024
+# Queued gossip RPCs are written together up to about this many bytes: one Yamux frame
+# (64 KiB at most) and one Noise frame carry them.
+_RPC_BATCH_BYTES: Final = 60 * 1024
+# Read size on pubsub streams: what Yamux has buffered, up to one frame.
+_RPC_READ_BYTES: Final = 64 * 1024
 
 # --- public types --------------------------------------------------------------------------------
 
@@ -495,6 +529,219 @@ def _advertised(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiad
     return list(out.values())
 
 
+# --- patches to py-libp2p ------------------------------------------------------------------------
+#
+# py-libp2p 0.8.1 attaches the sender's signed peer record (an envelope with its addresses,
+# about 150 bytes) to every pubsub RPC, and on each RPC the sender builds it again and every
+# receiver verifies it again (an ed25519 verification, twice per RPC: once in Pubsub and once
+# in GossipSub.handle_rpc) before replacing the peer's addresses in the peerstore. For small
+# records that was most of a relay's CPU. Both ends are cached here, per host: the record we
+# send is reused for `_SENDER_RECORD_REISSUE_S`, and a peer's record is verified once and
+# accepted without a new verification while the same bytes keep coming, for
+# `_SENDER_RECORD_RECHECK_S`. What goes on the wire and what is accepted are unchanged.
+#
+# pubsub.py and gossipsub.py import the two functions by name, so the names are replaced in
+# those modules; `_patch_py_libp2p` refuses to run against a py-libp2p that no longer has
+# them, and tests/test_mesh.py checks that the caches are what the RPCs go through.
+
+# py-libp2p's own functions, which the caches call (module attributes so tests can count).
+_issue_sender_record = libp2p_peerstore.env_to_send_in_RPC
+_verify_sender_record = libp2p_pubsub_utils.maybe_consume_signed_record
+# The functions `_send_queued_rpcs` and `_read_rpc` replace, as shipped.
+_PUBSUB_SEND_LOOP: Final = Pubsub.handle_sending_messages
+_PUBSUB_READ_RPC: Final = libp2p_varint.read_varint_prefixed_bytes_limited
+_YAMUX_WINDOW_UPDATE: Final = YamuxStream._auto_tune_and_send_window_update
+# host -> (reuse until, envelope bytes)
+_issued_records: weakref.WeakKeyDictionary[IHost, tuple[float, bytes]] = weakref.WeakKeyDictionary()
+# host -> {peer -> (trust until, envelope bytes)}
+_verified_records: weakref.WeakKeyDictionary[IHost, dict[ID, tuple[float, bytes]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _sender_record_to_send(host: IHost) -> tuple[bytes, bool]:
+    """`env_to_send_in_RPC`, reusing the envelope for `_SENDER_RECORD_REISSUE_S`."""
+    now = time.monotonic()
+    cached = _issued_records.get(host)
+    if cached is not None and now < cached[0]:
+        return cached[1], False
+    data, fresh = _issue_sender_record(host)
+    _issued_records[host] = (now + _SENDER_RECORD_REISSUE_S, data)
+    return data, fresh
+
+
+def _consume_sender_record(msg: rpc_pb2.RPC, host: IHost, peer_id: ID) -> bool:
+    """`maybe_consume_signed_record`, skipping bytes already verified for this peer."""
+    if not msg.HasField("senderRecord"):
+        return True
+    record = msg.senderRecord
+    now = time.monotonic()
+    known = _verified_records.setdefault(host, {})
+    cached = known.get(peer_id)
+    if cached is not None and now < cached[0] and cached[1] == record:
+        return True
+    if not _verify_sender_record(msg, host, peer_id):
+        known.pop(peer_id, None)
+        return False
+    if len(known) >= _SENDER_RECORD_CACHE:
+        known.clear()
+    known[peer_id] = (now + _SENDER_RECORD_RECHECK_S, record)
+    return True
+
+
+# py-libp2p's Yamux gives receive-window credit back after every read that consumed anything
+# (its "partial slack" branch), so each gossip RPC received cost a WINDOW_UPDATE frame, with its
+# own Noise encryption and socket send: about as many frames as the RPCs themselves.
+# go-yamux and js-yamux send an update only once half of the window has been consumed, which
+# is what `_window_update_at_half` does with the same bookkeeping (GrowTo and auto-tuning
+# kept). A sender never waits on it: while less than half is consumed, more than half of the
+# window is still credited to it, and a reader that consumes more sends the update.
+
+
+async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> None:
+    """`YamuxStream._auto_tune_and_send_window_update`, go-yamux's rule: credit at half."""
+    async with self.window_lock:
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        consumed = self.target_recv_window - (self.recv_window + buffered)
+        if consumed <= 0 or consumed < self._grow_threshold():
+            return
+        increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+        self._pending_recv_release = 0
+    if increment > 0:
+        await self.send_window_update(increment, skip_lock=True)
+
+
+# py-libp2p's pubsub sends each queued RPC with its own write (a Yamux frame, a Noise frame, a
+# socket send) and reads each one a byte at a time for its length prefix, every byte a
+# stream read through three trio locks. Under load the per-peer queue holds several RPCs;
+# `_send_queued_rpcs` writes what is queued (up to `_RPC_BATCH_BYTES`) with one write, the
+# same bytes on the wire, and `_read_rpc` reads pubsub streams in large chunks and cuts the
+# RPCs out of its own per-stream buffer. Only the pubsub read loop reads those streams
+# (`Pubsub.continuously_read_stream`, the one caller of the replaced name), so nothing else
+# misses the buffered bytes.
+
+
+async def _send_queued_rpcs(self: Pubsub, peer_id: ID, stream: INetStream, queue: Any) -> None:
+    """`Pubsub.handle_sending_messages`, writing every RPC queued so far in one write."""
+    try:
+        while True:
+            rpc = await queue.pop()
+            if rpc is None:
+                return  # the queue was closed: the peer is gone
+            data = bytearray()
+            while True:
+                body = rpc.SerializeToString()
+                data += encode_uvarint(len(body))
+                data += body
+                # `pop` returns at once, without a checkpoint, while the queue is not empty.
+                if not len(queue) or len(data) >= _RPC_BATCH_BYTES:
+                    break
+                rpc = await queue.pop()
+                if rpc is None:
+                    break
+            try:
+                await stream.write(bytes(data))
+            except (StreamClosed, StreamReset):
+                self._handle_dead_peer(peer_id)
+                return
+    except (StreamError, BaseLibp2pError, OSError) as exc:
+        log.debug("gossip sending to %s stopped: %r", peer_id, exc)
+        self._handle_dead_peer(peer_id)
+
+
+_rpc_read_buffers: weakref.WeakKeyDictionary[object, bytearray] = weakref.WeakKeyDictionary()
+
+
+async def _read_rpc(reader: Any, max_length: int) -> bytes:
+    """`read_varint_prefixed_bytes_limited` for pubsub streams, reading ahead into a buffer.
+
+    Raises what the original raises: `ParseError` for a bad length prefix, `MessageTooLarge`
+    over `max_length`, `IncompleteReadError` when the stream ends mid-RPC.
+    """
+    buf = _rpc_read_buffers.get(reader)
+    if buf is None:
+        buf = _rpc_read_buffers[reader] = bytearray()
+    while True:
+        length = used = 0
+        for i, byte in enumerate(buf[:10]):
+            length |= (byte & 0x7F) << (7 * i)
+            if not byte & 0x80:
+                used = i + 1
+                break
+        if used:
+            break
+        if len(buf) >= 10:
+            raise ParseError("varint length prefix exceeds 64 bits")
+        chunk = await reader.read(_RPC_READ_BYTES)
+        if not chunk:
+            raise IncompleteReadError(
+                "Stream ended while reading varint length prefix",
+                expected_bytes=1,
+                received_bytes=0,
+            )
+        buf += chunk
+    if length > max_length:
+        raise MessageTooLarge(f"Message length {length} exceeds maximum allowed {max_length}")
+    while len(buf) < used + length:
+        chunk = await reader.read(max(_RPC_READ_BYTES, used + length - len(buf)))
+        if not chunk:
+            raise IncompleteReadError(
+                f"Incomplete message: expected {length}, got {len(buf) - used}",
+                expected_bytes=length,
+                received_bytes=len(buf) - used,
+            )
+        buf += chunk
+    data = bytes(buf[used : used + length])
+    del buf[: used + length]
+    return data
+
+
+# Names `_window_update_at_half` relies on; a py-libp2p without them is refused.
+_YAMUX_STREAM_NEEDS: Final = (
+    "_auto_tune_and_send_window_update",
+    "_grow_threshold",
+    "_grow_to_delta",
+    "_apply_autotune_epoch",
+    "send_window_update",
+)
+
+
+def _replace(owner: Any, name: str, original: object, patched: object) -> None:
+    """Set `owner.name` to `patched`, refusing a py-libp2p where it is not `original`."""
+    current = getattr(owner, name, None)
+    if current is not original and current is not patched:
+        raise InternalError(
+            f"{owner.__name__}.{name} is not the function ostrom/node/mesh.py patches; "
+            "check it against the installed py-libp2p"
+        )
+    setattr(owner, name, patched)
+
+
+def _patch_py_libp2p() -> None:
+    """Install the replacements above where py-libp2p looks them up."""
+    missing = [name for name in _YAMUX_STREAM_NEEDS if not hasattr(YamuxStream, name)]
+    if missing:
+        raise InternalError(
+            f"py-libp2p's YamuxStream lacks {missing}; check ostrom/node/mesh.py against it"
+        )
+    _replace(
+        YamuxStream,
+        "_auto_tune_and_send_window_update",
+        _YAMUX_WINDOW_UPDATE,
+        _window_update_at_half,
+    )
+    _replace(Pubsub, "handle_sending_messages", _PUBSUB_SEND_LOOP, _send_queued_rpcs)
+    _replace(libp2p_pubsub, "read_varint_prefixed_bytes_limited", _PUBSUB_READ_RPC, _read_rpc)
+    for module in (libp2p_pubsub, libp2p_gossipsub):
+        _replace(module, "env_to_send_in_RPC", _issue_sender_record, _sender_record_to_send)
+        _replace(
+            module, "maybe_consume_signed_record", _verify_sender_record, _consume_sender_record
+        )
+
+
+_patch_py_libp2p()
+
+
 # --- the mesh ------------------------------------------------------------------------------------
 
 
@@ -552,7 +799,7 @@ class Mesh:
         self._end_inbound_handlers_on_close()
 
         self._gossipsub = GossipSub(
-            protocols=[MESHSUB_12, MESHSUB_11, MESHSUB_10],
+            protocols=list(_GOSSIP_PROTOCOLS),
             degree=_GOSSIP_D,
             degree_low=_GOSSIP_D_LOW,
             degree_high=_GOSSIP_D_HIGH,
@@ -588,6 +835,8 @@ class Mesh:
         self._topic_access: dict[str, Callable[[str], bool]] = {}
         self._held_subscriptions: dict[str, set[ID]] = {}
         self._filter_topic_subscriptions()
+        # Ids of gossip messages being validated (bounded by py-libp2p's concurrent validations).
+        self._validating: set[bytes] = set()
 
     def _end_inbound_handlers_on_close(self) -> None:
         """End each inbound connection's handler task when its connection closes.
@@ -994,11 +1243,21 @@ class Mesh:
             current = self._topics.get(topic)
             if current is None:
                 return False
+            # py-libp2p marks a message seen only once it is validated, so copies from other
+            # neighbours that arrive meanwhile would each be validated and relayed again. The
+            # first copy decides; the others are ignored (scoring is off, so this costs the
+            # neighbour nothing).
+            mid = _content_message_id(msg)
+            if mid in self._validating:
+                return False
+            self._validating.add(mid)
             try:
                 return bool(await current(topic, msg.data, forwarder.to_base58()))
             except Exception:
                 log.exception("gossip handler for %s failed; message dropped", topic)
                 return False
+            finally:
+                self._validating.discard(mid)
 
         self._pubsub.set_topic_validator(topic, validate, True)
         if topic not in self._pubsub.topic_ids:

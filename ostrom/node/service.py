@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
-from typing import Any, Protocol, TypeVar, overload
+from typing import Any, Final, Protocol, TypeVar, overload
 
 import trio
 
@@ -31,6 +31,7 @@ from ostrom.node.ingest import (
     ROW_FORK_OF,
     ROW_PARENTS,
     ROW_PROJECT,
+    ROW_TYPE,
     RecordRow,
     Refusal,
     decode_row,
@@ -59,6 +60,10 @@ from ostrom.protocol.tree import Tree, replay
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# The record types the acceptance rule judges or counts (ostrom.protocol.acceptance); it
+# ignores needs and comments except as parents, present or missing, of judged records.
+_JUDGED_TYPES: Final = frozenset({"project", "contribution", "governance", "validation"})
 
 
 def _trusted_changeset(store: Store, cid: CID) -> Changeset:
@@ -158,6 +163,9 @@ class NodeService:
         self._clock = clock
         self._lock = trio.Lock()
         self._states: dict[CID, ProjectState] = {}
+        # Per cached state, the parents its records lack: a need or comment among them is
+        # the only kind that can change the state.
+        self._missing: dict[CID, frozenset[CID]] = {}
         # Per project, the set of record ids that sync reconciles; built on first use.
         self._indexes: dict[CID, ReconcileIndex] = {}
         # Called with every batch of newly stored records and their origin (local, import,
@@ -204,10 +212,21 @@ class NodeService:
     ) -> list[bytes]:
         if not rows:
             return []
+        # The projects whose acceptance state these records may change; needs and comments
+        # change none, unless a record names one as a parent it lacks, so a busy topic of
+        # needs does not re-evaluate its project on every record.
+        judged = [row for row in rows if row[ROW_TYPE] in _JUDGED_TYPES]
+        unjudged = {row[ROW_CID] for row in rows if row[ROW_TYPE] not in _JUDGED_TYPES}
+        lacked = {
+            project
+            for project, missing in self._missing.items()
+            if unjudged and any(cid.raw in unjudged for cid in missing)
+        }
+        projects = {CID(row[ROW_PROJECT]) for row in judged} | lacked
         # Status changes are reported against the state before these records; it is worked
         # out only when someone listens (a cached one costs nothing).
         before: dict[CID, ProjectState | None] = {}
-        for project in map(CID, {row[ROW_PROJECT] for row in rows}):
+        for project in projects:
             before[project] = self._states.get(project)
             if before[project] is None and self.events.subscriber_count:
                 try:
@@ -241,13 +260,17 @@ class NodeService:
         # arriving by import or sync), so those drop every cached state. Local and gossiped
         # records belong to the projects they name (a fork's genesis also to its parent), so
         # only those states go: a busy topic must not re-evaluate every project per record.
-        if origin in ("local", "gossip"):
-            for row in fresh:
+        if origin in ("local", "gossip") or not judged:
+            touched = set(lacked)
+            for row in judged:
                 for project_raw in (row[ROW_PROJECT], row[ROW_FORK_OF]):
                     if project_raw is not None:
-                        self._states.pop(CID(project_raw), None)
+                        touched.add(CID(project_raw))
+            for project in touched:
+                self._forget_state(project)
         else:
             self._states.clear()
+            self._missing.clear()
         if self.events.subscriber_count:
             for record in stored:
                 self.events.publish(
@@ -462,7 +485,12 @@ class NodeService:
 
         state = await self.db(compute)
         self._states[project] = state
+        self._missing[project] = frozenset(c for st in state.statuses.values() for c in st.missing)
         return state
+
+    def _forget_state(self, project: CID) -> None:
+        self._states.pop(project, None)
+        self._missing.pop(project, None)
 
     async def resolve_project(self, text: str) -> SignedRecord:
         """A project named by full CID, unique CID prefix, or unique name."""
