@@ -9,7 +9,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import pytest
@@ -65,6 +65,19 @@ async def wait_until(condition: object, timeout: float = 10) -> None:
     with trio.fail_after(timeout):
         while not condition():
             await trio.sleep(0.05)
+
+
+async def publish_until(
+    publisher: Mesh, arrived: Callable[[], bool], prefix: bytes = b"probe"
+) -> None:
+    """Publish numbered messages starting with `prefix` until `arrived()` holds: the gossip
+    mesh has formed (or taken in a peer). Fails after 20 s."""
+    with trio.fail_after(20):
+        for n in range(1000):
+            await publisher.publish(TOPIC, prefix + b" %d" % n)
+            with trio.move_on_after(0.3):
+                await wait_until(arrived)
+                return
 
 
 def peer_ids(mesh: Mesh) -> set[str]:
@@ -356,12 +369,7 @@ async def test_gossip_reaches_subscribers_and_validators_stop_relay() -> None:
             await a.connect(b.advertised_addrs[0])
             await c.connect(b.advertised_addrs[0])
         # Wait until the gossip meshes have formed: probe until one reaches C through B.
-        with trio.fail_after(20):
-            for n in range(1000):
-                await a.publish(TOPIC, b"probe %d" % n)
-                with trio.move_on_after(0.3):
-                    await wait_until(lambda: any(d.startswith(b"probe") for _, d, _ in seen["c"]))
-                    break
+        await publish_until(a, lambda: any(d.startswith(b"probe") for _, d, _ in seen["c"]))
 
         await a.publish(TOPIC, b"hello")
         await wait_until(lambda: got("b", b"hello") and got("c", b"hello"))
@@ -398,12 +406,7 @@ async def test_a_burst_of_gossip_is_not_dropped() -> None:
         await b.subscribe(TOPIC, handler)
         with trio.fail_after(10):
             await a.connect(b.advertised_addrs[0])
-        with trio.fail_after(20):
-            for n in range(1000):
-                await a.publish(TOPIC, b"probe %d" % n)
-                with trio.move_on_after(0.3):
-                    await wait_until(lambda: bool(received))
-                    break
+        await publish_until(a, lambda: bool(received))
         with pytest.raises(TooLarge):
             await a.publish(TOPIC, bytes(1 << 20))
         burst = [b"record %d" % n for n in range(300)]
@@ -411,16 +414,6 @@ async def test_a_burst_of_gossip_is_not_dropped() -> None:
             for message in burst:
                 await a.publish(TOPIC, message)
         await wait_until(lambda: received.issuperset(burst), 30)
-
-
-async def _gossip_meshed(publisher: Mesh, subscriber: Mesh, got: set[bytes]) -> None:
-    """Publish probes until one reaches `subscriber`'s handler (the gossip mesh has formed)."""
-    with trio.fail_after(20):
-        for n in range(1000):
-            await publisher.publish(TOPIC, b"probe %d" % n)
-            with trio.move_on_after(0.3):
-                await wait_until(lambda: any(d.startswith(b"probe") for d in got))
-                return
 
 
 async def test_gossip_speaks_meshsub_1_1() -> None:
@@ -437,7 +430,7 @@ async def test_gossip_speaks_meshsub_1_1() -> None:
         await b.subscribe(TOPIC, handler)
         with trio.fail_after(10):
             await a.connect(b.advertised_addrs[0])
-        await _gossip_meshed(a, b, got)
+        await publish_until(a, lambda: bool(got))
         protocols = {str(p) for p in a._gossipsub.peer_protocol.values()}
         assert protocols == {"/meshsub/1.1.0"}
 
@@ -475,7 +468,7 @@ async def test_signed_peer_records_are_built_and_verified_once(
         await b.subscribe(TOPIC, handler)
         with trio.fail_after(10):
             await a.connect(b.advertised_addrs[0])
-        await _gossip_meshed(a, b, got)
+        await publish_until(a, lambda: bool(got))
         # py-libp2p's functions are what the cache calls: the hello RPCs went through them.
         assert issued >= 1 and verified >= 1
         issued_before, verified_before = issued, verified
@@ -599,7 +592,7 @@ async def test_copies_arriving_during_validation_are_validated_once() -> None:
             await a.connect(b.advertised_addrs[0])
             await a.connect(c.advertised_addrs[0])
             await b.connect(c.advertised_addrs[0])
-        await _gossip_meshed(a, b, got_b)
+        await publish_until(a, lambda: bool(got_b))
         await wait_until(lambda: any(d.startswith(b"probe") for d in calls))
         await trio.sleep(2.5)  # the probes' copies have come and gone
         calls.clear()
@@ -752,12 +745,7 @@ async def test_a_topic_kept_to_some_peers_reaches_only_them() -> None:
         with trio.fail_after(10):
             await member.connect(a.advertised_addrs[0])
             await outsider.connect(a.advertised_addrs[0])
-        with trio.fail_after(20):
-            for n in range(1000):
-                await a.publish(TOPIC, b"probe %d" % n)
-                with trio.move_on_after(0.3):
-                    await wait_until(lambda: bool(heard["member"]))
-                    break
+        await publish_until(a, lambda: bool(heard["member"]))
         await a.publish(TOPIC, b"members only")
         await wait_until(lambda: b"members only" in heard["member"])
         await trio.sleep(2)  # two heartbeats: time for announcements to reach anyone
@@ -766,12 +754,7 @@ async def test_a_topic_kept_to_some_peers_reaches_only_them() -> None:
         # Admitted while connected: the held subscription is taken up.
         allowed.add(outsider.peer_id)
         a.recheck_topic_access()
-        with trio.fail_after(20):
-            for n in range(1000):
-                await a.publish(TOPIC, b"now everyone %d" % n)
-                with trio.move_on_after(0.3):
-                    await wait_until(lambda: bool(heard["outsider"]))
-                    break
+        await publish_until(a, lambda: bool(heard["outsider"]), b"now everyone")
 
 
 def test_the_py_libp2p_hooks_topic_access_wraps_still_exist() -> None:
