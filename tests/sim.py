@@ -457,20 +457,10 @@ class _Session:
         self.send({"t": "rec", "m": data})
 
     def send_records(self, items: Iterable[bytes], missing: Sequence[CID] = ()) -> int:
-        """As sync._send_records: frames of at most RECORDS_FRAME_BYTES, `missing` last."""
-        batch: list[bytes] = []
-        size = sent = 0
-        for item in items:
-            if batch and size + len(item) > sync.RECORDS_FRAME_BYTES:
-                self.send({"t": "records", "items": batch})
-                batch, size = [], 0
-            batch.append(item)
-            size += len(item)
-            sent += 1
-        if batch or missing:
-            frame: dict[str, Any] = {"t": "records", "items": batch}
-            if missing:
-                frame["missing"] = [cid.raw for cid in missing]
+        """sync._send_records: the same frames, from sync.record_frames."""
+        sent = 0
+        for frame in sync.record_frames(items, missing):
+            sent += len(frame["items"])
             self.send(frame)
         return sent
 

@@ -166,25 +166,34 @@ def _record_items(frame: dict[str, Any]) -> list[bytes]:
     return items
 
 
-async def _send_records(
-    framed: FramedStream, items: Iterable[bytes], missing: Sequence[CID] = ()
-) -> int:
-    """Send `items` in frames of at most RECORDS_FRAME_BYTES; the last frame lists `missing`
-    (wanted CIDs this node lacks), so the asker can count every CID as answered."""
+def record_frames(
+    items: Iterable[bytes], missing: Sequence[CID] = ()
+) -> Iterator[dict[str, Any]]:
+    """`records` frames holding `items`, each with at most RECORDS_FRAME_BYTES of records;
+    the last frame lists `missing` (wanted CIDs this node lacks), so the asker can count
+    every CID as answered."""
     batch: list[bytes] = []
     size = 0
-    sent = 0
     for item in items:
         if batch and size + len(item) > RECORDS_FRAME_BYTES:
-            await framed.send({"t": "records", "items": batch})
+            yield {"t": "records", "items": batch}
             batch, size = [], 0
         batch.append(item)
         size += len(item)
-        sent += 1
     if batch or missing:
         frame: dict[str, Any] = {"t": "records", "items": batch}
         if missing:
             frame["missing"] = [cid.raw for cid in missing]
+        yield frame
+
+
+async def _send_records(
+    framed: FramedStream, items: Iterable[bytes], missing: Sequence[CID] = ()
+) -> int:
+    """Send `record_frames(items, missing)`; returns the records sent."""
+    sent = 0
+    for frame in record_frames(items, missing):
+        sent += len(frame["items"])
         await framed.send(frame)
     return sent
 
