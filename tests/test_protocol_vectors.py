@@ -32,6 +32,7 @@ from ostrom.protocol import (
     changesets,
     chunking,
     dagcbor,
+    fields,
     frames,
     meshes,
     paths,
@@ -151,6 +152,7 @@ _CONSTANT_MODULES = (
     frames,
     blockwire,
     meshes,
+    fields,
 )
 
 

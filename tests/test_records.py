@@ -18,6 +18,7 @@ from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity
 from ostrom.errors import BadSignature, DecodeError, InvalidRecord, OstromError, TooLarge
 from ostrom.protocol import dagcbor
+from ostrom.protocol.fields import MAX_TS
 from ostrom.protocol.records import (
     GOVERNANCE_ACTIONS,
     MAX_LICENSE_LENGTH,
@@ -28,7 +29,6 @@ from ostrom.protocol.records import (
     MAX_RECORD_SIZE,
     MAX_TEXT_LENGTH,
     MAX_TITLE_LENGTH,
-    MAX_TS,
     Body,
     Comment,
     Contribution,

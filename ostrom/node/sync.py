@@ -166,9 +166,7 @@ def _record_items(frame: dict[str, Any]) -> list[bytes]:
     return items
 
 
-def record_frames(
-    items: Iterable[bytes], missing: Sequence[CID] = ()
-) -> Iterator[dict[str, Any]]:
+def record_frames(items: Iterable[bytes], missing: Sequence[CID] = ()) -> Iterator[dict[str, Any]]:
     """`records` frames holding `items`, each with at most RECORDS_FRAME_BYTES of records;
     the last frame lists `missing` (wanted CIDs this node lacks), so the asker can count
     every CID as answered."""

@@ -16,16 +16,16 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, TypeAlias
 
 from ostrom.crypto import signing
 from ostrom.crypto.cid import CID
-from ostrom.crypto.keys import PUBLIC_KEY_LENGTH, SIGNATURE_LENGTH, Identity
+from ostrom.crypto.keys import SIGNATURE_LENGTH, Identity
 from ostrom.errors import DecodeError, InvalidRecord, TooLarge
 from ostrom.protocol import dagcbor
+from ostrom.protocol.fields import check_key, check_link, check_name, check_text, check_ts, fail
 
 # What mesh signatures cover before the payload: not the record domain, so no signature over
 # a mesh record is valid as one over a project record, and no signature the other way round.
@@ -41,8 +41,6 @@ MAX_STEWARDS: Final = 64  # a community's stewards, not its membership
 MAX_BOOTSTRAP: Final = 16  # a handful of always-on nodes is what bootstrapping needs
 MAX_ADDRESS_LENGTH: Final = 256  # the longest plausible multiaddr with a /p2p/ suffix
 MAX_NOTE_LENGTH: Final = 1000  # why someone was admitted or revoked
-# The largest timestamp: year 9999 in milliseconds, as for project records.
-MAX_TS: Final = 253_402_300_799_999
 # How an invite string starts: names what it is and its format version, so a pasted string
 # of something else is recognised as such.
 INVITE_PREFIX: Final = "ostrom-mesh1:"
@@ -52,37 +50,9 @@ MembershipAction: TypeAlias = Literal["admit", "revoke"]
 ACCESS_KINDS: Final = ("open", "private")
 MEMBERSHIP_ACTIONS: Final = ("admit", "revoke")
 
-# Control characters and lone surrogates, refused in every text field.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 # A multiaddr in text form that names its peer: no spaces, at least one /proto/value pair,
 # and a /p2p/ peer id at the end.
 _ADDRESS = re.compile(r"(/[a-z0-9-]+/[^/\s]+)+/p2p/[1-9A-HJ-NP-Za-km-z]{40,60}")
-
-
-def _fail(kind: str, message: str) -> InvalidRecord:
-    return InvalidRecord(f"{kind}: {message}")
-
-
-def _check_key(kind: str, name: str, value: object) -> bytes:
-    if not isinstance(value, bytes) or len(value) != PUBLIC_KEY_LENGTH:
-        raise _fail(kind, f"{name} must be a 32-byte ed25519 public key")
-    return value
-
-
-def _check_common(kind: str, author: object, ts: object) -> None:
-    _check_key(kind, "author", author)
-    if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts <= MAX_TS:
-        raise _fail(kind, "ts must be milliseconds since the Unix epoch")
-
-
-def _check_text(kind: str, name: str, value: object, *, max_length: int) -> str:
-    if not isinstance(value, str):
-        raise _fail(kind, f"{name} must be a string")
-    if len(value) > max_length:
-        raise _fail(kind, f"{name} is longer than {max_length} characters")
-    if _CONTROL.search(value.replace("\n", "")):
-        raise _fail(kind, f"{name} contains control characters")
-    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,37 +70,31 @@ class MeshDescription:
 
     def __post_init__(self) -> None:
         kind = self.TYPE
-        _check_common(kind, self.author, self.ts)
-        _check_text(kind, "name", self.name, max_length=MAX_MESH_NAME_LENGTH)
-        if (
-            not self.name.strip()
-            or self.name != self.name.strip()
-            or "\n" in self.name
-            or unicodedata.normalize("NFC", self.name) != self.name
-        ):
-            raise _fail(kind, "name must be one NFC-normalised line with no surrounding spaces")
-        _check_text(kind, "description", self.description, max_length=MAX_MESH_DESCRIPTION_LENGTH)
+        check_key(kind, "author", self.author)
+        check_ts(kind, self.ts)
+        check_name(kind, "name", self.name, max_length=MAX_MESH_NAME_LENGTH)
+        check_text(kind, "description", self.description, max_length=MAX_MESH_DESCRIPTION_LENGTH)
         if self.access not in ACCESS_KINDS:
-            raise _fail(kind, "access must be open or private")
+            raise fail(kind, "access must be open or private")
         if not isinstance(self.stewards, tuple) or not 1 <= len(self.stewards) <= MAX_STEWARDS:
-            raise _fail(kind, f"stewards must list 1 to {MAX_STEWARDS} keys")
+            raise fail(kind, f"stewards must list 1 to {MAX_STEWARDS} keys")
         for key in self.stewards:
-            _check_key(kind, "steward", key)
+            check_key(kind, "steward", key)
         if list(self.stewards) != sorted(set(self.stewards)):
-            raise _fail(kind, "stewards must be sorted by key bytes, each listed once")
+            raise fail(kind, "stewards must be sorted by key bytes, each listed once")
         if self.author not in self.stewards:
-            raise _fail(kind, "the author of a mesh is one of its stewards")
+            raise fail(kind, "the author of a mesh is one of its stewards")
         if not isinstance(self.bootstrap, tuple) or len(self.bootstrap) > MAX_BOOTSTRAP:
-            raise _fail(kind, f"bootstrap must list at most {MAX_BOOTSTRAP} addresses")
+            raise fail(kind, f"bootstrap must list at most {MAX_BOOTSTRAP} addresses")
         for addr in self.bootstrap:
             if (
                 not isinstance(addr, str)
                 or len(addr) > MAX_ADDRESS_LENGTH
                 or not _ADDRESS.fullmatch(addr)
             ):
-                raise _fail(kind, f"bootstrap address {addr!r} is not a multiaddr ending in /p2p/")
+                raise fail(kind, f"bootstrap address {addr!r} is not a multiaddr ending in /p2p/")
         if len(set(self.bootstrap)) != len(self.bootstrap):
-            raise _fail(kind, "a bootstrap address is listed twice")
+            raise fail(kind, "a bootstrap address is listed twice")
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -156,13 +120,13 @@ class Membership:
 
     def __post_init__(self) -> None:
         kind = self.TYPE
-        _check_common(kind, self.author, self.ts)
-        if not isinstance(self.mesh, CID) or not self.mesh.is_dag_cbor:
-            raise _fail(kind, "mesh must link to a mesh description")
+        check_key(kind, "author", self.author)
+        check_ts(kind, self.ts)
+        check_link(kind, "mesh", self.mesh)
         if self.action not in MEMBERSHIP_ACTIONS:
-            raise _fail(kind, "action must be admit or revoke")
-        _check_key(kind, "member", self.member)
-        _check_text(kind, "note", self.note, max_length=MAX_NOTE_LENGTH)
+            raise fail(kind, "action must be admit or revoke")
+        check_key(kind, "member", self.member)
+        check_text(kind, "note", self.note, max_length=MAX_NOTE_LENGTH)
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -220,7 +184,7 @@ def sign_mesh_record(body: MeshBody, identity: Identity) -> SignedMeshRecord:
 def _tuple(kind: str, value: Mapping[str, Any], name: str) -> tuple[Any, ...]:
     item = value[name]
     if not isinstance(item, list):
-        raise _fail(kind, f"{name} must be a list")
+        raise fail(kind, f"{name} must be a list")
     return tuple(item)
 
 
@@ -275,7 +239,7 @@ def decode_mesh_record(data: bytes) -> SignedMeshRecord:
                 note=value["note"],
             )
     except TypeError as exc:  # a field of a type the checks cannot even compare
-        raise _fail(kind, f"a field has the wrong type ({exc})") from None
+        raise fail(kind, f"a field has the wrong type ({exc})") from None
     signing.verify(body.author, sig, MESH_DOMAIN, dagcbor.encode(value))
     return SignedMeshRecord(body, sig, CID.of_dag_cbor(data), data)
 

@@ -10,8 +10,6 @@ docs/PROTOCOL.md is the specification of these formats; this module is one imple
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -19,9 +17,18 @@ from typing import Any, ClassVar, Final, Literal, TypeAlias
 
 from ostrom.crypto import signing
 from ostrom.crypto.cid import CID
-from ostrom.crypto.keys import PUBLIC_KEY_LENGTH, SIGNATURE_LENGTH, Identity
+from ostrom.crypto.keys import SIGNATURE_LENGTH, Identity
 from ostrom.errors import InvalidLicense, InvalidRecord, TooLarge
 from ostrom.protocol import dagcbor
+from ostrom.protocol.fields import (
+    check_key,
+    check_link,
+    check_links,
+    check_name,
+    check_text,
+    check_ts,
+    fail,
+)
 
 # The only record format version this code reads and writes.
 RECORD_VERSION: Final = 1
@@ -37,82 +44,13 @@ MAX_TEXT_LENGTH: Final = 16 * 1024  # messages, descriptions, notes, comments, b
 MAX_PARENTS: Final = 64  # a merge of more than 64 heads is not a plausible workflow
 MAX_LINKS: Final = 256  # changeset links, resolved needs, fork heads
 MAX_MAINTAINERS: Final = 256  # keeps the policy map far below the record size
-# The largest timestamp: year 9999 in milliseconds; anything larger is a mistake or an attack.
-MAX_TS: Final = 253_402_300_799_999
 
 Verdict: TypeAlias = Literal["accept", "reject"]
 GovernanceAction: TypeAlias = Literal["add-maintainer", "remove-maintainer", "set-quorum"]
 VERDICTS: Final = ("accept", "reject")
 GOVERNANCE_ACTIONS: Final = ("add-maintainer", "remove-maintainer", "set-quorum")
 
-# Control characters, and lone surrogates (text from file names or argv can carry them, and
-# they cannot be encoded as UTF-8, so a record holding one could not be signed).
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")
-
-
 # --- field checks -------------------------------------------------------------------------------
-
-
-def _fail(kind: str, message: str) -> InvalidRecord:
-    return InvalidRecord(f"{kind}: {message}")
-
-
-def _check_key(kind: str, name: str, value: object) -> bytes:
-    if not isinstance(value, bytes) or len(value) != PUBLIC_KEY_LENGTH:
-        raise _fail(kind, f"{name} must be a 32-byte ed25519 public key")
-    return value
-
-
-def _check_ts(kind: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TS:
-        raise _fail(kind, "ts must be milliseconds since the Unix epoch")
-    return value
-
-
-def _check_text(
-    kind: str,
-    name: str,
-    value: object,
-    *,
-    max_length: int,
-    line: bool = False,
-    required: bool = False,
-) -> str:
-    if not isinstance(value, str):
-        raise _fail(kind, f"{name} must be a string")
-    if required and not value.strip():
-        raise _fail(kind, f"{name} must not be empty")
-    if len(value) > max_length:
-        raise _fail(kind, f"{name} is longer than {max_length} characters")
-    if line and ("\n" in value or "\t" in value):
-        raise _fail(kind, f"{name} must be a single line")
-    if _CONTROL.search(value):
-        raise _fail(kind, f"{name} contains control characters")
-    return value
-
-
-def _check_link(kind: str, name: str, value: object, *, record: bool = True) -> CID:
-    if not isinstance(value, CID):
-        raise _fail(kind, f"{name} must be a CID link")
-    if record and not value.is_dag_cbor:
-        raise _fail(kind, f"{name} must link to a dag-cbor record")
-    return value
-
-
-def _check_links(
-    kind: str, name: str, value: object, *, max_count: int, min_count: int = 0, record: bool = True
-) -> tuple[CID, ...]:
-    if not isinstance(value, tuple):
-        raise _fail(kind, f"{name} must be a list of links")
-    if not min_count <= len(value) <= max_count:
-        raise _fail(kind, f"{name} must hold {min_count} to {max_count} links")
-    for item in value:
-        _check_link(kind, name, item, record=record)
-    if len(set(value)) != len(value):
-        raise _fail(kind, f"{name} lists a link twice")
-    if list(value) != sorted(value):
-        raise _fail(kind, f"{name} must be sorted by CID bytes")
-    return value
 
 
 @lru_cache(maxsize=1)
@@ -177,19 +115,19 @@ class Policy:
             not isinstance(self.maintainers, tuple)
             or not 1 <= len(self.maintainers) <= MAX_MAINTAINERS
         ):
-            raise _fail("policy", f"maintainers must list 1 to {MAX_MAINTAINERS} keys")
+            raise fail("policy", f"maintainers must list 1 to {MAX_MAINTAINERS} keys")
         for key in self.maintainers:
-            _check_key("policy", "maintainer", key)
+            check_key("policy", "maintainer", key)
         if len(set(self.maintainers)) != len(self.maintainers):
-            raise _fail("policy", "a maintainer is listed twice")
+            raise fail("policy", "a maintainer is listed twice")
         if list(self.maintainers) != sorted(self.maintainers):
-            raise _fail("policy", "maintainers must be sorted by key bytes")
+            raise fail("policy", "maintainers must be sorted by key bytes")
         if (
             not isinstance(self.quorum, int)
             or isinstance(self.quorum, bool)
             or not 1 <= self.quorum <= MAX_MAINTAINERS
         ):
-            raise _fail("policy", f"quorum must be an integer from 1 to {MAX_MAINTAINERS}")
+            raise fail("policy", f"quorum must be an integer from 1 to {MAX_MAINTAINERS}")
 
     def to_map(self) -> dict[str, Any]:
         return {"maintainers": list(self.maintainers), "quorum": self.quorum}
@@ -197,10 +135,10 @@ class Policy:
     @classmethod
     def from_map(cls, value: object) -> Policy:
         if not isinstance(value, dict) or set(value) != {"maintainers", "quorum"}:
-            raise _fail("policy", "must be a map of exactly maintainers and quorum")
+            raise fail("policy", "must be a map of exactly maintainers and quorum")
         maintainers = value["maintainers"]
         if not isinstance(maintainers, list):
-            raise _fail("policy", "maintainers must be a list")
+            raise fail("policy", "maintainers must be a list")
         return cls(maintainers=tuple(maintainers), quorum=value["quorum"])
 
 
@@ -212,8 +150,8 @@ class ForkOf:
     heads: tuple[CID, ...]
 
     def __post_init__(self) -> None:
-        _check_link("fork_of", "project", self.project)
-        _check_links("fork_of", "heads", self.heads, max_count=MAX_PARENTS, min_count=1)
+        check_link("fork_of", "project", self.project)
+        check_links("fork_of", "heads", self.heads, max_count=MAX_PARENTS, min_count=1)
 
     def to_map(self) -> dict[str, Any]:
         return {"project": self.project, "heads": list(self.heads)}
@@ -221,10 +159,10 @@ class ForkOf:
     @classmethod
     def from_map(cls, value: object) -> ForkOf:
         if not isinstance(value, dict) or set(value) != {"project", "heads"}:
-            raise _fail("fork_of", "must be a map of exactly project and heads")
+            raise fail("fork_of", "must be a map of exactly project and heads")
         heads = value["heads"]
         if not isinstance(heads, list):
-            raise _fail("fork_of", "heads must be a list")
+            raise fail("fork_of", "heads must be a list")
         return cls(project=value["project"], heads=tuple(heads))
 
 
@@ -245,14 +183,10 @@ class Project:
     mesh: CID | None = None
 
     def __post_init__(self) -> None:
-        _check_key(self.TYPE, "author", self.author)
-        _check_ts(self.TYPE, self.ts)
-        _check_text(
-            self.TYPE, "name", self.name, max_length=MAX_NAME_LENGTH, line=True, required=True
-        )
-        if self.name != self.name.strip() or unicodedata.normalize("NFC", self.name) != self.name:
-            raise _fail(self.TYPE, "name must be NFC-normalised with no surrounding spaces")
-        _check_text(
+        check_key(self.TYPE, "author", self.author)
+        check_ts(self.TYPE, self.ts)
+        check_name(self.TYPE, "name", self.name, max_length=MAX_NAME_LENGTH)
+        check_text(
             self.TYPE,
             "license",
             self.license,
@@ -263,14 +197,14 @@ class Project:
         try:
             check_license_syntax(self.license)
         except InvalidLicense as exc:
-            raise _fail(self.TYPE, exc.message) from None
-        _check_text(self.TYPE, "description", self.description, max_length=MAX_TEXT_LENGTH)
+            raise fail(self.TYPE, exc.message) from None
+        check_text(self.TYPE, "description", self.description, max_length=MAX_TEXT_LENGTH)
         if not isinstance(self.policy, Policy):
-            raise _fail(self.TYPE, "policy must be a Policy")
+            raise fail(self.TYPE, "policy must be a Policy")
         if self.fork_of is not None and not isinstance(self.fork_of, ForkOf):
-            raise _fail(self.TYPE, "fork_of must be a ForkOf")
+            raise fail(self.TYPE, "fork_of must be a ForkOf")
         if self.mesh is not None:
-            _check_link(self.TYPE, "mesh", self.mesh)
+            check_link(self.TYPE, "mesh", self.mesh)
 
     @property
     def parents(self) -> tuple[CID, ...]:
@@ -305,17 +239,17 @@ class Contribution:
     resolves: tuple[CID, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_key(self.TYPE, "author", self.author)
-        _check_ts(self.TYPE, self.ts)
-        _check_link(self.TYPE, "project", self.project)
-        _check_links(self.TYPE, "parents", self.parents, max_count=MAX_PARENTS, min_count=1)
+        check_key(self.TYPE, "author", self.author)
+        check_ts(self.TYPE, self.ts)
+        check_link(self.TYPE, "project", self.project)
+        check_links(self.TYPE, "parents", self.parents, max_count=MAX_PARENTS, min_count=1)
         # Changesets are ordered: a later changeset's change to a path wins over an earlier one.
         if not isinstance(self.changes, tuple) or len(self.changes) > MAX_LINKS:
-            raise _fail(self.TYPE, f"changes must be a list of at most {MAX_LINKS} links")
+            raise fail(self.TYPE, f"changes must be a list of at most {MAX_LINKS} links")
         for link in self.changes:
-            _check_link(self.TYPE, "changes", link)
-        _check_text(self.TYPE, "message", self.message, max_length=MAX_TEXT_LENGTH, required=True)
-        _check_links(self.TYPE, "resolves", self.resolves, max_count=MAX_LINKS)
+            check_link(self.TYPE, "changes", link)
+        check_text(self.TYPE, "message", self.message, max_length=MAX_TEXT_LENGTH, required=True)
+        check_links(self.TYPE, "resolves", self.resolves, max_count=MAX_LINKS)
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -340,13 +274,13 @@ class Validation:
     note: str = ""
 
     def __post_init__(self) -> None:
-        _check_key(self.TYPE, "author", self.author)
-        _check_ts(self.TYPE, self.ts)
-        _check_link(self.TYPE, "project", self.project)
-        _check_link(self.TYPE, "target", self.target)
+        check_key(self.TYPE, "author", self.author)
+        check_ts(self.TYPE, self.ts)
+        check_link(self.TYPE, "project", self.project)
+        check_link(self.TYPE, "target", self.target)
         if self.verdict not in VERDICTS:
-            raise _fail(self.TYPE, "verdict must be accept or reject")
-        _check_text(self.TYPE, "note", self.note, max_length=MAX_TEXT_LENGTH)
+            raise fail(self.TYPE, "verdict must be accept or reject")
+        check_text(self.TYPE, "note", self.note, max_length=MAX_TEXT_LENGTH)
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -372,26 +306,26 @@ class Governance:
     note: str = ""
 
     def __post_init__(self) -> None:
-        _check_key(self.TYPE, "author", self.author)
-        _check_ts(self.TYPE, self.ts)
-        _check_link(self.TYPE, "project", self.project)
-        _check_links(self.TYPE, "parents", self.parents, max_count=MAX_PARENTS, min_count=1)
+        check_key(self.TYPE, "author", self.author)
+        check_ts(self.TYPE, self.ts)
+        check_link(self.TYPE, "project", self.project)
+        check_links(self.TYPE, "parents", self.parents, max_count=MAX_PARENTS, min_count=1)
         if self.action not in GOVERNANCE_ACTIONS:
-            raise _fail(self.TYPE, f"action must be one of {', '.join(GOVERNANCE_ACTIONS)}")
+            raise fail(self.TYPE, f"action must be one of {', '.join(GOVERNANCE_ACTIONS)}")
         if self.action == "set-quorum":
             if self.key is not None:
-                raise _fail(self.TYPE, "set-quorum takes no key")
+                raise fail(self.TYPE, "set-quorum takes no key")
             if (
                 not isinstance(self.quorum, int)
                 or isinstance(self.quorum, bool)
                 or not 1 <= self.quorum <= MAX_MAINTAINERS
             ):
-                raise _fail(self.TYPE, f"quorum must be an integer from 1 to {MAX_MAINTAINERS}")
+                raise fail(self.TYPE, f"quorum must be an integer from 1 to {MAX_MAINTAINERS}")
         else:
             if self.quorum is not None:
-                raise _fail(self.TYPE, f"{self.action} takes no quorum")
-            _check_key(self.TYPE, "key", self.key)
-        _check_text(self.TYPE, "note", self.note, max_length=MAX_TEXT_LENGTH)
+                raise fail(self.TYPE, f"{self.action} takes no quorum")
+            check_key(self.TYPE, "key", self.key)
+        check_text(self.TYPE, "note", self.note, max_length=MAX_TEXT_LENGTH)
 
     def fields(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -419,13 +353,13 @@ class Need:
     body: str = ""
 
     def __post_init__(self) -> None:
-        _check_key(self.TYPE, "author", self.author)
-        _check_ts(self.TYPE, self.ts)
-        _check_link(self.TYPE, "project", self.project)
-        _check_text(
+        check_key(self.TYPE, "author", self.author)
+        check_ts(self.TYPE, self.ts)
+        check_link(self.TYPE, "project", self.project)
+        check_text(
             self.TYPE, "title", self.title, max_length=MAX_TITLE_LENGTH, line=True, required=True
         )
-        _check_text(self.TYPE, "body", self.body, max_length=MAX_TEXT_LENGTH)
+        check_text(self.TYPE, "body", self.body, max_length=MAX_TEXT_LENGTH)
 
     def fields(self) -> dict[str, Any]:
         return {"project": self.project, "title": self.title, "body": self.body}
@@ -443,11 +377,11 @@ class Comment:
     text: str
 
     def __post_init__(self) -> None:
-        _check_key(self.TYPE, "author", self.author)
-        _check_ts(self.TYPE, self.ts)
-        _check_link(self.TYPE, "project", self.project)
-        _check_link(self.TYPE, "target", self.target)
-        _check_text(self.TYPE, "text", self.text, max_length=MAX_TEXT_LENGTH, required=True)
+        check_key(self.TYPE, "author", self.author)
+        check_ts(self.TYPE, self.ts)
+        check_link(self.TYPE, "project", self.project)
+        check_link(self.TYPE, "target", self.target)
+        check_text(self.TYPE, "text", self.text, max_length=MAX_TEXT_LENGTH, required=True)
 
     def fields(self) -> dict[str, Any]:
         return {"project": self.project, "target": self.target, "text": self.text}
@@ -537,7 +471,7 @@ def sign(body: Body, identity: Identity) -> SignedRecord:
 def _list_field(kind: str, fields: Mapping[str, Any], name: str) -> tuple[Any, ...]:
     value = fields[name]
     if not isinstance(value, list):
-        raise _fail(kind, f"{name} must be a list")
+        raise fail(kind, f"{name} must be a list")
     return tuple(value)
 
 
@@ -610,7 +544,7 @@ def _body_from_map(kind: str, m: Mapping[str, Any]) -> Body:
             author=author, ts=ts, project=m["project"], target=m["target"], text=m["text"]
         )
     except TypeError as exc:  # a field of a type the dataclass checks cannot even compare
-        raise _fail(kind, f"a field has the wrong type ({exc})") from None
+        raise fail(kind, f"a field has the wrong type ({exc})") from None
 
 
 # The encoded `"sig": <64 bytes>` entry: text key of length 3, then a 64-byte byte string.
