@@ -7,17 +7,8 @@ import trio
 import trio.testing
 
 from ostrom.node.bandwidth import LIMIT_EVENT_INTERVAL_S, Bandwidth
-from ostrom.node.events import EventBus, Subscription
-
-
-def queued(subscription: Subscription) -> list[dict[str, object]]:
-    events = []
-    subscription.close()
-    while True:
-        try:
-            events.append(subscription._receive.receive_nowait())
-        except trio.EndOfChannel:
-            return events
+from ostrom.node.events import EventBus
+from tests.queued_events import queued_events
 
 
 async def test_a_limited_upload_moves_at_its_rate(autojump_clock: trio.testing.MockClock) -> None:
@@ -35,7 +26,7 @@ async def test_a_limited_upload_moves_at_its_rate(autojump_clock: trio.testing.M
     assert view["upload"]["bytes"] == moved and view["upload"]["limit"] == 100_000
     assert 90_000 <= view["upload"]["bytes_per_s"] <= 110_000
     assert view["download"] == {"limit": 0, "bytes": 0, "bytes_per_s": 0}
-    reached = [e for e in queued(subscription) if e["type"] == "limit.reached"]
+    reached = [e for e in queued_events(subscription) if e["type"] == "limit.reached"]
     # The limit bit on almost every frame; the event came once per interval.
     assert 1 <= len(reached) <= elapsed / LIMIT_EVENT_INTERVAL_S + 1
     assert reached[0]["limit"] == "upload_rate"

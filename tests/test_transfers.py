@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import trio
 
 from ostrom.crypto.cid import CID
-from ostrom.node.events import EventBus, Subscription
+from ostrom.node.events import EventBus
 from ostrom.node.transfers import PROGRESS_INTERVAL_S, Transfers
+from tests.queued_events import queued_events
 
 PROJECT = CID.of_raw(b"a project")
 
@@ -20,17 +20,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def drain(subscription: Subscription) -> list[dict[str, Any]]:
-    """The events queued for `subscription` so far."""
-    events = []
-    subscription.close()
-    while True:
-        try:
-            events.append(subscription._receive.receive_nowait())
-        except trio.EndOfChannel:
-            return events
 
 
 def test_a_transfer_is_listed_while_it_runs_and_reports_when_done() -> None:
@@ -47,7 +36,7 @@ def test_a_transfer_is_listed_while_it_runs_and_reports_when_done() -> None:
         assert running["bytes_per_s"] == 500
         transfer.missing = 2
     assert transfers.running() == []
-    events = drain(subscription)
+    events = queued_events(subscription)
     assert [e["type"] for e in events] == ["blocks.progress", "blocks.done"]
     assert events[-1]["missing"] == 2 and events[-1]["fetched"] == 1
     assert [v["fetched"] for v in heard] == [1, 1]
@@ -61,7 +50,7 @@ def test_progress_events_are_throttled_per_transfer() -> None:
         for _ in range(1000):
             transfer.add(256 * 1024)
             clock.now += PROGRESS_INTERVAL_S / 10
-    events = drain(subscription)
+    events = queued_events(subscription)
     progress = [e for e in events if e["type"] == "blocks.progress"]
     # Ten blocks per interval: one event per interval, not one per block.
     assert 95 <= len(progress) <= 105
