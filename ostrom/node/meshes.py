@@ -52,10 +52,18 @@ MAX_MEMBERSHIP_RECORDS: Final = 20_000
 
 @dataclass(frozen=True, slots=True)
 class JoinedMesh:
-    """A mesh this node is in: its description record and who belongs to it."""
+    """A mesh this node is in: its description, its membership records, and who belongs
+    to it as those records say (`of` works it out)."""
 
     description: SignedMeshRecord
+    memberships: tuple[SignedMeshRecord, ...]
     members: MeshMembers
+
+    @classmethod
+    def of(
+        cls, description: SignedMeshRecord, memberships: Sequence[SignedMeshRecord]
+    ) -> JoinedMesh:
+        return cls(description, tuple(memberships), members(description, memberships))
 
     @property
     def cid(self) -> CID:
@@ -96,10 +104,7 @@ class MeshRegistry:
 
         for records in await self._db(read):
             if records and isinstance(records[0].body, MeshDescription):
-                self._set(records[0], records[1:])
-
-    def _set(self, description: SignedMeshRecord, memberships: Sequence[SignedMeshRecord]) -> None:
-        self._joined[description.cid] = JoinedMesh(description, members(description, memberships))
+                self._joined[records[0].cid] = JoinedMesh.of(records[0], records[1:])
 
     def _changed(self, mesh: CID, kind: str, **fields: Any) -> None:
         self.events.publish({"type": kind, "mesh": str(mesh), **fields})
@@ -129,14 +134,6 @@ class MeshRegistry:
             names = ", ".join(f"{m.body.name} ({m.cid})" for m in found[:5])
             raise Ambiguous(f"{text!r} names several meshes: {names}")
         return found[0]
-
-    def meshes_of(self, public_key: bytes) -> list[JoinedMesh]:
-        """The joined private meshes `public_key` is a member of."""
-        return [
-            m
-            for m in self._joined.values()
-            if m.members.access == "private" and m.members.admits(public_key)
-        ]
 
     def admits(self, public_key: bytes | None) -> bool:
         """Whether a peer (by key; None if it has no ed25519 key) may stay connected: a node
@@ -173,22 +170,20 @@ class MeshRegistry:
         bootstrap: Sequence[str] = (),
         stewards: Sequence[bytes] = (),
     ) -> JoinedMesh:
-        """Sign a new mesh description with this node's key, as its first steward, and join."""
+        """Sign a new mesh description with this node's key, as its first steward, and join.
+        Values a mesh description cannot hold raise `InvalidRecord`."""
         if any(m.body.name == name for m in self._joined.values()):
             raise AlreadyExists(f"this node is already in a mesh named {name!r}")
         keys = tuple(sorted({self._identity.public_key, *stewards}))
-        try:
-            body = MeshDescription(
-                author=self._identity.public_key,
-                ts=self._now(),
-                name=name,
-                access=access,
-                stewards=keys,
-                bootstrap=tuple(dict.fromkeys(bootstrap)),
-                description=description,
-            )
-        except InvalidRecord as exc:
-            raise InvalidInput(exc.message) from None
+        body = MeshDescription(
+            author=self._identity.public_key,
+            ts=self._now(),
+            name=name,
+            access=access,
+            stewards=keys,
+            bootstrap=tuple(dict.fromkeys(bootstrap)),
+            description=description,
+        )
         record = sign_mesh_record(body, self._identity)
         return await self._join(record)
 
@@ -216,8 +211,7 @@ class MeshRegistry:
 
         memberships = await self._db(write)
         already = description.cid in self._joined
-        self._set(description, memberships)
-        joined = self._joined[description.cid]
+        joined = self._joined[description.cid] = JoinedMesh.of(description, memberships)
         if not already:
             self._changed(joined.cid, "mesh.joined", name=joined.body.name)
         return joined
@@ -232,18 +226,16 @@ class MeshRegistry:
     async def set_membership(
         self, mesh: CID, member: bytes, action: MembershipAction, note: str = ""
     ) -> SignedMeshRecord:
-        """Sign and store an admission or revocation; this node must be a steward."""
+        """Sign and store an admission or revocation; this node must be a steward. A record
+        the mesh cannot take (a steward revoked, an open mesh) raises `InvalidRecord`."""
         joined = self._joined.get(mesh)
         if joined is None:
             raise NotFound(f"this node is not in mesh {mesh}")
         if self._identity.public_key not in joined.body.stewards:
             raise Refused(f"only a steward of {joined.body.name!r} admits or revokes members")
-        try:
-            body = Membership(self._identity.public_key, self._now(), mesh, action, member, note)
-            record = sign_mesh_record(body, self._identity)
-            check_membership(joined.description, record)
-        except InvalidRecord as exc:
-            raise InvalidInput(exc.message) from None
+        body = Membership(self._identity.public_key, self._now(), mesh, action, member, note)
+        record = sign_mesh_record(body, self._identity)
+        check_membership(joined.description, record)
         # Published first, stored next: listeners of the membership change then act after
         # the record is on its way to the members.
         for listener in list(self.record_listeners):
@@ -269,35 +261,29 @@ class MeshRegistry:
             by_mesh.setdefault(record.mesh, []).append(record)
         new: list[SignedMeshRecord] = []
         for mesh, batch in by_mesh.items():
-
-            def write(store: Store, m: CID = mesh, b: list[SignedMeshRecord] = batch) -> Any:
-                current = store.mesh_records(m)
-                if len(current) + len(b) > MAX_MEMBERSHIP_RECORDS + 1:
-                    raise Refused(f"mesh {m} holds too many membership records")
-                stored = set(store.put_mesh_records(b))
-                return stored, store.mesh_records(m)[1:]
-
-            try:
-                stored, memberships = await self._db(write)
-            except Refused as exc:
-                log.warning("%s", exc.message)
-                continue
-            if not stored:
-                continue
             joined = self._joined[mesh]
-            before = joined.members
-            self._set(joined.description, memberships)
-            after = self._joined[mesh].members
-            new += [r for r in batch if r.cid in stored]
-            if after != before:
+            known = {r.cid for r in joined.memberships}
+            fresh = list({r.cid: r for r in batch if r.cid not in known}.values())
+            if not fresh:
+                continue
+            if len(known) + len(fresh) > MAX_MEMBERSHIP_RECORDS:
+                log.warning("mesh %s holds too many membership records; ignoring more", mesh)
+                continue
+            await self._db(lambda store, b=fresh: store.put_mesh_records(b))
+            after = JoinedMesh.of(joined.description, (*joined.memberships, *fresh))
+            self._joined[mesh] = after
+            new += fresh
+            was, now = joined.members.admitted, after.members.admitted
+            if was != now:
                 self._changed(
                     mesh,
                     "mesh.members",
-                    admitted=[peer_id_of(k) for k in sorted(after.admitted - before.admitted)],
-                    revoked=[peer_id_of(k) for k in sorted(before.admitted - after.admitted)],
+                    admitted=[peer_id_of(k) for k in sorted(now - was)],
+                    revoked=[peer_id_of(k) for k in sorted(was - now)],
                 )
         return new
 
-    async def records_of(self, mesh: CID) -> list[SignedMeshRecord]:
+    def records_of(self, mesh: CID) -> list[SignedMeshRecord]:
         """A joined mesh's description and membership records, to send to a member."""
-        return list(await self._db(lambda store: store.mesh_records(mesh)))
+        joined = self._joined.get(mesh)
+        return [] if joined is None else [joined.description, *joined.memberships]

@@ -227,7 +227,7 @@ class MeshReplicator:
         await framed.send({"t": "hello", "meshes": [m.raw for m in offered]})
         shared = await their_hello.receive()
         for mesh in sorted(shared):
-            records = [r.data for r in await self.registry.records_of(mesh)]
+            records = [r.data for r in self.registry.records_of(mesh)]
             batch: list[bytes] = []
             size = 0
             for data in records:

@@ -9,7 +9,7 @@ import trio
 from ostrom.crypto.keys import parse_public_key, peer_id_of
 from ostrom.errors import NotFound, OstromError
 from ostrom.node.meshes import JoinedMesh
-from ostrom.node.methods.registry import method
+from ostrom.node.methods.registry import callers_input, method
 from ostrom.node.params import Params
 from ostrom.node.rpc_server import RpcConnection
 from ostrom.node.service import NodeService
@@ -65,13 +65,14 @@ async def mesh_create(node: NodeService, params: Params, conn: RpcConnection) ->
     params.done()
     if bootstrap is None:
         bootstrap = [] if node.network is None else node.network.addresses()[:MAX_BOOTSTRAP]
-    mesh = await node.meshes.create(
-        name,
-        "private" if private else "open",
-        description=description,
-        bootstrap=bootstrap,
-        stewards=stewards,
-    )
+    with callers_input():
+        mesh = await node.meshes.create(
+            name,
+            "private" if private else "open",
+            description=description,
+            bootstrap=bootstrap,
+            stewards=stewards,
+        )
     return mesh_view(node, mesh)
 
 
@@ -140,12 +141,10 @@ async def _membership(node: NodeService, params: Params, action: str) -> Any:
     member = parse_public_key(params.text("peer"))
     note = params.text("note", "")
     params.done()
-    record = await node.meshes.set_membership(
-        mesh.cid,
-        member,
-        "admit" if action == "admit" else "revoke",
-        note,
-    )
+    with callers_input():
+        record = await node.meshes.set_membership(
+            mesh.cid, member, "admit" if action == "admit" else "revoke", note
+        )
     return membership_view(record)
 
 
