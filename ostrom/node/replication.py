@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from ostrom.crypto.cid import CID
-from ostrom.errors import BlockMismatch, DecodeError, OstromError, QuotaExceeded, Refused
+from ostrom.errors import (
+    BlockMismatch,
+    DecodeError,
+    NotFound,
+    OstromError,
+    QuotaExceeded,
+    Refused,
+)
 from ostrom.node import blocks, sync
 from ostrom.node.bandwidth import MeteredStream
 from ostrom.node.framed import ByteStream
@@ -199,10 +206,11 @@ class Replicator:
         genesis is here: a project followed by CID is checked again after each sync."""
         if project in self._access_known:
             return
-        genesis = await self.service.db(lambda store: store.get_record(project))
-        if genesis is None or not isinstance(genesis.body, Project):
+        try:
+            mesh = await self.service.project_mesh(project)
+        except NotFound:
             return
-        self._learn_access(project, genesis.body.mesh)
+        self._learn_access(project, mesh)
 
     def _learn_access(self, project: CID, mesh: CID | None) -> None:
         if project in self._access_known:
@@ -504,13 +512,21 @@ class Replicator:
             # The project of a private mesh is not announced on the DHT: members find it in
             # their mesh, and nobody else should learn it exists. (Checked each time: a
             # project followed by CID shows what it is once its genesis arrives.)
-            if await self.service.db(_private_mesh_of, project) is not None:
+            if await self._is_private(project):
                 return
             try:
                 await self.mesh.provide(project.raw)
             except OstromError as exc:
                 log.debug("providing %s failed: %s", project, exc.message)
             await trio.sleep(PROVIDE_INTERVAL_S)
+
+    async def _is_private(self, project: CID) -> bool:
+        """Whether a private mesh keeps `project`; not known (False) before its genesis is
+        here, when announcing that this node looks for it reveals nothing of it."""
+        try:
+            return await self.service.project_mesh(project) is not None
+        except NotFound:
+            return False
 
     async def _find_and_fetch(self, project: CID) -> None:
         try:
@@ -530,11 +546,6 @@ class Replicator:
                     except OstromError as exc:
                         log.debug("provider %s at %s: %s", provider.peer_id, addr, exc.message)
             self._request_sync(provider.peer_id, project)
-
-
-def _private_mesh_of(store: Store, project: CID) -> CID | None:
-    genesis = store.get_record(project)
-    return genesis.body.mesh if genesis is not None and isinstance(genesis.body, Project) else None
 
 
 class _ServedTo:

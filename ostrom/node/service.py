@@ -337,17 +337,25 @@ class NodeService:
         if self.network is not None:
             self.network.set_max_peers(limits.max_peers)
 
+    async def project_mesh(self, project: CID) -> CID | None:
+        """The private mesh `project`'s genesis names (None: a public project); `NotFound`
+        until the genesis is here. The genesis is read once per project."""
+        if project not in self._project_mesh:
+            genesis = await self.db(lambda store: store.get_record(project))
+            if genesis is None or not isinstance(genesis.body, Project):
+                raise NotFound(f"project {project} is not here")
+            self._project_mesh[project] = genesis.body.mesh
+        return self._project_mesh[project]
+
     async def may_serve(self, project: CID, peer_id: str) -> bool:
         """Whether `project` may be served to `peer_id`: any project to anyone, except the
         project of a private mesh, served only to the members this node knows of (none, if
         this node is not in that mesh). Until its genesis is here a project is not known to
         be private: this node can then only ask for it (a pull) and has nothing to give."""
-        if project not in self._project_mesh:
-            genesis = await self.db(lambda store: store.get_record(project))
-            if genesis is None or not isinstance(genesis.body, Project):
-                return True
-            self._project_mesh[project] = genesis.body.mesh
-        mesh = self._project_mesh[project]
+        try:
+            mesh = await self.project_mesh(project)
+        except NotFound:
+            return True
         return mesh is None or self.mesh_admits(mesh, peer_id)
 
     def mesh_admits(self, mesh: CID, peer_id: str) -> bool:
