@@ -26,7 +26,7 @@ from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import public_key_of_peer_id
 from ostrom.errors import DecodeError, InvalidInput, InvalidRecord, OstromError
 from ostrom.node.bandwidth import Bandwidth, MeteredStream
-from ostrom.node.framed import ByteStream, FramedStream
+from ostrom.node.framed import ByteStream, FramedStream, PeerSilent
 from ostrom.node.mesh import Mesh, MeshStream
 from ostrom.node.meshes import MeshRegistry
 from ostrom.protocol.meshes import MAX_MESH_RECORD_SIZE, SignedMeshRecord, decode_mesh_record
@@ -209,12 +209,14 @@ class MeshReplicator:
         """Run one exchange; return the meshes shared with `peer_id`."""
         framed = FramedStream(stream, max_frame=MAX_FRAME)
         offered = self._offer(peer_id)
-        with trio.fail_after(EXCHANGE_TIMEOUT_S):
+        shared: set[CID] | None = None
+        with trio.move_on_after(EXCHANGE_TIMEOUT_S):
             async with trio.open_nursery() as nursery:
-                hello: trio.MemorySendChannel[set[CID]]
                 hello, their_hello = trio.open_memory_channel[set[CID]](1)
                 nursery.start_soon(self._send_side, framed, offered, their_hello)
                 shared = await self._receive_side(framed, offered, hello, peer_id)
+        if shared is None:
+            raise PeerSilent(f"the mesh exchange did not end within {EXCHANGE_TIMEOUT_S:.0f} s")
         self._shared[peer_id] = shared
         return shared
 
