@@ -11,7 +11,7 @@ import pytest
 from ostrom.errors import InvalidInput
 from ostrom.node.__main__ import EXIT_CANNOT_START
 from ostrom.node.config import DEFAULT_LISTEN, DaemonConfig, load_config
-from ostrom.node.limits import SPARE, Limits, format_size, parse_rate, parse_size
+from ostrom.node.limits import SPARE, Limits, parse_rate, parse_size
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -83,9 +83,8 @@ def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
 
 
-def test_parse_rate_and_format_size() -> None:
+def test_parse_rate() -> None:
     assert parse_rate("1MiB/s") == parse_rate("1MiB") == 1024**2
-    assert format_size(0) == "unlimited" and format_size(1536) == "1.5 KiB"
     for bad in ("1 parsec", "MiB", "1e6", "-3"):
         with pytest.raises(InvalidInput):
             parse_size(bad)

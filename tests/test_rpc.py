@@ -288,7 +288,7 @@ class Toy:
         if method == "subscribe":
             conn.on_close(self.closed.set)
             for n in range(args["count"]):
-                await conn.notify("event", [{"n": n}])
+                conn.notify("event", [{"n": n}])
             return "subscribed"
         if method == "background":
             conn.start_soon(self._count_to, conn, args["count"])
@@ -304,7 +304,7 @@ class Toy:
     async def _count_to(self, conn: RpcConnection, count: int) -> None:
         for n in range(count):
             await trio.sleep(0)
-            await conn.notify("event", [{"n": n}])
+            conn.notify("event", [{"n": n}])
 
     async def _crash(self) -> None:
         await trio.sleep(0)

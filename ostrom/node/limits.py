@@ -61,18 +61,6 @@ def parse_rate(text: str | int, *, what: str = "rate") -> int:
     return parse_size(text, what=what)
 
 
-def format_size(n: int) -> str:
-    """`n` bytes the way a person reads them; 0 is `unlimited` (this is for limits)."""
-    if n == 0:
-        return "unlimited"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
-
-
 @dataclass(frozen=True, slots=True)
 class Limits:
     """What the owner grants the node; 0 means unlimited, except `max_peers`."""

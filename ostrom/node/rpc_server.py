@@ -142,11 +142,7 @@ class RpcConnection:
         """True once the connection has closed (or is closing)."""
         return self._closed
 
-    async def notify(self, method: str, params: list[Any]) -> None:
-        """Queue a notification to the client (`notify_nowait`, for async callers)."""
-        self.notify_nowait(method, params)
-
-    def notify_nowait(self, method: str, params: list[Any]) -> None:
+    def notify(self, method: str, params: list[Any]) -> None:
         """Queue a notification to the client; never blocks.
 
         When the client has stopped reading and the queue is full, the notification is

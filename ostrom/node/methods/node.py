@@ -102,7 +102,7 @@ async def events_subscribe(node: NodeService, params: Params, conn: RpcConnectio
 
     async def forward() -> None:
         async for event in subscription:
-            await conn.notify("event", [event])
+            conn.notify("event", [event])
 
     conn.start_soon(forward)
     return {"subscribed": True}

@@ -104,7 +104,7 @@ async def block_fetch(node: NodeService, params: Params, conn: RpcConnection) ->
         raise Refused("this node is not connected to the mesh")
 
     def forward(view: dict[str, Any]) -> None:
-        conn.notify_nowait("block.progress", [view])
+        conn.notify("block.progress", [view])
 
     transfer = await node.network.fetch_blocks(project, cids, forward)
     if transfer.missing:
