@@ -456,6 +456,26 @@ class _Session:
         self.rec_bytes += len(data)
         self.send({"t": "rec", "m": data})
 
+    def reconcile_step(self, frame: Any) -> bool:
+        """One step of sync._reconcile; True once reconciliation is over (the peer sent
+        `rec-end`, or this side has nothing left to say and sent it)."""
+        frame = _expect(frame, "rec", "rec-end")
+        # sync._reconcile: the reconciler bounds what it takes (PROTOCOL.md 11.4.5).
+        self.result.reconcile_rounds += 1
+        if frame["t"] == "rec-end":
+            return True
+        message = frame.get("m")
+        if not isinstance(message, bytes):
+            raise sync.PeerMisbehaving("rec frame without a message")
+        self.rec_bytes += len(message)
+        assert self.reconciler is not None
+        outgoing = self.reconciler.receive(decode_message(message))
+        if outgoing is None:
+            self.send({"t": "rec-end"})
+            return True
+        self.send_rec(outgoing)
+        return False
+
     def send_records(self, items: Iterable[bytes], missing: Sequence[CID] = ()) -> int:
         """sync._send_records: the same frames, from sync.record_frames."""
         sent = 0
@@ -545,24 +565,9 @@ class _Pull(_Session):
             self._answer(frame)
 
     def _reconcile(self, frame: Any) -> None:
-        """One step of sync._reconcile."""
-        frame = _expect(frame, "rec", "rec-end")
-        # sync._reconcile: the reconciler bounds what it takes (PROTOCOL.md 11.4.5).
-        self.result.reconcile_rounds += 1
-        if frame["t"] == "rec-end":
-            self._pull()
-            return
-        message = frame.get("m")
-        if not isinstance(message, bytes):
-            raise sync.PeerMisbehaving("rec frame without a message")
-        self.rec_bytes += len(message)
-        assert self.reconciler is not None
-        outgoing = self.reconciler.receive(decode_message(message))
-        if outgoing is None:
-            self.send({"t": "rec-end"})
+        if self.reconcile_step(frame):
             self._pull()
         else:
-            self.send_rec(outgoing)
             self.wait()
 
     def _pull(self) -> None:
@@ -679,24 +684,8 @@ class _Serve(_Session):
         self.wait()
 
     def _reconcile(self, frame: Any) -> None:
-        frame = _expect(frame, "rec", "rec-end")
-        # sync._reconcile: the reconciler bounds what it takes (PROTOCOL.md 11.4.5).
-        self.result.reconcile_rounds += 1
-        if frame["t"] == "rec-end":
+        if self.reconcile_step(frame):
             self.state = "serve"
-            self.wait()
-            return
-        message = frame.get("m")
-        if not isinstance(message, bytes):
-            raise sync.PeerMisbehaving("rec frame without a message")
-        self.rec_bytes += len(message)
-        assert self.reconciler is not None
-        outgoing = self.reconciler.receive(decode_message(message))
-        if outgoing is None:
-            self.send({"t": "rec-end"})
-            self.state = "serve"
-        else:
-            self.send_rec(outgoing)
         self.wait()
 
     def _serve(self, frame: Any) -> None:
