@@ -80,6 +80,26 @@ async def publish_until(
                 return
 
 
+@asynccontextmanager
+async def gossiping_pair() -> AsyncIterator[tuple[Mesh, Mesh, set[bytes]]]:
+    """Two running meshes subscribed to TOPIC and connected, with their gossip mesh formed;
+    yields both and the set of messages either one received."""
+    a, b = new_mesh(), new_mesh()
+    received: set[bytes] = set()
+
+    async def handler(topic: str, data: bytes, sender: str) -> bool:
+        received.add(data)
+        return True
+
+    async with running(a, b):
+        await a.subscribe(TOPIC, handler)
+        await b.subscribe(TOPIC, handler)
+        with trio.fail_after(10):
+            await a.connect(b.advertised_addrs[0])
+        await publish_until(a, lambda: bool(received))
+        yield a, b, received
+
+
 def peer_ids(mesh: Mesh) -> set[str]:
     return {p.peer_id for p in mesh.peers()}
 
@@ -394,19 +414,7 @@ async def test_gossip_reaches_subscribers_and_validators_stop_relay() -> None:
 
 async def test_a_burst_of_gossip_is_not_dropped() -> None:
     # py-libp2p drops what does not fit a peer's 32-message queue; publish paces itself.
-    a, b = new_mesh(), new_mesh()
-    received: set[bytes] = set()
-
-    async def handler(topic: str, data: bytes, sender: str) -> bool:
-        received.add(data)
-        return True
-
-    async with running(a, b):
-        await a.subscribe(TOPIC, handler)
-        await b.subscribe(TOPIC, handler)
-        with trio.fail_after(10):
-            await a.connect(b.advertised_addrs[0])
-        await publish_until(a, lambda: bool(received))
+    async with gossiping_pair() as (a, _, received):
         with pytest.raises(TooLarge):
             await a.publish(TOPIC, bytes(1 << 20))
         burst = [b"record %d" % n for n in range(300)]
@@ -418,19 +426,7 @@ async def test_a_burst_of_gossip_is_not_dropped() -> None:
 
 async def test_gossip_speaks_meshsub_1_1() -> None:
     # Not 1.2: its IDONTWANT messages cost a relay more than the duplicates they save.
-    a, b = new_mesh(), new_mesh()
-    got: set[bytes] = set()
-
-    async def handler(topic: str, data: bytes, sender: str) -> bool:
-        got.add(data)
-        return True
-
-    async with running(a, b):
-        await a.subscribe(TOPIC, handler)
-        await b.subscribe(TOPIC, handler)
-        with trio.fail_after(10):
-            await a.connect(b.advertised_addrs[0])
-        await publish_until(a, lambda: bool(got))
+    async with gossiping_pair() as (a, _, _):
         protocols = {str(p) for p in a._gossipsub.peer_protocol.values()}
         assert protocols == {"/meshsub/1.1.0"}
 
@@ -456,19 +452,7 @@ async def test_signed_peer_records_are_built_and_verified_once(
 
     monkeypatch.setattr(mesh_module, "_issue_sender_record", counting_issue)
     monkeypatch.setattr(mesh_module, "_verify_sender_record", counting_verify)
-    a, b = new_mesh(), new_mesh()
-    got: set[bytes] = set()
-
-    async def handler(topic: str, data: bytes, sender: str) -> bool:
-        got.add(data)
-        return True
-
-    async with running(a, b):
-        await a.subscribe(TOPIC, handler)
-        await b.subscribe(TOPIC, handler)
-        with trio.fail_after(10):
-            await a.connect(b.advertised_addrs[0])
-        await publish_until(a, lambda: bool(got))
+    async with gossiping_pair() as (a, b, got):
         # py-libp2p's functions are what the cache calls: the hello RPCs went through them.
         assert issued >= 1 and verified >= 1
         issued_before, verified_before = issued, verified
