@@ -530,6 +530,31 @@ def _print_mesh(out: Output, v: dict[str, Any]) -> None:
         out.line(f"  admitted   {member}")
     for addr in v["bootstrap"]:
         out.line(f"  bootstrap  {addr}")
+    if "projects" in v:
+        _print_mesh_projects(out, v["projects"], v["projects_total"], v["name"])
+
+
+def _print_mesh_projects(
+    out: Output, projects: list[dict[str, Any]], total: int, mesh: str
+) -> None:
+    """The projects a mesh's members host: name, full CID (what `ostrom follow` takes), how
+    many host it and how many of those are connected, and whether this node follows it."""
+    if not projects:
+        out.line("  projects   none announced yet")
+        return
+    out.line(f"  projects   {total} hosted in this mesh")
+    for p in projects:
+        connected = sum(1 for h in p["hosts"] if h["connected"])
+        hosts = f"{p['host_count']} host{'s' if p['host_count'] != 1 else ''}"
+        if any(h["self"] for h in p["hosts"]):
+            hosts += ", this node among them"
+        elif connected:
+            hosts += f", {connected} connected"
+        mark = f"following ({p['following']})" if p["following"] else "not followed"
+        out.line(f"    {p['name']}  {p['project']}")
+        out.line(f"        {hosts}; {mark}")
+    if total > len(projects):
+        out.line(f"    ... {total - len(projects)} more: `ostrom mesh projects {mesh}`")
 
 
 def cmd_mesh_create(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
@@ -581,6 +606,12 @@ def cmd_mesh_show(args: argparse.Namespace, out: Output, data_dir: DataDir) -> N
     with _client(data_dir) as client:
         value = client.mesh(args.mesh)
     out.result(value, lambda v: _print_mesh(out, v))
+
+
+def cmd_mesh_projects(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
+    with _client(data_dir) as client:
+        value = client.mesh_projects(args.mesh, limit=args.limit)
+    out.result(value, lambda v: _print_mesh_projects(out, v["projects"], v["total"], v["name"]))
 
 
 def cmd_mesh_leave(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
@@ -862,8 +893,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("join", cmd_mesh_join, "join the mesh an invite describes", msub)
     p.add_argument("invite")
     command("list", cmd_mesh_list, "list the meshes this node is in", msub)
-    p = command("show", cmd_mesh_show, "show a mesh: stewards, members, bootstrap", msub)
+    p = command("show", cmd_mesh_show, "show a mesh: stewards, members, bootstrap, projects", msub)
     p.add_argument("mesh")
+    p = command(
+        "projects",
+        cmd_mesh_projects,
+        "list the projects the mesh's members host (follow one with `ostrom follow CID`)",
+        msub,
+    )
+    p.add_argument("mesh")
+    p.add_argument("--limit", type=int, help="list at most this many (most hosted first)")
     p = command("leave", cmd_mesh_leave, "leave a mesh", msub)
     p.add_argument("mesh")
     for name, verb in (("admit", "admit a peer to"), ("revoke", "revoke a member of")):

@@ -451,6 +451,10 @@ class Client:
     def mesh(self, mesh: str) -> dict[str, Any]:
         return self._map("mesh.show", mesh=mesh)
 
+    def mesh_projects(self, mesh: str, *, limit: int | None = None) -> dict[str, Any]:
+        """The projects `mesh`'s members host there: `{mesh, name, projects, total}`."""
+        return self._map("mesh.projects", mesh=mesh, limit=limit)
+
     def leave_mesh(self, mesh: str) -> dict[str, Any]:
         return self._map("mesh.leave", mesh=mesh)
 

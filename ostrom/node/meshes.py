@@ -4,6 +4,11 @@ The registry keeps, for each joined mesh, its verified description and its membe
 stored membership records say (`ostrom.protocol.meshes.members`), recomputed whenever a new
 membership record is stored. Listeners hear of every change of membership, so a revocation
 takes effect at once: the mesh layer re-checks its connections.
+
+It also keeps, in memory only, the mesh catalogues (`ostrom.protocol.catalogue`): this node's
+own, one per joined mesh, signed again whenever what it follows changes, and the latest one
+of each other member. Those are rebuilt from peers after a restart (every connection's mesh
+exchange carries them), so nothing of them is stored.
 """
 
 from __future__ import annotations
@@ -27,6 +32,17 @@ from ostrom.errors import (
 )
 from ostrom.node.events import EventBus
 from ostrom.node.store import Store
+from ostrom.protocol.catalogue import (
+    CATALOGUE_MIN_INTERVAL_MS,
+    CATALOGUE_REFRESH_MS,
+    Catalogue,
+    CatalogueBook,
+    CatalogueEntry,
+    Host,
+    SignedCatalogue,
+    fit_entries,
+    sign_catalogue,
+)
 from ostrom.protocol.meshes import (
     Access,
     Membership,
@@ -40,6 +56,7 @@ from ostrom.protocol.meshes import (
     members,
     sign_mesh_record,
 )
+from ostrom.protocol.records import Project as ProjectBody
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +112,13 @@ class MeshRegistry:
         self.listeners: list[Callable[[CID], None]] = []
         # Called with the membership records this node signs, for the mesh layer to publish.
         self.record_listeners: list[Callable[[Sequence[SignedMeshRecord]], None]] = []
+        # Other members' latest catalogues, and this node's own per joined mesh.
+        self.catalogues = CatalogueBook()
+        self._own: dict[CID, SignedCatalogue] = {}
+        # Called with the catalogues this node signs (a withdrawal too), for publishing.
+        self.catalogue_listeners: list[Callable[[Sequence[SignedCatalogue]], None]] = []
+        # What each followed project's genesis says: its name, and the private mesh it names.
+        self._genesis: dict[CID, tuple[str, CID | None]] = {}
 
     async def load(self) -> None:
         """Read the joined meshes and their membership records from the store."""
@@ -218,6 +242,17 @@ class MeshRegistry:
 
     async def leave(self, mesh: CID) -> bool:
         left = await self._db(lambda store: store.leave_mesh(mesh))
+        own = self._own.pop(mesh, None)
+        if own is not None and mesh in self._joined:
+            # An empty catalogue replaces this node's last one: members stop listing it as a
+            # host at once, rather than when the old one ages out.
+            ts = max(self._now(), own.body.ts + CATALOGUE_MIN_INTERVAL_MS)
+            withdrawal = sign_catalogue(
+                Catalogue(self._identity.public_key, ts, mesh), self._identity
+            )
+            for listener in list(self.catalogue_listeners):
+                listener([withdrawal])
+        self.catalogues.drop_mesh(mesh)
         gone = self._joined.pop(mesh, None)
         if gone is not None:
             self._changed(mesh, "mesh.left", name=gone.body.name)
@@ -275,6 +310,8 @@ class MeshRegistry:
             new += fresh
             was, now = joined.members.admitted, after.members.admitted
             if was != now:
+                # A revoked member's catalogue goes with its membership.
+                self.catalogues.keep_only(mesh, after.members.admits)
                 self._changed(
                     mesh,
                     "mesh.members",
@@ -287,3 +324,95 @@ class MeshRegistry:
         """A joined mesh's description and membership records, to send to a member."""
         joined = self._joined.get(mesh)
         return [] if joined is None else [joined.description, *joined.memberships]
+
+    # --- catalogues ---------------------------------------------------------------------------
+
+    def accept_catalogue(self, record: SignedCatalogue) -> bool:
+        """Take a verified catalogue a peer sent if it is the latest of a member of a joined
+        mesh, within the bounds of `CatalogueBook.offer`; True if taken."""
+        joined = self._joined.get(record.body.mesh)
+        if joined is None or record.body.author == self._identity.public_key:
+            return False
+        return self.catalogues.offer(record, self._now(), joined.members.admits)
+
+    def forget_catalogue(self, mesh: CID, author: bytes) -> None:
+        """`author` no longer names `mesh` to this node: it left, so it hosts nothing there."""
+        if self.catalogues.drop(mesh, author):
+            log.info("%s left mesh %s; its catalogue is dropped", peer_id_of(author), mesh)
+
+    def catalogues_of(self, mesh: CID) -> list[SignedCatalogue]:
+        """The catalogues to give a member of `mesh`: this node's own, then others'."""
+        own = self._own.get(mesh)
+        return ([] if own is None else [own]) + self.catalogues.of_mesh(mesh)
+
+    def own_catalogue(self, mesh: CID) -> SignedCatalogue | None:
+        return self._own.get(mesh)
+
+    def hosts(self, mesh: CID) -> dict[CID, list[Host]]:
+        """Each project listed in `mesh`'s catalogues (this node's own included), and who
+        lists it."""
+        out = self.catalogues.hosts(mesh)
+        own = self._own.get(mesh)
+        if own is not None:
+            for entry in own.body.projects:
+                out.setdefault(entry.project, []).insert(
+                    0, Host(own.body.author, entry.name, own.body.ts)
+                )
+        return out
+
+    def expire_catalogues(self) -> int:
+        return self.catalogues.expire(self._now())
+
+    async def hosted_projects(self) -> list[tuple[CID, str, CID | None]]:
+        """The projects this node follows whose genesis is here, oldest follow first: each
+        with its name and the private mesh its genesis names (None: public). A project
+        followed by CID and not here yet is not hosted, and not known to be public."""
+
+        def read(store: Store) -> tuple[list[CID], dict[CID, tuple[str, CID | None]]]:
+            follows = list(store.follows())
+            unknown = [p for p in follows if p not in self._genesis]
+            found: dict[CID, tuple[str, CID | None]] = {}
+            for cid, record in store.get_records(unknown).items():
+                body = record.body
+                if isinstance(body, ProjectBody):
+                    found[cid] = (body.name, body.mesh)
+            return follows, found
+
+        follows, found = await self._db(read)
+        # Kept for the projects still followed only, so the cache is as large as the follows.
+        known = {**self._genesis, **found}
+        self._genesis = {p: known[p] for p in follows if p in known}
+        return [(p, *self._genesis[p]) for p in follows if p in self._genesis]
+
+    def refresh_own(self, hosted: Sequence[tuple[CID, str, CID | None]]) -> list[SignedCatalogue]:
+        """Sign this node's catalogue again for each joined mesh where it changed or is due
+        for its hourly re-signing; return the new ones, for publishing. In a mesh, this node
+        lists the public projects it hosts and the projects of that mesh when it is private;
+        in a private mesh that does not admit it, nothing."""
+        now = self._now()
+        fresh: list[SignedCatalogue] = []
+        for mesh in list(self._own):
+            if mesh not in self._joined:
+                del self._own[mesh]
+        for joined in self._joined.values():
+            if not joined.members.admits(self._identity.public_key):
+                self._own.pop(joined.cid, None)
+                continue
+            entries = fit_entries(
+                CatalogueEntry(project, name)
+                for project, name, home in hosted
+                if home is None or home == joined.cid
+            )
+            current = self._own.get(joined.cid)
+            if current is not None:
+                if (
+                    current.body.projects == entries
+                    and now - current.body.ts < CATALOGUE_REFRESH_MS
+                ):
+                    continue
+                if now < current.body.ts + CATALOGUE_MIN_INTERVAL_MS:
+                    continue  # readers would refuse it; the next refresh signs it
+            body = Catalogue(self._identity.public_key, now, joined.cid, entries)
+            self._own[joined.cid] = record = sign_catalogue(body, self._identity)
+            fresh.append(record)
+        return fresh

@@ -1,23 +1,27 @@
 """Mesh records between members, and who may stay connected: `/ostrom/mesh/1.0.0`.
 
-On every new connection the two nodes exchange the membership records of the meshes they
-share (`exchange`); a steward's new admission or revocation travels at once by gossip on the
-mesh's topic. A node in private meshes only keeps peers those meshes admit, and re-checks its
-connections whenever membership changes, so a revocation takes effect without a restart.
+On every new connection the two nodes exchange the membership records and the catalogues of
+the meshes they share (`exchange`); a steward's new admission or revocation, and a node's new
+catalogue, travel at once by gossip on the mesh's topic. A node in private meshes only keeps
+peers those meshes admit, and re-checks its connections whenever membership changes, so a
+revocation takes effect without a restart.
 
-    each side, at once              the other side
-    hello {meshes}            <->   hello {meshes}
-    records {mesh, records}   <->   records {mesh, records} ...
-    done {}                   <->   done {}
+    each side, at once                    the other side
+    hello {meshes}                  <->   hello {meshes}
+    records {mesh, records}         <->   records {mesh, records} ...
+    catalogues {mesh, catalogues}   <->   catalogues {mesh, catalogues} ...
+    done {}                         <->   done {}
 
 A side lists only the meshes it may reveal to this peer: its open meshes, and the private
-ones the peer belongs to. Records then flow for the meshes both listed.
+ones the peer belongs to. Records and catalogues then flow for the meshes both listed, and
+a private mesh's topic is kept to its members, so an outsider learns neither who is in it
+nor what it hosts.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -29,6 +33,12 @@ from ostrom.node.bandwidth import Bandwidth, MeteredStream
 from ostrom.node.framed import ByteStream, FramedStream, PeerSilent
 from ostrom.node.mesh import Mesh, MeshStream
 from ostrom.node.meshes import MeshRegistry
+from ostrom.protocol.catalogue import (
+    MAX_CATALOGUE_SIZE,
+    SignedCatalogue,
+    decode_catalogue,
+    is_catalogue,
+)
 from ostrom.protocol.meshes import MAX_MESH_RECORD_SIZE, SignedMeshRecord, decode_mesh_record
 
 if TYPE_CHECKING:
@@ -37,13 +47,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PROTOCOL: Final = "/ostrom/mesh/1.0.0"
-# Frames carry at most this many bytes of records, plus the map around them.
+# Frames carry at most this many bytes of records or catalogues (one more may cross it),
+# plus the map around them.
 RECORDS_FRAME_BYTES: Final = 512 * 1024
-MAX_FRAME: Final = RECORDS_FRAME_BYTES + MAX_MESH_RECORD_SIZE + 4096
+MAX_FRAME: Final = RECORDS_FRAME_BYTES + max(MAX_MESH_RECORD_SIZE, MAX_CATALOGUE_SIZE) + 4096
 # Meshes one hello may list: far more than anyone joins, and a bound.
 MAX_HELLO_MESHES: Final = 256
 # Frames one exchange may receive: 20,000 membership records of a full-size mesh in 512 KiB
-# frames is under 400; this leaves room for several meshes and still ends a flood.
+# frames is under 400, its catalogues (2 MiB at most) 5 more; this leaves room for several
+# meshes and still ends a flood.
 MAX_EXCHANGE_FRAMES: Final = 2048
 # A whole exchange must end within this: a few frames either way on a slow link.
 EXCHANGE_TIMEOUT_S: Final = 60.0
@@ -54,6 +66,10 @@ TOPIC_PREFIX: Final = "ostrom/1/mesh/"
 # Seconds a peer whose membership was revoked stays connected: time for the gossiped
 # revocation to reach it, so its own node knows why it was cut off.
 REVOCATION_GRACE_S: Final = 2.0
+# How often this node looks again at what it follows, to re-sign its catalogues when that
+# changed (and drops others' catalogues that aged out): a newly followed project is announced
+# within this, and the check is one small read of the store.
+CATALOGUE_CHECK_S: Final = 5.0
 
 
 def topic_of(mesh: CID) -> str:
@@ -77,6 +93,8 @@ class MeshReplicator:
         # The meshes each connected peer shares with this node, as their exchange found.
         self._shared: dict[str, set[CID]] = {}
         self._subscribed: set[CID] = set()
+        # One refresh of this node's catalogues at a time (the periodic check, exchanges).
+        self._refreshing = trio.Lock()
         # One queue, in order: a revocation is published before the revoked peer is cut off.
         self._send, self._receive = trio.open_memory_channel[tuple[str, Any]](QUEUE)
 
@@ -88,9 +106,11 @@ class MeshReplicator:
         self.mesh.on_peer_disconnected(self._forget)
         self.registry.listeners.append(lambda mesh: self._queue("changed", str(mesh)))
         self.registry.record_listeners.append(self._signed_here)
+        self.registry.catalogue_listeners.append(self._signed_here)
         async with trio.open_nursery() as nursery:
             await self._subscribe_joined()
             nursery.start_soon(self._run, nursery)
+            nursery.start_soon(self._run_catalogues)
             task_status.started()
 
     def _forget(self, peer_id: str) -> None:
@@ -121,6 +141,7 @@ class MeshReplicator:
             elif kind == "changed":
                 self.mesh.recheck_topic_access()
                 await self._subscribe_joined()
+                nursery.start_soon(self.refresh_catalogues)
                 peers = [p.peer_id for p in self.mesh.peers()]
                 refused = [p for p in peers if not self.registry.admits(_peer_key(p))]
                 if refused:
@@ -155,22 +176,62 @@ class MeshReplicator:
         return False
 
     async def _subscribe_joined(self) -> None:
-        joined = {m.cid for m in self.registry.joined()}
-        for mesh in joined - self._subscribed:
+        joined = {m.cid: m for m in self.registry.joined()}
+        for mesh in joined.keys() - self._subscribed:
+            if joined[mesh].members.access == "private":
+                self.mesh.set_topic_access(topic_of(mesh), self._member_of(mesh))
             await self.mesh.subscribe(topic_of(mesh), self._gossip_received)
             self._subscribed.add(mesh)
-        for mesh in self._subscribed - joined:
+        for mesh in self._subscribed - joined.keys():
             await self.mesh.unsubscribe(topic_of(mesh))
+            self.mesh.set_topic_access(topic_of(mesh), None)
             self._subscribed.discard(mesh)
+
+    def _member_of(self, mesh: CID) -> Callable[[str], bool]:
+        """Who may take part in a private mesh's topic: its members as this node knows them
+        now (asked again at every check, so admissions and revocations count at once)."""
+
+        def allowed(peer_id: str) -> bool:
+            joined = self.registry.get(mesh)
+            key = _peer_key(peer_id)
+            return joined is not None and key is not None and joined.members.admits(key)
+
+        return allowed
+
+    # --- catalogues ----------------------------------------------------------------------------
+
+    async def _run_catalogues(self) -> None:
+        while True:
+            await self.refresh_catalogues()
+            self.registry.expire_catalogues()
+            await trio.sleep(CATALOGUE_CHECK_S)
+
+    async def refresh_catalogues(self) -> None:
+        """Re-sign this node's catalogues where what it hosts changed; publish the new ones."""
+        async with self._refreshing:
+            try:
+                hosted = await self.registry.hosted_projects()
+            except OstromError as exc:
+                log.warning("reading the followed projects failed: %s", exc.message)
+                return
+            self._signed_here(self.registry.refresh_own(hosted))
 
     # --- gossip --------------------------------------------------------------------------------
 
-    def _signed_here(self, records: Sequence[SignedMeshRecord]) -> None:
+    def _signed_here(self, records: Sequence[SignedMeshRecord | SignedCatalogue]) -> None:
         for record in records:
             self._queue("publish", record)
 
     async def _gossip_received(self, topic: str, data: bytes, from_peer: str) -> bool:
-        """A membership record on a mesh topic: relayed only if valid for that mesh."""
+        """A membership record or a catalogue on a mesh topic: relayed only if valid for
+        that mesh (a catalogue: only if it is a member's and newer than the one held)."""
+        if is_catalogue(data):
+            try:
+                catalogue = decode_catalogue(data)
+            except (DecodeError, InvalidRecord) as exc:
+                log.info("bad catalogue from %s: %s", from_peer, exc.message)
+                return False
+            return topic == topic_of(catalogue.mesh) and self.registry.accept_catalogue(catalogue)
         try:
             record = decode_mesh_record(data)
         except (DecodeError, InvalidRecord) as exc:
@@ -230,16 +291,13 @@ class MeshReplicator:
         shared = await their_hello.receive()
         for mesh in sorted(shared):
             records = [r.data for r in self.registry.records_of(mesh)]
-            batch: list[bytes] = []
-            size = 0
-            for data in records:
-                if batch and size + len(data) > RECORDS_FRAME_BYTES:
-                    await framed.send({"t": "records", "mesh": mesh.raw, "records": batch})
-                    batch, size = [], 0
-                batch.append(data)
-                size += len(data)
-            if batch:
-                await framed.send({"t": "records", "mesh": mesh.raw, "records": batch})
+            await _send_batched(framed, "records", mesh, records)
+        if shared:
+            await self.refresh_catalogues()
+        # Membership first (above), so that the peer knows who may have signed a catalogue.
+        for mesh in sorted(shared):
+            catalogues = [c.data for c in self.registry.catalogues_of(mesh)]
+            await _send_batched(framed, "catalogues", mesh, catalogues)
         await framed.send({"t": "done"})
 
     async def _receive_side(
@@ -256,14 +314,22 @@ class MeshReplicator:
         theirs = {_cid(raw) for raw in listed}
         shared = theirs & set(offered)
         await hello.send(shared)
+        key = _peer_key(peer_id)
+        if key is not None:
+            # A peer that no longer names a mesh it had a catalogue in has left it.
+            for mesh in set(offered) - theirs:
+                self.registry.forget_catalogue(mesh, key)
         for _ in range(MAX_EXCHANGE_FRAMES):
-            frame = _expect(await framed.receive(), "records", "done")
+            frame = _expect(await framed.receive(), "records", "catalogues", "done")
             if frame["t"] == "done":
                 return shared
             mesh = _cid(frame.get("mesh"))
-            items = frame.get("records")
+            items = frame.get(frame["t"])
             if mesh not in shared or not isinstance(items, list):
-                raise DecodeError("records for a mesh not shared in this exchange")
+                raise DecodeError(f"{frame['t']} for a mesh not shared in this exchange")
+            if frame["t"] == "catalogues":
+                self._catalogues_received(mesh, items, peer_id)
+                continue
             records = []
             for data in items:
                 if not isinstance(data, bytes):
@@ -274,6 +340,32 @@ class MeshReplicator:
                     log.info("bad mesh record from %s: %s", peer_id, exc.message)
             await self.registry.ingest([r for r in records if r.mesh == mesh])
         raise DecodeError(f"more than {MAX_EXCHANGE_FRAMES} frames in one mesh exchange")
+
+    def _catalogues_received(self, mesh: CID, items: list[Any], peer_id: str) -> None:
+        for data in items:
+            if not isinstance(data, bytes):
+                raise DecodeError("a catalogue is bytes")
+            try:
+                catalogue = decode_catalogue(data)
+            except InvalidRecord as exc:
+                log.info("bad catalogue from %s: %s", peer_id, exc.message)
+                continue
+            if catalogue.mesh == mesh:
+                self.registry.accept_catalogue(catalogue)
+
+
+async def _send_batched(framed: FramedStream, kind: str, mesh: CID, items: list[bytes]) -> None:
+    """Send `items` as `kind` frames for `mesh`, each holding about `RECORDS_FRAME_BYTES`."""
+    batch: list[bytes] = []
+    size = 0
+    for data in items:
+        if batch and size + len(data) > RECORDS_FRAME_BYTES:
+            await framed.send({"t": kind, "mesh": mesh.raw, kind: batch})
+            batch, size = [], 0
+        batch.append(data)
+        size += len(data)
+    if batch:
+        await framed.send({"t": kind, "mesh": mesh.raw, kind: batch})
 
 
 def _expect(frame: Any, *kinds: str) -> dict[str, Any]:

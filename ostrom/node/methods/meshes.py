@@ -1,11 +1,14 @@
-"""RPC methods of community meshes: create, invite, join, list, show, leave, admit, revoke."""
+"""RPC methods of community meshes: create, invite, join, list, show, leave, admit, revoke,
+and the projects the mesh's members host (`mesh.projects`, also part of `mesh.show`)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Final
 
 import trio
 
+from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import parse_public_key, peer_id_of
 from ostrom.errors import NotFound, OstromError
 from ostrom.node.meshes import JoinedMesh
@@ -13,10 +16,21 @@ from ostrom.node.methods.registry import callers_input, method
 from ostrom.node.params import Params
 from ostrom.node.rpc_server import RpcConnection
 from ostrom.node.service import NodeService
+from ostrom.node.store import Store
+from ostrom.protocol.catalogue import Host
 from ostrom.protocol.meshes import MAX_BOOTSTRAP, Membership, SignedMeshRecord
+from ostrom.protocol.records import Project, SignedRecord
 
 # Bootstrap peers dialled at once when joining: all of them, as a mesh lists at most 16.
 _JOIN_PARALLEL_DIALS: Final = MAX_BOOTSTRAP
+# Projects `mesh.projects` lists unless asked for fewer or more, and the most it lists: a
+# mesh's catalogues may name over 100,000, far more than one answer (16 MiB) should carry.
+_PROJECTS_DEFAULT: Final = 1000
+_PROJECTS_MAX: Final = 10_000
+# Projects `mesh.show` lists: a screenful; `mesh.projects` gives the rest.
+_SHOW_PROJECTS: Final = 50
+# Hosts listed per project (connected ones first); `host_count` has them all.
+_HOSTS_LISTED: Final = 16
 
 
 def mesh_view(node: NodeService, mesh: JoinedMesh, *, detail: bool = False) -> dict[str, Any]:
@@ -123,7 +137,73 @@ async def mesh_list(node: NodeService, params: Params, conn: RpcConnection) -> A
 async def mesh_show(node: NodeService, params: Params, conn: RpcConnection) -> Any:
     mesh = node.meshes.resolve(params.text("mesh"))
     params.done()
-    return mesh_view(node, mesh, detail=True)
+    listed = await projects_view(node, mesh, _SHOW_PROJECTS)
+    return {
+        **mesh_view(node, mesh, detail=True),
+        "projects": listed["projects"],
+        "projects_total": listed["total"],
+    }
+
+
+async def projects_view(node: NodeService, mesh: JoinedMesh, limit: int) -> dict[str, Any]:
+    """The projects `mesh`'s catalogues list, most hosted first: `{projects, total}`."""
+    hosts = node.meshes.hosts(mesh.cid)
+    ranked = sorted(hosts.items(), key=lambda item: (-len(item[1]), item[0]))[:limit]
+    wanted = [project for project, _ in ranked]
+
+    def read(store: Store) -> tuple[dict[CID, str], dict[CID, SignedRecord]]:
+        return store.follows(), store.get_records(wanted)
+
+    follows, genesis = await node.db(read)
+    network = node.network
+    connected = set() if network is None else {str(p["peer_id"]) for p in network.peers()}
+    me = node.identity.peer_id
+    projects: list[dict[str, Any]] = []
+    for project, listed in ranked:
+        record = genesis.get(project)
+        if record is not None and not isinstance(record.body, Project):
+            record = None  # a catalogue named some other record: nothing here says its name
+        peers = sorted(
+            (peer_id_of(h.author) for h in listed),
+            key=lambda peer: (peer != me, peer not in connected, peer),
+        )
+        projects.append(
+            {
+                "project": str(project),
+                "name": (
+                    record.body.name
+                    if record is not None and isinstance(record.body, Project)
+                    else _claimed_name(listed)
+                ),
+                "here": record is not None,
+                "following": follows.get(project),
+                "host_count": len(listed),
+                "hosts": [
+                    {"peer_id": peer, "connected": peer in connected, "self": peer == me}
+                    for peer in peers[:_HOSTS_LISTED]
+                ],
+            }
+        )
+    projects.sort(key=lambda p: (-p["host_count"], p["name"].casefold(), p["project"]))
+    return {"projects": projects, "total": len(hosts)}
+
+
+def _claimed_name(listed: list[Host]) -> str:
+    """The name most hosts give a project not here yet (the newest claim among equals):
+    what its genesis says is known only once it is fetched."""
+    counts = Counter(h.name for h in listed)
+    newest = {h.name: h.ts for h in sorted(listed, key=lambda h: h.ts)}
+    return max(counts, key=lambda name: (counts[name], newest[name]))
+
+
+@method("mesh.projects")
+async def mesh_projects(node: NodeService, params: Params, conn: RpcConnection) -> Any:
+    """The projects the members of a mesh host there, as their catalogues say, most hosted
+    first; follow one with `project.follow`."""
+    mesh = node.meshes.resolve(params.text("mesh"))
+    limit = params.integer("limit", _PROJECTS_DEFAULT, minimum=1, maximum=_PROJECTS_MAX)
+    params.done()
+    return {"mesh": str(mesh.cid), "name": mesh.body.name, **await projects_view(node, mesh, limit)}
 
 
 @method("mesh.leave")
