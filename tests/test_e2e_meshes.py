@@ -1,5 +1,5 @@
-"""Community meshes on real `ostrom daemon` processes on 127.0.0.1 (issue 4, in progress:
-creating, inviting, joining by invite, admitting and revoking)."""
+"""Community meshes on real `ostrom daemon` processes on 127.0.0.1 (issue 4: creating,
+inviting, joining by invite, admitting and revoking, and finding the projects members host)."""
 
 from __future__ import annotations
 
@@ -142,3 +142,97 @@ def test_a_private_mesh_project_is_served_to_members_only(daemons: DaemonFactory
         "project", "create", "x", "--license", "MIT", "--mesh", "town", check=False
     )
     assert refused.returncode == 1 and "open" in refused.stderr
+
+
+def _listed(node: Any, mesh: str) -> dict[str, dict[str, Any]]:
+    """The projects `ostrom mesh show MESH` lists on `node`, by CID."""
+    return {p["project"]: p for p in node.json("mesh", "show", mesh)["projects"]}
+
+
+def _hosts(node: Any, mesh: str, project: str) -> set[str]:
+    entry = _listed(node, mesh).get(project)
+    return set() if entry is None else {h["peer_id"] for h in entry["hosts"]}
+
+
+def test_a_member_finds_the_projects_hosted_in_a_mesh_and_follows_one(
+    daemons: DaemonFactory,
+) -> None:
+    alice, bob = daemons.make("alice"), daemons.make("bob")
+    alice_id, bob_id = alice.json("id")["peer_id"], bob.json("id")["peer_id"]
+    benches = alice.json("project", "create", "benches", "--license", "CC0-1.0")["cid"]
+    alice.json("mesh", "create", "riverside")
+    bob.json("mesh", "join", alice.json("mesh", "invite", "riverside")["invite"])
+
+    # The exchange on connect brings Alice's catalogue: Bob sees what she hosts, by name.
+    wait_for(lambda: benches in _listed(bob, "riverside"), "Alice's catalogue to reach Bob")
+    entry = _listed(bob, "riverside")[benches]
+    assert entry["name"] == "benches" and entry["following"] is None and not entry["here"]
+    assert entry["hosts"] == [{"peer_id": alice_id, "connected": True, "self": False}]
+    shown = bob.cli("mesh", "show", "riverside").stdout
+    assert "benches" in shown and benches in shown and "not followed" in shown
+
+    bob.json("follow", benches)
+    wait_for(
+        lambda: benches in {p["cid"] for p in bob.json("project", "list")},
+        "Bob to replicate the project he found",
+    )
+    # Bob hosts it now, and says so in his own catalogue, which reaches Alice by gossip.
+    wait_for(lambda: _hosts(alice, "riverside", benches) == {alice_id, bob_id}, "Bob's catalogue")
+    listed = bob.json("mesh", "projects", "riverside")
+    assert listed["total"] == 1 and listed["projects"][0]["following"] == "full"
+
+    # Leaving withdraws Bob's catalogue: Alice no longer lists him as a host.
+    bob.json("mesh", "leave", "riverside")
+    wait_for(lambda: _hosts(alice, "riverside", benches) == {alice_id}, "Bob's withdrawal")
+
+
+def test_a_private_mesh_catalogue_reaches_members_only(daemons: DaemonFactory) -> None:
+    steward = daemons.make("steward")
+    member, outsider = daemons.make("member"), daemons.make("outsider")
+    steward_id = steward.json("id")["peer_id"]
+    member_id = member.json("id")["peer_id"]
+    steward.json("mesh", "create", "workshop", "--private")
+    steward.json("mesh", "admit", "workshop", member_id)
+    # An open mesh too, so the outsider stays connected to the steward and could overhear.
+    steward.json("mesh", "create", "town")
+    jigs = steward.json(
+        "project", "create", "jigs", "--license", "CERN-OHL-S-2.0", "--mesh", "workshop"
+    )["cid"]
+    benches = steward.json("project", "create", "benches", "--license", "CC0-1.0")["cid"]
+    workshop_invite = steward.json("mesh", "invite", "workshop")["invite"]
+    outsider.json("mesh", "join", steward.json("mesh", "invite", "town")["invite"])
+    # The outsider even holds the private mesh's invite, without being admitted.
+    outsider.json("mesh", "join", workshop_invite)
+    member.json("mesh", "join", workshop_invite)
+
+    wait_for(
+        lambda: {jigs, benches} <= _listed(member, "workshop").keys(),
+        "the steward's workshop catalogue to reach the member",
+    )
+    wait_for(lambda: benches in _listed(outsider, "town"), "the steward's town catalogue")
+    # The private project is listed in its own mesh only: never to the outsider, who sees the
+    # steward's public project in the open mesh they share.
+    assert jigs not in _listed(outsider, "town")
+    member.json("follow", jigs)
+    wait_for(lambda: member_id in _hosts(steward, "workshop", jigs), "the member's catalogue")
+    # A private project created now is announced by gossip on the mesh's topic, which the
+    # outsider's node subscribes to as well: only members receive it.
+    clamps = steward.json(
+        "project", "create", "clamps", "--license", "CERN-OHL-S-2.0", "--mesh", "workshop"
+    )["cid"]
+    wait_for(lambda: clamps in _listed(member, "workshop"), "the steward's new catalogue")
+    assert outsider_sees_nothing(outsider, jigs) and outsider_sees_nothing(outsider, clamps)
+    assert _listed(outsider, "workshop") == {}
+
+    # A revoked member's catalogue disappears with its membership.
+    steward.json("mesh", "revoke", "workshop", member_id)
+    wait_for(lambda: _hosts(steward, "workshop", jigs) == {steward_id}, "the revocation")
+    assert outsider_sees_nothing(outsider, jigs)
+
+
+def outsider_sees_nothing(outsider: Any, project: str) -> bool:
+    """Whether `project` is absent from everything the outsider's node can show."""
+    meshes = [m["name"] for m in outsider.json("mesh", "list")]
+    return all(project not in _listed(outsider, name) for name in meshes) and project not in {
+        p["cid"] for p in outsider.json("project", "list")
+    }
