@@ -1,8 +1,9 @@
 """/ostrom/mesh/1.0.0 between two nodes over an in-memory stream: what each side reveals,
-what travels, and a peer that stalls the exchange."""
+what travels (membership records and catalogues), and a peer that stalls the exchange."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,14 @@ import pytest
 import trio
 import trio.testing
 
+from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity
 from ostrom.node.events import EventBus
 from ostrom.node.framed import PeerSilent
 from ostrom.node.meshes import MeshRegistry
 from ostrom.node.meshsync import MeshReplicator
 from ostrom.node.store import Store
+from ostrom.protocol.records import Policy, Project, sign
 from tests.dagfactory import identity
 from tests.test_sync import MemoryByteStream
 
@@ -83,3 +86,119 @@ async def test_a_peer_that_drips_bytes_is_cut_off_in_bounded_time(
             await replicator(steward).exchange(MemoryByteStream(ours), OUTSIDER.peer_id)
         nursery.cancel_scope.cancel()
     assert trio.current_time() - start <= 61
+
+
+# --- catalogues --------------------------------------------------------------------------------
+
+
+def node(
+    who: Identity, tmp_path: Path, clock: Callable[[], float] = time.time
+) -> tuple[MeshRegistry, Store]:
+    """A registry with its store, where a test puts the projects the node follows."""
+    tmp_path.mkdir(exist_ok=True)
+    store = Store.open(tmp_path / f"{who.peer_id}-catalogue.sqlite")
+
+    async def db(fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(store, *args)
+
+    return MeshRegistry(who, db, EventBus(), clock), store
+
+
+def host(store: Store, who: Identity, name: str, mesh: CID | None = None) -> CID:
+    """Make `who` found a project (of `mesh` if given), stored and followed by `store`."""
+    body = Project(
+        author=who.public_key,
+        ts=1_700_000_000_000,
+        name=name,
+        license="MIT",
+        policy=Policy((who.public_key,)),
+        mesh=mesh,
+    )
+    record = sign(body, who)
+    store.put_records([record])
+    store.follow(record.cid, "full", 1)
+    return record.cid
+
+
+async def run_exchange(a: MeshRegistry, a_id: Identity, b: MeshRegistry, b_id: Identity) -> None:
+    left, right = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(replicator(a).exchange, MemoryByteStream(left), b_id.peer_id)
+        nursery.start_soon(replicator(b).exchange, MemoryByteStream(right), a_id.peer_id)
+
+
+async def refresh(registry: MeshRegistry) -> None:
+    registry.refresh_own(await registry.hosted_projects())
+
+
+def listed(registry: MeshRegistry, mesh: CID) -> dict[CID, set[bytes]]:
+    return {p: {h.author for h in hosts} for p, hosts in registry.hosts(mesh).items()}
+
+
+async def test_a_private_project_is_catalogued_in_its_mesh_only_and_to_members_only(
+    tmp_path: Path,
+) -> None:
+    steward, steward_store = node(STEWARD, tmp_path)
+    workshop = await steward.create("workshop", "private")
+    town = await steward.create("town", "open")
+    await steward.set_membership(workshop.cid, MEMBER.public_key, "admit")
+    jigs = host(steward_store, STEWARD, "jigs", mesh=workshop.cid)
+    benches = host(steward_store, STEWARD, "benches")
+    await refresh(steward)
+    s = STEWARD.public_key
+    assert listed(steward, workshop.cid) == {jigs: {s}, benches: {s}}
+    assert listed(steward, town.cid) == {benches: {s}}
+
+    member, member_store = node(MEMBER, tmp_path)
+    outsider, _ = node(OUTSIDER, tmp_path)
+    for other in (member, outsider):
+        await other.join(steward.invite(workshop.cid))
+        await other.join(steward.invite(town.cid))
+    await run_exchange(steward, STEWARD, member, MEMBER)
+    await run_exchange(steward, STEWARD, outsider, OUTSIDER)
+    assert listed(member, workshop.cid) == {jigs: {s}, benches: {s}}
+    assert listed(member, town.cid) == {benches: {s}}
+    assert listed(outsider, town.cid) == {benches: {s}}
+    assert listed(outsider, workshop.cid) == {}
+
+    # The member follows the private project: the steward learns it at the next exchange.
+    member_store.put_records([r for r in steward_store.projects() if r.cid == jigs])
+    member_store.follow(jigs, "full", 2)
+    await refresh(member)
+    await run_exchange(steward, STEWARD, member, MEMBER)
+    assert listed(steward, workshop.cid)[jigs] == {s, MEMBER.public_key}
+    assert listed(steward, town.cid) == {benches: {s}}  # the member hosts nothing public
+
+    # Revoked, the member's catalogue is gone with its membership.
+    await steward.set_membership(workshop.cid, MEMBER.public_key, "revoke")
+    assert listed(steward, workshop.cid)[jigs] == {s}
+
+
+async def test_leaving_a_mesh_withdraws_the_catalogue(tmp_path: Path) -> None:
+    steward, _ = node(STEWARD, tmp_path)
+    town = await steward.create("town", "open")
+    member, member_store = node(MEMBER, tmp_path)
+    await member.join(steward.invite(town.cid))
+    looms = host(member_store, MEMBER, "looms")
+    await refresh(member)
+    await run_exchange(steward, STEWARD, member, MEMBER)
+    assert listed(steward, town.cid) == {looms: {MEMBER.public_key}}
+
+    signed: list[Any] = []
+    member.catalogue_listeners.append(signed.extend)
+    await member.leave(town.cid)
+    assert [c.body.projects for c in signed] == [()]
+    assert steward.accept_catalogue(signed[0])
+    assert listed(steward, town.cid) == {}
+
+    # A node that missed the withdrawal learns it when the peer no longer names the mesh.
+    # (The same key's next catalogue must be a second newer at least: its clock is ahead.)
+    again, again_store = node(MEMBER, tmp_path / "again", clock=lambda: time.time() + 2)
+    await again.join(steward.invite(town.cid))
+    host(again_store, MEMBER, "looms")
+    await refresh(again)
+    await run_exchange(steward, STEWARD, again, MEMBER)
+    assert listed(steward, town.cid) == {looms: {MEMBER.public_key}}
+    await again.leave(town.cid)
+    await run_exchange(steward, STEWARD, again, MEMBER)
+    assert listed(steward, town.cid) == {}
