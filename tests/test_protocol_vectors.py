@@ -29,6 +29,7 @@ from ostrom.errors import InvalidRecord
 from ostrom.protocol import (
     blockwire,
     car,
+    catalogue,
     changesets,
     chunking,
     dagcbor,
@@ -136,6 +137,9 @@ def test_the_signing_domain_is_as_documented() -> None:
     mesh_domain = bytes.fromhex("6f7374726f6d2f6d6573682f763100")
     assert mesh_domain == meshes.MESH_DOMAIN == b"ostrom/mesh/v1\x00"
     assert mesh_domain.hex() in _doc()  # section 13
+    catalogue_domain = bytes.fromhex("6f7374726f6d2f636174616c6f6775652f763100")
+    assert catalogue_domain == catalogue.CATALOGUE_DOMAIN == b"ostrom/catalogue/v1\x00"
+    assert catalogue_domain.hex() in _doc()  # section 13.5
 
 
 _CONSTANT_ROW = re.compile(r"^\| `([A-Z][A-Z0-9_]*)` \| (\d+) \|", re.MULTILINE)
@@ -152,6 +156,7 @@ _CONSTANT_MODULES = (
     frames,
     blockwire,
     meshes,
+    catalogue,
     fields,
 )
 
