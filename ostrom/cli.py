@@ -873,7 +873,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("list", cmd_need_list, "list a project's needs", nsub)
     p.add_argument("project")
 
-    mesh = sub.add_parser("mesh", help="community meshes: create, invite, join, admit, revoke, find projects")
+    mesh = sub.add_parser(
+        "mesh", help="community meshes: create, invite, join, admit, revoke, find projects"
+    )
     msub = mesh.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
     p = command("create", cmd_mesh_create, "create a mesh, with this node as steward", msub)
     p.add_argument("name")
