@@ -534,22 +534,15 @@ def test_a_fork_only_follower_gets_a_short_upstream_history() -> None:
     fork_only_follower(upstream_depth=10, follow_at=30 * SECOND)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SimulationLimit,
-    reason="sync chases missing parents only of records new in that session, 16 rounds deep",
-)
 def test_a_fork_only_follower_gets_a_deep_upstream_history() -> None:
+    # Deeper than the 16 rounds of parent chasing a session allows: the fork's sync set
+    # holds the upstream history, so one reconciliation brings all of it.
     fork_only_follower(upstream_depth=30, follow_at=30 * SECOND)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SimulationLimit,
-    reason="a record that came by gossip is never chased: its upstream parents are in no sync set",
-)
 def test_a_fork_only_follower_that_hears_the_fork_by_gossip_first() -> None:
-    # `x` follows at the instant the fork is made: the genesis reaches it by gossip first.
+    # `x` follows at the instant the fork is made: the genesis reaches it by gossip first,
+    # without its upstream parents, and the sync that gossip asks for brings them.
     fork_only_follower(upstream_depth=3, follow_at=SECOND)
 
 
