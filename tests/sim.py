@@ -441,6 +441,7 @@ class _Session:
         self.initiator = initiator
         self.result = sync.SyncResult(project=project or _NO_PROJECT, peer_id=peer)
         self.reader = FrameReader(max_frame=sync.MAX_FRAME)
+        self.reconciler: Reconciler | None = None  # once the hello is answered
         self.rec_bytes = 0  # bytes of reconciliation messages, both ways (inside `rec` frames)
         self.closed = False
         self.outcome = ""  # "ok", "refused", or why it failed
@@ -533,7 +534,6 @@ class _Pull(_Session):
         self.project = project
         self.state = "hello"
         self.index: ReconcileIndex | None = None
-        self.reconciler: Reconciler | None = None
         self.have: list[CID] = []
         self.wanted: set[CID] = set()
         self.chasing: set[CID] = set()
@@ -660,7 +660,6 @@ class _Serve(_Session):
         super().__init__(node, peer, key, False, None)
         self.state = "hello"
         self.project: CID | None = None
-        self.reconciler: Reconciler | None = None
 
     def on_frame(self, frame: Any) -> None:
         if self.state == "hello":
@@ -761,7 +760,7 @@ class SimNode:
         self.following: dict[CID, None] = {}  # ordered, for deterministic iteration
         self._topics: set[str] = set()
         self.stats = NodeStats()
-        self.completed: list[_Session] = []  # initiated sessions that ended, in order
+        self.completed: list[_Pull] = []  # initiated sessions that ended, in order
         # project -> the seeds of its sync set: its records and its public forks' genesis
         self._members: dict[CID, list[CID]] = {}
         self._own: dict[CID, list[CID]] = {}  # project -> records naming it as `project`
@@ -1294,7 +1293,8 @@ class HostileNode(SimNode):
     node's key under its genuine author, random bytes, a truncated record, a well-formed
     DAG-CBOR map that is no record, and a genuine record on another project's topic.
     With `lie`, its sync index also holds ids of records that do not exist, so honest peers
-    want them and it pushes them; it answers every want and push with forgeries.
+    want them and it pushes them; it answers every want and push with forgeries, or, with
+    `deny`, sends its genuine records and answers the wants of its invented ids `missing`.
     """
 
     def __init__(
@@ -1305,11 +1305,13 @@ class HostileNode(SimNode):
         *,
         flood: bool = True,
         lie: bool = False,
+        deny: bool = False,
         interval: int = 2 * SECOND,
     ) -> None:
         super().__init__(name, net, identity)
         self.flood = flood
         self.lie = lie
+        self.deny = deny
         self.interval = interval
         self.sent_forgeries = 0
 
@@ -1359,7 +1361,7 @@ class HostileNode(SimNode):
         return index
 
     def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
-        if not self.lie:
+        if not self.lie or self.deny:  # a denier sends what it has, and lacks what it invented
             return super().sync_records(cids)
         out: list[bytes] = []
         for cid in cids:
