@@ -1079,7 +1079,7 @@ class SimNode:
         if project not in self.following and project not in self.records:
             return None
         sync_set = self._sync_sets.get(project)
-        if sync_set is None:
+        if sync_set is None or sync_set.overflowed:
             seeds = [
                 (cid.raw, b"".join(p.raw for p in self.records[cid].parents))
                 for cid in self._members.get(project, ())

@@ -119,6 +119,27 @@ def test_the_parents_a_set_lacks_are_remembered_up_to_a_bound(
     assert lookup == set(invented)
     sync_set.extend([], lookup)
     assert orphan in sync_set and len(sync_set.absent) == 4
+    assert sync_set.overflowed  # to be built again before its next use
+    built = SyncSet(ReconcileIndex.build([orphan]), invented)
+    assert len(built.absent) == 4 and not built.overflowed
+
+
+async def test_a_set_that_overflowed_is_built_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, fork, records = _fork_world()
+    with Store.open(tmp_path / "a.sqlite") as store:
+        service = NodeService(identity("node"), store, DataDir(tmp_path))
+        await service.store_new([fork], "gossip")
+        first = await service.sync_index(fork.cid)
+        monkeypatch.setattr(syncset, "MAX_ABSENT", 1)
+        # Stored child first, so the chain's missing parents pass the bound.
+        rest = sorted((r for r in records if r.cid != fork.cid), key=lambda r: r.ts, reverse=True)
+        for record in rest:
+            await service.store_new([record], "sync")
+        again = await service.sync_index(fork.cid)
+        assert again is not first
+        assert len(again) == 26
 
 
 # --- the store's walk and the service's sets ------------------------------------------------------

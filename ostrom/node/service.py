@@ -316,7 +316,7 @@ class NodeService:
             return None
         async with self._sets_lock:
             found = self._sync_sets.get(project)
-            if found is None:
+            if found is None or found.overflowed:
 
                 def build(store: Store) -> SyncSet:
                     # A project's forks travel with it, so its followers see them (`ostrom

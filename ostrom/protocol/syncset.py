@@ -24,11 +24,12 @@ from typing import Final
 from ostrom.crypto.cid import CID_LENGTH
 from ostrom.protocol.reconcile import ReconcileIndex
 
-# Missing parents remembered per set. An honest replica lacks a handful (the frontier of a
-# history still arriving; a catch-up in CID order passes through at most a few thousand);
-# records naming invented parents could otherwise grow this without end. Parents named past
-# the bound are not remembered: such a record, should it arrive, joins the set when the set
-# is next built (the node's next start), and reaches this node by parent chasing meanwhile.
+# Missing parents remembered per set (about 100 bytes each). A replica at rest lacks a few;
+# a catch-up, whose records arrive in CID order rather than parents first, passes through
+# about a quarter of the records it fetches (25,000 for 100,000), and records naming invented
+# parents could grow the set without end. Past the bound the set is marked `overflowed` and
+# its owner builds it again from the store before its next use: that forgets the parents that
+# arrived meanwhile, and a set that is still over the bound then stays as built.
 MAX_ABSENT: Final = 65_536
 
 
@@ -46,12 +47,16 @@ def links(parents: bytes) -> list[bytes]:
 class SyncSet:
     """One project's sync set: an index of its member ids and the parents it lacks."""
 
-    __slots__ = ("absent", "index")
+    __slots__ = ("absent", "index", "overflowed")
 
     def __init__(self, index: ReconcileIndex, absent: Iterable[bytes] = ()) -> None:
         self.index = index
         self.absent: set[bytes] = set()
+        # True once growing the set dropped a missing parent: a record arriving later may
+        # then not join as it should, so the set is to be built again (see MAX_ABSENT).
+        self.overflowed = False
         self._remember(absent)
+        self.overflowed = False  # building it again would not make a built set smaller
 
     @classmethod
     def build(cls, seeds: Iterable[tuple[bytes, bytes]], reach: Reach) -> SyncSet:
@@ -111,5 +116,6 @@ class SyncSet:
     def _remember(self, absent: Iterable[bytes]) -> None:
         for raw in absent:
             if len(self.absent) >= MAX_ABSENT:
+                self.overflowed = True
                 return
             self.absent.add(raw)
