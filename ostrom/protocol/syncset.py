@@ -83,34 +83,35 @@ class SyncSet:
         known to be absent: the caller looks them up in its store (a walk through them, not
         entering members) and hands the result to `extend`.
         """
-        work = [raw for raw in seeds if raw not in self.index]
-        if self.absent:
-            if len(self.absent) < len(stored):
-                work.extend(raw for raw in self.absent if raw in stored)
+        index, absent = self.index, self.absent
+        work = list(seeds)
+        if absent:
+            if len(absent) < len(stored):
+                work.extend(raw for raw in absent if raw in stored)
             else:
-                work.extend(raw for raw in stored if raw in self.absent)
+                work.extend(raw for raw in stored if raw in absent)
+        added: set[bytes] = set()
         lookup: set[bytes] = set()
         while work:
             raw = work.pop()
-            if raw in self.index:
+            if raw in added or raw in index:
                 continue
-            self.index.add(raw)
-            self.absent.discard(raw)
+            added.add(raw)
             for parent in links(stored.get(raw, b"")):
-                if parent in self.index:
-                    continue
                 if parent in stored:
-                    work.append(parent)
-                elif parent not in self.absent:
+                    work.append(parent)  # checked when taken
+                elif parent not in absent and parent not in index:
                     lookup.add(parent)
-        return {raw for raw in lookup if raw not in self.index}
+        index.update(added, unheld=True)  # each was checked when taken
+        absent -= added
+        return lookup
 
     def extend(self, found: Iterable[bytes], absent: Iterable[bytes]) -> None:
         """Add what a walk from `admit`'s lookups found: stored records reached (members now)
         and CIDs reached that are not stored (remembered as absent)."""
-        for raw in found:
-            self.index.add(raw)
-            self.absent.discard(raw)
+        found = list(found)
+        self.index.update(found)
+        self.absent.difference_update(found)
         self._remember(raw for raw in absent if raw not in self.index)
 
     def _remember(self, absent: Iterable[bytes]) -> None:
