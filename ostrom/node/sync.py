@@ -2,11 +2,13 @@
 
 One session covers one project. The initiator names it; both sides reconcile their sets of
 the project's record ids (`ostrom.protocol.reconcile`, whose cost grows with the difference,
-not with the size of the sets). Then the initiator pulls what it lacks and pushes what the
-responder lacks, and pulls the missing ancestors of what it received (for example the
-upstream records a fork merged) for a bounded number of rounds. A node runs a session as
-initiator with each peer it shares a project with, on connect and periodically, so each
-side pulls for itself.
+not with the size of the sets). A project's set holds its records and everything their
+history reaches in other projects (`ostrom.protocol.syncset`), so a fork's upstream history
+comes with it, however deep. Then the initiator pulls what it lacks and pushes what the
+responder lacks, and pulls the missing parents of what it received that its peer holds
+outside its set, for a bounded number of rounds. A node runs a session as initiator with
+each peer it shares a project with, on connect and periodically, so each side pulls for
+itself.
 
     initiator                                 responder
     hello {project, v}                   ->
@@ -19,8 +21,10 @@ side pulls for itself.
 
 Everything a peer controls is bounded: frame size, CIDs per want, records per frame, rounds
 of reconciliation and of ancestor chasing, and the time it may stay silent. A responder
-answers only for records it has; an initiator keeps only records it asked for or that belong
-to the project. Records that fail verification are strikes against the peer.
+answers only for records it has; an initiator keeps only records it asked for, and a
+responder only pushed records it learned it lacks or that belong to the project. Records
+that fail verification, and ids a peer offered and then says it lacks, are strikes against
+the peer.
 
 The initiator pulls as a pipeline of three stages joined by bounded channels, so that on a
 catch-up the network, the verification workers and the store all stay busy: one task reads
@@ -62,8 +66,11 @@ WANTS_IN_FLIGHT: Final = 3
 # with two, the verification workers always have the next answer queued when they finish
 # one, while the store writes the answer before it.
 VERIFY_AHEAD: Final = 2
-# Rounds of fetching missing parents after the first transfer: a fork's merge of upstream
-# work needs one or two; each round may fetch many records.
+# Rounds of fetching missing parents after the first transfer. The reconciled set already
+# holds what the project's history reaches, so this only completes what a peer holds outside
+# its set (a set that lags behind its store); each round may fetch many records, and a
+# parent is asked for once per session, so a record naming parents nobody has costs one
+# round.
 MAX_ANCESTOR_ROUNDS: Final = 16
 # Records one session may take in: a very large project, and still a bound.
 MAX_SESSION_RECORDS: Final = 5_000_000
