@@ -25,10 +25,11 @@ node's own constants imported from there:
 - sync: the initiator/responder state machines of sync.py frame by frame (hello, rec,
   want/records with `WANTS_IN_FLIGHT` wants in flight, ancestor chasing, push, done), their
   bounds and strikes, over each project's sync set as `ostrom.protocol.syncset` keeps it
-  (its records, its forks' genesis, and what their history reaches), the idle timeout, sync on connect and every `SYNC_INTERVAL_S` with two peers
-  known to share the project, at most `MAX_CONCURRENT_SYNCS` sessions at once, repeats
-  merged, plus one peer not known to share the project (`explore=False` turns that off, to
-  show why the node does it); a responder that sends `done` with wants unanswered is cut off;
+  (its records, its forks' genesis, and what their history reaches), the idle timeout, sync
+  on connect and every `SYNC_INTERVAL_S` with two peers known to share the project, at most
+  `MAX_CONCURRENT_SYNCS` sessions at once, repeats merged, plus one peer not known to share
+  the project (`explore=False` turns that off, to show why the node does it); a responder
+  that sends `done` with wants unanswered is cut off;
 - blocks: after a sync or a gossiped contribution, the missing changesets of the project's
   history are fetched from the peer, retried with backoff.
 
