@@ -190,6 +190,22 @@ async def test_a_peer_pushing_forgeries_is_cut_off_and_nothing_forged_is_kept() 
     assert set(b.records) == {g.cid}
 
 
+async def test_a_push_of_records_the_responder_did_not_lack_is_refused_and_not_kept() -> None:
+    world = World()
+    g, records = _project(world, 10)
+    strangers = [world.genesis(BOB, name=f"stranger {i}") for i in range(len(records))]
+
+    class Stuffer(FakeHost):
+        async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+            return {cid: stranger.data for cid, stranger in zip(cids, strangers, strict=False)}
+
+    a = Stuffer([g.cid], records)
+    b = FakeHost([g.cid], [g])
+    with pytest.raises(sync.PeerMisbehaving, match="failed verification"):
+        await _session(a, b, g.cid)
+    assert set(b.records) == {g.cid}
+
+
 async def test_a_catch_up_of_many_wants_arrives_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     # Small wants, so that a few hundred records make many answers: each is verified while
     # later ones are read and earlier ones stored, and nothing may be lost or reordered.

@@ -260,8 +260,9 @@ async def _take_push(
 ) -> IngestResult:
     """Verify and store one pushed batch. A record counts as a strike if it fails
     verification, or if it is neither one the reconciliation said this side lacks
-    (`learned`, binary CIDs) nor one of the session's project already held here (it may
-    have arrived by another way since the reconciliation). Strikes are counted first."""
+    (`learned`, binary CIDs), nor a record of the session's project, nor one held here
+    already (it may have come another way since the reconciliation). Strikes are counted
+    first."""
     verified = await host.sync_verify(items)
     rows: list[RecordRow] = []
     others: list[CID] = []
