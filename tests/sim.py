@@ -24,10 +24,12 @@ node's own constants imported from there:
   sync with the sender is requested, which fetches the parents;
 - sync: the initiator/responder state machines of sync.py frame by frame (hello, rec,
   want/records with `WANTS_IN_FLIGHT` wants in flight, ancestor chasing, push, done), their
-  bounds and strikes, the idle timeout, sync on connect and every `SYNC_INTERVAL_S` with two peers
-  known to share the project, at most `MAX_CONCURRENT_SYNCS` sessions at once, repeats
-  merged, plus one peer not known to share the project (`explore=False` turns that off, to
-  show why the node does it); a responder that sends `done` with wants unanswered is cut off;
+  bounds and strikes, over each project's sync set as `ostrom.protocol.syncset` keeps it
+  (its records, its forks' genesis, and what their history reaches), the idle timeout, sync
+  on connect and every `SYNC_INTERVAL_S` with two peers known to share the project, at most
+  `MAX_CONCURRENT_SYNCS` sessions at once, repeats merged, plus one peer not known to share
+  the project (`explore=False` turns that off, to show why the node does it); a responder
+  that sends `done` with wants unanswered is cut off;
 - blocks: after a sync or a gossiped contribution, the missing changesets of the project's
   history are fetched from the peer, retried with backoff.
 
@@ -55,7 +57,7 @@ import heapq
 import itertools
 import random
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -87,6 +89,7 @@ from ostrom.protocol.records import (
     sign,
     signing_payload,
 )
+from ostrom.protocol.syncset import SyncSet
 from ostrom.protocol.tree import Conflict, FileEntry, replay
 from tests.dagfactory import Content, make_change
 
@@ -440,6 +443,7 @@ class _Session:
         self.initiator = initiator
         self.result = sync.SyncResult(project=project or _NO_PROJECT, peer_id=peer)
         self.reader = FrameReader(max_frame=sync.MAX_FRAME)
+        self.reconciler: Reconciler | None = None  # once the hello is answered
         self.rec_bytes = 0  # bytes of reconciliation messages, both ways (inside `rec` frames)
         self.closed = False
         self.outcome = ""  # "ok", "refused", or why it failed
@@ -532,13 +536,14 @@ class _Pull(_Session):
         self.project = project
         self.state = "hello"
         self.index: ReconcileIndex | None = None
-        self.reconciler: Reconciler | None = None
         self.have: list[CID] = []
         self.wanted: set[CID] = set()
         self.chasing: set[CID] = set()
         self.queue: deque[list[CID]] = deque()
         self.outstanding = 0
         self.chase_rounds = 0
+        self.offered: set[bytes] = set()  # the reconciler's `need`: ids the peer offered
+        self.denied = 0  # offered ids the peer then answered `missing`
 
     def begin(self) -> bool:
         """Send hello; False if this node does not host the project (sync.pull's Refused)."""
@@ -574,6 +579,7 @@ class _Pull(_Session):
         assert self.reconciler is not None
         self.state = "pull"
         self.have = sorted(CID(raw) for raw in self.reconciler.have)
+        self.offered = self.reconciler.need
         self._ask(sorted(CID(raw) for raw in self.reconciler.need))
         self._pump()
 
@@ -622,6 +628,11 @@ class _Pull(_Session):
         missing = _cids(frame.get("missing", []), sync.MAX_WANT)
         if len(items) + len(missing) > self.outstanding:
             raise sync.PeerMisbehaving("peer answered more CIDs than were asked for")
+        self.denied += sum(1 for cid in missing if cid.raw in self.offered)
+        if self.denied >= sync.MAX_STRIKES:
+            raise sync.PeerMisbehaving(
+                f"peer offered {self.denied} records in the reconciliation, then lacked them"
+            )
         self.outstanding -= len(items) + len(missing)
         if items:
             self._take_in(items)
@@ -651,7 +662,6 @@ class _Serve(_Session):
         super().__init__(node, peer, key, False, None)
         self.state = "hello"
         self.project: CID | None = None
-        self.reconciler: Reconciler | None = None
 
     def on_frame(self, frame: Any) -> None:
         if self.state == "hello":
@@ -703,8 +713,10 @@ class _Serve(_Session):
             missing = [cid for cid in cids if cid not in present]
             self.result.sent += self.send_records(found, missing)
         else:
-            assert self.project is not None
-            ingest = self.node.sync_ingest(_record_items(frame), self.peer, self.project)
+            assert self.project is not None and self.reconciler is not None
+            ingest = self.node.sync_ingest(
+                _record_items(frame), self.peer, self.project, self.reconciler.need
+            )
             self.result.received += len(ingest.stored)
             self.result.refused += ingest.refused
             if self.result.refused >= sync.MAX_STRIKES:
@@ -750,10 +762,11 @@ class SimNode:
         self.following: dict[CID, None] = {}  # ordered, for deterministic iteration
         self._topics: set[str] = set()
         self.stats = NodeStats()
-        self.completed: list[_Session] = []  # initiated sessions that ended, in order
-        self._members: dict[CID, list[CID]] = {}  # project -> ids in its sync set
+        self.completed: list[_Pull] = []  # initiated sessions that ended, in order
+        # project -> the seeds of its sync set: its records and its public forks' genesis
+        self._members: dict[CID, list[CID]] = {}
         self._own: dict[CID, list[CID]] = {}  # project -> records naming it as `project`
-        self._indexes: dict[CID, ReconcileIndex] = {}
+        self._sync_sets: dict[CID, SyncSet] = {}  # built on first use, then grown
         self._strikes: dict[str, int] = {}
         self._shared: dict[str, set[CID]] = {}
         self._seen: set[bytes] = set()
@@ -803,8 +816,10 @@ class SimNode:
     # --- the store --------------------------------------------------------------------------
 
     def store_new(self, records: Sequence[SignedRecord], origin: str) -> list[CID]:
-        """Keep verified records; index them for sync; publish this node's own."""
+        """Keep verified records; grow the sync sets (NodeService._grow_sync_sets); publish
+        this node's own."""
         new: list[SignedRecord] = []
+        seeds: dict[bytes, list[bytes]] = {}
         for record in records:
             if record.cid in self.records:
                 continue
@@ -812,10 +827,14 @@ class SimNode:
             self._own.setdefault(record.project, []).append(record.cid)
             for project in sync_projects(record):
                 self._members.setdefault(project, []).append(record.cid)
-                index = self._indexes.get(project)
-                if index is not None:
-                    index.add(record.cid.raw)
+                seeds.setdefault(project.raw, []).append(record.cid.raw)
             new.append(record)
+        if new and self._sync_sets:
+            parents = {r.cid.raw: b"".join(p.raw for p in r.parents) for r in new}
+            for project, sync_set in self._sync_sets.items():
+                lookup = sync_set.admit(parents, seeds.get(project.raw, ()))
+                if lookup:
+                    sync_set.extend(*self.reach(lookup, sync_set.__contains__))
         if origin == "local":
             for record in new:
                 self.publish(record)
@@ -1036,23 +1055,53 @@ class SimNode:
 
     # --- sync -------------------------------------------------------------------------------
 
+    def reach(
+        self, start: Iterable[bytes], inside: Callable[[bytes], bool]
+    ) -> tuple[list[bytes], set[bytes]]:
+        """Store.reach over this node's records."""
+        stack = [raw for raw in set(start) if not inside(raw)]
+        seen = set(stack)
+        found: list[bytes] = []
+        absent: set[bytes] = set()
+        while stack:
+            raw = stack.pop()
+            record = self.records.get(CID(raw))
+            if record is None:
+                absent.add(raw)
+                continue
+            found.append(raw)
+            for parent in record.parents:
+                if parent.raw not in seen and not inside(parent.raw):
+                    seen.add(parent.raw)
+                    stack.append(parent.raw)
+        return found, absent
+
     def sync_index(self, project: CID) -> ReconcileIndex | None:
+        """NodeService.sync_index: the project's sync set (`ostrom.protocol.syncset`)."""
         if project not in self.following and project not in self.records:
             return None
-        index = self._indexes.get(project)
-        if index is None:
-            ids = (cid.raw for cid in self._members.get(project, ()))
-            index = self._indexes[project] = ReconcileIndex.build(ids)
-        return index
+        sync_set = self._sync_sets.get(project)
+        if sync_set is None or sync_set.overflowed:
+            seeds = [
+                (cid.raw, b"".join(p.raw for p in self.records[cid].parents))
+                for cid in self._members.get(project, ())
+            ]
+            sync_set = self._sync_sets[project] = SyncSet.build(seeds, self.reach)
+        return sync_set.index
 
     def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
         return [self.records[cid].data for cid in cids if cid in self.records]
 
     def sync_ingest(
-        self, items: Sequence[bytes], peer: str, project: CID | None = None
+        self,
+        items: Sequence[bytes],
+        peer: str,
+        project: CID | None = None,
+        learned: Collection[bytes] = (),
     ) -> SimIngest:
-        """NodeService.sync_verify then sync_store: verify, keep the project's records,
-        report missing parents."""
+        """NodeService.sync_verify then sync_store: verify, keep the records, report missing
+        parents. With `project` (a push, sync._take_push), a record is refused unless it is
+        `learned` (the responder's `need`), of the project, or already held."""
         result = SimIngest()
         good: list[SignedRecord] = []
         for item in items:
@@ -1061,8 +1110,13 @@ class SimNode:
             except OstromError:
                 result.refused += 1
                 continue
-            if project is not None and project not in sync_projects(record):
-                result.refused += 1
+            if (
+                project is not None
+                and record.cid.raw not in learned
+                and project not in sync_projects(record)
+            ):
+                if record.cid not in self.records:
+                    result.refused += 1
                 continue
             good.append(record)
         self.stats.sync_refused += result.refused
@@ -1241,7 +1295,8 @@ class HostileNode(SimNode):
     node's key under its genuine author, random bytes, a truncated record, a well-formed
     DAG-CBOR map that is no record, and a genuine record on another project's topic.
     With `lie`, its sync index also holds ids of records that do not exist, so honest peers
-    want them and it pushes them; it answers every want and push with forgeries.
+    want them and it pushes them; it answers every want and push with forgeries, or, with
+    `deny`, sends its genuine records and answers the wants of its invented ids `missing`.
     """
 
     def __init__(
@@ -1252,11 +1307,13 @@ class HostileNode(SimNode):
         *,
         flood: bool = True,
         lie: bool = False,
+        deny: bool = False,
         interval: int = 2 * SECOND,
     ) -> None:
         super().__init__(name, net, identity)
         self.flood = flood
         self.lie = lie
+        self.deny = deny
         self.interval = interval
         self.sent_forgeries = 0
 
@@ -1306,7 +1363,7 @@ class HostileNode(SimNode):
         return index
 
     def sync_records(self, cids: Sequence[CID]) -> list[bytes]:
-        if not self.lie:
+        if not self.lie or self.deny:  # a denier sends what it has, and lacks what it invented
             return super().sync_records(cids)
         out: list[bytes] = []
         for cid in cids:

@@ -162,6 +162,40 @@ def test_a_fork_made_on_one_node_is_seen_on_another(daemons: DaemonFactory) -> N
     )
 
 
+def test_a_node_following_only_a_fork_gets_its_whole_upstream_history(
+    daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    alice = daemons.make("alice")
+    bob = daemons.make("bob", "--bootstrap", address(alice))
+    project = alice.json("project", "create", "deep", "--license", "MIT")["cid"]
+    made = []
+    for i in range(20):  # deeper than the rounds of parent chasing one sync session allows
+        page = tmp_path / f"page{i}.txt"  # one file each: the tree shows every generation
+        page.write_text(f"page {i}\n")
+        made.append(alice.json("contribute", project, str(page), "-m", f"page {i}")["cid"])
+    bob.json("follow", project)
+    wait_for(lambda: len(statuses(bob, project)) == 21, "bob to have the upstream history")
+    fork = bob.json("fork", project, "--name", "deep-fork")["cid"]
+    (tmp_path / "fork.txt").write_text("the fork's own file\n")
+    bob.json("contribute", fork, str(tmp_path / "fork.txt"), "-m", "fork work")
+    # carol knows only bob, and follows only the fork.
+    carol = daemons.make("carol", "--bootstrap", address(bob))
+    carol.json("follow", fork)
+    tree = bob.cli("tree", fork, "--json").stdout
+    # Until the history is whole (and its blocks here), carol's `tree` fails or differs.
+    wait_for(
+        lambda: carol.cli("tree", fork, "--json", check=False).stdout == tree,
+        "carol's tree of the fork, a replay of its upstream history too, to be bob's",
+    )
+    paths = {f["path"] for f in carol.json("tree", fork)["files"]}
+    assert paths == {"fork.txt", *(f"page{i}.txt" for i in range(20))}
+    assert carol.json("show", made[0])["cid"] == made[0]  # the deepest upstream record
+    assert statuses(carol, fork) == statuses(bob, fork)
+    assert set(statuses(carol, fork).values()) == {"accepted"}
+    assert carol.json("forks", fork) == bob.json("forks", fork)
+    assert [f["project"] for f in carol.json("forks", project)["forks"]] == [fork]
+
+
 def test_a_project_known_only_by_cid_is_found_through_the_dht(daemons: DaemonFactory) -> None:
     hub = daemons.make("hub")  # follows nothing: it only routes
     hub_addr = address(hub)

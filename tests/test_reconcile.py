@@ -301,6 +301,22 @@ def test_misuse_is_refused() -> None:
         Reconciler(index, initiator=True, branching=1)
 
 
+def test_adding_ids_together_or_one_by_one_gives_the_same_index() -> None:
+    rng = random.Random(21)
+    first, second = random_ids(3000, rng), random_ids(3000, rng)
+    one_by_one = ReconcileIndex.build(first)
+    together = ReconcileIndex.build(first)
+    for id in second:
+        one_by_one.add(id)
+    together.update([*second[:1000], *first[:10]])
+    together.update(second[1000:], unheld=True)
+    assert list(together) == list(one_by_one) == sorted({*first, *second})
+    assert together.fingerprint(b"", INFINITY) == one_by_one.fingerprint(b"", INFINITY)
+    with pytest.raises(InvalidInput):
+        together.update([random_ids(1, rng)[0], b"not an id"])
+    assert len(together) == 6000
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=400), version=st.booleans())
 def test_garbage_is_refused_with_decode_errors_only(data: bytes, version: bool) -> None:

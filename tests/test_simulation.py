@@ -26,6 +26,7 @@ from ostrom.protocol.records import Need, Policy, Project, SignedRecord, sign
 from tests.dagfactory import identity
 from tests.sim import (
     SECOND,
+    SYNC_INTERVAL,
     HostileNode,
     Network,
     SimNode,
@@ -534,22 +535,15 @@ def test_a_fork_only_follower_gets_a_short_upstream_history() -> None:
     fork_only_follower(upstream_depth=10, follow_at=30 * SECOND)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SimulationLimit,
-    reason="sync chases missing parents only of records new in that session, 16 rounds deep",
-)
 def test_a_fork_only_follower_gets_a_deep_upstream_history() -> None:
+    # Deeper than the 16 rounds of parent chasing a session allows: the fork's sync set
+    # holds the upstream history, so one reconciliation brings all of it.
     fork_only_follower(upstream_depth=30, follow_at=30 * SECOND)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SimulationLimit,
-    reason="a record that came by gossip is never chased: its upstream parents are in no sync set",
-)
 def test_a_fork_only_follower_that_hears_the_fork_by_gossip_first() -> None:
-    # `x` follows at the instant the fork is made: the genesis reaches it by gossip first.
+    # `x` follows at the instant the fork is made: the genesis reaches it by gossip first,
+    # without its upstream parents, and the sync that gossip asks for brings them.
     fork_only_follower(upstream_depth=3, follow_at=SECOND)
 
 
@@ -591,3 +585,55 @@ def test_a_run_that_does_not_converge_fails_clearly() -> None:
     mesh.node("n01").contribute(projects[1], {"README": "unheard"})
     with pytest.raises(SimulationLimit, match="not done by"):
         settle(mesh, projects, after=0)
+
+
+# --- hostile histories ---------------------------------------------------------------------------
+
+
+def test_a_peer_that_offers_records_it_then_lacks_is_cut_off() -> None:
+    sim = Simulator(seed=11)
+    net = Network(sim)
+    a, b = SimNode("a", net, identity("sim-a")), SimNode("b", net, identity("sim-b"))
+    denier = HostileNode("x-denier", net, identity("sim-denier"), flood=False, lie=True, deny=True)
+    for x, y in (("a", "b"), ("a", "x-denier"), ("b", "x-denier")):
+        net.connect(x, y)
+    net.start()
+    project = a.create_project("offered").cid
+    for node in (b, denier):
+        node.follow(project)
+    a.contribute(project, {"README": "hello"})
+    settle(Mesh(sim, net, [a, b, denier]), [project], after=60 * SECOND)
+    dropped = {(by, peer): reason for _, by, peer, reason in net.drops}
+    assert set(dropped) == {("a", "x-denier"), ("b", "x-denier")}
+    assert all("then lacked them" in reason for reason in dropped.values())
+
+
+def test_a_record_naming_parents_that_do_not_exist_is_kept_and_not_chased_forever() -> None:
+    """`up`'s fork holds a contribution naming a parent nobody has (a bug or a lie). `x`,
+    following only the fork, gets everything else, asks for that parent a bounded number of
+    times, and nobody is cut off: having a hole in one's history is not lying."""
+    sim = Simulator(seed=12)
+    net = Network(sim)
+    up, x = SimNode("up", net, identity("sim-up")), SimNode("x", net, identity("sim-x"))
+    net.connect("up", "x")
+    net.start()
+    p = up.create_project("upstream").cid
+    for i in range(20):
+        up.contribute(p, {"README": f"version {i}"})
+    fork = up.fork(p, "fork").cid
+    invented = CID.of_dag_cbor(b"a record nobody made")
+    up.contribute(fork, {"FORK": "orphaned"}, merge=[invented])
+    sim.run_until(10 * SECOND)
+    x.follow(fork)
+    wanted = up.history(fork)
+    sim.run_until_true(
+        lambda: x.records.keys() >= wanted.keys() and not x.missing_changesets(fork),
+        deadline=sim.now + SETTLE,
+        check_every=10 * SECOND,
+    )
+    sim.run_until(sim.now + 20 * SYNC_INTERVAL)
+    assert x.snapshot(fork) == up.snapshot(fork)
+    assert not net.drops
+    sessions = [s for s in x.completed if s.outcome == "ok"]
+    assert len(sessions) >= 20
+    assert sum(1 for s in sessions if s.chase_rounds > 0) <= 1

@@ -190,6 +190,22 @@ async def test_a_peer_pushing_forgeries_is_cut_off_and_nothing_forged_is_kept() 
     assert set(b.records) == {g.cid}
 
 
+async def test_a_push_of_records_the_responder_did_not_lack_is_refused_and_not_kept() -> None:
+    world = World()
+    g, records = _project(world, 10)
+    strangers = [world.genesis(BOB, name=f"stranger {i}") for i in range(len(records))]
+
+    class Stuffer(FakeHost):
+        async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+            return {cid: stranger.data for cid, stranger in zip(cids, strangers, strict=False)}
+
+    a = Stuffer([g.cid], records)
+    b = FakeHost([g.cid], [g])
+    with pytest.raises(sync.PeerMisbehaving, match="failed verification"):
+        await _session(a, b, g.cid)
+    assert set(b.records) == {g.cid}
+
+
 async def test_a_catch_up_of_many_wants_arrives_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     # Small wants, so that a few hundred records make many answers: each is verified while
     # later ones are read and earlier ones stored, and nothing may be lost or reordered.
@@ -243,9 +259,20 @@ async def test_one_forged_record_among_many_is_dropped_and_the_rest_kept() -> No
     assert set(a.records) == {r.cid for r in records} - {records[5].cid}
 
 
-async def test_a_replica_starting_from_nothing_reconciles_a_very_large_set() -> None:
+async def test_a_replica_starting_from_nothing_reconciles_a_very_large_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # 150k ids take about 84 reconciliation messages each way, more than any fixed small
-    # bound; the responder holds the ids but none of the records, and says so.
+    # bound. The responder claims the ids but holds none of the records: the initiator
+    # learns all of them, asks, and cuts the liar off when it says it lacks them.
+    pulls: list[tuple[int, int]] = []
+    run = sync._Puller.run
+
+    async def counted(puller: sync._Puller, need: Collection[bytes], have: list[CID]) -> None:
+        pulls.append((len(need), puller.result.reconcile_rounds))
+        await run(puller, need, have)
+
+    monkeypatch.setattr(sync._Puller, "run", counted)
     world = World()
     g, _ = _project(world, 0)
     many = [
@@ -259,9 +286,11 @@ async def test_a_replica_starting_from_nothing_reconciles_a_very_large_set() -> 
 
     a = FakeHost([g.cid], [g])
     b = Claimer([g.cid], [g])
-    pulled, _ = await _session(a, b, g.cid)
-    assert pulled.reconcile_rounds > 64
-    assert pulled.received == 0 and set(a.records) == {g.cid}
+    with pytest.raises(sync.PeerMisbehaving, match="then lacked them"):
+        await _session(a, b, g.cid)
+    [(learned, rounds)] = pulls
+    assert learned == len(many) and rounds > 64
+    assert set(a.records) == {g.cid}
 
 
 async def test_a_peer_ending_the_session_before_answering_is_cut_off() -> None:

@@ -55,6 +55,7 @@ from ostrom.protocol.records import (
     SignedRecord,
     sign,
 )
+from ostrom.protocol.syncset import SyncSet
 from ostrom.protocol.tree import Tree, replay
 
 log = logging.getLogger(__name__)
@@ -166,8 +167,10 @@ class NodeService:
         # Per cached state, the parents its records lack: a need or comment among them is
         # the only kind that can change the state.
         self._missing: dict[CID, frozenset[CID]] = {}
-        # Per project, the set of record ids that sync reconciles; built on first use.
-        self._indexes: dict[CID, ReconcileIndex] = {}
+        # Per project, the set of record ids that sync reconciles; built on first use, then
+        # grown as records arrive, under `_sets_lock` (a walk on a worker thread reads it).
+        self._sync_sets: dict[CID, SyncSet] = {}
+        self._sets_lock = trio.Lock()
         # Called with every batch of newly stored records and their origin (local, import,
         # sync, gossip); the replicator publishes local records this way. A listener must not
         # block.
@@ -245,15 +248,9 @@ class NodeService:
         else:
             new_set = set(new)
             fresh = list({row[ROW_CID]: row for row in rows if row[ROW_CID] in new_set}.values())
-        # A record is in its project's set, and a fork's genesis also in its parent's.
-        indexes = {project.raw: index for project, index in self._indexes.items()}
-        if indexes:
-            for row in fresh:
-                for project_raw in (row[ROW_PROJECT], row[ROW_FORK_OF]):
-                    index = indexes.get(project_raw) if project_raw is not None else None
-                    if index is not None:
-                        index.add(row[ROW_CID])
         stored = _StoredRecords(fresh, records)
+        if self._sync_sets:
+            await self._grow_sync_sets(stored, fresh)
         for listener in self.record_listeners:
             listener(stored, origin)
         # A record can complete the ancestry of any project (an upstream record a fork merged,
@@ -317,17 +314,43 @@ class NodeService:
 
         if not await self.db(hosted):
             return None
-        index = self._indexes.get(project)
-        if index is None:
+        async with self._sets_lock:
+            found = self._sync_sets.get(project)
+            if found is None or found.overflowed:
 
-            def ids(store: Store) -> list[CID]:
-                # A project's forks travel with it, so its followers see them (`ostrom forks`).
-                forks = [f.cid for f in store.forks_of(project) if project in sync_projects(f)]
-                return store.project_cids(project) + forks
+                def build(store: Store) -> SyncSet:
+                    # A project's forks travel with it, so its followers see them (`ostrom
+                    # forks`); what the history reaches travels too (`ostrom.protocol.syncset`).
+                    forks = [
+                        (f.cid.raw, b"".join(p.raw for p in f.parents))
+                        for f in store.forks_of(project)
+                        if project in sync_projects(f)
+                    ]
+                    return SyncSet.build([*store.project_links(project), *forks], store.reach)
 
-            cids = await self.db(ids)
-            index = self._indexes.setdefault(project, ReconcileIndex.build(c.raw for c in cids))
-        return index
+                found = self._sync_sets[project] = await self.db(build)
+        return found.index
+
+    async def _grow_sync_sets(self, stored: _StoredRecords, rows: Sequence[RecordRow]) -> None:
+        """Add newly stored records to the sync sets they belong to: a project's own
+        records and its public forks' genesis, and whatever its members now reach."""
+        parents: dict[bytes, bytes] = {}
+        seeds: dict[bytes, list[bytes]] = {}
+        for i, row in enumerate(rows):
+            raw = row[ROW_CID]
+            parents[raw] = row[ROW_PARENTS]
+            seeds.setdefault(row[ROW_PROJECT], []).append(raw)
+            fork_of = row[ROW_FORK_OF]
+            # A fork's genesis, unless a private mesh keeps the fork (rare: decoded).
+            if fork_of is not None and len(sync_projects(stored[i])) > 1:
+                seeds.setdefault(fork_of, []).append(raw)
+        async with self._sets_lock:
+            for project, sync_set in list(self._sync_sets.items()):
+                lookup = sync_set.admit(parents, seeds.get(project.raw, ()))
+                if lookup:
+                    inside = sync_set.__contains__
+                    found, absent = await self.db(Store.reach, lookup, inside)
+                    sync_set.extend(found, absent)
 
     def set_limits(self, limits: Limits) -> None:
         """Apply new limits at once: rates to transfers under way, peers to new connections

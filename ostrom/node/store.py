@@ -571,6 +571,51 @@ class Store:
         self._walk(heads, "NULL", visit)
         return {_stored_cid(raw, "record") for raw in found}
 
+    def project_links(self, project: CID) -> list[tuple[bytes, bytes]]:
+        """(binary CID, parents column) of every record of `project`, without reading the
+        records: what building the project's sync set needs (`ostrom.protocol.syncset`)."""
+        rows = self._conn.execute(
+            "SELECT cid, parents FROM records WHERE project = ?", (project.raw,)
+        ).fetchall()
+        out = [(bytes(raw), bytes(parents)) for raw, parents in rows]
+        if any(len(parents) % CID_LENGTH for _, parents in out):
+            raise StoreCorrupt("a stored record's parents column is not a list of CIDs")
+        return out
+
+    def reach(
+        self, start: Iterable[bytes], inside: Callable[[bytes], bool]
+    ) -> tuple[list[bytes], set[bytes]]:
+        """Walk `parents` from the binary CIDs `start` through stored records, without
+        entering those `inside` accepts: returns the stored records reached (`start`'s
+        included) and the CIDs reached that are not stored.
+
+        Like `ancestor_cids` it trusts the parents column. `inside` is called from the
+        calling thread; what it reads must not change during the walk.
+        """
+        frontier = [raw for raw in set(start) if not inside(raw)]
+        seen = set(frontier)
+        found: list[bytes] = []
+        absent: set[bytes] = set()
+        # Each pass queries only CIDs never queried before: at most one pass per record.
+        while frontier:
+            following: list[bytes] = []
+            for chunk in _chunks(frontier):
+                sql = f"SELECT cid, parents FROM records WHERE cid IN ({_placeholders(len(chunk))})"
+                stored: set[bytes] = set()
+                for raw, parents in self._conn.execute(sql, chunk).fetchall():
+                    if len(parents) % CID_LENGTH:
+                        raise StoreCorrupt("a stored record's parents column is not a list of CIDs")
+                    stored.add(raw)
+                    for i in range(0, len(parents), CID_LENGTH):
+                        parent = bytes(parents[i : i + CID_LENGTH])
+                        if parent not in seen and not inside(parent):
+                            seen.add(parent)
+                            following.append(parent)
+                found.extend(stored)
+                absent.update(raw for raw in map(bytes, chunk) if raw not in stored)
+            frontier = following
+        return found, absent
+
     def _walk(
         self,
         heads: Iterable[CID],

@@ -2,11 +2,13 @@
 
 One session covers one project. The initiator names it; both sides reconcile their sets of
 the project's record ids (`ostrom.protocol.reconcile`, whose cost grows with the difference,
-not with the size of the sets). Then the initiator pulls what it lacks and pushes what the
-responder lacks, and pulls the missing ancestors of what it received (for example the
-upstream records a fork merged) for a bounded number of rounds. A node runs a session as
-initiator with each peer it shares a project with, on connect and periodically, so each
-side pulls for itself.
+not with the size of the sets). A project's set holds its records and everything their
+history reaches in other projects (`ostrom.protocol.syncset`), so a fork's upstream history
+comes with it, however deep. Then the initiator pulls what it lacks and pushes what the
+responder lacks, and pulls the missing parents of what it received that its peer holds
+outside its set, for a bounded number of rounds. A node runs a session as initiator with
+each peer it shares a project with, on connect and periodically, so each side pulls for
+itself.
 
     initiator                                 responder
     hello {project, v}                   ->
@@ -19,8 +21,10 @@ side pulls for itself.
 
 Everything a peer controls is bounded: frame size, CIDs per want, records per frame, rounds
 of reconciliation and of ancestor chasing, and the time it may stay silent. A responder
-answers only for records it has; an initiator keeps only records it asked for or that belong
-to the project. Records that fail verification are strikes against the peer.
+answers only for records it has; an initiator keeps only records it asked for, and a
+responder only pushed records it learned it lacks or that belong to the project. Records
+that fail verification, and ids a peer offered and then says it lacks, are strikes against
+the peer.
 
 The initiator pulls as a pipeline of three stages joined by bounded channels, so that on a
 catch-up the network, the verification workers and the store all stay busy: one task reads
@@ -41,7 +45,7 @@ import trio
 from ostrom.crypto.cid import CID
 from ostrom.errors import DecodeError, Refused
 from ostrom.node.framed import IDLE_TIMEOUT_S, ByteStream, FramedStream
-from ostrom.node.ingest import ROW_CID, RecordRow
+from ostrom.node.ingest import ROW_CID, ROW_FORK_OF, ROW_PROJECT, RecordRow
 from ostrom.protocol.reconcile import ReconcileIndex, Reconciler, decode_message, encode_message
 
 log = logging.getLogger(__name__)
@@ -62,8 +66,11 @@ WANTS_IN_FLIGHT: Final = 3
 # with two, the verification workers always have the next answer queued when they finish
 # one, while the store writes the answer before it.
 VERIFY_AHEAD: Final = 2
-# Rounds of fetching missing parents after the first transfer: a fork's merge of upstream
-# work needs one or two; each round may fetch many records.
+# Rounds of fetching missing parents after the first transfer. The reconciled set already
+# holds what the project's history reaches, so this only completes what a peer holds outside
+# its set (a set that lags behind its store); each round may fetch many records, and a
+# parent is asked for once per session, so a record naming parents nobody has costs one
+# round.
 MAX_ANCESTOR_ROUNDS: Final = 16
 # Records one session may take in: a very large project, and still a bound.
 MAX_SESSION_RECORDS: Final = 5_000_000
@@ -248,13 +255,28 @@ def unwrap_single_error() -> Iterator[None]:
         raise
 
 
-async def _ingest(
-    host: SyncHost, items: list[bytes], result: SyncResult, project: CID | None
+async def _take_push(
+    host: SyncHost, items: list[bytes], result: SyncResult, learned: Collection[bytes]
 ) -> IngestResult:
-    """Verify and store one batch of records, counting refusals as strikes first."""
-    verified = await host.sync_verify(items, project)
-    _strike(result, verified.refused)
-    return await host.sync_store(verified.rows)
+    """Verify and store one pushed batch. A record counts as a strike if it fails
+    verification, or if it is neither one the reconciliation said this side lacks
+    (`learned`, binary CIDs), nor a record of the session's project, nor one held here
+    already (it may have come another way since the reconciliation). Strikes are counted
+    first."""
+    verified = await host.sync_verify(items)
+    rows: list[RecordRow] = []
+    others: list[CID] = []
+    project = result.project.raw
+    for row in verified.rows:
+        if row[ROW_CID] in learned:
+            rows.append(row)
+        elif project in (row[ROW_PROJECT], row[ROW_FORK_OF]):
+            rows.append(row)  # the project's own records are always welcome
+        else:
+            others.append(CID(row[ROW_CID]))
+    held = await host.sync_records(others) if others else {}
+    _strike(result, verified.refused + sum(1 for cid in others if cid not in held))
+    return await host.sync_store(rows)
 
 
 def _strike(result: SyncResult, refused: int) -> None:
@@ -301,6 +323,9 @@ class _Puller:
         self.result = result
         # Binary CIDs: hashing bytes is cheaper than hashing CID objects, per record.
         self.wanted: set[bytes] = set()
+        # The ids the peer said it holds during the reconciliation (this side's `need`).
+        self.offered: Collection[bytes] = ()
+        self.denied = 0  # offered ids the peer then answered `missing`
         self.chasing: set[bytes] = set()
         self.outstanding = 0  # CIDs wanted and not yet answered
         self.unstored = 0  # answers read and not yet stored
@@ -327,6 +352,13 @@ class _Puller:
             missing = _cids(frame.get("missing", []), MAX_WANT)
             if len(items) + len(missing) > self.outstanding:
                 raise PeerMisbehaving("peer answered more CIDs than were asked for")
+            # The peer offered these in the reconciliation; records are never deleted, so
+            # lacking them now is a lie (answering `missing` to a chased parent is not).
+            self.denied += sum(1 for cid in missing if cid.raw in self.offered)
+            if self.denied >= MAX_STRIKES:
+                raise PeerMisbehaving(
+                    f"peer offered {self.denied} records in the reconciliation, then lacked them"
+                )
             if items:
                 answer = _Answer(items)
                 self.unstored += 1
@@ -369,11 +401,13 @@ class _Puller:
             await self.framed.send({"t": "want", "cids": chunk})
         await self.wait_until(lambda: not self.outstanding and not self.unstored)
 
-    async def run(self, need: list[bytes], have: list[CID]) -> None:
+    async def run(self, need: Collection[bytes], have: list[CID]) -> None:
+        """Pull `need` (binary CIDs the peer offered, sorted or a set) and push `have`."""
+        self.offered = need
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.read_answers, nursery)
             nursery.start_soon(self.store_answers)
-            await self.ask(need)
+            await self.ask(sorted(need))
             rounds = 0
             while rounds < MAX_ANCESTOR_ROUNDS:
                 # Parents found missing early in a round may have been asked for later in it.
@@ -422,9 +456,8 @@ async def pull(stream: ByteStream, host: SyncHost, project: CID, peer_id: str) -
 
             await _reconcile(framed, reconciler, result, reconciler.start(), learned)
             # The reconciler has checked every id it took in; those wanted travel in binary.
-            need = sorted(reconciler.need)
             have = sorted(CID(raw) for raw in reconciler.have)
-            await _Puller(framed, host, result).run(need, have)
+            await _Puller(framed, host, result).run(reconciler.need, have)
     result.bytes_in, result.bytes_out = framed.bytes_in, framed.bytes_out
     return result
 
@@ -450,7 +483,8 @@ async def serve(stream: ByteStream, host: SyncHost, peer_id: str) -> SyncResult 
         return None
     await framed.send({"t": "welcome"})
     result = SyncResult(project=project, peer_id=peer_id)
-    await _reconcile(framed, Reconciler(index, initiator=False), result, None)
+    reconciler = Reconciler(index, initiator=False)
+    await _reconcile(framed, reconciler, result, None)
     while True:
         frame = _expect(await framed.receive(), "want", "records", "done")
         if frame["t"] == "done":
@@ -465,8 +499,9 @@ async def serve(stream: ByteStream, host: SyncHost, peer_id: str) -> SyncResult 
             missing = [cid for cid in cids if cid not in found]
             result.sent += await _send_records(framed, items, missing)
         else:
-            # A push: records this node lacked in the project, as the initiator reckoned.
-            ingest = await _ingest(host, _record_items(frame), result, project)
+            # A push: the records of the project's set this node lacked (the initiator's
+            # `have`, this side's `need`), upstream records a fork's history reaches included.
+            ingest = await _take_push(host, _record_items(frame), result, reconciler.need)
             result.received += len(ingest.stored)
     result.bytes_in, result.bytes_out = framed.bytes_in, framed.bytes_out
     return result

@@ -212,6 +212,20 @@ class ReconcileIndex:
         if len(self._buffer) > max(_MIN_BUFFER, len(self._ids) // _BUFFER_FRACTION):
             self._merge()
 
+    def update(self, ids: Iterable[bytes], *, unheld: bool = False) -> None:
+        """Add several ids at once (those present are skipped): one sort of the buffer, not
+        an insertion each. InvalidInput if one is not an id (and then none is added). With
+        `unheld`, the caller has just checked that none is here, and that is trusted."""
+        new = sorted(set(ids) if unheld else {id for id in ids if id not in self})
+        if not new:
+            return
+        for id in new:
+            _check_id(id, InvalidInput)
+        self._buffer = list(merge(self._buffer, new))
+        self._buffer_sums = None
+        if len(self._buffer) > max(_MIN_BUFFER, len(self._ids) // _BUFFER_FRACTION):
+            self._merge()
+
     def _merge(self) -> None:
         ids, buffer = self._ids, self._buffer
         first = bisect_left(ids, buffer[0]) // _STRIDE
