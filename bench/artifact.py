@@ -33,6 +33,8 @@ from ostrom.errors import OstromError
 # The raw stream's write size: what the brief fixes for the ceiling.
 WRITE_BYTES = 1 << 20
 RAW_PROTOCOL = "/ostrom-bench/raw/1.0.0"
+# CPU seconds the receiving side of each raw stream measurement used.
+RAW_CPU: list[float] = []
 # Status polling while a fetch runs: coarse enough not to load the daemon (one query under
 # the store's lock), fine enough to add at most 2% to a 2.5 s fetch.
 POLL_S = 0.05
@@ -78,12 +80,14 @@ async def _raw_fetch(addr: str, size: int) -> float:
         await nursery.start(mesh.serve)
         peer = await mesh.connect(addr)
         start = time.perf_counter()
+        cpu_start = time.process_time()
         stream = await mesh.open_stream(peer.peer_id, RAW_PROTOCOL)
         await stream.write(struct.pack(">Q", size))
         received = 0
         while chunk := await stream.read(WRITE_BYTES):
             received += len(chunk)
         elapsed = time.perf_counter() - start
+        RAW_CPU.append(time.process_time() - cpu_start)
         assert received == size, (received, size)
         await stream.finish()
         nursery.cancel_scope.cancel()
@@ -107,6 +111,12 @@ def raw_stream_mb_s(size: int) -> float:
     finally:
         holder.terminate()
         holder.wait(20)
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def collect_fetches(home: Path, out: list[dict[str, Any]]) -> None:
@@ -148,14 +158,25 @@ def fetch_mb_s(
         wait_peers(b, len(holders))
         threading.Thread(target=collect_fetches, args=(b.home, fetched), daemon=True).start()
         time.sleep(0.3)
+        cpu_before = [cpu_s(d.proc.pid) for d in (b, *holders)]
         start = time.perf_counter()
         b.client.follow(project)
         elapsed = (time.perf_counter() - start) + wait_bytes(b, target, timeout)
+        cpu = [
+            after - before
+            for after, before in zip(
+                [cpu_s(d.proc.pid) for d in (b, *holders)], cpu_before, strict=True
+            )
+        ]
         time.sleep(1.0)  # let the fetch tasks report
         phases = {e["phase"]: round(e["at"] - start, 2) for e in fetched if e.get("fetched")}
         return {
             "seconds": round(elapsed, 2),
             "mb_s": round(size / elapsed / 1e6, 1),
+            # CPU seconds the fetching daemon and the holders used from `follow` to the end:
+            # what the machine's load does not change much, unlike MB/s.
+            "cpu_s_fetcher": round(cpu[0], 2),
+            "cpu_s_holders": round(sum(cpu[1:]), 2),
             # Sum over B's `blocks.fetched` events: above the artifact's size means the
             # same blocks were downloaded more than once.
             "bytes_fetched_reported": sum(e.get("bytes", 0) for e in fetched),
@@ -199,6 +220,7 @@ def run(size: int, workdir: Path, timeout: float) -> dict[str, Any]:
             h.stop()
     return {
         "raw_stream_mb_s": [round(raw, 1), round(raw_after, 1)],
+        "raw_stream_cpu_s_receiver": [round(c, 2) for c in RAW_CPU],
         "one_peer": one,
         "three_peers": three,
         "contribute_into_a_s": round(contribute_s, 2),

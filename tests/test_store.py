@@ -200,8 +200,7 @@ def test_a_version_1_store_is_migrated_and_keeps_its_records(tmp_path: Path) -> 
     # Take the store back to what version 1 wrote: no mesh tables, blocks in the same file.
     conn = sqlite3.connect(path)
     conn.executescript(
-        f"DROP TABLE mesh_records; DROP TABLE meshes_joined; {OLD_BLOCKS};"
-        " PRAGMA user_version = 1;"
+        f"DROP TABLE mesh_records; DROP TABLE meshes_joined; {OLD_BLOCKS}; PRAGMA user_version = 1;"
     )
     conn.close()
     with Store.open(path) as s:

@@ -56,7 +56,8 @@ SERVE_READ_AHEAD: Final = 2
 
 
 class BlockStore(Protocol):
-    async def blocks_get(self, cids: Sequence[CID]) -> dict[CID, bytes]: ...
+    async def blocks_get(self, cids: Sequence[CID], peer: str | None = None) -> dict[CID, bytes]:
+        """The stored ones of `cids`; for `peer`, only those it may be served."""
 
     async def blocks_have(self, cids: Sequence[CID]) -> set[CID]: ...
 
@@ -98,7 +99,7 @@ async def serve(stream: ByteStream, store: BlockStore, peer_id: str) -> int:
                     )
                 for start in range(0, len(message.cids), SERVE_READ_BLOCKS):
                     part = message.cids[start : start + SERVE_READ_BLOCKS]
-                    found = await store.blocks_get(part)
+                    found = await store.blocks_get(part, peer_id)
                     await ready_send.send([(cid, found.get(cid)) for cid in part])
 
     with unwrap_single_error():
