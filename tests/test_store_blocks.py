@@ -137,9 +137,7 @@ def test_eviction_order_and_pins_survive_reopening(tmp_path: Path) -> None:
         store.get_block(a[0], touch=True)  # written at close
         store.put_blocks([blk(4)])  # own
     with Store.open(path) as store:
-        result = store.blocks.put(
-            [blk(5)], project=P1, pinned=False, quota=Quota(storage=40 * KIB)
-        )
+        result = store.blocks.put([blk(5)], project=P1, pinned=False, quota=Quota(storage=40 * KIB))
         assert result.evicted == 1
         assert store.has_blocks([a[0], b[0], c[0]]) == {a[0], c[0]}
         assert store.stats().blocks == 4
