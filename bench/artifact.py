@@ -35,9 +35,10 @@ WRITE_BYTES = 1 << 20
 RAW_PROTOCOL = "/ostrom-bench/raw/1.0.0"
 # CPU seconds the receiving side of each raw stream measurement used.
 RAW_CPU: list[float] = []
-# Status polling while a fetch runs: coarse enough not to load the daemon (one query under
-# the store's lock), fine enough to add at most 2% to a 2.5 s fetch.
-POLL_S = 0.05
+# Status polling while a fetch runs, besides a check after each fetch that ends (its
+# `blocks.done` event): a status call costs the daemon a few milliseconds of CPU, which
+# polling every 50 ms took from the fetch it measured.
+POLL_S = 1.0
 
 
 async def _raw_holder() -> None:
@@ -119,17 +120,21 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def collect_fetches(home: Path, out: list[dict[str, Any]]) -> None:
+def collect_fetches(home: Path, out: list[dict[str, Any]], ended: threading.Event) -> None:
+    """Record the `blocks.done` events of `home`'s daemon; set `ended` at each."""
     client = Client(home, timeout=None)
     try:
         for event in client.events():
-            if event.get("type") == "blocks.fetched":
+            if event.get("type") == "blocks.done":
                 out.append({**event, "at": time.perf_counter()})
+                ended.set()
     except (OstromError, OSError):  # the daemon stopping ends the stream
         return
 
 
-def wait_bytes(daemon: Daemon, target: int, timeout: float) -> float:
+def wait_bytes(daemon: Daemon, target: int, timeout: float, ended: threading.Event) -> float:
+    """Seconds until the daemon holds `target` bytes of blocks: checked when a fetch ends,
+    and every POLL_S."""
     start = time.perf_counter()
     while True:
         held = daemon.client.status()["store"]["block_bytes"]
@@ -137,7 +142,8 @@ def wait_bytes(daemon: Daemon, target: int, timeout: float) -> float:
             return time.perf_counter() - start
         if time.perf_counter() - start > timeout:
             raise TimeoutError(f"{held} of {target} block bytes after {timeout} s")
-        time.sleep(POLL_S)
+        ended.wait(POLL_S)
+        ended.clear()
 
 
 def wait_peers(daemon: Daemon, count: int) -> None:
@@ -156,12 +162,13 @@ def fetch_mb_s(
     try:
         b.wait_ready()
         wait_peers(b, len(holders))
-        threading.Thread(target=collect_fetches, args=(b.home, fetched), daemon=True).start()
+        ended = threading.Event()
+        threading.Thread(target=collect_fetches, args=(b.home, fetched, ended), daemon=True).start()
         time.sleep(0.3)
         cpu_before = [cpu_s(d.proc.pid) for d in (b, *holders)]
         start = time.perf_counter()
         b.client.follow(project)
-        elapsed = (time.perf_counter() - start) + wait_bytes(b, target, timeout)
+        elapsed = (time.perf_counter() - start) + wait_bytes(b, target, timeout, ended)
         cpu = [
             after - before
             for after, before in zip(
@@ -169,7 +176,7 @@ def fetch_mb_s(
             )
         ]
         time.sleep(1.0)  # let the fetch tasks report
-        phases = {e["phase"]: round(e["at"] - start, 2) for e in fetched if e.get("fetched")}
+        phases = {e["purpose"]: round(e["at"] - start, 2) for e in fetched if e.get("fetched")}
         return {
             "seconds": round(elapsed, 2),
             "mb_s": round(size / elapsed / 1e6, 1),
@@ -177,7 +184,7 @@ def fetch_mb_s(
             # what the machine's load does not change much, unlike MB/s.
             "cpu_s_fetcher": round(cpu[0], 2),
             "cpu_s_holders": round(sum(cpu[1:]), 2),
-            # Sum over B's `blocks.fetched` events: above the artifact's size means the
+            # Sum over B's `blocks.done` events: above the artifact's size means the
             # same blocks were downloaded more than once.
             "bytes_fetched_reported": sum(e.get("bytes", 0) for e in fetched),
             "fetch_events": len(fetched),

@@ -46,7 +46,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
     raise DecodeError(f"MessagePack extension type {code} is not allowed")
 
 
-def decode_body(body: bytes) -> Any:
+def decode_body(body: bytes | memoryview) -> Any:
     """The MessagePack value of one frame body; `DecodeError` for anything malformed."""
     try:
         return msgpack.unpackb(
@@ -77,33 +77,47 @@ class FrameReader:
         self._buffer = bytearray()
 
     def feed(self, data: bytes) -> list[Any]:
-        self._buffer += data
-        out: list[Any] = []
-        while True:
-            header = self._length()
-            if header is None:
-                return out
-            length, used = header
-            if length > self._max_frame:
-                raise TooLarge(
-                    f"peer announced a {length}-byte frame; the limit is {self._max_frame}"
-                )
-            if len(self._buffer) < used + length:
-                return out
-            body = bytes(self._buffer[used : used + length])
-            del self._buffer[: used + length]
-            out.append(decode_body(body))
+        """The values of the frames `data` completes.
 
-    def _length(self) -> tuple[int, int] | None:
+        Each frame body is decoded straight from the buffer (MessagePack copies what it
+        keeps), and the consumed bytes leave the buffer once per call: with frames as large
+        as a read, slicing and trimming per frame copied each block three more times.
+        """
+        buffer = self._buffer
+        buffer += data
+        out: list[Any] = []
+        start = 0
+        try:
+            while True:
+                header = self._length(start)
+                if header is None:
+                    return out
+                length, used = header
+                if length > self._max_frame:
+                    raise TooLarge(
+                        f"peer announced a {length}-byte frame; the limit is {self._max_frame}"
+                    )
+                end = start + used + length
+                if len(buffer) < end:
+                    return out
+                with memoryview(buffer) as view, view[start + used : end] as body:
+                    out.append(decode_body(body))
+                start = end
+        finally:
+            del buffer[:start]
+
+    def _length(self, start: int) -> tuple[int, int] | None:
+        """The length of the frame at `start` and the bytes its prefix takes, if buffered."""
+        buffer = self._buffer
         value = 0
-        for index in range(min(len(self._buffer), MAX_LENGTH_PREFIX_BYTES)):
-            byte = self._buffer[index]
+        for index in range(min(len(buffer) - start, MAX_LENGTH_PREFIX_BYTES)):
+            byte = buffer[start + index]
             value |= (byte & 0x7F) << (7 * index)
             if not byte & 0x80:
                 if index and byte == 0:
                     raise DecodeError("frame length is not minimally encoded")
                 return value, index + 1
-        if len(self._buffer) >= MAX_LENGTH_PREFIX_BYTES:
+        if len(buffer) - start >= MAX_LENGTH_PREFIX_BYTES:
             raise DecodeError("frame length prefix is too long")
         return None
 
