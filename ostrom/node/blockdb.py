@@ -221,30 +221,31 @@ class BlockDB:
                 self._check_project(conn, project, present, unique, quota)
                 evicted = self._make_room(conn, incoming, set(present.values()), quota)
             tick = self._next_tick()
-            for raw in new:
-                cursor = conn.execute(
-                    "INSERT INTO blocks (cid, size, used, kept) VALUES (?, ?, ?, 0)",
-                    (raw, len(unique[raw][1]), tick),
-                )
-                block_id = cursor.lastrowid
-                assert block_id is not None
-                conn.execute(
-                    "INSERT INTO block_data (id, data) VALUES (?, ?)", (block_id, unique[raw][1])
-                )
-                present[raw] = block_id
-            ids = [present[raw] for raw in raws]
+            kept = int(pinned)
+            # Ids above the highest so far (this transaction is the only writer), so that
+            # each table takes the batch in one statement.
+            top = conn.execute("SELECT coalesce(max(id), 0) FROM blocks").fetchone()[0]
+            added = {raw: top + 1 + i for i, raw in enumerate(new)}
+            conn.executemany(
+                "INSERT INTO blocks (id, cid, size, used, kept) VALUES (?, ?, ?, ?, ?)",
+                [(i, raw, len(unique[raw][1]), tick, kept) for raw, i in added.items()],
+            )
+            conn.executemany(
+                "INSERT INTO block_data (id, data) VALUES (?, ?)",
+                [(i, unique[raw][1]) for raw, i in added.items()],
+            )
             conn.executemany(
                 "INSERT INTO block_projects (project, block, pinned) VALUES (?, ?, ?)"
                 " ON CONFLICT (project, block) DO UPDATE SET pinned = max(pinned, excluded.pinned)",
-                [(project, block_id, int(pinned)) for block_id in ids],
+                [(project, i, kept) for i in (*present.values(), *added.values())],
             )
-            for raw in raws:
-                self._touched.pop(raw, None)
-            conn.executemany(
-                f"UPDATE blocks SET used = {tick} WHERE id = ?", [(i,) for i in ids if i]
-            )
-            if pinned:
-                conn.executemany("UPDATE blocks SET kept = 1 WHERE id = ?", [(i,) for i in ids])
+            if present:
+                for raw in present:
+                    self._touched.pop(raw, None)
+                conn.executemany(
+                    "UPDATE blocks SET used = ?, kept = max(kept, ?) WHERE id = ?",
+                    [(tick, kept, i) for i in present.values()],
+                )
         self._bytes += incoming - evicted[1]
         self._count += len(new) - evicted[0]
         return PutResult(new=len(new), evicted=evicted[0], evicted_bytes=evicted[1])

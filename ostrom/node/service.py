@@ -414,29 +414,30 @@ class NodeService:
     async def blocks_get(self, cids: Sequence[CID], peer: str | None = None) -> dict[CID, bytes]:
         """The stored ones of `cids`. For a `peer`, without the blocks it may not have: those
         kept only for projects of private meshes it is not a member of (see `_withheld`)."""
-        withheld = await self._withheld(cids, peer) if peer is not None else set()
 
-        def read(store: Store) -> dict[CID, bytes]:
+        def read(store: Store) -> tuple[dict[CID, bytes], dict[CID, set[bytes]]]:
             out = {}
             for cid in cids:
-                if cid in withheld:
-                    continue
                 data = store.get_block(cid)
                 if data is not None:
                     out[cid] = data
-            return out
+            return out, store.blocks.projects_of(out) if peer is not None else {}
 
-        return await self.db(read)
+        found, attributed = await self.db(read)
+        if peer is not None:
+            for cid in await self._withheld(attributed, peer):
+                del found[cid]
+        return found
 
-    async def _withheld(self, cids: Sequence[CID], peer: str) -> set[CID]:
-        """Those of `cids` that no project `peer` may be served (`may_serve`) was stored for.
+    async def _withheld(self, attributed: dict[CID, set[bytes]], peer: str) -> set[CID]:
+        """Those of the blocks in `attributed` (with the projects each was stored for) that
+        were stored for no project `peer` may be served (`may_serve`).
 
         A block stored for a public project, or for no project this node knows of (its own
         uploads and imports), is served to anyone; a block stored only for private meshes'
         projects, only to their members. (A block shared by a public and a private project
         is public: anyone holding the public project's records may ask for it.)
         """
-        attributed = await self.db(lambda store: store.blocks.projects_of(cids))
         withheld: set[CID] = set()
         verdicts: dict[bytes, bool] = {}
         for cid, projects in attributed.items():
