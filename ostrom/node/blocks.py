@@ -9,8 +9,9 @@ late takes its share of what is left; each keeps a few wants outstanding so that
 always has the next one queued. Blocks go through a bounded channel to one storing task,
 which gathers what arrives (from every peer, up to `STORE_BATCH_BLOCKS`) into one
 transaction while the workers keep receiving; the store verifies each block against its CID
-before it writes any of a batch. What a peer lacks goes back to the queue for the others. Everything stored stays stored, so an
-interrupted fetch resumes where it stopped: the next fetch asks only for what is still missing.
+before it writes any of a batch. What a peer lacks goes back to the queue for the others.
+Everything stored stays stored, so an interrupted fetch resumes where it stopped: the next
+fetch asks only for what is still missing.
 """
 
 from __future__ import annotations
