@@ -415,6 +415,15 @@ class BlockDB:
         )
         return int(row[0])
 
+    def largest_project(self) -> tuple[bytes, int] | None:
+        """The project holding the most bytes of blocks, and how many (`OWN` aside)."""
+        row = self._conn.execute(
+            "SELECT project, sum(size) AS held FROM block_projects JOIN blocks ON id = block"
+            " WHERE project != ? GROUP BY project ORDER BY held DESC LIMIT 1",
+            (OWN,),
+        ).fetchone()
+        return None if row is None else (bytes(row[0]), int(row[1]))
+
     def usage(self) -> tuple[int, int, int]:
         """(blocks, bytes of blocks, bytes of evictable blocks)."""
         evictable = self._conn.execute(
