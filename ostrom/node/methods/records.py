@@ -134,9 +134,9 @@ async def contribution_create(node: NodeService, params: Params, conn: RpcConnec
     ]
 
     def keep(store: Store) -> None:
-        # This node's own work: kept for the project, counted against its storage.
-        store.put_blocks(encoded, project.raw)
-        store.blocks.claim(project.raw, named)
+        # This node's own work: kept whatever it follows, and counted as the project's.
+        store.put_blocks(encoded)
+        store.blocks.claim(project.raw, [*named, *(cid for cid, _ in encoded)])
 
     await node.db(keep)
     with callers_input():
