@@ -79,17 +79,23 @@ class FrameReader:
     def feed(self, data: bytes) -> list[Any]:
         """The values of the frames `data` completes.
 
-        Each frame body is decoded straight from the buffer (MessagePack copies what it
-        keeps), and the consumed bytes leave the buffer once per call: with frames as large
-        as a read, slicing and trimming per frame copied each block three more times.
+        Frames are decoded straight from `data` when nothing was left over from the last
+        call, else from the buffer (MessagePack copies what it keeps); only what follows the
+        last complete frame is kept for the next call. Copying each read into the buffer,
+        slicing out each frame and trimming the buffer per frame copied every block four
+        times more.
         """
-        buffer = self._buffer
-        buffer += data
+        source: bytes | bytearray
+        if self._buffer:
+            self._buffer += data
+            source = self._buffer
+        else:
+            source = data
         out: list[Any] = []
         start = 0
         try:
             while True:
-                header = self._length(start)
+                header = self._length(source, start)
                 if header is None:
                     return out
                 length, used = header
@@ -98,26 +104,29 @@ class FrameReader:
                         f"peer announced a {length}-byte frame; the limit is {self._max_frame}"
                     )
                 end = start + used + length
-                if len(buffer) < end:
+                if len(source) < end:
                     return out
-                with memoryview(buffer) as view, view[start + used : end] as body:
+                with memoryview(source) as view, view[start + used : end] as body:
                     out.append(decode_body(body))
                 start = end
         finally:
-            del buffer[:start]
+            if source is self._buffer:
+                del self._buffer[:start]
+            else:
+                self._buffer += memoryview(data)[start:]
 
-    def _length(self, start: int) -> tuple[int, int] | None:
-        """The length of the frame at `start` and the bytes its prefix takes, if buffered."""
-        buffer = self._buffer
+    @staticmethod
+    def _length(source: bytes | bytearray, start: int) -> tuple[int, int] | None:
+        """The length of the frame at `start` and the bytes its prefix takes, if there."""
         value = 0
-        for index in range(min(len(buffer) - start, MAX_LENGTH_PREFIX_BYTES)):
-            byte = buffer[start + index]
+        for index in range(min(len(source) - start, MAX_LENGTH_PREFIX_BYTES)):
+            byte = source[start + index]
             value |= (byte & 0x7F) << (7 * index)
             if not byte & 0x80:
                 if index and byte == 0:
                     raise DecodeError("frame length is not minimally encoded")
                 return value, index + 1
-        if len(buffer) - start >= MAX_LENGTH_PREFIX_BYTES:
+        if len(source) - start >= MAX_LENGTH_PREFIX_BYTES:
             raise DecodeError("frame length prefix is too long")
         return None
 
