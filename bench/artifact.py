@@ -33,9 +33,12 @@ from ostrom.errors import OstromError
 # The raw stream's write size: what the brief fixes for the ceiling.
 WRITE_BYTES = 1 << 20
 RAW_PROTOCOL = "/ostrom-bench/raw/1.0.0"
-# Status polling while a fetch runs: coarse enough not to load the daemon (one query under
-# the store's lock), fine enough to add at most 2% to a 2.5 s fetch.
-POLL_S = 0.05
+# CPU seconds the receiving side of each raw stream measurement used.
+RAW_CPU: list[float] = []
+# Status polling while a fetch runs, besides a check after each fetch that ends (its
+# `blocks.done` event): a status call costs the daemon a few milliseconds of CPU, which
+# polling every 50 ms took from the fetch it measured.
+POLL_S = 1.0
 
 
 async def _raw_holder() -> None:
@@ -78,12 +81,14 @@ async def _raw_fetch(addr: str, size: int) -> float:
         await nursery.start(mesh.serve)
         peer = await mesh.connect(addr)
         start = time.perf_counter()
+        cpu_start = time.process_time()
         stream = await mesh.open_stream(peer.peer_id, RAW_PROTOCOL)
         await stream.write(struct.pack(">Q", size))
         received = 0
         while chunk := await stream.read(WRITE_BYTES):
             received += len(chunk)
         elapsed = time.perf_counter() - start
+        RAW_CPU.append(time.process_time() - cpu_start)
         assert received == size, (received, size)
         await stream.finish()
         nursery.cancel_scope.cancel()
@@ -109,17 +114,27 @@ def raw_stream_mb_s(size: int) -> float:
         holder.wait(20)
 
 
-def collect_fetches(home: Path, out: list[dict[str, Any]]) -> None:
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def collect_fetches(home: Path, out: list[dict[str, Any]], ended: threading.Event) -> None:
+    """Record the `blocks.done` events of `home`'s daemon; set `ended` at each."""
     client = Client(home, timeout=None)
     try:
         for event in client.events():
-            if event.get("type") == "blocks.fetched":
+            if event.get("type") == "blocks.done":
                 out.append({**event, "at": time.perf_counter()})
+                ended.set()
     except (OstromError, OSError):  # the daemon stopping ends the stream
         return
 
 
-def wait_bytes(daemon: Daemon, target: int, timeout: float) -> float:
+def wait_bytes(daemon: Daemon, target: int, timeout: float, ended: threading.Event) -> float:
+    """Seconds until the daemon holds `target` bytes of blocks: checked when a fetch ends,
+    and every POLL_S."""
     start = time.perf_counter()
     while True:
         held = daemon.client.status()["store"]["block_bytes"]
@@ -127,7 +142,8 @@ def wait_bytes(daemon: Daemon, target: int, timeout: float) -> float:
             return time.perf_counter() - start
         if time.perf_counter() - start > timeout:
             raise TimeoutError(f"{held} of {target} block bytes after {timeout} s")
-        time.sleep(POLL_S)
+        ended.wait(POLL_S)
+        ended.clear()
 
 
 def wait_peers(daemon: Daemon, count: int) -> None:
@@ -146,17 +162,29 @@ def fetch_mb_s(
     try:
         b.wait_ready()
         wait_peers(b, len(holders))
-        threading.Thread(target=collect_fetches, args=(b.home, fetched), daemon=True).start()
+        ended = threading.Event()
+        threading.Thread(target=collect_fetches, args=(b.home, fetched, ended), daemon=True).start()
         time.sleep(0.3)
+        cpu_before = [cpu_s(d.proc.pid) for d in (b, *holders)]
         start = time.perf_counter()
         b.client.follow(project)
-        elapsed = (time.perf_counter() - start) + wait_bytes(b, target, timeout)
+        elapsed = (time.perf_counter() - start) + wait_bytes(b, target, timeout, ended)
+        cpu = [
+            after - before
+            for after, before in zip(
+                [cpu_s(d.proc.pid) for d in (b, *holders)], cpu_before, strict=True
+            )
+        ]
         time.sleep(1.0)  # let the fetch tasks report
-        phases = {e["phase"]: round(e["at"] - start, 2) for e in fetched if e.get("fetched")}
+        phases = {e["purpose"]: round(e["at"] - start, 2) for e in fetched if e.get("fetched")}
         return {
             "seconds": round(elapsed, 2),
             "mb_s": round(size / elapsed / 1e6, 1),
-            # Sum over B's `blocks.fetched` events: above the artifact's size means the
+            # CPU seconds the fetching daemon and the holders used from `follow` to the end:
+            # what the machine's load does not change much, unlike MB/s.
+            "cpu_s_fetcher": round(cpu[0], 2),
+            "cpu_s_holders": round(sum(cpu[1:]), 2),
+            # Sum over B's `blocks.done` events: above the artifact's size means the
             # same blocks were downloaded more than once.
             "bytes_fetched_reported": sum(e.get("bytes", 0) for e in fetched),
             "fetch_events": len(fetched),
@@ -199,6 +227,7 @@ def run(size: int, workdir: Path, timeout: float) -> dict[str, Any]:
             h.stop()
     return {
         "raw_stream_mb_s": [round(raw, 1), round(raw_after, 1)],
+        "raw_stream_cpu_s_receiver": [round(c, 2) for c in RAW_CPU],
         "one_peer": one,
         "three_peers": three,
         "contribute_into_a_s": round(contribute_s, 2),

@@ -181,7 +181,13 @@ def _print_limits(out: Output, limits: dict[str, Any]) -> None:
             )
     if "storage" in limits:
         v = limits["storage"]
-        out.line(f"storage     {_size(v['used'])} used, limit {_limit(v['limit'])}")
+        evictable = f" ({_size(v['evictable'])} evictable)" if v.get("evictable") else ""
+        out.line(f"storage     {_size(v['used'])} used{evictable}, limit {_limit(v['limit'])}")
+    if "project_storage" in limits:
+        v = limits["project_storage"]
+        out.line(
+            f"per project {_size(v.get('used', 0))} in the largest, limit {_limit(v['limit'])}"
+        )
     if "max_peers" in limits:
         v = limits["max_peers"]
         out.line(f"peer limit  {v['used']} of {v['limit']}")

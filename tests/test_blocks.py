@@ -25,7 +25,7 @@ class MemoryStore:
         self.asked: list[CID] = []  # every CID read, in order
         self.transactions = 0
 
-    async def blocks_get(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+    async def blocks_get(self, cids: Sequence[CID], peer: str | None = None) -> dict[CID, bytes]:
         self.asked.extend(cids)
         return {c: self.blocks[c] for c in cids if c in self.blocks}
 
@@ -44,7 +44,7 @@ class MemoryStore:
 class ForgingStore(MemoryStore):
     """Serves other bytes under every CID it is asked for."""
 
-    async def blocks_get(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+    async def blocks_get(self, cids: Sequence[CID], peer: str | None = None) -> dict[CID, bytes]:
         return {cid: b"not the block" for cid in cids}
 
 
@@ -56,11 +56,11 @@ class GatedStore(MemoryStore):
         self.before = before
         self.gate = gate
 
-    async def blocks_get(self, cids: Sequence[CID]) -> dict[CID, bytes]:
+    async def blocks_get(self, cids: Sequence[CID], peer: str | None = None) -> dict[CID, bytes]:
         if self.before <= 0:
             await self.gate.wait()
         self.before -= 1
-        return await super().blocks_get(cids)
+        return await super().blocks_get(cids, peer)
 
 
 class Pipe:

@@ -23,6 +23,7 @@ from ostrom.errors import (
     StoreCorrupt,
     TooLarge,
 )
+from ostrom.node.blockdb import blocks_path
 from ostrom.node.store import SCHEMA_VERSION, Store, _prefix_range
 from ostrom.protocol import dagcbor
 from ostrom.protocol.changesets import MAX_BLOCK_SIZE
@@ -196,10 +197,10 @@ def test_a_version_1_store_is_migrated_and_keeps_its_records(tmp_path: Path) -> 
     g = genesis()
     with Store.open(path) as s:
         s.put_records([g])
-    # Take the store back to what version 1 wrote: no mesh tables.
+    # Take the store back to what version 1 wrote: no mesh tables, blocks in the same file.
     conn = sqlite3.connect(path)
     conn.executescript(
-        "DROP TABLE mesh_records; DROP TABLE meshes_joined; PRAGMA user_version = 1;"
+        f"DROP TABLE mesh_records; DROP TABLE meshes_joined; {OLD_BLOCKS}; PRAGMA user_version = 1;"
     )
     conn.close()
     with Store.open(path) as s:
@@ -211,6 +212,46 @@ def test_a_version_1_store_is_migrated_and_keeps_its_records(tmp_path: Path) -> 
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         conn.close()
+
+
+# The block table of schema versions 1 and 2, in the record file.
+OLD_BLOCKS = (
+    "CREATE TABLE blocks (id INTEGER PRIMARY KEY, cid BLOB NOT NULL UNIQUE,"
+    " size INTEGER NOT NULL, data BLOB NOT NULL)"
+)
+
+
+def test_a_version_2_store_moves_its_blocks_to_the_block_file(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    g = genesis()
+    with Store.open(path) as s:
+        s.put_records([g])
+    blocks_path(path).unlink()
+    old = [bytes([i]) * (1000 + i) for i in range(150)]  # more than one batch of the move
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute(OLD_BLOCKS)
+        conn.executemany(
+            "INSERT INTO blocks (cid, size, data) VALUES (?, ?, ?)",
+            [(CID.of_raw(b).raw, len(b), b) for b in old],
+        )
+        conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    with Store.open(path) as s:
+        assert all(s.get_block(CID.of_raw(b)) == b for b in old)
+        assert (s.stats().blocks, s.stats().block_bytes) == (150, sum(map(len, old)))
+        assert s.get_record(g.cid) is not None
+        # Where they came from is not known: they are kept, never evicted.
+        assert s.blocks.usage()[2] == 0
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+        assert "blocks" not in tables
+    finally:
+        conn.close()
+    with Store.open(path) as s:  # and it opens again as a version 3 store
+        assert s.has_blocks([CID.of_raw(old[0])]) == {CID.of_raw(old[0])}
 
 
 def test_mesh_records_are_stored_once_and_read_back_verified(tmp_path: Path) -> None:
@@ -584,7 +625,13 @@ def test_a_tampered_block_is_never_served(store: Store) -> None:
     keep = b"another block"
     cid = CID.of_raw(data)
     store.put_blocks([(cid, data), (CID.of_raw(keep), keep)])
-    tamper(store.path, "blocks", cid, "data", flip(data, 7))
+    conn = sqlite3.connect(blocks_path(store.path))
+    with conn:
+        conn.execute(
+            "UPDATE block_data SET data = ? WHERE id = (SELECT id FROM blocks WHERE cid = ?)",
+            (flip(data, 7), cid.raw),
+        )
+    conn.close()
     with pytest.raises(StoreCorrupt, match=str(cid)):
         store.get_block(cid)
     assert store.get_block(CID.of_raw(keep)) == keep

@@ -15,8 +15,11 @@ import trio
 from ostrom.errors import DecodeError
 from ostrom.protocol.frames import FrameReader, encode_frame
 
-# Bytes asked of the stream per read.
-READ_SIZE: Final = 256 * 1024
+# Bytes asked of the stream per read: up to 4 MiB of what the muxer has buffered. The bytes
+# are in memory already (the muxer's window holds up to 16 MiB), and py-libp2p's Yamux moves
+# what is left of its buffer after each read shorter than the buffer: 256 KiB reads from a
+# full window copied it over and over.
+READ_SIZE: Final = 4 * 1024 * 1024
 # A peer that sends nothing for this long in the middle of an exchange is gone or stalling;
 # the longest legitimate pause is the other side verifying one batch.
 IDLE_TIMEOUT_S: Final = 30.0

@@ -456,7 +456,11 @@ class Replicator:
                 continue
             with self.service.transfers.track(project, phase, len(wanted)) as transfer:
                 fetch = blocks.BlockFetch(
-                    self._open_blocks_stream, self.service, wanted, self._drop, transfer.add
+                    self._open_blocks_stream,
+                    self.service.block_sink(project, pinned=True),
+                    wanted,
+                    self._drop,
+                    transfer.add,
                 )
                 completion.fetch = fetch
                 try:
@@ -482,7 +486,7 @@ class Replicator:
                 result = await blocks.fetch(
                     self._open_blocks_stream,
                     sources,
-                    self.service,
+                    self.service.block_sink(project),
                     wanted,
                     self._drop,
                     transfer.add,
@@ -594,6 +598,9 @@ def wanted_blocks(store: Store, project: CID, phase: str) -> list[CID]:
     ]
     present = store.has_blocks(changesets)
     if phase == "changesets":
+        # What the follow needs and already has (a checkout fetched it, another project
+        # shares it) is kept for it from now on, like what it fetches.
+        store.blocks.claim(project.raw, present)
         return sorted(set(changesets) - present)
     files: set[CID] = set()
     for link in present:
@@ -602,12 +609,14 @@ def wanted_blocks(store: Store, project: CID, phase: str) -> list[CID]:
             files.update(c.file for c in Changeset.decode(data).changes if isinstance(c, Put))
     present_files = store.has_blocks(files)
     if phase == "manifests":
+        store.blocks.claim(project.raw, present_files)
         return sorted(files - present_files)
     raw: set[CID] = set()
     for link in present_files:
         data = store.get_block(link)
         if data is not None:
             raw.update(ref.cid for ref in FileManifest.decode(data).blocks)
+    store.blocks.claim(project.raw, raw)
     return sorted(raw - store.has_blocks(raw))
 
 

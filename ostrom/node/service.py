@@ -25,6 +25,7 @@ from ostrom.errors import (
     QuotaExceeded,
 )
 from ostrom.node.bandwidth import Bandwidth
+from ostrom.node.blockdb import PutResult, Quota
 from ostrom.node.events import EventBus
 from ostrom.node.ingest import (
     ROW_CID,
@@ -433,59 +434,145 @@ class NodeService:
 
     # --- what the blocks protocol needs (ostrom.node.blocks.BlockStore) --------------------
 
-    async def blocks_get(self, cids: Sequence[CID]) -> dict[CID, bytes]:
-        def read(store: Store) -> dict[CID, bytes]:
+    async def blocks_get(self, cids: Sequence[CID], peer: str | None = None) -> dict[CID, bytes]:
+        """The stored ones of `cids`. For a `peer`, without the blocks it may not have: those
+        kept only for projects of private meshes it is not a member of (see `_withheld`)."""
+
+        def read(store: Store) -> tuple[dict[CID, bytes], dict[CID, set[bytes]]]:
             out = {}
             for cid in cids:
                 data = store.get_block(cid)
                 if data is not None:
                     out[cid] = data
-            return out
+            return out, store.blocks.projects_of(out) if peer is not None else {}
 
-        return await self.db(read)
+        found, attributed = await self.db(read)
+        if peer is not None:
+            for cid in await self._withheld(attributed, peer):
+                del found[cid]
+        return found
+
+    async def _withheld(self, attributed: dict[CID, set[bytes]], peer: str) -> set[CID]:
+        """Those of the blocks in `attributed` (with the projects each was stored for) that
+        were stored for no project `peer` may be served (`may_serve`).
+
+        A block stored for a public project, or for no project this node knows of (its own
+        uploads and imports), is served to anyone; a block stored only for private meshes'
+        projects, only to their members. (A block shared by a public and a private project
+        is public: anyone holding the public project's records may ask for it.)
+        """
+        withheld: set[CID] = set()
+        verdicts: dict[bytes, bool] = {}
+        for cid, projects in attributed.items():
+            real = [p for p in projects if p]
+            if not real:
+                continue
+            for raw in real:
+                if raw not in verdicts:
+                    verdicts[raw] = await self.may_serve(CID(raw), peer)
+                if verdicts[raw]:
+                    break
+            else:
+                withheld.add(cid)
+        return withheld
 
     async def blocks_have(self, cids: Sequence[CID]) -> set[CID]:
         return await self.db(lambda store: store.has_blocks(cids))
 
-    async def blocks_put(self, blocks: Sequence[tuple[CID, bytes]]) -> int:
-        """Store blocks fetched from peers, within the owner's storage limit: a batch that
-        would pass it is refused whole (`QuotaExceeded`), and a `limit.reached` event says so.
-        (The owner's own contributions and imports are not held to it.)"""
-        limit = self.limits.storage
+    def block_sink(self, project: CID, *, pinned: bool | None = None) -> BlockSink:
+        """Where a fetch for `project` stores its blocks: attributed to the project, kept
+        (`pinned`) or, if None, kept only when the project is followed in full."""
+        return BlockSink(self, project, pinned)
 
-        def put(store: Store) -> int:
-            if limit:
-                incoming = sum(len(data) for _, data in blocks)
-                used = store.size_bytes()
-                if used + incoming > limit:
-                    raise QuotaExceeded(
-                        f"the storage limit ({limit} bytes) is reached: {used} bytes are used "
-                        f"and {incoming} more were offered"
-                    )
-            return store.put_blocks(blocks)
+    async def blocks_put(
+        self,
+        blocks: Sequence[tuple[CID, bytes]],
+        project: CID | None = None,
+        pinned: bool | None = None,
+        protect_from: int | None = None,
+    ) -> int:
+        """Store blocks fetched from peers for `project`, within the owner's limits: room
+        under the storage limit is made by evicting blocks fetched on demand, least recently
+        used first (`blocks.evicted` event), never those of `protect_from` or later (the
+        fetch's own). A batch that still does not fit, or that would pass the per-project
+        limit, is refused whole (`QuotaExceeded`) and a `limit.reached` event says so. (The
+        owner's own contributions and imports are not held to the limits: `Store.put_blocks`.)
+        Returns how many blocks were new."""
+        limits = self.limits
+        refused = "storage"
+
+        def put(store: Store) -> PutResult:
+            nonlocal refused
+            keep = pinned
+            if keep is None:
+                keep = project is not None and store.follow_mode(project) == "full"
+            quota = None
+            if limits.storage or limits.project_storage:
+                quota = Quota(
+                    storage=limits.storage,
+                    project_storage=limits.project_storage,
+                    other_bytes=store.record_bytes() if limits.storage else 0,
+                    protect_from=protect_from,
+                )
+            try:
+                return store.blocks.put(
+                    blocks,
+                    project=b"" if project is None else project.raw,
+                    pinned=keep,
+                    quota=quota,
+                )
+            except QuotaExceeded:
+                refused = store.blocks.refused_limit
+                raise
 
         try:
-            return await self.db(put)
+            result = await self.db(put)
         except QuotaExceeded as exc:
             self.events.publish(
                 {
                     "type": "limit.reached",
-                    "limit": "storage",
-                    "value": limit,
+                    "limit": refused,
+                    "value": getattr(limits, refused),
+                    "project": None if project is None else str(project),
                     "message": exc.message,
                 }
             )
             raise
+        if result.evicted:
+            self.events.publish(
+                {
+                    "type": "blocks.evicted",
+                    "count": result.evicted,
+                    "bytes": result.evicted_bytes,
+                    "for": None if project is None else str(project),
+                }
+            )
+        return result.new
 
     async def follow(self, project: CID, mode: str) -> None:
         since = int(self._clock() * 1000)
-        await self.db(lambda store: store.follow(project, mode, since))
+
+        def follow(store: Store) -> None:
+            was = store.follow_mode(project)
+            store.follow(project, mode, since)
+            if was == "full" and mode != "full":
+                # No longer kept in full: its completion pins again what a records-only
+                # follow keeps (changesets and manifests); file blocks may be evicted.
+                store.blocks.unpin_project(project.raw)
+
+        await self.db(follow)
         if self.network is not None:
             await self.network.follow(project)
         self.events.publish({"type": "follow.changed", "project": str(project), "mode": mode})
 
     async def unfollow(self, project: CID) -> bool:
-        removed: bool = await self.db(lambda store: store.unfollow(project))
+        def unfollow(store: Store) -> bool:
+            removed = store.unfollow(project)
+            if removed:
+                store.blocks.unpin_project(project.raw)
+            return removed
+
+        removed: bool = await self.db(unfollow)
         if removed and self.network is not None:
             await self.network.unfollow(project)
         if removed:
@@ -623,3 +710,25 @@ class NodeService:
 
             view.update(await self.db(extra))
         return view
+
+
+class BlockSink:
+    """The blocks protocol's store for one fetch (`ostrom.node.blocks.BlockStore`): what it
+    stores is attributed to one project, and the limits may evict older blocks to make room
+    for it but never the blocks this fetch stored itself."""
+
+    def __init__(self, service: NodeService, project: CID, pinned: bool | None) -> None:
+        self._service = service
+        self._project = project
+        self._pinned = pinned
+        # Blocks used from now on are this fetch's (or read during it): not evicted for it.
+        self._since = service.store.blocks.tick + 1
+
+    async def blocks_get(self, cids: Sequence[CID], peer: str | None = None) -> dict[CID, bytes]:
+        return await self._service.blocks_get(cids, peer)
+
+    async def blocks_have(self, cids: Sequence[CID]) -> set[CID]:
+        return await self._service.blocks_have(cids)
+
+    async def blocks_put(self, blocks: Sequence[tuple[CID, bytes]]) -> int:
+        return await self._service.blocks_put(blocks, self._project, self._pinned, self._since)

@@ -1,4 +1,7 @@
-"""The node's store: signed records and content blocks in one SQLite file.
+"""The node's store: signed records in one SQLite file, content blocks in another.
+
+Blocks live in `ostrom.node.blockdb` (a file beside this one, see its docstring for why);
+this class opens both and answers for both.
 
 The daemon is the single owner of the store and calls this synchronous class from worker
 threads under one lock: callers serialise every call, so the class holds no lock of its own
@@ -38,16 +41,14 @@ from typing import Final
 from ostrom.crypto.cid import CID, CID_LENGTH
 from ostrom.errors import (
     Ambiguous,
-    BlockMismatch,
     DecodeError,
     InvalidInput,
     InvalidRecord,
     NotFound,
     StoreCorrupt,
-    TooLarge,
 )
+from ostrom.node.blockdb import OWN, BlockDB, blocks_path
 from ostrom.node.ingest import ROW_CID, RecordRow, record_row
-from ostrom.protocol.changesets import MAX_BLOCK_SIZE
 from ostrom.protocol.meshes import SignedMeshRecord, decode_mesh_record
 from ostrom.protocol.records import BODY_TYPES, Project, SignedRecord, decode_record
 
@@ -56,7 +57,7 @@ FOLLOW_MODES: Final = ("full", "records")
 # PRAGMA user_version of the schema below; a store written with a newer version is refused
 # rather than misread, an older one is migrated. Raise it with every schema change, and add
 # the step from the previous version to _MIGRATIONS.
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 # CIDs per `IN (...)` query: far below SQLite's bound on parameters (32766 since 3.32), and
 # large enough that a batch of 1,000 costs two queries.
 _CHUNK: Final = 500
@@ -94,12 +95,6 @@ CREATE INDEX records_project ON records (project, type);
 CREATE INDEX records_target ON records (target) WHERE target IS NOT NULL;
 CREATE INDEX records_fork_of ON records (fork_of) WHERE fork_of IS NOT NULL;
 CREATE INDEX records_genesis ON records (name) WHERE type = 'project';
-CREATE TABLE blocks (
-    id INTEGER PRIMARY KEY,
-    cid BLOB NOT NULL UNIQUE,
-    size INTEGER NOT NULL,
-    data BLOB NOT NULL
-);
 CREATE TABLE follows (
     project BLOB PRIMARY KEY,  -- the genesis CID; the project may not be here yet
     mode TEXT NOT NULL,        -- 'full' (records and blocks) or 'records' (blocks on demand)
@@ -122,8 +117,12 @@ CREATE TABLE meshes_joined (
     since INTEGER NOT NULL   -- ms since the epoch, when this node joined
 );
 """
-# From each schema version, the script that brings a store to the next one.
-_MIGRATIONS: Final = {1: _MESH_SCHEMA}
+# Old blocks moved to the block file per transaction: 64 blocks are 16 MiB of 256 KiB blocks.
+_MOVE_BLOCKS: Final = 64
+# From each schema version, the script that brings a store to the next one. Versions 1 and 2
+# kept blocks in a table of this file; before the step from 2, `_move_blocks` has copied
+# every block to the block file.
+_MIGRATIONS: Final = {1: _MESH_SCHEMA, 2: "DROP TABLE blocks;"}
 
 # One insert per record shape, so that no row binds a NULL (see the module docstring). A
 # record already stored is skipped by the conflict clause; any other violation still raises.
@@ -140,7 +139,6 @@ _INSERT_GENESIS: Final = (
     "INSERT INTO records (cid, type, project, author, ts, parents, fork_of, name, data)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)" + _ON_CID_CONFLICT
 )
-_INSERT_BLOCK: Final = "INSERT INTO blocks (cid, size, data) VALUES (?, ?, ?)" + _ON_CID_CONFLICT
 _RECORD_COLUMNS: Final = "cid, data"
 _OLDEST_FIRST: Final = "ORDER BY ts, cid"
 
@@ -153,7 +151,7 @@ class StoreStats:
     projects: int
     blocks: int
     block_bytes: int
-    db_bytes: int  # the database file plus its write-ahead log
+    db_bytes: int  # the database files plus the write-ahead log
 
     def __post_init__(self) -> None:
         counts = [*self.records_by_type.values(), self.projects, self.blocks]
@@ -230,33 +228,38 @@ class Store:
     Not thread-safe by itself: the daemon serialises all calls (see the module docstring).
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, blocks: BlockDB) -> None:
         """Use `Store.open`; this takes a connection that `open` has already set up."""
         self._conn = conn
         self._path = path
         self._closed = False
+        self.blocks = blocks
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     @classmethod
     def open(cls, path: Path) -> Store:
-        """Open the store at `path`, creating the file and its schema if it does not exist."""
+        """Open the store at `path` (and its block file beside it), creating the files and
+        their schemas if they do not exist, migrating an older store."""
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise InvalidInput(f"cannot open the store at {path}: {exc}") from None
+        blocks: BlockDB | None = None
         try:
-            _set_up(conn, path)
+            _check_version(conn)
+            blocks = BlockDB.open(blocks_path(path))
+            _set_up(conn, path, blocks)
         except sqlite3.OperationalError as exc:
-            conn.close()
+            _close_both(conn, blocks)
             raise InvalidInput(f"cannot open the store at {path}: {exc}") from None
         except sqlite3.DatabaseError as exc:
-            conn.close()
+            _close_both(conn, blocks)
             raise StoreCorrupt(f"{path} is not a readable Ostrom store: {exc}") from None
         except BaseException:
-            conn.close()
+            _close_both(conn, blocks)
             raise
-        return cls(conn, path)
+        return cls(conn, path, blocks)
 
     def close(self) -> None:
         """Close the store; closing twice is harmless."""
@@ -266,7 +269,7 @@ class Store:
         try:
             self._conn.execute("PRAGMA optimize")
         finally:
-            self._conn.close()
+            _close_both(self._conn, self.blocks)
 
     def __enter__(self) -> Store:
         return self
@@ -657,37 +660,24 @@ class Store:
 
     # --- blocks --------------------------------------------------------------------------------
 
-    def put_blocks(self, blocks: Sequence[tuple[CID, bytes]]) -> int:
-        """Verify every block against its CID, then store the batch in one transaction.
+    def put_blocks(self, blocks: Sequence[tuple[CID, bytes]], project: bytes = OWN) -> int:
+        """Verify every block against its CID, then store the batch in one transaction, kept
+        for `project` (this node's own blocks by default: they are never evicted).
 
         One bad block (`BlockMismatch`, `TooLarge`) refuses the whole batch before anything
         is written. Returns how many blocks were new; blocks already stored are skipped.
+        (`blocks.put` stores within limits, attributed to a project; see `BlockDB`.)
         """
-        rows: list[tuple[bytes, int, bytes]] = []
-        for cid, data in blocks:
-            if len(data) > MAX_BLOCK_SIZE:
-                raise TooLarge(f"block {cid} is {len(data)} bytes; the limit is {MAX_BLOCK_SIZE}")
-            if not cid.matches(data):
-                raise BlockMismatch(f"block {cid}: the bytes sent do not hash to this CID")
-            rows.append((cid.raw, len(data), data))
-        if not rows:
-            return 0
-        with self._write() as conn:
-            return conn.executemany(_INSERT_BLOCK, rows).rowcount
+        return self.blocks.put(blocks, project=project).new
 
-    def get_block(self, cid: CID) -> bytes | None:
-        row = self._conn.execute("SELECT data FROM blocks WHERE cid = ?", (cid.raw,)).fetchone()
-        if row is None:
-            return None
-        data: bytes = row[0]
-        if not cid.matches(data):
-            raise StoreCorrupt(f"block {cid}: stored bytes do not match its CID")
-        return data
+    def get_block(self, cid: CID, *, touch: bool = False) -> bytes | None:
+        """A block's bytes, checked against its CID; `touch`: read for the owner (see
+        `BlockDB.get`)."""
+        return self.blocks.get(cid, touch=touch)
 
     def has_blocks(self, cids: Iterable[CID]) -> set[CID]:
         """Which of `cids` are stored blocks (without reading or checking their bytes)."""
-        by_raw = {c.raw: c for c in cids}
-        return {by_raw[raw] for raw in self._present(self._conn, "blocks", list(by_raw))}
+        return self.blocks.has(cids)
 
     # --- statistics ----------------------------------------------------------------------------
 
@@ -773,7 +763,12 @@ class Store:
         return [CID(bytes(raw)) for (raw,) in rows]
 
     def size_bytes(self) -> int:
-        """Bytes the store's pages hold (free pages, which new data reuses, not counted)."""
+        """Bytes the store holds: the record file's pages (free pages, which new data reuses,
+        not counted) and the size of every block."""
+        return self.record_bytes() + self.blocks.usage()[1]
+
+    def record_bytes(self) -> int:
+        """Bytes the record file's pages hold (free pages not counted)."""
         conn = self._conn
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         free = conn.execute("PRAGMA freelist_count").fetchone()[0]
@@ -786,9 +781,7 @@ class Store:
             str(kind): int(n)
             for kind, n in conn.execute("SELECT type, count(*) FROM records GROUP BY type")
         }
-        blocks, block_bytes = conn.execute(
-            "SELECT count(*), coalesce(sum(size), 0) FROM blocks"
-        ).fetchone()
+        blocks, block_bytes, _ = self.blocks.usage()
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         wal = Path(f"{self._path}-wal")
@@ -798,7 +791,7 @@ class Store:
             projects=by_type.get(Project.TYPE, 0),
             blocks=int(blocks),
             block_bytes=int(block_bytes),
-            db_bytes=int(pages) * int(page_size) + wal_bytes,
+            db_bytes=int(pages) * int(page_size) + wal_bytes + self.blocks.file_bytes(),
         )
 
     # --- helpers -------------------------------------------------------------------------------
@@ -828,7 +821,45 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
         raise
 
 
-def _set_up(conn: sqlite3.Connection, path: Path) -> None:
+def _close_both(conn: sqlite3.Connection, blocks: BlockDB | None) -> None:
+    try:
+        if blocks is not None:
+            blocks.close()
+    finally:
+        conn.close()
+
+
+def _check_version(conn: sqlite3.Connection) -> None:
+    """Refuse a file that is not a store this Ostrom reads, before its block file is made."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"its schema version is {version}; this Ostrom reads up to version "
+            f"{SCHEMA_VERSION} (a newer Ostrom wrote it)"
+        )
+    if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        raise sqlite3.DatabaseError("it holds tables but no Ostrom schema version")
+
+
+def _move_blocks(conn: sqlite3.Connection, blocks: BlockDB) -> None:
+    """Copy the blocks of a version 1 or 2 store to the block file, a batch per transaction.
+
+    The old table is dropped only afterwards (by the migration step), so a crash in between
+    leaves every block readable and the copy resumes (copying a block twice is harmless).
+    """
+    last = 0
+    while True:
+        rows = conn.execute(
+            "SELECT id, cid, data FROM blocks WHERE id > ? ORDER BY id LIMIT ?",
+            (last, _MOVE_BLOCKS),
+        ).fetchall()
+        if not rows:
+            return
+        blocks.import_rows([(bytes(raw), bytes(data)) for _, raw, data in rows])
+        last = rows[-1][0]
+
+
+def _set_up(conn: sqlite3.Connection, path: Path, blocks: BlockDB) -> None:
     """Configure a fresh connection and create or check the schema."""
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
@@ -849,6 +880,8 @@ def _set_up(conn: sqlite3.Connection, path: Path) -> None:
             f"{SCHEMA_VERSION} (a newer Ostrom wrote it)"
         )
     while version < SCHEMA_VERSION:
+        if version == 2:
+            _move_blocks(conn, blocks)
         # One transaction per step: a crash leaves the store at a version it can resume from.
         _run_script(conn, f"{_MIGRATIONS[version]} PRAGMA user_version = {version + 1};")
         version += 1

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from ostrom import __version__
+from ostrom.crypto.cid import CID
 from ostrom.errors import InvalidInput, Refused
 from ostrom.node.methods.registry import (
     method,
@@ -14,6 +15,7 @@ from ostrom.node.methods.registry import (
 from ostrom.node.params import Params
 from ostrom.node.rpc_server import RpcConnection
 from ostrom.node.service import Network, NodeService
+from ostrom.node.store import Store
 
 # --- node --------------------------------------------------------------------------------------
 
@@ -53,13 +55,23 @@ async def node_status(node: NodeService, params: Params, conn: RpcConnection) ->
 
 async def _limits_view(node: NodeService) -> dict[str, Any]:
     """Each limit beside what the node uses of it (0: no limit)."""
-    used = await node.db(lambda store: store.size_bytes())
+
+    def use(store: Store) -> tuple[int, int, tuple[bytes, int] | None]:
+        return store.size_bytes(), store.blocks.usage()[2], store.blocks.largest_project()
+
+    used, evictable, largest = await node.db(use)
     rates = node.bandwidth.view()
     return {
         "upload_rate": {"limit": node.limits.upload_rate, **rates["upload"]},
         "download_rate": {"limit": node.limits.download_rate, **rates["download"]},
-        "storage": {"limit": node.limits.storage, "used": used},
-        "project_storage": {"limit": node.limits.project_storage},
+        # `evictable`: bytes of blocks fetched on demand, which make room for new ones.
+        "storage": {"limit": node.limits.storage, "used": used, "evictable": evictable},
+        # `used`: the bytes of blocks of the project that holds the most.
+        "project_storage": {
+            "limit": node.limits.project_storage,
+            "used": 0 if largest is None else largest[1],
+            "project": None if largest is None else str(CID(largest[0])),
+        },
         "max_peers": {
             "limit": node.limits.max_peers,
             "used": 0 if node.network is None else len(node.network.peers()),

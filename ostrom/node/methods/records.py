@@ -71,8 +71,10 @@ def _changes_param(params: Params) -> list[Change]:
     return changes
 
 
-def _check_puts(store: Store, puts: list[Put]) -> None:
-    """Every put's manifest is stored, decodes, has the declared size, and its blocks are here."""
+def _check_puts(store: Store, puts: list[Put]) -> list[CID]:
+    """Every put's manifest is stored, decodes, has the declared size, and its blocks are here;
+    returns the manifests and blocks."""
+    named: list[CID] = []
     for put in puts:
         data = store.get_block(put.file)
         if data is None:
@@ -85,6 +87,8 @@ def _check_puts(store: Store, puts: list[Put]) -> None:
         missing = [cid for cid in blocks if cid not in present]
         if missing:
             raise NotFound(f"{put.path}: {len(missing)} block(s) not uploaded, e.g. {missing[0]}")
+        named += [put.file, *blocks]
+    return named
 
 
 async def _resolve_many(
@@ -116,7 +120,7 @@ async def contribution_create(node: NodeService, params: Params, conn: RpcConnec
     with callers_input():
         changesets = split_changes(changes)
     puts = [c for c in changes if isinstance(c, Put)]
-    await node.db(_check_puts, puts)
+    named = await node.db(_check_puts, puts)
     deletes = [c.path for c in changes if isinstance(c, Delete)]
     if deletes:
         tree = await node.tree(parents)
@@ -128,7 +132,13 @@ async def contribution_create(node: NodeService, params: Params, conn: RpcConnec
     encoded = [
         (CID.of_dag_cbor(data), data) for data in (cs.encode() for cs in changesets if cs.changes)
     ]
-    await node.db(lambda store: store.put_blocks(encoded))
+
+    def keep(store: Store) -> None:
+        # This node's own work: kept whatever it follows, and counted as the project's.
+        store.put_blocks(encoded)
+        store.blocks.claim(project.raw, [*named, *(cid for cid, _ in encoded)])
+
+    await node.db(keep)
     with callers_input():
         body = Contribution(
             author=node.identity.public_key,

@@ -89,7 +89,10 @@ async def block_get(node: NodeService, params: Params, conn: RpcConnection) -> A
     cids = params.cids("cids")
     params.done()
 
-    return await node.db(lambda store: _answer(cids, store.get_block, "block"))
+    # Read for the owner (a checkout): the blocks count as recently used.
+    return await node.db(
+        lambda store: _answer(cids, lambda cid: store.get_block(cid, touch=True), "block")
+    )
 
 
 @method("block.fetch")

@@ -1,0 +1,522 @@
+"""Content blocks in their own SQLite file, with what each is kept for and when it was used.
+
+Why a file of its own: blocks are large and written once. In the record store's WAL mode
+every byte is written twice (to the log, then to the database at a checkpoint); here the
+database runs with a rollback journal, which copies only pages that already held data
+before the transaction changed them. A new block goes to new pages (or free ones, which
+SQLite does not journal either), so its bytes reach the disk once. Pages are 64 KiB so that
+a 256 KiB block is four overflow pages rather than 65, which costs less CPU per block.
+
+Durability: `synchronous = FULL`, and each write method is one transaction that has
+committed (and reached the disk) when it returns. Blocks are stored before anything that
+refers to them is acknowledged (a contribution is signed after its changesets are stored; a
+fetch counts a block once its batch has committed), so after a `kill -9` every acknowledged
+record still finds its blocks.
+
+Keeping: each block is attributed to the projects it was stored for (`block_projects`).
+An attribution is *pinned* when the block is kept for that project: a project followed in
+full, the changesets and manifests of any followed project, or this node's own work (its
+contributions and imports, attributed to `OWN`). A block with no pinned attribution was
+fetched on demand for a records-only project (a checkout) and may be evicted, least recently
+used first, to make room under the storage limit. When a block was last used is a counter
+(`used`): storing it, or reading it for the owner (a checkout, `block.get`), moves it to
+the front. Serving a block to a peer does not: a peer must not keep a block here by asking
+for it. Reads are not written at once (that would cost a synced transaction per read): they
+are kept in memory and written with the next write, or when `TOUCH_FLUSH` have gathered. A
+crash forgets the reads since the last write, which only makes eviction order less exact.
+
+Counting: a block's bytes count once against the storage limit, however many projects share
+it, and in full against every project it is attributed to (each project holds what it would
+hold alone); bytes are counted by block size, not by pages.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from ostrom.crypto.cid import CID
+from ostrom.errors import BlockMismatch, InvalidInput, QuotaExceeded, StoreCorrupt, TooLarge
+from ostrom.protocol.changesets import MAX_BLOCK_SIZE
+
+# PRAGMA user_version of the block database's schema.
+BLOCK_SCHEMA_VERSION: Final = 1
+# Pages of 64 KiB (the largest SQLite allows): a 256 KiB block fills four overflow pages,
+# and a block database holds few small rows that larger pages would waste space on.
+PAGE_SIZE: Final = 65536
+# The attribution of this node's own blocks (its uploads, contributions and imports): not a
+# project CID (those are 36 bytes), so it never counts against a project's limit.
+OWN: Final = b""
+# Reads remembered before they are written on their own: a checkout reads tens of blocks
+# per call, so this writes about once per 256 blocks read, a small cost beside reading them.
+TOUCH_FLUSH: Final = 256
+# CIDs per `IN (...)` query, as in the record store.
+_CHUNK: Final = 500
+
+_SCHEMA: Final = """
+CREATE TABLE blocks (
+    id INTEGER PRIMARY KEY,
+    cid BLOB NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    used INTEGER NOT NULL,   -- the use counter when it was last stored or read for the owner
+    kept INTEGER NOT NULL    -- 1 if some attribution is pinned: never evicted
+);
+CREATE INDEX blocks_evictable ON blocks (used) WHERE kept = 0;
+CREATE TABLE block_data (
+    id INTEGER PRIMARY KEY,  -- blocks.id; apart so that bookkeeping never touches the bytes
+    data BLOB NOT NULL
+);
+CREATE TABLE block_projects (
+    project BLOB NOT NULL,   -- a project's genesis CID, or '' for this node's own blocks
+    block INTEGER NOT NULL,  -- blocks.id
+    pinned INTEGER NOT NULL,
+    PRIMARY KEY (project, block)
+) WITHOUT ROWID;
+CREATE INDEX block_projects_block ON block_projects (block);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PutResult:
+    """What one `put` did: blocks new to the store, and the blocks evicted to make room."""
+
+    new: int
+    evicted: int = 0
+    evicted_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """The limits a `put` is held to (0: none) and the bytes the records already use."""
+
+    storage: int = 0
+    project_storage: int = 0
+    other_bytes: int = 0
+    # Blocks used at or after this counter value are not evicted (a fetch's own blocks).
+    protect_from: int | None = None
+
+
+def _chunks(items: Sequence[bytes]) -> Iterator[Sequence[bytes]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def blocks_path(store_path: Path) -> Path:
+    """Where the blocks of the record store at `store_path` live: beside it."""
+    return store_path.with_name(f"{store_path.stem}-blocks{store_path.suffix}")
+
+
+class BlockDB:
+    """The block database; like `Store`, serialised by its caller (no lock of its own)."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        """Use `BlockDB.open`."""
+        self._conn = conn
+        self._path = path
+        self._closed = False
+        self._tick: int = conn.execute("SELECT coalesce(max(used), 0) FROM blocks").fetchone()[0]
+        self._bytes: int = conn.execute("SELECT coalesce(sum(size), 0) FROM blocks").fetchone()[0]
+        self._count: int = conn.execute("SELECT count(*) FROM blocks").fetchone()[0]
+        # Reads for the owner not yet written: binary CID -> use counter.
+        self._touched: dict[bytes, int] = {}
+        # Which limit the last `QuotaExceeded` of `put` was for: storage or project_storage.
+        self.refused_limit = "storage"
+
+    @classmethod
+    def open(cls, path: Path) -> BlockDB:
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise InvalidInput(f"cannot open the block store at {path}: {exc}") from None
+        try:
+            _set_up(conn, path)
+            return cls(conn, path)
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            raise InvalidInput(f"cannot open the block store at {path}: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise StoreCorrupt(f"{path} is not a readable Ostrom block store: {exc}") from None
+        except BaseException:
+            conn.close()
+            raise
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._touched:
+                with self._write():
+                    pass
+        finally:
+            self._conn.close()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    @property
+    def tick(self) -> int:
+        """The use counter now: blocks stored or read from now on are used after it."""
+        return self._tick
+
+    def _next_tick(self) -> int:
+        self._tick += 1
+        return self._tick
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def _write(self) -> _WriteTxn:
+        return _WriteTxn(self)
+
+    def _flush_touched(self, conn: sqlite3.Connection) -> None:
+        if self._touched:
+            conn.executemany(
+                "UPDATE blocks SET used = ? WHERE cid = ?",
+                [(tick, raw) for raw, tick in self._touched.items()],
+            )
+            self._touched.clear()
+
+    def put(
+        self,
+        blocks: Sequence[tuple[CID, bytes]],
+        *,
+        project: bytes = OWN,
+        pinned: bool = True,
+        quota: Quota | None = None,
+    ) -> PutResult:
+        """Verify every block against its CID, then store the batch in one transaction,
+        attributed to `project` (pinned or not), within `quota`.
+
+        One bad block (`BlockMismatch`, `TooLarge`) refuses the whole batch before anything
+        is written. A batch that would pass the storage limit first evicts unpinned blocks,
+        least recently used first; if that cannot make room, or the batch would pass the
+        project's limit, it is refused whole (`QuotaExceeded`) and nothing is evicted.
+        Blocks already stored are attributed and used again, and count as not new.
+        """
+        unique: dict[bytes, tuple[CID, bytes]] = {}
+        for cid, data in blocks:
+            if len(data) > MAX_BLOCK_SIZE:
+                raise TooLarge(f"block {cid} is {len(data)} bytes; the limit is {MAX_BLOCK_SIZE}")
+            if not cid.matches(data):
+                raise BlockMismatch(f"block {cid}: the bytes sent do not hash to this CID")
+            unique.setdefault(cid.raw, (cid, data))
+        if not unique:
+            return PutResult(new=0)
+        raws = list(unique)
+        with self._write() as conn:
+            present = self._ids(conn, raws)
+            new = [raw for raw in raws if raw not in present]
+            incoming = sum(len(unique[raw][1]) for raw in new)
+            evicted = (0, 0)
+            if quota is not None:
+                self._check_project(conn, project, present, unique, quota)
+                evicted = self._make_room(conn, incoming, set(present.values()), quota)
+            tick = self._next_tick()
+            kept = int(pinned)
+            # Ids above the highest so far (this transaction is the only writer), so that
+            # each table takes the batch in one statement.
+            top = conn.execute("SELECT coalesce(max(id), 0) FROM blocks").fetchone()[0]
+            added = {raw: top + 1 + i for i, raw in enumerate(new)}
+            conn.executemany(
+                "INSERT INTO blocks (id, cid, size, used, kept) VALUES (?, ?, ?, ?, ?)",
+                [(i, raw, len(unique[raw][1]), tick, kept) for raw, i in added.items()],
+            )
+            conn.executemany(
+                "INSERT INTO block_data (id, data) VALUES (?, ?)",
+                [(i, unique[raw][1]) for raw, i in added.items()],
+            )
+            conn.executemany(
+                "INSERT INTO block_projects (project, block, pinned) VALUES (?, ?, ?)"
+                " ON CONFLICT (project, block) DO UPDATE SET pinned = max(pinned, excluded.pinned)",
+                [(project, i, kept) for i in (*present.values(), *added.values())],
+            )
+            if present:
+                for raw in present:
+                    self._touched.pop(raw, None)
+                conn.executemany(
+                    "UPDATE blocks SET used = ?, kept = max(kept, ?) WHERE id = ?",
+                    [(tick, kept, i) for i in present.values()],
+                )
+        self._bytes += incoming - evicted[1]
+        self._count += len(new) - evicted[0]
+        return PutResult(new=len(new), evicted=evicted[0], evicted_bytes=evicted[1])
+
+    def _check_project(
+        self,
+        conn: sqlite3.Connection,
+        project: bytes,
+        present: dict[bytes, int],
+        unique: dict[bytes, tuple[CID, bytes]],
+        quota: Quota,
+    ) -> None:
+        if not quota.project_storage or project == OWN:
+            return
+        used = self.project_bytes(project, conn)
+        attributed = self._attributed(conn, project, list(present.values()))
+        adding = sum(
+            len(data) for raw, (_, data) in unique.items() if present.get(raw) not in attributed
+        )
+        if adding and used + adding > quota.project_storage:
+            self.refused_limit = "project_storage"
+            raise QuotaExceeded(
+                f"the per-project storage limit ({quota.project_storage} bytes) is reached: "
+                f"project {CID(project)} holds {used} bytes of blocks and {adding} more "
+                "were offered"
+            )
+
+    def _make_room(
+        self, conn: sqlite3.Connection, incoming: int, keep: set[int], quota: Quota
+    ) -> tuple[int, int]:
+        """Evict unpinned blocks, least recently used first, until `incoming` more bytes fit
+        under the storage limit; returns (blocks, bytes) evicted."""
+        if not quota.storage or not incoming:
+            return 0, 0
+        used = quota.other_bytes + self._bytes
+        excess = used + incoming - quota.storage
+        if excess <= 0:
+            return 0, 0
+        self._flush_touched(conn)
+        victims: list[int] = []
+        freed = 0
+        sql = "SELECT id, size FROM blocks WHERE kept = 0"
+        params: tuple[int, ...] = ()
+        if quota.protect_from is not None:
+            sql += " AND used < ?"
+            params = (quota.protect_from,)
+        for block_id, size in conn.execute(sql + " ORDER BY used, id", params):
+            if block_id in keep:
+                continue
+            victims.append(block_id)
+            freed += size
+            if freed >= excess:
+                break
+        if freed < excess:
+            self.refused_limit = "storage"
+            raise QuotaExceeded(
+                f"the storage limit ({quota.storage} bytes) is reached: {used} bytes are used, "
+                f"{incoming} more were offered, and evicting every block fetched on demand "
+                f"would free only {freed}"
+            )
+        self._delete(conn, victims)
+        return len(victims), freed
+
+    @staticmethod
+    def _delete(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
+        rows = [(i,) for i in ids]
+        conn.executemany("DELETE FROM block_projects WHERE block = ?", rows)
+        conn.executemany("DELETE FROM block_data WHERE id = ?", rows)
+        conn.executemany("DELETE FROM blocks WHERE id = ?", rows)
+
+    def claim(self, project: bytes, cids: Iterable[CID], *, pinned: bool = True) -> int:
+        """Attribute the stored ones of `cids` to `project` (pinned or not); returns how many
+        attributions were added or newly pinned (a block a follow now needs is kept)."""
+        raws = list({cid.raw for cid in cids})
+        if not raws:
+            return 0
+        ids = list(self._ids(self._conn, raws).values())
+        if not ids:
+            return 0
+        rows = [(project, i, int(pinned)) for i in ids]
+        with self._write() as conn:
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT INTO block_projects (project, block, pinned) VALUES (?, ?, ?)"
+                " ON CONFLICT (project, block) DO UPDATE SET pinned = excluded.pinned"
+                " WHERE pinned < excluded.pinned",
+                rows,
+            )
+            changed = conn.total_changes - before
+            if pinned and changed:
+                conn.executemany(
+                    "UPDATE blocks SET kept = 1 WHERE id = ? AND kept = 0", [(i,) for i in ids]
+                )
+        return changed
+
+    def unpin_project(self, project: bytes) -> int:
+        """Unpin every block attributed to `project` (it is no longer followed): those no
+        other attribution pins may now be evicted. Returns how many blocks became evictable."""
+        with self._write() as conn:
+            ids = [
+                i
+                for (i,) in conn.execute(
+                    "SELECT block FROM block_projects WHERE project = ? AND pinned = 1", (project,)
+                )
+            ]
+            if not ids:
+                return 0
+            conn.execute("UPDATE block_projects SET pinned = 0 WHERE project = ?", (project,))
+            freed = 0
+            for block_id in ids:
+                freed += conn.execute(
+                    "UPDATE blocks SET kept = 0 WHERE id = ? AND NOT EXISTS"
+                    " (SELECT 1 FROM block_projects WHERE block = ? AND pinned = 1)",
+                    (block_id, block_id),
+                ).rowcount
+        return freed
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def get(self, cid: CID, *, touch: bool = False) -> bytes | None:
+        """The block's bytes, checked against its CID (None if not stored). `touch`: a read
+        for the owner, which makes the block recently used."""
+        row = self._conn.execute(
+            "SELECT data FROM blocks JOIN block_data USING (id) WHERE cid = ?", (cid.raw,)
+        ).fetchone()
+        if row is None:
+            return None
+        data: bytes = row[0]
+        if not cid.matches(data):
+            raise StoreCorrupt(f"block {cid}: stored bytes do not match its CID")
+        if touch:
+            self._touched[cid.raw] = self._next_tick()
+            if len(self._touched) >= TOUCH_FLUSH:
+                with self._write():
+                    pass
+        return data
+
+    def has(self, cids: Iterable[CID]) -> set[CID]:
+        by_raw = {c.raw: c for c in cids}
+        return {by_raw[raw] for raw in self._ids(self._conn, list(by_raw))}
+
+    def projects_of(self, cids: Iterable[CID]) -> dict[CID, set[bytes]]:
+        """For each stored one of `cids`, the projects it is attributed to (`OWN` included)."""
+        by_raw = {c.raw: c for c in cids}
+        out: dict[CID, set[bytes]] = {}
+        for chunk in _chunks(list(by_raw)):
+            sql = (
+                "SELECT cid, project FROM blocks LEFT JOIN block_projects ON block = id"
+                f" WHERE cid IN ({_marks(len(chunk))})"
+            )
+            for raw, project in self._conn.execute(sql, chunk):
+                found = out.setdefault(by_raw[raw], set())
+                if project is not None:
+                    found.add(bytes(project))
+        return out
+
+    def project_bytes(self, project: bytes, conn: sqlite3.Connection | None = None) -> int:
+        """Bytes of the blocks attributed to `project`."""
+        row = (
+            (conn or self._conn)
+            .execute(
+                "SELECT coalesce(sum(size), 0) FROM block_projects JOIN blocks ON id = block"
+                " WHERE project = ?",
+                (project,),
+            )
+            .fetchone()
+        )
+        return int(row[0])
+
+    def largest_project(self) -> tuple[bytes, int] | None:
+        """The project holding the most bytes of blocks, and how many (`OWN` aside)."""
+        row = self._conn.execute(
+            "SELECT project, sum(size) AS held FROM block_projects JOIN blocks ON id = block"
+            " WHERE project != ? GROUP BY project ORDER BY held DESC LIMIT 1",
+            (OWN,),
+        ).fetchone()
+        return None if row is None else (bytes(row[0]), int(row[1]))
+
+    def usage(self) -> tuple[int, int, int]:
+        """(blocks, bytes of blocks, bytes of evictable blocks)."""
+        evictable = self._conn.execute(
+            "SELECT coalesce(sum(size), 0) FROM blocks WHERE kept = 0"
+        ).fetchone()[0]
+        return self._count, self._bytes, int(evictable)
+
+    def file_bytes(self) -> int:
+        return self._path.stat().st_size if self._path.exists() else 0
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _ids(conn: sqlite3.Connection, raws: Sequence[bytes]) -> dict[bytes, int]:
+        found: dict[bytes, int] = {}
+        for chunk in _chunks(raws):
+            sql = f"SELECT cid, id FROM blocks WHERE cid IN ({_marks(len(chunk))})"
+            found.update((bytes(raw), i) for raw, i in conn.execute(sql, chunk))
+        return found
+
+    @staticmethod
+    def _attributed(conn: sqlite3.Connection, project: bytes, ids: Sequence[int]) -> set[int]:
+        if not ids:
+            return set()
+        sql = (
+            f"SELECT block FROM block_projects WHERE project = ? AND block IN ({_marks(len(ids))})"
+        )
+        return {i for (i,) in conn.execute(sql, (project, *ids))}
+
+    def import_rows(self, rows: Sequence[tuple[bytes, bytes]]) -> None:
+        """Store (binary CID, bytes) rows moved from an older store, unverified (they were
+        verified when first stored) and kept (where they came from is not known)."""
+        with self._write() as conn:
+            tick = self._next_tick()
+            for raw, data in rows:
+                cursor = conn.execute(
+                    "INSERT INTO blocks (cid, size, used, kept) VALUES (?, ?, ?, 1)"
+                    " ON CONFLICT (cid) DO NOTHING",
+                    (raw, len(data), tick),
+                )
+                if cursor.rowcount:
+                    block_id = cursor.lastrowid
+                    conn.execute(
+                        "INSERT INTO block_data (id, data) VALUES (?, ?)", (block_id, data)
+                    )
+                    conn.execute(
+                        "INSERT INTO block_projects (project, block, pinned) VALUES (?, ?, 1)",
+                        (OWN, block_id),
+                    )
+                    self._bytes += len(data)
+                    self._count += 1
+
+
+class _WriteTxn:
+    """One write transaction on the block database, which also writes pending reads."""
+
+    def __init__(self, db: BlockDB) -> None:
+        self._db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        conn = self._db._conn
+        conn.execute("BEGIN IMMEDIATE")
+        self._db._flush_touched(conn)
+        return conn
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        conn = self._db._conn
+        if exc_type is None:
+            conn.execute("COMMIT")
+        elif conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+def _set_up(conn: sqlite3.Connection, path: Path) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == 0:
+        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            raise sqlite3.DatabaseError("it holds tables but no Ostrom schema version")
+        # Set before the first table is created: the page size of a database is fixed then.
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+    elif version > BLOCK_SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"its schema version is {version}; this Ostrom reads up to version "
+            f"{BLOCK_SCHEMA_VERSION} (a newer Ostrom wrote it)"
+        )
+    # A rollback journal (see the module docstring), deleted after each commit.
+    mode = conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
+    if str(mode).lower() != "delete":
+        raise sqlite3.OperationalError(f"{path}: cannot use a rollback journal ({mode})")
+    # FULL: the journal and the database are synced at each commit, so an acknowledged write
+    # survives a crash of the process or of the machine.
+    conn.execute("PRAGMA synchronous = FULL")
+    if version == 0:
+        conn.executescript(
+            f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {BLOCK_SCHEMA_VERSION}; COMMIT;"
+        )

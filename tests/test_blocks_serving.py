@@ -1,0 +1,67 @@
+"""Which blocks a node gives a peer: a block kept only for a private mesh's project goes to
+that mesh's members and nobody else, even to a peer that knows its CID."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ostrom.crypto.cid import CID
+from ostrom.crypto.keys import Identity
+from ostrom.datadir import DataDir
+from ostrom.node.service import NodeService
+from ostrom.node.store import Store
+from ostrom.protocol.records import Policy, Project, SignedRecord, sign
+
+STEWARD = Identity.from_seed(bytes([1]) * 32)
+MEMBER = Identity.from_seed(bytes([2]) * 32)
+STRANGER = Identity.from_seed(bytes([3]) * 32)
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[NodeService]:
+    store = Store.open(tmp_path / "store.sqlite")
+    try:
+        yield NodeService(STEWARD, store, DataDir(tmp_path))
+    finally:
+        store.close()
+
+
+def genesis(name: str, mesh: CID | None) -> SignedRecord:
+    body = Project(
+        author=STEWARD.public_key,
+        ts=1_000,
+        name=name,
+        license="MIT",
+        policy=Policy(maintainers=(STEWARD.public_key,)),
+        mesh=mesh,
+    )
+    return sign(body, STEWARD)
+
+
+def block(text: str) -> tuple[CID, bytes]:
+    data = text.encode() * 100
+    return CID.of_raw(data), data
+
+
+async def test_a_private_project_s_blocks_go_only_to_members_of_its_mesh(
+    service: NodeService,
+) -> None:
+    mesh = await service.meshes.create("makers", "private")
+    await service.meshes.set_membership(mesh.cid, MEMBER.public_key, "admit")
+    private, public = genesis("secret", mesh.cid), genesis("open", None)
+    await service.db(lambda store: store.put_records([private, public]))
+    only_private, shared, only_public, own = (block(t) for t in ("p", "s", "o", "mine"))
+    await service.blocks_put([only_private, shared], private.cid, pinned=False)
+    await service.blocks_put([only_public, shared], public.cid, pinned=False)
+    await service.db(lambda store: store.put_blocks([own]))
+    cids = [b[0] for b in (only_private, shared, only_public, own)]
+
+    to_stranger = await service.blocks_get(cids, STRANGER.peer_id)
+    assert set(to_stranger) == {shared[0], only_public[0], own[0]}
+    to_member = await service.blocks_get(cids, MEMBER.peer_id)
+    assert set(to_member) == set(cids)
+    # The owner reads everything.
+    assert set(await service.blocks_get(cids)) == set(cids)
