@@ -12,6 +12,7 @@ arrival among all nodes minus the moment just before its `need.create` call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -221,8 +222,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--poll-s", type=float, default=0.05)
     parser.add_argument("--topology", choices=["random", "chain"], default="random")
     parser.add_argument("--out", default="bench/results/gossip.json")
+    parser.add_argument(
+        "--keep-dir", help="run the daemons in this directory and keep it (logs, profiles)"
+    )
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.keep_dir:
+            Path(args.keep_dir).mkdir(parents=True, exist_ok=True)
+            tmp = args.keep_dir
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
         figures = run(
             args.nodes,
             args.rate,
