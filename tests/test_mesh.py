@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
@@ -465,6 +466,64 @@ async def test_signed_peer_records_are_built_and_verified_once(
         assert verified - verified_before <= 2
         # Peer records still arrive: B knows where A listens from A's signed record.
         assert a.listen_addrs[0] in {addr for p in b.peers() for addr in p.addrs}
+
+
+async def test_a_copy_of_a_message_already_seen_is_dropped_before_any_task() -> None:
+    # py-libp2p starts a task per message received and only then looks at its seen-cache;
+    # mesh.py answers "seen" in the read loop's subscription check, before the task.
+    async with gossiping_pair() as (a, b, got):
+        asked = pushed = 0
+        subscribed = b._pubsub._is_subscribed_to_msg
+        push = b._pubsub.push_msg
+
+        def counting_check(msg: object) -> bool:
+            nonlocal asked
+            asked += 1
+            return subscribed(msg)  # type: ignore[arg-type]
+
+        async def counting_push(forwarder: object, msg: object) -> None:
+            nonlocal pushed
+            pushed += 1
+            await push(forwarder, msg)  # type: ignore[arg-type]
+
+        b._pubsub._is_subscribed_to_msg = counting_check  # type: ignore[method-assign]
+        b._pubsub.push_msg = counting_push  # type: ignore[method-assign]
+        await a.publish(TOPIC, b"once")
+        await wait_until(lambda: b"once" in got)
+        assert (asked, pushed) == (1, 1)
+        # A sends B the same message again, as a second relay would.
+        cached = [m for m in a._gossipsub.mcache.msgs.values() if m.data == b"once"]
+        assert len(cached) == 1
+        rpc = mesh_module.rpc_pb2.RPC(publish=cached)
+        a._gossipsub.send_rpc(mesh_module.ID.from_base58(b.peer_id), rpc)
+        await wait_until(lambda: asked == 2)
+        await trio.sleep(0.2)
+        assert pushed == 1
+
+
+async def test_own_messages_reach_subscribers_outside_the_mesh() -> None:
+    # Flood publishing: a node whose gossip mesh is empty (its peers pruned, in back-off)
+    # still sends what it publishes to every subscribed neighbour.
+    async with gossiping_pair() as (a, b, got):
+        b_id = mesh_module.ID.from_base58(b.peer_id)
+        router = a._gossipsub
+        router.back_off.setdefault(TOPIC, {})[b_id] = 2**40  # never graft B again
+        router.mesh[TOPIC].discard(b_id)
+        await a.publish(TOPIC, b"flooded")
+        await wait_until(lambda: b"flooded" in got)
+        assert b_id not in router.mesh[TOPIC]
+
+
+async def test_a_pruned_peer_may_graft_again_within_ten_seconds() -> None:
+    # py-libp2p's back-off is 60 s; with a small mesh degree that left meshes empty.
+    async with gossiping_pair() as (a, b, _):
+        a_id = mesh_module.ID.from_base58(a.peer_id)
+        before = int(time.time())
+        await b._gossipsub.emit_prune(TOPIC, a_id, False, False)
+        b_id = mesh_module.ID.from_base58(b.peer_id)
+        await wait_until(lambda: b_id in a._gossipsub.back_off.get(TOPIC, {}))
+        assert a._gossipsub.back_off[TOPIC][b_id] <= int(time.time()) + 10
+        assert a._gossipsub.back_off[TOPIC][b_id] >= before + 10
 
 
 async def test_window_updates_wait_for_half_the_window() -> None:

@@ -123,10 +123,25 @@ _SWARM_MAX_CONNECTIONS: Final = 1_000_000
 # How long an explicit dial may take before the peer counts as unreachable. A LAN or Internet
 # handshake (TCP + Noise + Yamux) takes well under a second; 10 s covers a slow Raspberry Pi.
 _DIAL_TIMEOUT: Final = 10.0
-# Gossipsub mesh degree: the libp2p specification's defaults (D=6, D_low=4, D_high=12).
-_GOSSIP_D: Final = 6
-_GOSSIP_D_LOW: Final = 4
-_GOSSIP_D_HIGH: Final = 12
+# Gossipsub mesh degree. Each record reaches a node about once per mesh peer, and in
+# py-libp2p every copy costs a relay CPU (a frame to decrypt, parse and drop, or to build
+# and send): with the specification's D=6 a 20-node mesh spent more CPU per record than two
+# cores have. D=3 halves the copies; the mesh stays connected because our own records are
+# flooded to every subscriber (`_flood_own_messages`), a pruned peer may graft again after
+# `_GOSSIP_PRUNE_BACKOFF_S`, and sync fills whatever gossip misses. D_high is 2*D so
+# that the grafts a node receives (about as many as it makes) rarely push it over and
+# cause prunes.
+_GOSSIP_D: Final = 3
+_GOSSIP_D_LOW: Final = 2
+_GOSSIP_D_HIGH: Final = 6
+# How long a pruned peer waits before grafting again (py-libp2p: 60 s, sent in each PRUNE,
+# which the other side respects). With a small D, a node whose peers were all pruned within
+# the last minute kept an empty mesh for that minute; 10 s heals it within a few heartbeats
+# and still damps graft/prune flapping (one heartbeat is 1 s).
+_GOSSIP_PRUNE_BACKOFF_S: Final = 10
+# Subscribers a node floods its own messages to, at most (go-libp2p floods to all): more
+# than a node keeps peers by default (`MeshConfig.max_peers`), so in practice all of them.
+_FLOOD_PUBLISH_MAX: Final = 64
 # Gossipsub versions offered, preferred first. Not 1.2: its IDONTWANT sends a control message
 # to every mesh peer for every message received, which costs more CPU in py-libp2p (a frame,
 # an encryption and a send each) than the duplicates it saves for our small records. 1.1 and
@@ -804,6 +819,7 @@ class Mesh:
             degree_low=_GOSSIP_D_LOW,
             degree_high=_GOSSIP_D_HIGH,
             heartbeat_interval=_GOSSIP_HEARTBEAT_S,
+            prune_back_off=_GOSSIP_PRUNE_BACKOFF_S,
             adaptive_gossip_enabled=False,
             spam_protection_enabled=False,
             # Grafts extra peers from other IPs every heartbeat; on a LAN or a test machine
@@ -837,6 +853,8 @@ class Mesh:
         self._filter_topic_subscriptions()
         # Ids of gossip messages being validated (bounded by py-libp2p's concurrent validations).
         self._validating: set[bytes] = set()
+        self._drop_known_messages_early()
+        self._flood_own_messages()
 
     def _end_inbound_handlers_on_close(self) -> None:
         """End each inbound connection's handler task when its connection closes.
@@ -1252,12 +1270,17 @@ class Mesh:
                 return False
             self._validating.add(mid)
             try:
-                return bool(await current(topic, msg.data, forwarder.to_base58()))
+                accepted = bool(await current(topic, msg.data, forwarder.to_base58()))
             except Exception:
                 log.exception("gossip handler for %s failed; message dropped", topic)
                 return False
             finally:
                 self._validating.discard(mid)
+            if accepted:
+                # Seen from now on, not from when py-libp2p marks it after a few more
+                # checkpoints: a copy arriving in between would be relayed a second time.
+                self._pubsub.seen_messages.add(mid)
+            return accepted
 
         self._pubsub.set_topic_validator(topic, validate, True)
         if topic not in self._pubsub.topic_ids:
@@ -1352,6 +1375,59 @@ class Mesh:
 
         pubsub.handle_subscription = filtered_subscription  # type: ignore[method-assign]
         router.handle_graft = filtered_graft  # type: ignore[method-assign]
+
+    def _drop_known_messages_early(self) -> None:
+        """Drop a gossip copy already seen or being validated before py-libp2p spends a task.
+
+        For each message of a subscribed topic in an RPC, py-libp2p's read loop starts a
+        service task (`push_msg`; the anyio service manager walks its task tree for each),
+        and only that task looks at the seen-cache. With each record arriving about once
+        per mesh peer, most of those tasks were for duplicates. The read loop asks
+        `_is_subscribed_to_msg` first (its only caller), so that answer also says "new".
+        (An instance attribute; tests/test_mesh.py checks the read loop still asks it.)
+        """
+        pubsub = self._pubsub
+        topic_ids = pubsub.topic_ids
+        seen = pubsub.seen_messages
+        validating = self._validating
+
+        def subscribed_and_new(msg: rpc_pb2.Message) -> bool:
+            if not any(topic in topic_ids for topic in msg.topicIDs):
+                return False
+            mid = _content_message_id(msg)
+            return mid not in validating and not seen.has(mid)
+
+        pubsub._is_subscribed_to_msg = subscribed_and_new  # type: ignore[method-assign]
+
+    def _flood_own_messages(self) -> None:
+        """Send messages this node publishes to every subscriber, not only its mesh peers.
+
+        go-libp2p's flood publishing (on by default): a publisher whose mesh is empty or
+        small (peers pruned and in back-off) still reaches all its subscribed neighbours,
+        and they get its records in one hop. Relayed messages still go to the mesh only.
+        (An instance attribute; tests/test_mesh.py checks that publishing goes through it.)
+        """
+        router = self._gossipsub
+        pubsub = self._pubsub
+        peers_to_send = router._get_peers_to_send
+
+        def flood_own(
+            topic_ids: Any, msg_forwarder: ID, origin: ID, msg_id: bytes | None = None
+        ) -> Any:
+            me = pubsub.my_id
+            if msg_forwarder != me or origin != me:
+                return peers_to_send(topic_ids, msg_forwarder, origin, msg_id)
+            chosen: set[ID] = set(peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
+            for topic in topic_ids:
+                for peer in pubsub.peer_topics.get(topic, ()):
+                    if len(chosen) >= _FLOOD_PUBLISH_MAX:
+                        break
+                    if peer in router.peer_protocol:
+                        chosen.add(peer)
+            chosen.discard(me)
+            return chosen
+
+        router._get_peers_to_send = flood_own  # type: ignore[method-assign]
 
     async def _pace(self) -> None:
         """Wait until every peer's outbound gossip queue has room.
