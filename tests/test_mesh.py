@@ -501,6 +501,19 @@ async def test_a_copy_of_a_message_already_seen_is_dropped_before_any_task() -> 
         assert pushed == 1
 
 
+async def test_relaying_does_not_grow_memory_per_message() -> None:
+    # py-libp2p appends a delivery time per message relayed to a list nothing trims (only
+    # its adaptive gossip, off here, reads it); mesh.py keeps the last few.
+    async with gossiping_pair() as (a, _, got):
+        burst = [b"kept %d" % n for n in range(mesh_module._DELIVERY_TIMES_KEPT + 20)]
+        for message in burst:
+            await a.publish(TOPIC, message)
+        await wait_until(lambda: got.issuperset(burst))
+        assert len(a._gossipsub.recent_message_deliveries[TOPIC]) == (
+            mesh_module._DELIVERY_TIMES_KEPT
+        )
+
+
 async def test_own_messages_reach_subscribers_outside_the_mesh() -> None:
     # Flood publishing: a node whose gossip mesh is empty (its peers pruned, in back-off)
     # still sends what it publishes to every subscribed neighbour.
@@ -576,6 +589,8 @@ def test_py_libp2p_patches_are_installed() -> None:
     assert m.Pubsub.handle_sending_messages is m._send_queued_rpcs
     assert m.libp2p_pubsub.read_varint_prefixed_bytes_limited is m._read_rpc
     assert m.YamuxStream._auto_tune_and_send_window_update is m._window_update_at_half
+    assert m.libp2p_yamux._py_yamux_env is m._yamux_env
+    assert m.libp2p_yamux._py_yamux_env_set is m._yamux_env_set
     for module in (m.libp2p_pubsub, m.libp2p_gossipsub):
         assert module.env_to_send_in_RPC is m._sender_record_to_send
         assert module.maybe_consume_signed_record is m._consume_sender_record

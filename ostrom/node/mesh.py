@@ -30,8 +30,12 @@ workaround in one place:
   gossipsub 1.1 only (no IDONTWANT), the signed peer record attached to every RPC is built and
   verified once instead of per RPC, Yamux returns window credit at half the window (go-yamux's
   rule) instead of after every read, queued RPCs to a peer go out in one write, and pubsub
-  streams are read in chunks instead of a byte at a time for each length prefix. Copies of a
-  message that arrive while the first is being validated are ignored, not relayed again.
+  streams are read in chunks instead of a byte at a time for each length prefix. A copy of a
+  message already seen or being validated is dropped in the read loop, before py-libp2p
+  starts a task for it. Yamux's tuning variables are read from the environment once, not on
+  every frame, and a per-message list py-libp2p never trims is bounded.
+- Gossip degree D=3 (D_high 4), a node's own messages flooded to all subscribers, and a
+  10 s prune back-off (see the constants below for why).
 - Subscriptions are drained at once (their channels hold 32 messages and drop the rest);
   the caller's handler runs as the topic validator, which is what decides relaying.
 - Identified peers are fed to the Kad-DHT routing table, which connections do not feed.
@@ -50,15 +54,18 @@ import os
 import socket
 import time
 import weakref
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, cast
 
 import libp2p.peer.peerstore as libp2p_peerstore
 import libp2p.pubsub.gossipsub as libp2p_gossipsub
 import libp2p.pubsub.pubsub as libp2p_pubsub
 import libp2p.pubsub.utils as libp2p_pubsub_utils
+import libp2p.stream_muxer.yamux.yamux as libp2p_yamux
 import libp2p.utils.varint as libp2p_varint
 import multiaddr
 import trio
@@ -126,19 +133,22 @@ _DIAL_TIMEOUT: Final = 10.0
 # Gossipsub mesh degree. Each record reaches a node about once per mesh peer, and in
 # py-libp2p every copy costs a relay CPU (a frame to decrypt, parse and drop, or to build
 # and send): with the specification's D=6 a 20-node mesh spent more CPU per record than two
-# cores have. D=3 halves the copies; the mesh stays connected because our own records are
-# flooded to every subscriber (`_flood_own_messages`), a pruned peer may graft again after
-# `_GOSSIP_PRUNE_BACKOFF_S`, and sync fills whatever gossip misses. D_high is 2*D so
-# that the grafts a node receives (about as many as it makes) rarely push it over and
-# cause prunes.
+# cores have. D=3 with D_high=4 brings it to about 4 copies (1 from the publisher, the rest
+# from mesh relays); the mesh stays connected because our own records are flooded to every
+# subscriber (`_flood_own_messages`), a pruned peer may graft again after
+# `_GOSSIP_PRUNE_BACKOFF_S`, and sync fills whatever gossip misses. (D_high=6 pruned less
+# but kept meshes of 5 or 6: 5 copies a record.)
 _GOSSIP_D: Final = 3
 _GOSSIP_D_LOW: Final = 2
-_GOSSIP_D_HIGH: Final = 6
+_GOSSIP_D_HIGH: Final = 4
 # How long a pruned peer waits before grafting again (py-libp2p: 60 s, sent in each PRUNE,
 # which the other side respects). With a small D, a node whose peers were all pruned within
 # the last minute kept an empty mesh for that minute; 10 s heals it within a few heartbeats
 # and still damps graft/prune flapping (one heartbeat is 1 s).
 _GOSSIP_PRUNE_BACKOFF_S: Final = 10
+# Entries kept of py-libp2p's per-topic list of delivery times, which only its adaptive
+# gossip (off) reads and nothing trims: unbounded, it grew by one float per message relayed.
+_DELIVERY_TIMES_KEPT: Final = 64
 # Subscribers a node floods its own messages to, at most (go-libp2p floods to all): more
 # than a node keeps peers by default (`MeshConfig.max_peers`), so in practice all of them.
 _FLOOD_PUBLISH_MAX: Final = 64
@@ -711,6 +721,24 @@ async def _read_rpc(reader: Any, max_length: int) -> bytes:
     return data
 
 
+# py-libp2p's Yamux reads its PY_YAMUX_* tuning variables from the environment on every
+# frame (several `os.getenv` calls per read and write, a few percent of a relay's CPU).
+# They are read once here: a daemon's environment does not change while it runs.
+_YAMUX_ENV: Final = libp2p_yamux._py_yamux_env
+_YAMUX_ENV_SET: Final = libp2p_yamux._py_yamux_env_set
+_yamux_settings: Final = {k: v for k, v in os.environ.items() if k.startswith("PY_YAMUX_")}
+
+
+def _yamux_env(name: str, default: str = "") -> str:
+    """`_py_yamux_env` from the environment as it was when this module was imported."""
+    return _yamux_settings.get(f"PY_YAMUX_{name}", default)
+
+
+def _yamux_env_set(name: str) -> bool:
+    """`_py_yamux_env_set`, likewise."""
+    return f"PY_YAMUX_{name}" in _yamux_settings
+
+
 # Names `_window_update_at_half` relies on; a py-libp2p without them is refused.
 _YAMUX_STREAM_NEEDS: Final = (
     "_auto_tune_and_send_window_update",
@@ -746,6 +774,8 @@ def _patch_py_libp2p() -> None:
         _window_update_at_half,
     )
     _replace(Pubsub, "handle_sending_messages", _PUBSUB_SEND_LOOP, _send_queued_rpcs)
+    _replace(libp2p_yamux, "_py_yamux_env", _YAMUX_ENV, _yamux_env)
+    _replace(libp2p_yamux, "_py_yamux_env_set", _YAMUX_ENV_SET, _yamux_env_set)
     _replace(libp2p_pubsub, "read_varint_prefixed_bytes_limited", _PUBSUB_READ_RPC, _read_rpc)
     for module in (libp2p_pubsub, libp2p_gossipsub):
         _replace(module, "env_to_send_in_RPC", _issue_sender_record, _sender_record_to_send)
@@ -828,6 +858,9 @@ class Mesh:
         )
         self._gossipsub.mcache = _ContentIdMessageCache(
             self._gossipsub.mcache.window_size, self._gossipsub.mcache.history_size
+        )
+        self._gossipsub.recent_message_deliveries = defaultdict(
+            partial(deque, maxlen=_DELIVERY_TIMES_KEPT)  # type: ignore[arg-type]
         )
         self._pubsub = Pubsub(
             self._host,
