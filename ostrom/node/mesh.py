@@ -34,8 +34,8 @@ workaround in one place:
   message already seen or being validated is dropped in the read loop, before py-libp2p
   starts a task for it. Yamux's tuning variables are read from the environment once, not on
   every frame, and a per-message list py-libp2p never trims is bounded.
-- Gossip degree D=3 (D_high 4), a node's own messages flooded to all subscribers, and a
-  10 s prune back-off (see the constants below for why).
+- Gossip degree D=3 (D_high 4), a node's own messages sent to D peers even when its mesh
+  is smaller, and a 10 s prune back-off (see the constants below for why).
 - Subscriptions are drained at once (their channels hold 32 messages and drop the rest);
   the caller's handler runs as the topic validator, which is what decides relaying.
 - Identified peers are fed to the Kad-DHT routing table, which connections do not feed.
@@ -133,11 +133,10 @@ _DIAL_TIMEOUT: Final = 10.0
 # Gossipsub mesh degree. Each record reaches a node about once per mesh peer, and in
 # py-libp2p every copy costs a relay CPU (a frame to decrypt, parse and drop, or to build
 # and send): with the specification's D=6 a 20-node mesh spent more CPU per record than two
-# cores have. D=3 with D_high=4 brings it to about 4 copies (1 from the publisher, the rest
-# from mesh relays); the mesh stays connected because our own records are flooded to every
-# subscriber (`_flood_own_messages`), a pruned peer may graft again after
-# `_GOSSIP_PRUNE_BACKOFF_S`, and sync fills whatever gossip misses. (D_high=6 pruned less
-# but kept meshes of 5 or 6: 5 copies a record.)
+# cores have. D=3 with D_high=4 brings it to about 4 copies. Records still reach everyone:
+# a publisher with too few mesh peers sends to other subscribers (`_publish_to_enough_peers`),
+# a pruned peer may graft again after `_GOSSIP_PRUNE_BACKOFF_S`, and sync fills whatever
+# gossip misses. (D_high=6 pruned less but kept meshes of 5 or 6: 5 copies a record.)
 _GOSSIP_D: Final = 3
 _GOSSIP_D_LOW: Final = 2
 _GOSSIP_D_HIGH: Final = 4
@@ -149,9 +148,11 @@ _GOSSIP_PRUNE_BACKOFF_S: Final = 10
 # Entries kept of py-libp2p's per-topic list of delivery times, which only its adaptive
 # gossip (off) reads and nothing trims: unbounded, it grew by one float per message relayed.
 _DELIVERY_TIMES_KEPT: Final = 64
-# Subscribers a node floods its own messages to, at most (go-libp2p floods to all): more
-# than a node keeps peers by default (`MeshConfig.max_peers`), so in practice all of them.
-_FLOOD_PUBLISH_MAX: Final = 64
+# Recipients of a message this node publishes, at least (as far as it has subscribed
+# peers): its mesh peers, topped up with other subscribers when the mesh is smaller. Not
+# all subscribers (go-libp2p's flood publishing): sending each record to 19 peers made the
+# publisher of a 20-node mesh its slowest node (7.5 ms of CPU a record instead of 4.6).
+_PUBLISH_MIN_RECIPIENTS: Final = _GOSSIP_D
 # Gossipsub versions offered, preferred first. Not 1.2: its IDONTWANT sends a control message
 # to every mesh peer for every message received, which costs more CPU in py-libp2p (a frame,
 # an encryption and a send each) than the duplicates it saves for our small records. 1.1 and
@@ -887,7 +888,7 @@ class Mesh:
         # Ids of gossip messages being validated (bounded by py-libp2p's concurrent validations).
         self._validating: set[bytes] = set()
         self._drop_known_messages_early()
-        self._flood_own_messages()
+        self._publish_to_enough_peers()
 
     def _end_inbound_handlers_on_close(self) -> None:
         """End each inbound connection's handler task when its connection closes.
@@ -1432,19 +1433,21 @@ class Mesh:
 
         pubsub._is_subscribed_to_msg = subscribed_and_new  # type: ignore[method-assign]
 
-    def _flood_own_messages(self) -> None:
-        """Send messages this node publishes to every subscriber, not only its mesh peers.
+    def _publish_to_enough_peers(self) -> None:
+        """Send a message this node publishes to `_PUBLISH_MIN_RECIPIENTS` peers at least.
 
-        go-libp2p's flood publishing (on by default): a publisher whose mesh is empty or
-        small (peers pruned and in back-off) still reaches all its subscribed neighbours,
-        and they get its records in one hop. Relayed messages still go to the mesh only.
-        (An instance attribute; tests/test_mesh.py checks that publishing goes through it.)
+        py-libp2p sends it to the topic's mesh only, so a publisher whose mesh was empty
+        (its peers pruned and in back-off) sent its records to no one until the back-off
+        ended. Here the mesh peers are topped up with other subscribed neighbours (like
+        go-libp2p's flood publishing, but to D peers, not all). Relayed messages still go
+        to the mesh only. (An instance attribute; tests/test_mesh.py checks that publishing
+        goes through it.)
         """
         router = self._gossipsub
         pubsub = self._pubsub
         peers_to_send = router._get_peers_to_send
 
-        def flood_own(
+        def to_enough_peers(
             topic_ids: Any, msg_forwarder: ID, origin: ID, msg_id: bytes | None = None
         ) -> Any:
             me = pubsub.my_id
@@ -1453,14 +1456,14 @@ class Mesh:
             chosen: set[ID] = set(peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
             for topic in topic_ids:
                 for peer in pubsub.peer_topics.get(topic, ()):
-                    if len(chosen) >= _FLOOD_PUBLISH_MAX:
+                    if len(chosen) >= _PUBLISH_MIN_RECIPIENTS:
                         break
                     if peer in router.peer_protocol:
                         chosen.add(peer)
             chosen.discard(me)
             return chosen
 
-        router._get_peers_to_send = flood_own  # type: ignore[method-assign]
+        router._get_peers_to_send = to_enough_peers  # type: ignore[method-assign]
 
     async def _pace(self) -> None:
         """Wait until every peer's outbound gossip queue has room.
