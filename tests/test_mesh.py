@@ -527,6 +527,21 @@ async def test_own_messages_reach_subscribers_outside_the_mesh() -> None:
         assert b_id not in router.mesh[TOPIC]
 
 
+async def test_peers_in_back_off_still_hear_of_recent_messages() -> None:
+    # py-libp2p left peers in prune back-off out of IHAVE gossip, so a node pruned by all
+    # its mesh peers heard of nothing until the back-off ended; mesh.py includes them.
+    async with gossiping_pair() as (a, b, got):
+        await a.publish(TOPIC, b"recent")
+        await wait_until(lambda: b"recent" in got)
+        b_id = mesh_module.ID.from_base58(b.peer_id)
+        router = a._gossipsub
+        router.back_off.setdefault(TOPIC, {})[b_id] = 2**40
+        router.mesh[TOPIC].discard(b_id)
+        announced = router.gossip_heartbeat()
+        assert TOPIC in announced[b_id]
+        assert set(announced[b_id][TOPIC]) == set(router.mcache.window(TOPIC))
+
+
 async def test_a_pruned_peer_may_graft_again_within_ten_seconds() -> None:
     # py-libp2p's back-off is 60 s; with a small mesh degree that left meshes empty.
     async with gossiping_pair() as (a, b, _):

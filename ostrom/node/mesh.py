@@ -34,8 +34,9 @@ workaround in one place:
   message already seen or being validated is dropped in the read loop, before py-libp2p
   starts a task for it. Yamux's tuning variables are read from the environment once, not on
   every frame, and a per-message list py-libp2p never trims is bounded.
-- Gossip degree D=3 (D_high 4), a node's own messages sent to D peers even when its mesh
-  is smaller, and a 10 s prune back-off (see the constants below for why).
+- Gossip degree D=3 (D_high 6), a node's own messages sent to D peers even when its mesh
+  is smaller, IHAVE gossip to peers in back-off too, and a 10 s prune back-off (see the
+  constants below for why).
 - Subscriptions are drained at once (their channels hold 32 messages and drop the rest);
   the caller's handler runs as the topic validator, which is what decides relaying.
 - Identified peers are fed to the Kad-DHT routing table, which connections do not feed.
@@ -51,6 +52,7 @@ import hashlib
 import logging
 import math
 import os
+import random
 import socket
 import time
 import weakref
@@ -133,18 +135,25 @@ _DIAL_TIMEOUT: Final = 10.0
 # Gossipsub mesh degree. Each record reaches a node about once per mesh peer, and in
 # py-libp2p every copy costs a relay CPU (a frame to decrypt, parse and drop, or to build
 # and send): with the specification's D=6 a 20-node mesh spent more CPU per record than two
-# cores have. D=3 with D_high=4 brings it to about 4 copies. Records still reach everyone:
-# a publisher with too few mesh peers sends to other subscribers (`_publish_to_enough_peers`),
+# cores have. D=3 brings it to 4 or 5 copies. Records still reach everyone: a publisher
+# with too few mesh peers sends to other subscribers (`_publish_to_enough_peers`), peers
+# outside the mesh, pruned ones included, hear of every message (`_gossip_to_all_but_mesh`),
 # a pruned peer may graft again after `_GOSSIP_PRUNE_BACKOFF_S`, and sync fills whatever
-# gossip misses. (D_high=6 pruned less but kept meshes of 5 or 6: 5 copies a record.)
+# gossip misses. D_high is 2*D: a node receives about as many grafts as it makes, and with
+# D_high=4 the prunes that followed cut a node of 8 off for a whole back-off (4 copies
+# instead of 5 at 20 nodes was not worth it).
 _GOSSIP_D: Final = 3
 _GOSSIP_D_LOW: Final = 2
-_GOSSIP_D_HIGH: Final = 4
+_GOSSIP_D_HIGH: Final = 6
 # How long a pruned peer waits before grafting again (py-libp2p: 60 s, sent in each PRUNE,
 # which the other side respects). With a small D, a node whose peers were all pruned within
 # the last minute kept an empty mesh for that minute; 10 s heals it within a few heartbeats
 # and still damps graft/prune flapping (one heartbeat is 1 s).
 _GOSSIP_PRUNE_BACKOFF_S: Final = 10
+# Peers outside the mesh told of recent messages (IHAVE) at each heartbeat: at least
+# D_lazy, else this share of them (the specification's defaults, as py-libp2p uses).
+_GOSSIP_D_LAZY: Final = 6
+_GOSSIP_FACTOR: Final = 0.25
 # Entries kept of py-libp2p's per-topic list of delivery times, which only its adaptive
 # gossip (off) reads and nothing trims: unbounded, it grew by one float per message relayed.
 _DELIVERY_TIMES_KEPT: Final = 64
@@ -889,6 +898,7 @@ class Mesh:
         self._validating: set[bytes] = set()
         self._drop_known_messages_early()
         self._publish_to_enough_peers()
+        self._gossip_to_all_but_mesh()
 
     def _end_inbound_handlers_on_close(self) -> None:
         """End each inbound connection's handler task when its connection closes.
@@ -1464,6 +1474,42 @@ class Mesh:
             return chosen
 
         router._get_peers_to_send = to_enough_peers  # type: ignore[method-assign]
+
+    def _gossip_to_all_but_mesh(self) -> None:
+        """Choose the peers told of recent messages (IHAVE) among every subscriber outside
+        the mesh, those in prune back-off included.
+
+        py-libp2p leaves peers in back-off out of this gossip (go-libp2p does not: back-off
+        only forbids a GRAFT). A node pruned by all its mesh peers was then neither relayed
+        to nor told of anything until the back-off ended, and lost those records to gossip.
+        Fan-out topics (published to, not subscribed) keep py-libp2p's handling.
+        (An instance attribute; tests/test_mesh.py checks the heartbeat goes through it.)
+        """
+        router = self._gossipsub
+        pubsub = self._pubsub
+        gossip_heartbeat = router.gossip_heartbeat
+
+        def gossip_all_but_mesh() -> defaultdict[ID, dict[str, list[bytes]]]:
+            mesh, router.mesh = router.mesh, {}
+            try:
+                chosen = gossip_heartbeat()  # the fan-out topics only
+            finally:
+                router.mesh = mesh
+            for topic, mesh_peers in mesh.items():
+                ids = router.mcache.window(topic)
+                if not ids:
+                    continue
+                others = [
+                    peer
+                    for peer in pubsub.peer_topics.get(topic, ())
+                    if peer not in mesh_peers and peer in router.peer_protocol
+                ]
+                count = max(_GOSSIP_D_LAZY, int(len(others) * _GOSSIP_FACTOR))
+                for peer in random.sample(others, min(count, len(others))):
+                    chosen[peer][topic] = list(ids)
+            return chosen
+
+        router.gossip_heartbeat = gossip_all_but_mesh  # type: ignore[method-assign]
 
     async def _pace(self) -> None:
         """Wait until every peer's outbound gossip queue has room.
