@@ -12,6 +12,7 @@ arrival among all nodes minus the moment just before its `need.create` call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import sys
@@ -29,6 +30,11 @@ from ostrom.errors import OstromError
 DRAIN_S = 15.0
 # Seconds for gossipsub meshes to form after everyone follows (heartbeat is 1 s).
 SETTLE_S = 5.0
+# Connections count as settled once no node's peer count changed for this long (the DHT
+# refreshes and lookups that add connections run within seconds of each other) ...
+STABLE_S = 5.0
+# ... or after this long in any case.
+CONNECT_WAIT_S = 90.0
 
 
 def listen(home: Path, arrivals: dict[str, float], ready: threading.Event) -> None:
@@ -57,6 +63,31 @@ def poll_counts(home: Path, times: list[float], stop: threading.Event, interval:
             time.sleep(interval)
     finally:
         client.close()
+
+
+def progress(message: str) -> None:
+    """One line on stderr, so a profiler run beside the bench can tell the phases apart."""
+    print(f"{time.strftime('%H:%M:%S')} bench.gossip: {message}", file=sys.stderr, flush=True)
+
+
+def wait_connections_settled(daemons: list[Daemon]) -> list[int]:
+    """Wait until no node's peer count changed for `STABLE_S` (at most `CONNECT_WAIT_S`).
+
+    Each node first connects to its bootstrap peers; DHT lookups then connect it to most
+    others. Every new connection costs both nodes an identify, DHT, mesh and sync exchange;
+    measured during that churn, gossip would pay for the mesh forming, not for relaying.
+    """
+    deadline = time.monotonic() + CONNECT_WAIT_S
+    last: list[int] = []
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        counts = [d.client.status()["peers"] for d in daemons]
+        if counts != last:
+            last, since = counts, time.monotonic()
+        elif time.monotonic() - since >= STABLE_S:
+            break
+        time.sleep(0.5)
+    return last
 
 
 def cpu_seconds(pid: int) -> float:
@@ -106,6 +137,9 @@ def run(
             if time.monotonic() > deadline:
                 raise TimeoutError("not every node got the project record")
             time.sleep(0.2)
+        progress("every node has the project; waiting for the connections to settle")
+        peers = wait_connections_settled(daemons)
+        progress(f"connections settled: {sum(peers)} in all, {min(peers)}-{max(peers)} per node")
         time.sleep(SETTLE_S)
         arrivals: list[dict[str, float]] = [{} for _ in daemons]
         counts: list[list[float]] = [[] for _ in daemons]
@@ -125,6 +159,7 @@ def run(
         bench_cpu_before = time.process_time()
         sent: dict[str, float] = {}
         interval = 1.0 / rate
+        progress("publishing")
         start = time.monotonic()
         for k in range(int(rate * seconds)):
             target = start + k * interval
@@ -135,6 +170,7 @@ def run(
             cid = first.client.create_need(project, f"need {k}")["cid"]
             sent[cid] = t
         publish_s = time.monotonic() - start
+        progress("published; waiting for every node to hold every record")
         order = list(sent)
 
         def fill_from_counts() -> None:
@@ -205,6 +241,7 @@ def run(
             # nothing else ran. A median above it means the mesh cannot keep up.
             "cpu_budget_ms_per_record": round(1000 * (os.cpu_count() or 1) / (nodes * rate), 2),
             "bench_process_cpu_s": round(bench_cpu, 1),
+            "peers_per_node": f"{min(peers)}-{max(peers)}" if peers else None,
         }
     finally:
         for d in daemons:
@@ -221,8 +258,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--poll-s", type=float, default=0.05)
     parser.add_argument("--topology", choices=["random", "chain"], default="random")
     parser.add_argument("--out", default="bench/results/gossip.json")
+    parser.add_argument(
+        "--keep-dir", help="run the daemons in this directory and keep it (logs, profiles)"
+    )
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
+    with contextlib.ExitStack() as stack:
+        if args.keep_dir:
+            Path(args.keep_dir).mkdir(parents=True, exist_ok=True)
+            tmp = args.keep_dir
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
         figures = run(
             args.nodes,
             args.rate,

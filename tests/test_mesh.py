@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
@@ -467,6 +468,92 @@ async def test_signed_peer_records_are_built_and_verified_once(
         assert a.listen_addrs[0] in {addr for p in b.peers() for addr in p.addrs}
 
 
+async def test_a_copy_of_a_message_already_seen_is_dropped_before_any_task() -> None:
+    # py-libp2p starts a task per message received and only then looks at its seen-cache;
+    # mesh.py answers "seen" in the read loop's subscription check, before the task.
+    async with gossiping_pair() as (a, b, got):
+        asked = pushed = 0
+        subscribed = b._pubsub._is_subscribed_to_msg
+        push = b._pubsub.push_msg
+
+        def counting_check(msg: object) -> bool:
+            nonlocal asked
+            asked += 1
+            return subscribed(msg)  # type: ignore[arg-type]
+
+        async def counting_push(forwarder: object, msg: object) -> None:
+            nonlocal pushed
+            pushed += 1
+            await push(forwarder, msg)  # type: ignore[arg-type]
+
+        b._pubsub._is_subscribed_to_msg = counting_check  # type: ignore[method-assign]
+        b._pubsub.push_msg = counting_push  # type: ignore[method-assign]
+        await a.publish(TOPIC, b"once")
+        await wait_until(lambda: b"once" in got)
+        assert (asked, pushed) == (1, 1)
+        # A sends B the same message again, as a second relay would.
+        cached = [m for m in a._gossipsub.mcache.msgs.values() if m.data == b"once"]
+        assert len(cached) == 1
+        rpc = mesh_module.rpc_pb2.RPC(publish=cached)
+        a._gossipsub.send_rpc(mesh_module.ID.from_base58(b.peer_id), rpc)
+        await wait_until(lambda: asked == 2)
+        await trio.sleep(0.2)
+        assert pushed == 1
+
+
+async def test_relaying_does_not_grow_memory_per_message() -> None:
+    # py-libp2p appends a delivery time per message relayed to a list nothing trims (only
+    # its adaptive gossip, off here, reads it); mesh.py keeps the last few.
+    async with gossiping_pair() as (a, _, got):
+        burst = [b"kept %d" % n for n in range(mesh_module._DELIVERY_TIMES_KEPT + 20)]
+        for message in burst:
+            await a.publish(TOPIC, message)
+        await wait_until(lambda: got.issuperset(burst))
+        assert len(a._gossipsub.recent_message_deliveries[TOPIC]) == (
+            mesh_module._DELIVERY_TIMES_KEPT
+        )
+
+
+async def test_own_messages_reach_subscribers_outside_the_mesh() -> None:
+    # A node whose gossip mesh is empty (its peers pruned, in back-off) still sends what it
+    # publishes to D subscribed neighbours; py-libp2p sent it to no one.
+    async with gossiping_pair() as (a, b, got):
+        b_id = mesh_module.ID.from_base58(b.peer_id)
+        router = a._gossipsub
+        router.back_off.setdefault(TOPIC, {})[b_id] = 2**40  # never graft B again
+        router.mesh[TOPIC].discard(b_id)
+        await a.publish(TOPIC, b"topped up")
+        await wait_until(lambda: b"topped up" in got)
+        assert b_id not in router.mesh[TOPIC]
+
+
+async def test_peers_in_back_off_still_hear_of_recent_messages() -> None:
+    # py-libp2p left peers in prune back-off out of IHAVE gossip, so a node pruned by all
+    # its mesh peers heard of nothing until the back-off ended; mesh.py includes them.
+    async with gossiping_pair() as (a, b, got):
+        await a.publish(TOPIC, b"recent")
+        await wait_until(lambda: b"recent" in got)
+        b_id = mesh_module.ID.from_base58(b.peer_id)
+        router = a._gossipsub
+        router.back_off.setdefault(TOPIC, {})[b_id] = 2**40
+        router.mesh[TOPIC].discard(b_id)
+        announced = router.gossip_heartbeat()
+        assert TOPIC in announced[b_id]
+        assert set(announced[b_id][TOPIC]) == set(router.mcache.window(TOPIC))
+
+
+async def test_a_pruned_peer_may_graft_again_within_ten_seconds() -> None:
+    # py-libp2p's back-off is 60 s; with a small mesh degree that left meshes empty.
+    async with gossiping_pair() as (a, b, _):
+        a_id = mesh_module.ID.from_base58(a.peer_id)
+        before = int(time.time())
+        await b._gossipsub.emit_prune(TOPIC, a_id, False, False)
+        b_id = mesh_module.ID.from_base58(b.peer_id)
+        await wait_until(lambda: b_id in a._gossipsub.back_off.get(TOPIC, {}))
+        assert a._gossipsub.back_off[TOPIC][b_id] <= int(time.time()) + 10
+        assert a._gossipsub.back_off[TOPIC][b_id] >= before + 10
+
+
 async def test_window_updates_wait_for_half_the_window() -> None:
     # py-libp2p's Yamux sent a window update after every read; mesh.py makes it go-yamux's:
     # one update per half window (128 KiB) consumed. Data must still flow without stalls.
@@ -517,6 +604,8 @@ def test_py_libp2p_patches_are_installed() -> None:
     assert m.Pubsub.handle_sending_messages is m._send_queued_rpcs
     assert m.libp2p_pubsub.read_varint_prefixed_bytes_limited is m._read_rpc
     assert m.YamuxStream._auto_tune_and_send_window_update is m._window_update_at_half
+    assert m.libp2p_yamux._py_yamux_env is m._yamux_env
+    assert m.libp2p_yamux._py_yamux_env_set is m._yamux_env_set
     for module in (m.libp2p_pubsub, m.libp2p_gossipsub):
         assert module.env_to_send_in_RPC is m._sender_record_to_send
         assert module.maybe_consume_signed_record is m._consume_sender_record

@@ -30,8 +30,13 @@ workaround in one place:
   gossipsub 1.1 only (no IDONTWANT), the signed peer record attached to every RPC is built and
   verified once instead of per RPC, Yamux returns window credit at half the window (go-yamux's
   rule) instead of after every read, queued RPCs to a peer go out in one write, and pubsub
-  streams are read in chunks instead of a byte at a time for each length prefix. Copies of a
-  message that arrive while the first is being validated are ignored, not relayed again.
+  streams are read in chunks instead of a byte at a time for each length prefix. A copy of a
+  message already seen or being validated is dropped in the read loop, before py-libp2p
+  starts a task for it. Yamux's tuning variables are read from the environment once, not on
+  every frame, and a per-message list py-libp2p never trims is bounded.
+- Gossip degree D=3 (D_high 6), a node's own messages sent to D peers even when its mesh
+  is smaller, IHAVE gossip to peers in back-off too, and a 10 s prune back-off (see the
+  constants below for why).
 - Subscriptions are drained at once (their channels hold 32 messages and drop the rest);
   the caller's handler runs as the topic validator, which is what decides relaying.
 - Identified peers are fed to the Kad-DHT routing table, which connections do not feed.
@@ -47,18 +52,22 @@ import hashlib
 import logging
 import math
 import os
+import random
 import socket
 import time
 import weakref
+from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final, cast
 
 import libp2p.peer.peerstore as libp2p_peerstore
 import libp2p.pubsub.gossipsub as libp2p_gossipsub
 import libp2p.pubsub.pubsub as libp2p_pubsub
 import libp2p.pubsub.utils as libp2p_pubsub_utils
+import libp2p.stream_muxer.yamux.yamux as libp2p_yamux
 import libp2p.utils.varint as libp2p_varint
 import multiaddr
 import trio
@@ -123,10 +132,36 @@ _SWARM_MAX_CONNECTIONS: Final = 1_000_000
 # How long an explicit dial may take before the peer counts as unreachable. A LAN or Internet
 # handshake (TCP + Noise + Yamux) takes well under a second; 10 s covers a slow Raspberry Pi.
 _DIAL_TIMEOUT: Final = 10.0
-# Gossipsub mesh degree: the libp2p specification's defaults (D=6, D_low=4, D_high=12).
-_GOSSIP_D: Final = 6
-_GOSSIP_D_LOW: Final = 4
-_GOSSIP_D_HIGH: Final = 12
+# Gossipsub mesh degree. Each record reaches a node about once per mesh peer, and in
+# py-libp2p every copy costs a relay CPU (a frame to decrypt, parse and drop, or to build
+# and send): with the specification's D=6 a 20-node mesh spent more CPU per record than two
+# cores have. D=3 brings it to 4 or 5 copies. Records still reach everyone: a publisher
+# with too few mesh peers sends to other subscribers (`_publish_to_enough_peers`), peers
+# outside the mesh, pruned ones included, hear of every message (`_gossip_to_all_but_mesh`),
+# a pruned peer may graft again after `_GOSSIP_PRUNE_BACKOFF_S`, and sync fills whatever
+# gossip misses. D_high is 2*D: a node receives about as many grafts as it makes, and with
+# D_high=4 the prunes that followed cut a node of 8 off for a whole back-off (4 copies
+# instead of 5 at 20 nodes was not worth it).
+_GOSSIP_D: Final = 3
+_GOSSIP_D_LOW: Final = 2
+_GOSSIP_D_HIGH: Final = 6
+# How long a pruned peer waits before grafting again (py-libp2p: 60 s, sent in each PRUNE,
+# which the other side respects). With a small D, a node whose peers were all pruned within
+# the last minute kept an empty mesh for that minute; 10 s heals it within a few heartbeats
+# and still damps graft/prune flapping (one heartbeat is 1 s).
+_GOSSIP_PRUNE_BACKOFF_S: Final = 10
+# Peers outside the mesh told of recent messages (IHAVE) at each heartbeat: at least
+# D_lazy, else this share of them (the specification's defaults, as py-libp2p uses).
+_GOSSIP_D_LAZY: Final = 6
+_GOSSIP_FACTOR: Final = 0.25
+# Entries kept of py-libp2p's per-topic list of delivery times, which only its adaptive
+# gossip (off) reads and nothing trims: unbounded, it grew by one float per message relayed.
+_DELIVERY_TIMES_KEPT: Final = 64
+# Recipients of a message this node publishes, at least (as far as it has subscribed
+# peers): its mesh peers, topped up with other subscribers when the mesh is smaller. Not
+# all subscribers (go-libp2p's flood publishing): sending each record to 19 peers made the
+# publisher of a 20-node mesh its slowest node (7.5 ms of CPU a record instead of 4.6).
+_PUBLISH_MIN_RECIPIENTS: Final = _GOSSIP_D
 # Gossipsub versions offered, preferred first. Not 1.2: its IDONTWANT sends a control message
 # to every mesh peer for every message received, which costs more CPU in py-libp2p (a frame,
 # an encryption and a send each) than the duplicates it saves for our small records. 1.1 and
@@ -696,6 +731,24 @@ async def _read_rpc(reader: Any, max_length: int) -> bytes:
     return data
 
 
+# py-libp2p's Yamux reads its PY_YAMUX_* tuning variables from the environment on every
+# frame (several `os.getenv` calls per read and write, a few percent of a relay's CPU).
+# They are read once here: a daemon's environment does not change while it runs.
+_YAMUX_ENV: Final = libp2p_yamux._py_yamux_env
+_YAMUX_ENV_SET: Final = libp2p_yamux._py_yamux_env_set
+_yamux_settings: Final = {k: v for k, v in os.environ.items() if k.startswith("PY_YAMUX_")}
+
+
+def _yamux_env(name: str, default: str = "") -> str:
+    """`_py_yamux_env` from the environment as it was when this module was imported."""
+    return _yamux_settings.get(f"PY_YAMUX_{name}", default)
+
+
+def _yamux_env_set(name: str) -> bool:
+    """`_py_yamux_env_set`, likewise."""
+    return f"PY_YAMUX_{name}" in _yamux_settings
+
+
 # Names `_window_update_at_half` relies on; a py-libp2p without them is refused.
 _YAMUX_STREAM_NEEDS: Final = (
     "_auto_tune_and_send_window_update",
@@ -731,6 +784,8 @@ def _patch_py_libp2p() -> None:
         _window_update_at_half,
     )
     _replace(Pubsub, "handle_sending_messages", _PUBSUB_SEND_LOOP, _send_queued_rpcs)
+    _replace(libp2p_yamux, "_py_yamux_env", _YAMUX_ENV, _yamux_env)
+    _replace(libp2p_yamux, "_py_yamux_env_set", _YAMUX_ENV_SET, _yamux_env_set)
     _replace(libp2p_pubsub, "read_varint_prefixed_bytes_limited", _PUBSUB_READ_RPC, _read_rpc)
     for module in (libp2p_pubsub, libp2p_gossipsub):
         _replace(module, "env_to_send_in_RPC", _issue_sender_record, _sender_record_to_send)
@@ -804,6 +859,7 @@ class Mesh:
             degree_low=_GOSSIP_D_LOW,
             degree_high=_GOSSIP_D_HIGH,
             heartbeat_interval=_GOSSIP_HEARTBEAT_S,
+            prune_back_off=_GOSSIP_PRUNE_BACKOFF_S,
             adaptive_gossip_enabled=False,
             spam_protection_enabled=False,
             # Grafts extra peers from other IPs every heartbeat; on a LAN or a test machine
@@ -812,6 +868,9 @@ class Mesh:
         )
         self._gossipsub.mcache = _ContentIdMessageCache(
             self._gossipsub.mcache.window_size, self._gossipsub.mcache.history_size
+        )
+        self._gossipsub.recent_message_deliveries = defaultdict(
+            partial(deque, maxlen=_DELIVERY_TIMES_KEPT)  # type: ignore[arg-type]
         )
         self._pubsub = Pubsub(
             self._host,
@@ -837,6 +896,9 @@ class Mesh:
         self._filter_topic_subscriptions()
         # Ids of gossip messages being validated (bounded by py-libp2p's concurrent validations).
         self._validating: set[bytes] = set()
+        self._drop_known_messages_early()
+        self._publish_to_enough_peers()
+        self._gossip_to_all_but_mesh()
 
     def _end_inbound_handlers_on_close(self) -> None:
         """End each inbound connection's handler task when its connection closes.
@@ -1252,12 +1314,17 @@ class Mesh:
                 return False
             self._validating.add(mid)
             try:
-                return bool(await current(topic, msg.data, forwarder.to_base58()))
+                accepted = bool(await current(topic, msg.data, forwarder.to_base58()))
             except Exception:
                 log.exception("gossip handler for %s failed; message dropped", topic)
                 return False
             finally:
                 self._validating.discard(mid)
+            if accepted:
+                # Seen from now on, not from when py-libp2p marks it after a few more
+                # checkpoints: a copy arriving in between would be relayed a second time.
+                self._pubsub.seen_messages.add(mid)
+            return accepted
 
         self._pubsub.set_topic_validator(topic, validate, True)
         if topic not in self._pubsub.topic_ids:
@@ -1352,6 +1419,97 @@ class Mesh:
 
         pubsub.handle_subscription = filtered_subscription  # type: ignore[method-assign]
         router.handle_graft = filtered_graft  # type: ignore[method-assign]
+
+    def _drop_known_messages_early(self) -> None:
+        """Drop a gossip copy already seen or being validated before py-libp2p spends a task.
+
+        For each message of a subscribed topic in an RPC, py-libp2p's read loop starts a
+        service task (`push_msg`; the anyio service manager walks its task tree for each),
+        and only that task looks at the seen-cache. With each record arriving about once
+        per mesh peer, most of those tasks were for duplicates. The read loop asks
+        `_is_subscribed_to_msg` first (its only caller), so that answer also says "new".
+        (An instance attribute; tests/test_mesh.py checks the read loop still asks it.)
+        """
+        pubsub = self._pubsub
+        topic_ids = pubsub.topic_ids
+        seen = pubsub.seen_messages
+        validating = self._validating
+
+        def subscribed_and_new(msg: rpc_pb2.Message) -> bool:
+            if not any(topic in topic_ids for topic in msg.topicIDs):
+                return False
+            mid = _content_message_id(msg)
+            return mid not in validating and not seen.has(mid)
+
+        pubsub._is_subscribed_to_msg = subscribed_and_new  # type: ignore[method-assign]
+
+    def _publish_to_enough_peers(self) -> None:
+        """Send a message this node publishes to `_PUBLISH_MIN_RECIPIENTS` peers at least.
+
+        py-libp2p sends it to the topic's mesh only, so a publisher whose mesh was empty
+        (its peers pruned and in back-off) sent its records to no one until the back-off
+        ended. Here the mesh peers are topped up with other subscribed neighbours (like
+        go-libp2p's flood publishing, but to D peers, not all). Relayed messages still go
+        to the mesh only. (An instance attribute; tests/test_mesh.py checks that publishing
+        goes through it.)
+        """
+        router = self._gossipsub
+        pubsub = self._pubsub
+        peers_to_send = router._get_peers_to_send
+
+        def to_enough_peers(
+            topic_ids: Any, msg_forwarder: ID, origin: ID, msg_id: bytes | None = None
+        ) -> Any:
+            me = pubsub.my_id
+            if msg_forwarder != me or origin != me:
+                return peers_to_send(topic_ids, msg_forwarder, origin, msg_id)
+            chosen: set[ID] = set(peers_to_send(topic_ids, msg_forwarder, origin, msg_id))
+            for topic in topic_ids:
+                for peer in pubsub.peer_topics.get(topic, ()):
+                    if len(chosen) >= _PUBLISH_MIN_RECIPIENTS:
+                        break
+                    if peer in router.peer_protocol:
+                        chosen.add(peer)
+            chosen.discard(me)
+            return chosen
+
+        router._get_peers_to_send = to_enough_peers  # type: ignore[method-assign]
+
+    def _gossip_to_all_but_mesh(self) -> None:
+        """Choose the peers told of recent messages (IHAVE) among every subscriber outside
+        the mesh, those in prune back-off included.
+
+        py-libp2p leaves peers in back-off out of this gossip (go-libp2p does not: back-off
+        only forbids a GRAFT). A node pruned by all its mesh peers was then neither relayed
+        to nor told of anything until the back-off ended, and lost those records to gossip.
+        Fan-out topics (published to, not subscribed) keep py-libp2p's handling.
+        (An instance attribute; tests/test_mesh.py checks the heartbeat goes through it.)
+        """
+        router = self._gossipsub
+        pubsub = self._pubsub
+        gossip_heartbeat = router.gossip_heartbeat
+
+        def gossip_all_but_mesh() -> defaultdict[ID, dict[str, list[bytes]]]:
+            mesh, router.mesh = router.mesh, {}
+            try:
+                chosen = gossip_heartbeat()  # the fan-out topics only
+            finally:
+                router.mesh = mesh
+            for topic, mesh_peers in mesh.items():
+                ids = router.mcache.window(topic)
+                if not ids:
+                    continue
+                others = [
+                    peer
+                    for peer in pubsub.peer_topics.get(topic, ())
+                    if peer not in mesh_peers and peer in router.peer_protocol
+                ]
+                count = max(_GOSSIP_D_LAZY, int(len(others) * _GOSSIP_FACTOR))
+                for peer in random.sample(others, min(count, len(others))):
+                    chosen[peer][topic] = list(ids)
+            return chosen
+
+        router.gossip_heartbeat = gossip_all_but_mesh  # type: ignore[method-assign]
 
     async def _pace(self) -> None:
         """Wait until every peer's outbound gossip queue has room.

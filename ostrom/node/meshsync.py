@@ -33,6 +33,7 @@ from ostrom.node.bandwidth import Bandwidth, MeteredStream
 from ostrom.node.framed import ByteStream, FramedStream, PeerSilent
 from ostrom.node.mesh import Mesh, MeshStream
 from ostrom.node.meshes import MeshRegistry
+from ostrom.node.sync import unwrap_single_error
 from ostrom.protocol.catalogue import (
     MAX_CATALOGUE_SIZE,
     SignedCatalogue,
@@ -271,7 +272,9 @@ class MeshReplicator:
         framed = FramedStream(stream, max_frame=MAX_FRAME)
         offered = self._offer(peer_id)
         shared: set[CID] | None = None
-        with trio.move_on_after(EXCHANGE_TIMEOUT_S):
+        # A broken stream fails the side that notices it; callers catch that error itself,
+        # not the nursery's ExceptionGroup around it (which would end the daemon's nursery).
+        with trio.move_on_after(EXCHANGE_TIMEOUT_S), unwrap_single_error():
             async with trio.open_nursery() as nursery:
                 hello, their_hello = trio.open_memory_channel[set[CID]](1)
                 nursery.start_soon(self._send_side, framed, offered, their_hello)

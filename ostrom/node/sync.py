@@ -43,7 +43,7 @@ from typing import Any, Final, Protocol
 import trio
 
 from ostrom.crypto.cid import CID
-from ostrom.errors import DecodeError, Refused
+from ostrom.errors import DecodeError, OstromError, Refused
 from ostrom.node.framed import IDLE_TIMEOUT_S, ByteStream, FramedStream
 from ostrom.node.ingest import ROW_CID, ROW_FORK_OF, ROW_PROJECT, RecordRow
 from ostrom.protocol.reconcile import ReconcileIndex, Reconciler, decode_message, encode_message
@@ -244,13 +244,15 @@ def unwrap_single_error() -> Iterator[None]:
     """Let one error from a nursery's tasks out as itself, not inside an ExceptionGroup.
 
     A session's tasks fail for one reason (the peer misbehaved, the stream broke); callers
-    catch that reason, as they would from a function without inner tasks.
+    catch that reason, as they would from a function without inner tasks. When both tasks
+    fail with Ostrom errors (a reset seen by the reader closes the stream under the writer),
+    the first is let out: the others follow from it.
     """
     try:
         yield
     except BaseExceptionGroup as group:
         leaves = _leaves(group)
-        if len(leaves) == 1:
+        if len(leaves) == 1 or (leaves and all(isinstance(e, OstromError) for e in leaves)):
             raise leaves[0] from None
         raise
 
