@@ -65,7 +65,7 @@ _CHUNK: Final = 500
 # busy daemon: 4 MiB keeps a node within its idle budget (the bare libp2p host + 25 MiB)
 # and a soak's growth small, and holds the inner B-tree pages and recent writes. Pages past
 # it come from the OS file cache: a walk of a 30k-record history took 10-30% longer than
-# with 16 MiB (bench/soak.py, docs/BENCHMARKS.md).
+# with 16 MiB, and a 100k-record catch-up no longer (docs/BENCHMARKS.md, the soak section).
 _CACHE_KIB: Final = 4 * 1024
 # A CID prefix shorter than this matches too much to be a deliberate reference.
 MIN_PREFIX_LENGTH: Final = 4
