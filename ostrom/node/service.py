@@ -66,6 +66,12 @@ T = TypeVar("T")
 # The record types the acceptance rule judges or counts (ostrom.protocol.acceptance); it
 # ignores needs and comments except as parents, present or missing, of judged records.
 _JUDGED_TYPES: Final = frozenset({"project", "contribution", "governance", "validation"})
+# Record statuses the cached acceptance states may hold in all, beyond the most recently
+# used state (always kept, whatever its size): a status costs about 300 bytes, so this
+# caps the cache near 6 MiB however many projects are read, while a node busy with a few
+# projects of some thousands of records keeps them all. An evicted state is evaluated
+# again from the store when next asked for.
+_STATE_CACHE_STATUSES: Final = 20_000
 
 
 def _trusted_changeset(store: Store, cid: CID) -> Changeset:
@@ -164,6 +170,7 @@ class NodeService:
         self.verifier = verifier or VerifierPool(workers=1)
         self._clock = clock
         self._lock = trio.Lock()
+        # Acceptance states, least recently used first (bounded: `_STATE_CACHE_STATUSES`).
         self._states: dict[CID, ProjectState] = {}
         # Per cached state, the parents its records lack: a need or comment among them is
         # the only kind that can change the state.
@@ -591,8 +598,9 @@ class NodeService:
 
     async def state(self, project: CID) -> ProjectState:
         """The acceptance state of `project`, cached until a record of it arrives."""
-        cached = self._states.get(project)
+        cached = self._states.pop(project, None)
         if cached is not None:
+            self._states[project] = cached  # now the most recently used
             return cached
 
         def compute(store: Store) -> ProjectState:
@@ -602,8 +610,14 @@ class NodeService:
             return evaluate(genesis, store.project_history(project).values())
 
         state = await self.db(compute)
+        self._forget_state(project)
         self._states[project] = state
         self._missing[project] = frozenset(c for st in state.statuses.values() for c in st.missing)
+        held = sum(len(s.statuses) for s in self._states.values())
+        while held > _STATE_CACHE_STATUSES and len(self._states) > 1:
+            oldest = next(iter(self._states))
+            held -= len(self._states[oldest].statuses)
+            self._forget_state(oldest)
         return state
 
     def _forget_state(self, project: CID) -> None:

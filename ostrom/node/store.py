@@ -61,9 +61,13 @@ SCHEMA_VERSION: Final = 3
 # CIDs per `IN (...)` query: far below SQLite's bound on parameters (32766 since 3.32), and
 # large enough that a batch of 1,000 costs two queries.
 _CHUNK: Final = 500
-# Page cache per connection (negative = KiB): 16 MiB keeps the indexes of a 100k-record
-# project in memory during a walk of its history, and is small even for a Raspberry Pi.
-_CACHE_KIB: Final = 16 * 1024
+# Page cache of the store's one connection (negative = KiB). The cache fills up to this
+# bound as the store is read and written and stays full, so it is resident memory of every
+# busy daemon: 4 MiB keeps a node within its idle budget (the bare libp2p host + 25 MiB)
+# and a soak's growth small, and holds the inner B-tree pages and recent writes. Pages past
+# it come from the OS file cache: a walk of a 30k-record history took 10-30% longer than
+# with 16 MiB, and a 100k-record catch-up no longer (docs/BENCHMARKS.md, the soak section).
+_CACHE_KIB: Final = 4 * 1024
 # A CID prefix shorter than this matches too much to be a deliberate reference.
 MIN_PREFIX_LENGTH: Final = 4
 # How many candidates an `Ambiguous` error lists.
