@@ -83,12 +83,14 @@ GOSSIP_STORE_BATCH: Final = 256
 class _Completion:
     """One project's block completion under way, and the peers it fetches from."""
 
-    def __init__(self, peers: Iterable[str]) -> None:
+    def __init__(self, peers: Iterable[str], records: Iterable[CID] | None) -> None:
         self.sources: list[str] = []
         self.fetch: blocks.BlockFetch | None = None
         # Set when a peer joins: the lists of missing blocks may be out of date.
         self.joined = False
         self._joined_event = trio.Event()
+        # The records whose blocks the next pass looks for; None: the whole project's.
+        self.scope: set[CID] | None = None if records is None else set(records)
         self.add_sources(peers)
 
     def add_sources(self, peers: Iterable[str]) -> None:
@@ -99,15 +101,28 @@ class _Completion:
             if self.fetch is not None:
                 self.fetch.add_peer(peer)
 
-    def join(self, peers: Iterable[str]) -> None:
-        """`peers` have news for this project (a sync or gossip brought records)."""
+    def join(self, peers: Iterable[str], records: Iterable[CID] | None) -> None:
+        """`peers` have news for this project: `records` gossiped, or (None) a sync."""
         self.add_sources(peers)
+        self.widen(records)
         self.joined = True
         self._joined_event.set()
         self._joined_event = trio.Event()
 
     async def wait_joined(self) -> None:
         await self._joined_event.wait()
+
+    def widen(self, records: Iterable[CID] | None) -> None:
+        """Look at `records` too in the next pass (None: at the whole project)."""
+        if records is None:
+            self.scope = None
+        elif self.scope is not None:
+            self.scope.update(records)
+
+    def take_scope(self) -> set[CID] | None:
+        """The scope of the pass about to run; what joins during it widens the next one."""
+        scope, self.scope = self.scope, set()
+        return scope
 
 
 def topic_of(project: CID) -> str:
@@ -131,6 +146,10 @@ class Replicator:
         self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_SYNCS)
         self._pending: set[tuple[str, CID]] = set()
         self._completions: dict[CID, _Completion] = {}  # block completions under way
+        # Followed projects whose last whole-project block completion found nothing missing:
+        # a sync that brings nothing new skips the history walk for them. Emptied of a
+        # project when a completion leaves blocks missing, or its follow mode changes.
+        self._blocks_complete: set[CID] = set()
         self._nursery: trio.Nursery | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -157,6 +176,7 @@ class Replicator:
 
     async def follow(self, project: CID) -> None:
         """Start replicating a project just followed; find it on the DHT if it is not here."""
+        self._blocks_complete.discard(project)  # the mode may have changed to full
         await self._start_following(project)
         for peer in self.mesh.peers():
             self._request_sync(peer.peer_id, project)
@@ -165,6 +185,7 @@ class Replicator:
             self._nursery.start_soon(self._find_and_fetch, project)
 
     async def unfollow(self, project: CID) -> None:
+        self._blocks_complete.discard(project)
         if project in self._following:
             self._following.discard(project)
             await self.mesh.unsubscribe(topic_of(project))
@@ -297,17 +318,19 @@ class Replicator:
                 fresh.setdefault(record.cid, (record, peer))
         parents = {parent for record, _ in fresh.values() for parent in record.parents}
         present = await self._present(list(parents)) if parents else set()
-        blocks_from: dict[CID, list[str]] = {}
+        blocks_from: dict[CID, tuple[list[str], list[CID]]] = {}
         for record, peer in fresh.values():
             if any(parent not in present for parent in record.parents):
                 self._request_sync(peer, record.project)
             elif isinstance(record.body, Contribution):
-                peers = blocks_from.setdefault(record.project, [])
+                peers, records = blocks_from.setdefault(record.project, ([], []))
+                records.append(record.cid)
                 if peer not in peers:
                     peers.append(peer)
         if self._nursery is not None:
-            for project, peers in blocks_from.items():
-                self._nursery.start_soon(self._complete_blocks, project, peers)
+            # Only these contributions' blocks: the rest of the project was looked at before.
+            for project, (peers, records) in blocks_from.items():
+                self._nursery.start_soon(self._complete_blocks, project, peers, records)
 
     async def _present(self, cids: Sequence[CID]) -> set[CID]:
         return await self.service.db(lambda store: store.has_records(cids))
@@ -362,7 +385,8 @@ class Replicator:
                     "sent": result.sent,
                 }
             )
-        await self._complete_blocks(project, [peer_id])
+        if result.received or project not in self._blocks_complete:
+            await self._complete_blocks(project, [peer_id])
 
     async def _serve_sync(self, stream: MeshStream) -> None:
         try:
@@ -407,8 +431,14 @@ class Replicator:
         except OstromError as exc:
             log.info("serving blocks to %s stopped: %s", stream.peer_id, exc.message)
 
-    async def _complete_blocks(self, project: CID, peers: Sequence[str]) -> None:
+    async def _complete_blocks(
+        self, project: CID, peers: Sequence[str], records: Sequence[CID] | None = None
+    ) -> None:
         """Fetch what `project` lacks, once per project whatever the number of peers.
+
+        `records` limits the search to the blocks those records name (gossiped
+        contributions, whose parents are here and were looked at before); None looks at the
+        whole project, which walks its history.
 
         The first call runs the completion; a call while it runs adds its peers to it (to
         the fetch under way, too) and returns. Since such a peer may have just brought
@@ -418,19 +448,25 @@ class Replicator:
         """
         running = self._completions.get(project)
         if running is not None:
-            running.join(peers)
+            running.join(peers, records)
             return
-        completion = _Completion(peers)
+        completion = _Completion(peers, records)
         self._completions[project] = completion
         try:
             delay = BLOCK_RETRY_FIRST_S
             failures = 0
             while failures < BLOCK_RETRIES:
                 completion.joined = False
-                if not await self._fetch_missing_blocks(project, completion):
+                scope = completion.take_scope()
+                if not await self._fetch_missing_blocks(project, completion, scope):
+                    if scope is None:
+                        self._blocks_complete.add(project)
                     if not completion.joined:
                         return
                     continue
+                # Look again at what is still missing in the next pass.
+                self._blocks_complete.discard(project)
+                completion.widen(scope)
                 failures += 1
                 if not completion.joined:
                     with trio.move_on_after(delay):
@@ -439,8 +475,11 @@ class Replicator:
         finally:
             del self._completions[project]
 
-    async def _fetch_missing_blocks(self, project: CID, completion: _Completion) -> bool:
-        """Fetch the changesets, manifests and (following in full) file blocks `project` lacks.
+    async def _fetch_missing_blocks(
+        self, project: CID, completion: _Completion, scope: Collection[CID] | None
+    ) -> bool:
+        """Fetch the changesets, manifests and (following in full) file blocks `project` lacks,
+        or only those the records in `scope` name.
 
         Returns True if some are still missing."""
         mode = await self.service.db(lambda store: store.follow_mode(project))
@@ -451,7 +490,7 @@ class Replicator:
         for phase in phases:
             if phase == "files" and mode != "full":
                 break
-            wanted = await self.service.db(wanted_blocks, project, phase)
+            wanted = await self.service.db(wanted_blocks, project, phase, scope)
             if not wanted:
                 continue
             with self.service.transfers.track(project, phase, len(wanted)) as transfer:
@@ -582,14 +621,20 @@ class _ServedTo:
         return await self._service.sync_store(rows, expected)
 
 
-def wanted_blocks(store: Store, project: CID, phase: str) -> list[CID]:
+def wanted_blocks(
+    store: Store, project: CID, phase: str, scope: Collection[CID] | None = None
+) -> list[CID]:
     """The blocks `project` needs and this store lacks, for one phase of completion.
 
     Changesets first (they name the manifests), then manifests (they name the file
     blocks), then the file blocks themselves; contributions of upstream projects that the
-    project's history reaches count too.
+    project's history reaches count too. With `scope`, only the blocks those records name:
+    no walk of the history.
     """
-    everything = store.project_history(project, ("contribution",))
+    if scope is None:
+        everything = store.project_history(project, ("contribution",))
+    else:
+        everything = store.get_records(scope)
     changesets = [
         link
         for r in everything.values()
