@@ -766,7 +766,9 @@ class Client:
             nonlocal batch, batch_bytes, sent_sections
             if not batch:
                 return
-            msgid = self._connection.submit("car.import", {"sections": batch})
+            # The CAR's roots (its header comes first) tie its blocks to their project.
+            params = {"sections": batch, "projects": summary["roots"]}
+            msgid = self._connection.submit("car.import", params)
             in_flight.append((msgid, sent_sections))
             sent_sections += len(batch)
             batch, batch_bytes = [], 0

@@ -11,6 +11,9 @@ import pytest
 from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity
 from ostrom.datadir import DataDir
+from ostrom.errors import InvalidInput
+from ostrom.node.methods.transfer import car_import
+from ostrom.node.params import Params
 from ostrom.node.service import NodeService
 from ostrom.node.store import Store
 from ostrom.protocol.records import Policy, Project, SignedRecord, sign
@@ -65,3 +68,32 @@ async def test_a_private_project_s_blocks_go_only_to_members_of_its_mesh(
     assert set(to_member) == set(cids)
     # The owner reads everything.
     assert set(await service.blocks_get(cids)) == set(cids)
+
+
+async def test_blocks_imported_with_their_private_project_go_only_to_members(
+    service: NodeService,
+) -> None:
+    mesh = await service.meshes.create("makers", "private")
+    private = genesis("secret", mesh.cid)
+    imported, loose = block("in the car"), block("no project named")
+    sections = [[private.cid.raw, private.data], [imported[0].raw, imported[1]]]
+    await car_import(
+        service,
+        Params("car.import", [{"sections": sections, "projects": [str(private.cid)]}]),
+        None,  # type: ignore[arg-type]
+    )
+    await car_import(
+        service,
+        Params("car.import", [{"sections": [[loose[0].raw, loose[1]]]}]),
+        None,  # type: ignore[arg-type]
+    )
+    cids = [imported[0], loose[0]]
+    assert set(await service.blocks_get(cids, STRANGER.peer_id)) == {loose[0]}
+    assert set(await service.blocks_get(cids)) == set(cids)
+    with pytest.raises(InvalidInput, match="at most 16 projects"):
+        too_many = [str(CID.of_raw(bytes([i]))) for i in range(17)]
+        await car_import(
+            service,
+            Params("car.import", [{"sections": [], "projects": too_many}]),
+            None,  # type: ignore[arg-type]
+        )

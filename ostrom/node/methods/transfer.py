@@ -40,6 +40,9 @@ MAX_GET_BYTES: Final = 8 * 1024 * 1024
 # Records or sections one `record.put` / `car.import` call may carry: enough to keep the
 # verification workers busy, small enough to answer within a second on a Raspberry Pi.
 MAX_IMPORT_BATCH: Final = 4096
+# Projects one `car.import` call may name: a CAR file of ours has one root, its project;
+# a few more allow files that bundle projects, and the bound keeps each call's claims small.
+MAX_IMPORT_ROOTS: Final = 16
 
 
 # --- blocks ------------------------------------------------------------------------------------
@@ -163,17 +166,30 @@ async def _ingest(node: NodeService, items: Sequence[bytes]) -> dict[str, Any]:
 async def car_import(node: NodeService, params: Params, conn: RpcConnection) -> Any:
     """Sections of a CAR file: records are verified and stored, blocks checked against CIDs.
 
-    Each bad section is refused with its reason; every good one is kept.
+    Each bad section is refused with its reason; every good one is kept. `projects` (the
+    CAR file's roots) names the projects its blocks belong to: a block kept for a private
+    mesh's project is then served only to that mesh's members.
     """
     sections = params.array("sections", max_length=MAX_IMPORT_BATCH)
+    projects = params.cids("projects", [])
     params.done()
+    if len(projects) > MAX_IMPORT_ROOTS:
+        raise InvalidInput(f"car.import: at most {MAX_IMPORT_ROOTS} projects")
     if not all(isinstance(item, list) and len(item) == 2 for item in sections):
         raise InvalidInput("car.import: each section is [cid, bytes]")
     decoded = await node.verifier.decode_sections(sections)
     records = [item for item in decoded if isinstance(item, SignedRecord)]
     blocks = [(item.cid, item.data) for item in decoded if isinstance(item, Block)]
     refused = [item for item in decoded if isinstance(item, Refusal)]
-    stored_blocks = await node.db(lambda store: store.put_blocks(blocks)) if blocks else 0
+
+    def put(store: Store) -> int:
+        # The node's own (never evicted), and attributed to each project named.
+        stored = store.put_blocks(blocks)
+        for project in projects:
+            store.blocks.claim(project.raw, [cid for cid, _ in blocks])
+        return stored
+
+    stored_blocks = await node.db(put) if blocks else 0
     new = await node.store_new(records, "import")
     return {
         "stored": [str(cid) for cid in new],
