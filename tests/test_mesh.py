@@ -778,7 +778,9 @@ async def test_hundreds_of_connections_to_one_host() -> None:
             with trio.fail_after(10):
                 await client.connect(hub.advertised_addrs[0])
                 await client.disconnect(hub.peer_id, "cycle")
-            await wait_until(lambda: client.peer_id not in peer_ids(hub))
+            # What is tested is the slot, not how soon the hub notices: on a loaded machine
+            # the hub once took over 10 s to see a close among 300.
+            await wait_until(lambda: client.peer_id not in peer_ids(hub), timeout=30)
 
     async with running(hub, *clients):
         tasks_before = count_tasks()
