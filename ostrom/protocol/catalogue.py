@@ -22,9 +22,10 @@ from typing import Any, ClassVar, Final
 
 from ostrom.crypto import signing
 from ostrom.crypto.cid import CID
-from ostrom.crypto.keys import SIGNATURE_LENGTH, Identity
-from ostrom.errors import DecodeError, InvalidRecord, TooLarge
+from ostrom.crypto.keys import Identity
+from ostrom.errors import DecodeError, InvalidRecord
 from ostrom.protocol import dagcbor
+from ostrom.protocol.envelope import check_envelope, open_map, seal
 from ostrom.protocol.fields import check_key, check_link, check_name, check_ts, fail
 
 # What catalogue signatures cover before the payload: neither the record domain nor the mesh
@@ -137,14 +138,14 @@ def _unsigned_map(body: Catalogue) -> dict[str, Any]:
 def sign_catalogue(body: Catalogue, identity: Identity) -> SignedCatalogue:
     """Sign `body` with `identity`, which must be its author; `TooLarge` if it does not fit
     (`fit_entries` cuts a list so that it does)."""
-    if identity.public_key != body.author:
-        raise InvalidRecord("a catalogue is signed by its author's key")
-    unsigned = _unsigned_map(body)
-    unsigned["sig"] = signing.sign(identity, CATALOGUE_DOMAIN, dagcbor.encode(unsigned))
-    data = dagcbor.encode(unsigned)
-    if len(data) > MAX_CATALOGUE_SIZE:
-        raise TooLarge(f"catalogue is {len(data)} bytes; the limit is {MAX_CATALOGUE_SIZE}")
-    return SignedCatalogue(body, unsigned["sig"], CID.of_dag_cbor(data), data)
+    sig, data = seal(
+        _unsigned_map(body),
+        identity,
+        CATALOGUE_DOMAIN,
+        what="catalogue",
+        max_size=MAX_CATALOGUE_SIZE,
+    )
+    return SignedCatalogue(body, sig, CID.of_dag_cbor(data), data)
 
 
 def fit_entries(entries: Iterable[CatalogueEntry]) -> tuple[CatalogueEntry, ...]:
@@ -176,24 +177,11 @@ def _entry(value: object) -> CatalogueEntry:
 
 def decode_catalogue(data: bytes) -> SignedCatalogue:
     """Decode and verify a catalogue; raise a typed error saying what is wrong with it."""
-    if len(data) > MAX_CATALOGUE_SIZE:
-        raise TooLarge(f"catalogue is {len(data)} bytes; the limit is {MAX_CATALOGUE_SIZE}")
-    value = dagcbor.decode(data)
-    if not isinstance(value, dict):
-        raise InvalidRecord("a catalogue is a DAG-CBOR map")
+    value = open_map(data, what="catalogue", max_size=MAX_CATALOGUE_SIZE)
     kind = Catalogue.TYPE
     if value.get("type") != kind:
         raise InvalidRecord(f"not a catalogue: type {value.get('type')!r}")
-    if type(value.get("v")) is not int or value["v"] != CATALOGUE_VERSION:
-        raise InvalidRecord(f"{kind}: unsupported version {value.get('v')!r}")
-    if value.keys() != _FIELDS:
-        missing, unknown = _FIELDS - value.keys(), value.keys() - _FIELDS
-        parts = [f"missing fields {', '.join(sorted(missing))}"] if missing else []
-        parts += [f"unknown fields {', '.join(sorted(unknown))}"] if unknown else []
-        raise InvalidRecord(f"{kind}: " + "; ".join(parts))
-    sig = value.pop("sig")
-    if not isinstance(sig, bytes) or len(sig) != SIGNATURE_LENGTH:
-        raise InvalidRecord(f"{kind}: sig must be a 64-byte ed25519 signature")
+    sig = check_envelope(value, kind, CATALOGUE_VERSION, _FIELDS)
     listed = value["projects"]
     if not isinstance(listed, list) or len(listed) > MAX_CATALOGUE_ENTRIES:
         raise fail(kind, f"projects must be a list of at most {MAX_CATALOGUE_ENTRIES} entries")

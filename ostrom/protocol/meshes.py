@@ -22,9 +22,10 @@ from typing import Any, ClassVar, Final, Literal, TypeAlias
 
 from ostrom.crypto import signing
 from ostrom.crypto.cid import CID
-from ostrom.crypto.keys import SIGNATURE_LENGTH, Identity
+from ostrom.crypto.keys import Identity
 from ostrom.errors import DecodeError, InvalidRecord, TooLarge
 from ostrom.protocol import dagcbor
+from ostrom.protocol.envelope import check_envelope, open_map, seal
 from ostrom.protocol.fields import check_key, check_link, check_name, check_text, check_ts, fail
 
 # What mesh signatures cover before the payload: not the record domain, so no signature over
@@ -169,16 +170,14 @@ def _unsigned_map(body: MeshBody) -> dict[str, Any]:
 
 def sign_mesh_record(body: MeshBody, identity: Identity) -> SignedMeshRecord:
     """Sign `body` with `identity`, which must be its author."""
-    if identity.public_key != body.author:
-        raise InvalidRecord("a mesh record is signed by its author's key")
-    unsigned = _unsigned_map(body)
-    unsigned["sig"] = signing.sign(identity, MESH_DOMAIN, dagcbor.encode(unsigned))
-    data = dagcbor.encode(unsigned)
-    if len(data) > MAX_MESH_RECORD_SIZE:
-        raise TooLarge(
-            f"{body.TYPE} record is {len(data)} bytes; the limit is {MAX_MESH_RECORD_SIZE}"
-        )
-    return SignedMeshRecord(body, unsigned["sig"], CID.of_dag_cbor(data), data)
+    sig, data = seal(
+        _unsigned_map(body),
+        identity,
+        MESH_DOMAIN,
+        what=f"{body.TYPE} record",
+        max_size=MAX_MESH_RECORD_SIZE,
+    )
+    return SignedMeshRecord(body, sig, CID.of_dag_cbor(data), data)
 
 
 def _tuple(kind: str, value: Mapping[str, Any], name: str) -> tuple[Any, ...]:
@@ -190,33 +189,11 @@ def _tuple(kind: str, value: Mapping[str, Any], name: str) -> tuple[Any, ...]:
 
 def decode_mesh_record(data: bytes) -> SignedMeshRecord:
     """Decode and verify a mesh record; raise a typed error saying what is wrong with it."""
-    if len(data) > MAX_MESH_RECORD_SIZE:
-        raise TooLarge(f"mesh record is {len(data)} bytes; the limit is {MAX_MESH_RECORD_SIZE}")
-    value = dagcbor.decode(data)
-    if not isinstance(value, dict):
-        raise InvalidRecord("a mesh record is a DAG-CBOR map")
+    value = open_map(data, what="mesh record", max_size=MAX_MESH_RECORD_SIZE)
     kind = value.get("type")
     if not isinstance(kind, str) or kind not in _FIELDS:
         raise InvalidRecord(f"not a mesh record type: {kind!r}")
-    if type(value.get("v")) is not int or value["v"] != MESH_VERSION:
-        raise InvalidRecord(f"{kind}: unsupported version {value.get('v')!r}")
-    expected = _FIELDS[kind] | _COMMON
-    if value.keys() != expected:
-        missing, unknown = expected - value.keys(), value.keys() - expected
-        raise InvalidRecord(
-            f"{kind}: "
-            + "; ".join(
-                part
-                for part in (
-                    f"missing fields {', '.join(sorted(missing))}" if missing else "",
-                    f"unknown fields {', '.join(sorted(unknown))}" if unknown else "",
-                )
-                if part
-            )
-        )
-    sig = value.pop("sig")
-    if not isinstance(sig, bytes) or len(sig) != SIGNATURE_LENGTH:
-        raise InvalidRecord(f"{kind}: sig must be a 64-byte ed25519 signature")
+    sig = check_envelope(value, kind, MESH_VERSION, _FIELDS[kind] | _COMMON)
     body: MeshBody
     try:
         if kind == "mesh":
