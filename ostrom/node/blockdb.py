@@ -345,22 +345,18 @@ class BlockDB:
         """Unpin every block attributed to `project` (it is no longer followed): those no
         other attribution pins may now be evicted. Returns how many blocks became evictable."""
         with self._write() as conn:
-            ids = [
-                i
-                for (i,) in conn.execute(
-                    "SELECT block FROM block_projects WHERE project = ? AND pinned = 1", (project,)
-                )
-            ]
-            if not ids:
+            unpinned = conn.execute(
+                "UPDATE block_projects SET pinned = 0 WHERE project = ? AND pinned = 1", (project,)
+            ).rowcount
+            if not unpinned:
                 return 0
-            conn.execute("UPDATE block_projects SET pinned = 0 WHERE project = ?", (project,))
-            freed = 0
-            for block_id in ids:
-                freed += conn.execute(
-                    "UPDATE blocks SET kept = 0 WHERE id = ? AND NOT EXISTS"
-                    " (SELECT 1 FROM block_projects WHERE block = ? AND pinned = 1)",
-                    (block_id, block_id),
-                ).rowcount
+            freed: int = conn.execute(
+                "UPDATE blocks SET kept = 0 WHERE kept = 1"
+                " AND id IN (SELECT block FROM block_projects WHERE project = ?)"
+                " AND NOT EXISTS"
+                " (SELECT 1 FROM block_projects WHERE block = blocks.id AND pinned = 1)",
+                (project,),
+            ).rowcount
         return freed
 
     # --- reading -------------------------------------------------------------------------------
