@@ -67,9 +67,14 @@ class Refused(OstromError):
 
 
 class QuotaExceeded(Refused):
-    """Storing more would pass a storage limit the node's owner set."""
+    """Storing more would pass a storage limit the node's owner set: `limit` names which
+    (`storage` or `project_storage`)."""
 
     code = "quota_exceeded"
+
+    def __init__(self, message: str, limit: str = "storage") -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 # --- bytes that fail to decode or verify -------------------------------------------------------

@@ -61,9 +61,9 @@ def test_pinned_and_own_blocks_are_never_evicted_and_a_batch_that_cannot_fit_is_
     db.put([own])
     db.put([on_demand], project=P2, pinned=False)
     quota = Quota(storage=35 * KIB)
-    with pytest.raises(QuotaExceeded, match="storage limit"):
+    with pytest.raises(QuotaExceeded, match="storage limit") as refused:
         db.put([blk(4), blk(5)], project=P2, pinned=False, quota=quota)
-    assert db.refused_limit == "storage"
+    assert refused.value.limit == "storage"
     # Refused whole, and nothing was evicted for it.
     assert held(db, [followed, own, on_demand]) == [True, True, True]
     assert db.usage() == (3, 30 * KIB, 10 * KIB)
@@ -106,9 +106,9 @@ def test_the_project_limit_counts_each_project_s_blocks_shared_ones_included(db:
     shared = blk(1)
     quota = Quota(project_storage=25 * KIB)
     db.put([shared, blk(2)], project=P1, pinned=True, quota=quota)
-    with pytest.raises(QuotaExceeded, match="per-project"):
+    with pytest.raises(QuotaExceeded, match="per-project") as refused:
         db.put([blk(3)], project=P1, pinned=True, quota=quota)
-    assert db.refused_limit == "project_storage"
+    assert refused.value.limit == "project_storage"
     # The shared block counts for P2 too once P2 stores it, though the store holds it once.
     db.put([shared, blk(4)], project=P2, pinned=True, quota=quota)
     assert (db.project_bytes(P1), db.project_bytes(P2)) == (20 * KIB, 20 * KIB)

@@ -126,8 +126,6 @@ class BlockDB:
         self._count: int = conn.execute("SELECT count(*) FROM blocks").fetchone()[0]
         # Reads for the owner not yet written: binary CID -> use counter.
         self._touched: dict[bytes, int] = {}
-        # Which limit the last `QuotaExceeded` of `put` was for: storage or project_storage.
-        self.refused_limit = "storage"
 
     @classmethod
     def open(cls, path: Path) -> BlockDB:
@@ -266,11 +264,11 @@ class BlockDB:
             len(data) for raw, (_, data) in unique.items() if present.get(raw) not in attributed
         )
         if adding and used + adding > quota.project_storage:
-            self.refused_limit = "project_storage"
             raise QuotaExceeded(
                 f"the per-project storage limit ({quota.project_storage} bytes) is reached: "
                 f"project {CID(project)} holds {used} bytes of blocks and {adding} more "
-                "were offered"
+                "were offered",
+                "project_storage",
             )
 
     def _make_room(
@@ -300,7 +298,6 @@ class BlockDB:
             if freed >= excess:
                 break
         if freed < excess:
-            self.refused_limit = "storage"
             raise QuotaExceeded(
                 f"the storage limit ({quota.storage} bytes) is reached: {used} bytes are used, "
                 f"{incoming} more were offered, and evicting every block fetched on demand "

@@ -506,10 +506,8 @@ class NodeService:
         owner's own contributions and imports are not held to the limits: `Store.put_blocks`.)
         Returns how many blocks were new."""
         limits = self.limits
-        refused = "storage"
 
         def put(store: Store) -> PutResult:
-            nonlocal refused
             keep = pinned
             if keep is None:
                 keep = project is not None and store.follow_mode(project) == "full"
@@ -521,16 +519,9 @@ class NodeService:
                     other_bytes=store.record_bytes() if limits.storage else 0,
                     protect_from=protect_from,
                 )
-            try:
-                return store.blocks.put(
-                    blocks,
-                    project=b"" if project is None else project.raw,
-                    pinned=keep,
-                    quota=quota,
-                )
-            except QuotaExceeded:
-                refused = store.blocks.refused_limit
-                raise
+            return store.blocks.put(
+                blocks, project=b"" if project is None else project.raw, pinned=keep, quota=quota
+            )
 
         try:
             result = await self.db(put)
@@ -538,8 +529,8 @@ class NodeService:
             self.events.publish(
                 {
                     "type": "limit.reached",
-                    "limit": refused,
-                    "value": getattr(limits, refused),
+                    "limit": exc.limit,
+                    "value": getattr(limits, exc.limit),
                     "project": None if project is None else str(project),
                     "message": exc.message,
                 }
