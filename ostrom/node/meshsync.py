@@ -211,7 +211,8 @@ class MeshReplicator:
         """Re-sign this node's catalogues where what it hosts changed; publish the new ones."""
         async with self._refreshing:
             try:
-                hosted = await self.registry.hosted_projects()
+                # A node in no mesh announces nothing: no store read every few seconds.
+                hosted = await self.registry.hosted_projects() if self.registry.joined() else []
             except OstromError as exc:
                 log.warning("reading the followed projects failed: %s", exc.message)
                 return
