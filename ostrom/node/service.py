@@ -8,9 +8,10 @@ loop never waits on SQLite or on replaying a large project.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any, Final, Protocol, TypeVar, overload
 
 import trio
@@ -45,7 +46,7 @@ from ostrom.node.sync import IngestResult, Verified
 from ostrom.node.transfers import ProgressListener, Transfer, Transfers
 from ostrom.node.verifier import PROCESS_THRESHOLD, VerifierPool
 from ostrom.node.views import key_view, record_view, status_view
-from ostrom.protocol.acceptance import ProjectState, evaluate
+from ostrom.protocol.acceptance import ProjectState, StatusChange, advance, evaluate
 from ostrom.protocol.changesets import (
     Changeset,
 )
@@ -54,6 +55,7 @@ from ostrom.protocol.records import (
     Body,
     Project,
     SignedRecord,
+    Validation,
     sign,
 )
 from ostrom.protocol.syncset import SyncSet
@@ -67,11 +69,18 @@ T = TypeVar("T")
 # ignores needs and comments except as parents, present or missing, of judged records.
 _JUDGED_TYPES: Final = frozenset({"project", "contribution", "governance", "validation"})
 # Record statuses the cached acceptance states may hold in all, beyond the most recently
-# used state (always kept, whatever its size): a status costs about 300 bytes, so this
-# caps the cache near 6 MiB however many projects are read, while a node busy with a few
+# used state (always kept, whatever its size): a status costs about 480 bytes with what
+# `advance` keeps beside it (measured on a 5,000-record chain), so this caps the cache near
+# 9 MiB however many projects are read, while a node busy with a few
 # projects of some thousands of records keeps them all. An evicted state is evaluated
 # again from the store when next asked for.
 _STATE_CACHE_STATUSES: Final = 20_000
+
+
+def _named_projects(rows: Iterable[RecordRow]) -> set[CID]:
+    """The projects whose records (or validations) are among `rows`: the acceptance states
+    they can change, besides those that lack one of them."""
+    return {CID(row[ROW_PROJECT]) for row in rows if row[ROW_TYPE] in _JUDGED_TYPES}
 
 
 def _trusted_changeset(store: Store, cid: CID) -> Changeset:
@@ -172,9 +181,9 @@ class NodeService:
         self._lock = trio.Lock()
         # Acceptance states, least recently used first (bounded: `_STATE_CACHE_STATUSES`).
         self._states: dict[CID, ProjectState] = {}
-        # Per cached state, the parents its records lack: a need or comment among them is
-        # the only kind that can change the state.
-        self._missing: dict[CID, frozenset[CID]] = {}
+        # Record writes so far, counted on the database thread: an evaluation that a write
+        # followed before it was cached is not cached (the write's records are not in it).
+        self._writes = 0
         # Per project, the set of record ids that sync reconciles; built on first use, then
         # grown as records arrive, under `_sets_lock` (a walk on a worker thread reads it).
         self._sync_sets: dict[CID, SyncSet] = {}
@@ -223,30 +232,22 @@ class NodeService:
     ) -> list[bytes]:
         if not rows:
             return []
-        # The projects whose acceptance state these records may change; needs and comments
-        # change none, unless a record names one as a parent it lacks, so a busy topic of
-        # needs does not re-evaluate its project on every record.
-        judged = [row for row in rows if row[ROW_TYPE] in _JUDGED_TYPES]
-        unjudged = {row[ROW_CID] for row in rows if row[ROW_TYPE] not in _JUDGED_TYPES}
-        lacked = {
-            project
-            for project, missing in self._missing.items()
-            if unjudged and any(cid.raw in unjudged for cid in missing)
-        }
-        projects = {CID(row[ROW_PROJECT]) for row in judged} | lacked
-        # Status changes are reported against the state before these records; it is worked
-        # out only when someone listens (a cached one costs nothing).
-        before: dict[CID, ProjectState | None] = {}
-        for project in projects:
-            before[project] = self._states.get(project)
-            if before[project] is None and self.events.subscriber_count:
-                try:
-                    before[project] = await self.state(project)
-                except NotFound:
-                    before[project] = None
+        # Status changes are reported against the state before these records. A cached state
+        # is moved forward by them (`acceptance.advance`); a project they name that has no
+        # state cached gets one first, only when someone listens.
+        named = _named_projects(rows)
+        if self.events.subscriber_count:
+            for project in named:
+                if project not in self._states:
+                    # A project whose genesis is not here yet has no state to report from.
+                    with contextlib.suppress(NotFound):
+                        await self.state(project)
 
         def write(store: Store) -> list[bytes]:
-            return store.put_rows(rows)
+            stored = store.put_rows(rows)
+            if stored:
+                self._writes += 1
+            return stored
 
         new = await self.db(write)
         if not new:
@@ -261,32 +262,70 @@ class NodeService:
             await self._grow_sync_sets(stored, fresh)
         for listener in self.record_listeners:
             listener(stored, origin)
-        # A record can complete the ancestry of any project (an upstream record a fork merged,
-        # arriving by import or sync), so those drop every cached state. Local and gossiped
-        # records belong to the projects they name (a fork's genesis also to its parent), so
-        # only those states go: a busy topic must not re-evaluate every project per record.
-        if origin in ("local", "gossip") or not judged:
-            touched = set(lacked)
-            for row in judged:
-                for project_raw in (row[ROW_PROJECT], row[ROW_FORK_OF]):
-                    if project_raw is not None:
-                        touched.add(CID(project_raw))
-            for project in touched:
-                self._forget_state(project)
-        else:
-            self._states.clear()
-            self._missing.clear()
         if self.events.subscriber_count:
             for record in stored:
                 self.events.publish(
                     {"type": "record.added", "origin": origin, "record": record_view(record)}
                 )
-        for project, old in before.items():
-            if old is not None:
-                await self._publish_status_changes(project, old)
+        await self._advance_states(stored, fresh)
         return new
 
+    async def _advance_states(self, stored: _StoredRecords, fresh: Sequence[RecordRow]) -> None:
+        """Move the cached acceptance states forward by newly stored records, publishing the
+        status changes; a state that only a new evaluation can tell is evaluated again if
+        someone listens, dropped otherwise."""
+        raws = [row[ROW_CID] for row in fresh]
+        named = _named_projects(fresh)
+        for project, state in list(self._states.items()):
+            if project not in named and not state.lacks_any(raws):
+                continue  # nothing here can change this project's state
+            mine = [stored[i] for i, row in enumerate(fresh) if row[ROW_PROJECT] == project.raw]
+            advanced = None
+            if not state.lacks_any(raws):
+                targets = await self._validated(state, mine)
+                if self._states.get(project) is state:  # not changed while they were read
+                    advanced = advance(state, mine, targets)
+            if advanced is not None:
+                new, changes = advanced
+                self._states[project] = new
+                if self.events.subscriber_count:
+                    for change in changes:
+                        self._publish_status_change(project, change)
+                continue
+            self._forget_state(project)
+            if self.events.subscriber_count:
+                await self._publish_status_changes(project, state)
+
+    async def _validated(
+        self, state: ProjectState, records: Sequence[SignedRecord]
+    ) -> dict[CID, SignedRecord]:
+        """The records with a status in `state` that `records` validate, from the store
+        (`advance` needs their author, time and parents)."""
+        batch = {record.cid for record in records}
+        wanted = [
+            body.target
+            for record in records
+            if isinstance(body := record.body, Validation)
+            and body.target in state.statuses
+            and body.target not in batch
+        ]
+        if not wanted:
+            return {}
+        return await self.db(lambda store: store.get_records(wanted))
+
+    def _publish_status_change(self, project: CID, change: StatusChange) -> None:
+        self.events.publish(
+            {
+                "type": "status.changed",
+                "project": str(project),
+                "record": str(change.cid),
+                "status": change.status,
+                "was": change.was,
+            }
+        )
+
     async def _publish_status_changes(self, project: CID, old: ProjectState) -> None:
+        """Publish what a new evaluation of `project` changed from `old`."""
         if not self.events.subscriber_count:
             return
         try:
@@ -296,14 +335,8 @@ class NodeService:
         for cid, status in new.statuses.items():
             was = old.statuses.get(cid)
             if was is None or was.status != status.status:
-                self.events.publish(
-                    {
-                        "type": "status.changed",
-                        "project": str(project),
-                        "record": str(cid),
-                        "status": status.status,
-                        "was": None if was is None else was.status,
-                    }
+                self._publish_status_change(
+                    project, StatusChange(cid, status.status, None if was is None else was.status)
                 )
 
     async def sign_and_store(self, body: Body) -> SignedRecord:
@@ -594,16 +627,19 @@ class NodeService:
             self._states[project] = cached  # now the most recently used
             return cached
 
-        def compute(store: Store) -> ProjectState:
+        def compute(store: Store) -> tuple[ProjectState, int]:
             genesis = store.get_record(project)
             if genesis is None or not isinstance(genesis.body, Project):
                 raise NotFound(f"no project {project}")
-            return evaluate(genesis, store.project_history(project).values())
+            return evaluate(genesis, store.project_history(project).values()), self._writes
 
-        state = await self.db(compute)
+        state, writes = await self.db(compute)
+        if writes != self._writes:
+            # Records were stored after this evaluation read the project; the states they
+            # moved forward did not include this one, so it is not kept.
+            return state
         self._forget_state(project)
         self._states[project] = state
-        self._missing[project] = frozenset(c for st in state.statuses.values() for c in st.missing)
         held = sum(len(s.statuses) for s in self._states.values())
         while held > _STATE_CACHE_STATUSES and len(self._states) > 1:
             oldest = next(iter(self._states))
@@ -613,7 +649,6 @@ class NodeService:
 
     def _forget_state(self, project: CID) -> None:
         self._states.pop(project, None)
-        self._missing.pop(project, None)
 
     async def resolve_project(self, text: str) -> SignedRecord:
         """A project named by full CID, unique CID prefix, or unique name."""

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal, TypeAlias
 
@@ -115,6 +115,83 @@ class ProjectState:
     policy: Policy
     accepted_heads: tuple[CID, ...]
     accepted: frozenset[CID]
+    # What `advance` needs to judge new records without the project's other records, and
+    # the context's version this state was made at (only the newest state may advance).
+    _context: _Context | None = field(default=None, compare=False, repr=False)
+    _version: int = field(default=0, compare=False, repr=False)
+
+    def lacks_any(self, cids: Iterable[bytes]) -> bool:
+        """Whether a record evaluated here names one of `cids` (binary) as a parent it does
+        not have, which a new evaluation would then have to judge again (True when this
+        state cannot tell)."""
+        if self._context is None:
+            return True
+        lacking = self._context.lacking
+        return any(raw in lacking for raw in cids)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    """A record's status as `advance` changed it; `was` is None for a record new to the state."""
+
+    cid: CID
+    status: Status
+    was: Status | None
+
+
+@dataclass(slots=True, eq=False)
+class _Context:
+    """What an evaluation keeps so that `advance` can judge records that arrive later
+    without the project's other records. Keys are the binary CIDs of the *evaluated* nodes:
+    the genesis, its present ancestors, the P-records and the foreign records among their
+    ancestors. `advance` changes it in place; `version` says which state may use it next.
+    """
+
+    genesis: bytes
+    ok: set[bytes]  # evaluated nodes that count as accepted parents
+    out_gov: dict[bytes, frozenset[bytes]]  # per evaluated node, what a child of it sees
+    ballots: dict[bytes, dict[bytes, _Ballot]]  # every validation of the project, by target
+    policies: _Policies
+    lacking: set[bytes]  # parents of evaluated nodes that are not evaluated nodes
+    waited: set[bytes]  # present parents that some P-record waits on
+    foreign_parents: dict[bytes, tuple[bytes, ...]]  # each foreign evaluated node's parents
+    accepted_foreign: set[bytes]  # the foreign nodes among the accepted ones
+    max_key: tuple[int, bytes]  # the greatest (ts, cid bytes) of an evaluated node
+    version: int = 0
+
+    @classmethod
+    def after(
+        cls,
+        index: _Index,
+        g: bytes,
+        order: list[bytes],
+        ok: set[bytes],
+        out_gov: dict[bytes, frozenset[bytes]],
+        policies: _Policies,
+        own: set[bytes],
+        inherited: set[bytes],
+        waited: set[bytes],
+        accepted: set[bytes],
+    ) -> _Context:
+        parents_of, nodes = index.parents, index.nodes
+        foreign = {
+            raw: parents_of[raw]
+            for raw in order
+            if raw not in own and raw not in inherited and raw != g
+        }
+        lacking = {p for raw in order for p in parents_of[raw] if p not in out_gov}
+        return cls(
+            genesis=g,
+            ok=ok,
+            out_gov=out_gov,
+            ballots=index.ballots,
+            policies=policies,
+            lacking=lacking,
+            waited=waited,
+            foreign_parents=foreign,
+            accepted_foreign={raw for raw in foreign if raw in accepted},
+            max_key=max(((nodes[raw].ts, raw) for raw in order), default=(0, b"")),
+        )
 
 
 class _Policies:
@@ -251,24 +328,39 @@ class _Index:
 
 
 def _count_votes(
-    record: SignedRecord,
+    author: bytes,
+    ts: int,
     eligible: frozenset[bytes],
     ballots: Mapping[bytes, _Ballot] | None,
 ) -> tuple[tuple[Vote, ...], int, int]:
-    author = record.author
+    """The counted votes on a record by `author` made at `ts`, and how many accept and reject."""
     if not ballots:  # the common case: no validations yet
         if author in eligible:
-            return (Vote(author, "accept", None, record.ts),), 1, 0
+            return (Vote(author, "accept", None, ts),), 1, 0
         return (), 0, 0
     votes: list[Vote] = []
-    for validator, (ts, _, verdict, cid) in ballots.items():
+    for validator, (cast_at, _, verdict, cid) in ballots.items():
         if validator in eligible:
-            votes.append(Vote(validator, verdict, cid, ts))
+            votes.append(Vote(validator, verdict, cid, cast_at))
     if author in eligible and author not in ballots:
-        votes.append(Vote(author, "accept", None, record.ts))
+        votes.append(Vote(author, "accept", None, ts))
     votes.sort(key=lambda vote: vote.validator)
     accepts = sum(1 for vote in votes if vote.verdict == "accept")
     return tuple(votes), accepts, len(votes) - accepts
+
+
+def _judge(
+    is_genesis: bool, lacks_parents: bool, parents_ok: bool, accepts: int, rejects: int, quorum: int
+) -> Status:
+    if is_genesis:
+        return "accepted"
+    if lacks_parents:
+        return "pending"
+    if parents_ok and accepts >= quorum and accepts > rejects:
+        return "accepted"
+    if rejects >= quorum and rejects > accepts:
+        return "rejected"
+    return "pending"
 
 
 def evaluate(genesis: SignedRecord, records: Iterable[SignedRecord]) -> ProjectState:
@@ -286,12 +378,17 @@ def evaluate(genesis: SignedRecord, records: Iterable[SignedRecord]) -> ProjectS
     own = set(index.own)
     inherited = index.ancestors(parents_of[g])
     order = index.topological(index.ancestors([g, *own]))
-    policies = _Policies(body.policy, {raw: i for i, raw in enumerate(order)})
+    # Positions matter only for ordering governance records (`_Policies._apply`).
+    policies = _Policies(
+        body.policy,
+        {raw: i for i, raw in enumerate(order) if isinstance(nodes[raw].body, Governance)},
+    )
 
     ok: set[bytes] = set()  # nodes that count as accepted parents in this project
     out_gov: dict[bytes, frozenset[bytes]] = {}  # the accepted governance a child of it sees
     statuses: dict[CID, RecordStatus] = {}
     accepted_governance: list[bytes] = []
+    waited: set[bytes] = set()  # present parents that some P-record waits on
 
     for raw in order:
         if raw in inherited:
@@ -320,7 +417,7 @@ def evaluate(genesis: SignedRecord, records: Iterable[SignedRecord]) -> ProjectS
 
         record = nodes[raw]
         eligible, quorum, _ = policies.get(seen)
-        votes, accepts, rejects = _count_votes(record, eligible, ballots.get(raw))
+        votes, accepts, rejects = _count_votes(record.author, record.ts, eligible, ballots.get(raw))
         waiting_on: tuple[CID, ...] = ()
         missing: tuple[CID, ...] = ()
         if not all_ok:
@@ -331,17 +428,8 @@ def evaluate(genesis: SignedRecord, records: Iterable[SignedRecord]) -> ProjectS
                     present = cid.raw in nodes or cid.raw in others
                     (waiting if present else lacking).append(cid)
             waiting_on, missing = tuple(waiting), tuple(lacking)
-        status: Status
-        if raw == g:
-            status = "accepted"
-        elif missing:
-            status = "pending"
-        elif all_ok and accepts >= quorum and accepts > rejects:
-            status = "accepted"
-        elif rejects >= quorum and rejects > accepts:
-            status = "rejected"
-        else:
-            status = "pending"
+            waited.update(cid.raw for cid in waiting)
+        status = _judge(raw == g, bool(missing), all_ok, accepts, rejects, quorum)
         statuses[record.cid] = RecordStatus(
             record.cid, status, votes, quorum, accepts, rejects, waiting_on, missing
         )
@@ -358,12 +446,17 @@ def evaluate(genesis: SignedRecord, records: Iterable[SignedRecord]) -> ProjectS
     accepted = _accepted_closure(index, ok, inherited, g)
     _, _, policy = policies.get(frozenset(accepted_governance))
     heads = accepted.difference(*(parents_of[raw] for raw in accepted))
+    context = _Context.after(
+        index, g, order, ok, out_gov, policies, own, inherited, waited, accepted
+    )
     return ProjectState(
         project=genesis.cid,
         statuses=MappingProxyType(statuses),
         policy=policy,
         accepted_heads=tuple(nodes[raw].cid for raw in sorted(heads)),
         accepted=frozenset(nodes[raw].cid for raw in accepted),
+        _context=context,
+        _version=context.version,
     )
 
 
@@ -379,3 +472,184 @@ def _accepted_closure(index: _Index, ok: set[bytes], inherited: set[bytes], g: b
                 accepted.add(parent)
                 stack.append(parent)
     return accepted
+
+
+def advance(
+    state: ProjectState,
+    records: Iterable[SignedRecord],
+    targets: Mapping[CID, SignedRecord] | None = None,
+) -> tuple[ProjectState, tuple[StatusChange, ...]] | None:
+    """The state once `records` join the records `state` was evaluated from, and the
+    statuses that changed; None when only a new `evaluate` can tell.
+
+    It is what `evaluate` would return over all the records, worked out from the new ones:
+    the cost is in proportion to them, not to the project. It handles what a busy project
+    mostly receives: new contributions whose parents are all evaluated, made after every
+    record evaluated so far (so they come last in the judging order), validations, and
+    records that change nothing here. Anything else (governance, a record some evaluated
+    record names as a parent it lacks, a validation that makes a record with children
+    accepted or takes acceptance away, an older timestamp) returns None. `targets` holds
+    the records validated by `records` that are not among them (their author, time and
+    parents); a validation that changes the votes on a record not found there returns None.
+
+    Only the newest state made from one evaluation can advance: `state` itself cannot
+    advance a second time once this returned a new state or None.
+    """
+    context = state._context
+    if context is None or context.version != state._version:
+        return None
+    result = _advance(state, context, list(records), targets or {})
+    if result is None or result[0] is not state:
+        context.version += 1  # the context now describes another state, or none at all
+    if result is None:
+        return None
+    new, changes = result
+    if new is not state:
+        new = ProjectState(
+            new.project,
+            new.statuses,
+            new.policy,
+            new.accepted_heads,
+            new.accepted,
+            _context=context,
+            _version=context.version,
+        )
+    return new, changes
+
+
+def _advance(
+    state: ProjectState,
+    context: _Context,
+    records: list[SignedRecord],
+    targets: Mapping[CID, SignedRecord],
+) -> tuple[ProjectState, tuple[StatusChange, ...]] | None:
+    g = context.genesis
+    lacking, out_gov, ok = context.lacking, context.out_gov, context.ok
+    if any(record.cid.raw in lacking for record in records):
+        return None
+    by_cid = {record.cid: record for record in records}
+    added: list[SignedRecord] = []
+    votes: list[tuple[SignedRecord, Validation]] = []
+    for record in records:
+        body = record.body
+        if isinstance(body, Validation):
+            if body.project.raw == g:
+                votes.append((record, body))
+        elif isinstance(body, (Contribution, Governance)) and body.project.raw == g:
+            if record.cid.raw in out_gov:
+                continue  # already evaluated
+            if isinstance(body, Governance):
+                return None  # policies follow the judging order: evaluate again
+            added.append(record)
+        # Other records (needs, comments, other projects' records no evaluated node names)
+        # change nothing here.
+    if not added and not votes:
+        return state, ()
+
+    statuses = dict(state.statuses)
+    heads = set(state.accepted_heads)
+    accepted_new: list[CID] = []
+    changes: dict[CID, StatusChange] = {}  # one per record: where it was before the batch
+
+    def accept(record: SignedRecord) -> None:
+        """`record` is newly accepted and has no evaluated child: a head, with its parents'
+        foreign ancestors that were not accepted yet."""
+        ok.add(record.cid.raw)
+        accepted_new.append(record.cid)
+        heads.difference_update(record.parents)
+        heads.add(record.cid)
+        stack = [p.raw for p in record.parents]
+        while stack:
+            raw = stack.pop()
+            parents = context.foreign_parents.get(raw)
+            if parents is None or raw in context.accepted_foreign:
+                continue
+            context.accepted_foreign.add(raw)
+            accepted_new.append(CID(raw))
+            heads.difference_update(CID(p) for p in parents)
+            stack.extend(parents)
+
+    for record in sorted(added, key=lambda r: (r.ts, r.cid.raw)):
+        key = (record.ts, record.cid.raw)
+        if key <= context.max_key:
+            return None  # it would not come last in the judging order
+        seen = _EMPTY
+        parents_ok = True
+        for i, parent in enumerate(record.parents):
+            parent_gov = out_gov.get(parent.raw)
+            if parent_gov is None:
+                return None  # a parent that is absent, or was not evaluated
+            if parent.raw not in ok:
+                parents_ok = False
+            if not i:
+                seen = parent_gov
+            elif parent_gov is not seen:
+                seen = context.policies.intern(seen | parent_gov)
+        eligible, quorum, _ = context.policies.get(seen)
+        counted, accepts, rejects = _count_votes(
+            record.author, record.ts, eligible, context.ballots.get(record.cid.raw)
+        )
+        waiting_on = tuple(p for p in record.parents if p.raw not in ok)
+        status = _judge(False, False, parents_ok, accepts, rejects, quorum)
+        statuses[record.cid] = RecordStatus(
+            record.cid, status, counted, quorum, accepts, rejects, waiting_on, ()
+        )
+        out_gov[record.cid.raw] = seen
+        context.max_key = key
+        context.waited.update(p.raw for p in waiting_on)
+        changes[record.cid] = StatusChange(record.cid, status, None)
+        if status == "accepted":
+            accept(record)
+
+    for record, body in votes:
+        by_validator = context.ballots.setdefault(body.target.raw, {})
+        ballot = (record.ts, record.cid.raw, body.verdict, record.cid)
+        previous = by_validator.get(body.author)
+        if previous is not None and ballot[:2] <= previous[:2]:
+            continue  # an older (or the same) validation by this validator
+        by_validator[body.author] = ballot
+        old = statuses.get(body.target)
+        if old is None:
+            continue  # no status here: absent, inherited or foreign
+        target = by_cid.get(body.target) or targets.get(body.target)
+        if target is None or isinstance(target.body, Governance):
+            return None
+        seen = _EMPTY
+        for i, parent in enumerate(target.parents):
+            parent_gov = out_gov.get(parent.raw)
+            if parent_gov is None:
+                continue
+            if not i:
+                seen = parent_gov
+            elif parent_gov is not seen:
+                seen = context.policies.intern(seen | parent_gov)
+        eligible, quorum, _ = context.policies.get(seen)
+        counted, accepts, rejects = _count_votes(target.author, target.ts, eligible, by_validator)
+        parents_ok = not old.waiting_on and not old.missing
+        is_genesis = target.cid.raw == g
+        status = _judge(is_genesis, bool(old.missing), parents_ok, accepts, rejects, quorum)
+        statuses[target.cid] = RecordStatus(
+            target.cid, status, counted, quorum, accepts, rejects, old.waiting_on, old.missing
+        )
+        if status == old.status:
+            continue
+        if old.status == "accepted" or target.cid.raw in context.waited:
+            return None  # acceptance taken away, or records wait on this one
+        if any(target.cid.raw in parents for parents in context.foreign_parents.values()):
+            return None  # a foreign record that includes it may become accepted
+        earlier = changes.get(target.cid)
+        was = old.status if earlier is None else earlier.was
+        changes[target.cid] = StatusChange(target.cid, status, was)
+        if status == "accepted":
+            accept(target)
+
+    return (
+        ProjectState(
+            project=state.project,
+            statuses=MappingProxyType(statuses),
+            policy=state.policy,
+            accepted_heads=tuple(sorted(heads)),
+            accepted=state.accepted.union(accepted_new) if accepted_new else state.accepted,
+        ),
+        tuple(change for change in changes.values() if change.status != change.was),
+    )
