@@ -216,7 +216,10 @@ class MeshReplicator:
             except OstromError as exc:
                 log.warning("reading the followed projects failed: %s", exc.message)
                 return
-            self._signed_here(self.registry.refresh_own(hosted))
+            # The addresses go with the projects: a member that is not connected to this
+            # node finds it through them when it follows one (private projects are on no DHT).
+            addrs = self.mesh.advertised_addrs
+            self._signed_here(self.registry.refresh_own(hosted, addrs))
 
     # --- gossip --------------------------------------------------------------------------------
 
