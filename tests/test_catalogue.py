@@ -33,6 +33,7 @@ from ostrom.protocol.catalogue import (
     is_catalogue,
     sign_catalogue,
 )
+from ostrom.protocol.envelope import unsigned_bytes
 from ostrom.protocol.meshes import (
     MAX_ADDRESS_LENGTH,
     MESH_DOMAIN,
@@ -161,6 +162,26 @@ def test_a_malformed_catalogue_is_refused_with_the_reason(change: object, messag
     change(value)  # type: ignore[operator]
     with pytest.raises(InvalidRecord, match=message):
         decode_catalogue(dagcbor.encode(value))
+
+
+def test_the_signed_bytes_are_cut_out_of_the_record_exactly_as_encoded_again() -> None:
+    """Verification cuts the `sig` entry out of the bytes instead of encoding the map again;
+    both give the same payload, for catalogues and mesh records of every shape."""
+    mesh = sign_mesh_record(
+        MeshDescription(ALICE.public_key, NOW, "riverside", "open", (ALICE.public_key,)), ALICE
+    )
+    records = [signed(names=()), signed(addrs=()), signed(ts=2**40, names=("a", "b")), mesh]
+    for record in records:
+        value = dagcbor.decode(record.data)
+        assert isinstance(value, dict)
+        del value["sig"]
+        assert unsigned_bytes(record.data, value) == dagcbor.encode(value)
+    # Bytes that do not hold the signature where the map says it is are refused.
+    value = dagcbor.decode(records[0].data)
+    assert isinstance(value, dict)
+    del value["sig"]
+    with pytest.raises(InvalidRecord, match="canonical"):
+        unsigned_bytes(signed(ts=5).data, value)  # its `ts` is 8 bytes shorter
 
 
 def test_unsorted_or_too_many_entries_cannot_be_built() -> None:

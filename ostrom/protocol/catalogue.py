@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import itertools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity
 from ostrom.errors import DecodeError, InvalidRecord
 from ostrom.protocol import dagcbor
-from ostrom.protocol.envelope import check_envelope, open_map, seal
+from ostrom.protocol.envelope import check_envelope, open_map, seal, unsigned_bytes
 from ostrom.protocol.fields import check_key, check_link, check_name, check_ts, fail
 from ostrom.protocol.meshes import MAX_ADDRESS_LENGTH
 
@@ -176,8 +177,9 @@ class Catalogue:
         for entry in self.projects:
             if not isinstance(entry, CatalogueEntry):
                 raise fail(kind, "projects must hold {project, name} entries")
-        keys = [entry.project for entry in self.projects]
-        if keys != sorted(set(keys)):
+        # Strictly increasing bytes: sorted, and no project twice (one pass, no sort).
+        keys = [entry.project.raw for entry in self.projects]
+        if any(a >= b for a, b in itertools.pairwise(keys)):
             raise fail(kind, "projects must be sorted by project CID bytes, each listed once")
         check_addrs(kind, self.addrs)
 
@@ -283,7 +285,7 @@ def decode_catalogue(data: bytes) -> SignedCatalogue:
         )
     except TypeError as exc:  # a field of a type the checks cannot even compare
         raise fail(kind, f"a field has the wrong type ({exc})") from None
-    signing.verify(body.author, sig, CATALOGUE_DOMAIN, dagcbor.encode(value))
+    signing.verify(body.author, sig, CATALOGUE_DOMAIN, unsigned_bytes(data, value))
     return SignedCatalogue(body, sig, CID.of_dag_cbor(data), data)
 
 
