@@ -270,6 +270,13 @@ def test_a_member_follows_a_private_project_whose_host_it_is_not_connected_to(
     wait_for(lambda: need in _needs(newcomer, jigs), "C to dial A and replicate its project")
     assert host_id in {p["peer_id"] for p in newcomer.json("peers")}
 
+    # Restarted, C is back in the mesh through B, and its periodic sync (every 30 s), finding
+    # no peer that shares the project, dials A again from the catalogue B passes on.
+    newcomer.stop()
+    later = host.json("need", "create", jigs, "A jig for tenons")["cid"]
+    newcomer.start()
+    wait_for(lambda: later in _needs(newcomer, jigs), "C to reach A after a restart", 90)
+
 
 def _needs(node: Any, project: str) -> set[str]:
     """The needs of `project` that `node` holds (none while the project is not there)."""
