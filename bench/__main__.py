@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from bench import import_rate, reconcile
+from bench import catalogue, import_rate, reconcile
 
 
 def main() -> int:
     import_rate.main(sys.argv[1:])
     reconcile.main([])
+    catalogue.main([])
     return 0
 
 

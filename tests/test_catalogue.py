@@ -20,18 +20,26 @@ from ostrom.protocol.catalogue import (
     CATALOGUE_FUTURE_MS,
     CATALOGUE_MIN_INTERVAL_MS,
     CATALOGUE_TTL_MS,
+    MAX_CATALOGUE_ADDRS,
     MAX_CATALOGUE_ENTRIES,
     MAX_CATALOGUE_SIZE,
     Catalogue,
     CatalogueBook,
     CatalogueEntry,
     SignedCatalogue,
+    announceable_addrs,
     decode_catalogue,
     fit_entries,
     is_catalogue,
     sign_catalogue,
 )
-from ostrom.protocol.meshes import MESH_DOMAIN, MeshDescription, sign_mesh_record
+from ostrom.protocol.envelope import unsigned_bytes
+from ostrom.protocol.meshes import (
+    MAX_ADDRESS_LENGTH,
+    MESH_DOMAIN,
+    MeshDescription,
+    sign_mesh_record,
+)
 from tests.dagfactory import identity
 
 ALICE, BOB, CAROL = identity("alice"), identity("bob"), identity("carol")
@@ -48,10 +56,17 @@ def entries(*names: str) -> tuple[CatalogueEntry, ...]:
     return fit_entries(CatalogueEntry(project(i), name) for i, name in enumerate(names))
 
 
+HOME = ("/ip4/192.0.2.7/tcp/4001", "/ip6/2001:db8::7/tcp/4001")
+
+
 def signed(
-    who: object = ALICE, ts: int = NOW, mesh: CID = MESH, names: tuple[str, ...] = ("benches",)
+    who: object = ALICE,
+    ts: int = NOW,
+    mesh: CID = MESH,
+    names: tuple[str, ...] = ("benches",),
+    addrs: tuple[str, ...] = HOME,
 ) -> SignedCatalogue:
-    body = Catalogue(who.public_key, ts, mesh, entries(*names))  # type: ignore[attr-defined]
+    body = Catalogue(who.public_key, ts, mesh, entries(*names), addrs)  # type: ignore[attr-defined]
     return sign_catalogue(body, who)  # type: ignore[arg-type]
 
 
@@ -70,8 +85,10 @@ def test_a_catalogue_round_trips_through_its_bytes() -> None:
         e.name for e in sorted(again.body.projects, key=lambda e: e.project)
     ]
     assert is_catalogue(record.data) and not is_catalogue(b"\xff") and not is_catalogue(b"")
-    empty = signed(names=())
+    assert again.body.addrs == HOME  # in the signer's order
+    empty = signed(names=(), addrs=())
     assert decode_catalogue(empty.data).body.projects == ()
+    assert decode_catalogue(empty.data).body.addrs == ()
 
 
 def test_a_forged_or_altered_catalogue_is_refused() -> None:
@@ -114,6 +131,17 @@ def test_a_signature_from_another_domain_does_not_verify() -> None:
         (lambda v: v.update(projects=[{"project": project(1), "name": " x"}]), "name"),
         (lambda v: v.update(projects=[{"project": b"x", "name": "x"}]), "project"),
         (lambda v: v.update(projects=[{"project": CID.of_raw(b"x"), "name": "x"}]), "dag-cbor"),
+        (lambda v: v.pop("addrs"), "missing fields addrs"),
+        (lambda v: v.update(addrs="/ip4/192.0.2.7/tcp/4001"), "addrs must list"),
+        (lambda v: v.update(addrs=[HOME[0]] * 2), "listed twice"),
+        (lambda v: v.update(addrs=[7]), "not a multiaddr"),
+        (lambda v: v.update(addrs=["192.0.2.7:4001"]), "not a multiaddr"),
+        (lambda v: v.update(addrs=[HOME[0] + "/p2p/" + ALICE.peer_id]), "without a /p2p/"),
+        (lambda v: v.update(addrs=["/dns4/" + "h" * 250 + "/tcp/1"]), "not a multiaddr"),
+        (
+            lambda v: v.update(addrs=[f"/ip4/192.0.2.{i}/tcp/1" for i in range(9)]),
+            f"at most {MAX_CATALOGUE_ADDRS}",
+        ),
         (lambda v: v.update(mesh="riverside"), "mesh"),
         (lambda v: v.update(ts=-1), "ts"),
         (lambda v: v.update(sig=b"short"), "64-byte"),
@@ -134,6 +162,26 @@ def test_a_malformed_catalogue_is_refused_with_the_reason(change: object, messag
     change(value)  # type: ignore[operator]
     with pytest.raises(InvalidRecord, match=message):
         decode_catalogue(dagcbor.encode(value))
+
+
+def test_the_signed_bytes_are_cut_out_of_the_record_exactly_as_encoded_again() -> None:
+    """Verification cuts the `sig` entry out of the bytes instead of encoding the map again;
+    both give the same payload, for catalogues and mesh records of every shape."""
+    mesh = sign_mesh_record(
+        MeshDescription(ALICE.public_key, NOW, "riverside", "open", (ALICE.public_key,)), ALICE
+    )
+    records = [signed(names=()), signed(addrs=()), signed(ts=2**40, names=("a", "b")), mesh]
+    for record in records:
+        value = dagcbor.decode(record.data)
+        assert isinstance(value, dict)
+        del value["sig"]
+        assert unsigned_bytes(record.data, value) == dagcbor.encode(value)
+    # Bytes that do not hold the signature where the map says it is are refused.
+    value = dagcbor.decode(records[0].data)
+    assert isinstance(value, dict)
+    del value["sig"]
+    with pytest.raises(InvalidRecord, match="canonical"):
+        unsigned_bytes(signed(ts=5).data, value)  # its `ts` is 8 bytes shorter
 
 
 def test_unsorted_or_too_many_entries_cannot_be_built() -> None:
@@ -167,9 +215,44 @@ def test_fit_entries_keeps_the_first_given_within_the_count_and_size_bounds() ->
     wide = [CatalogueEntry(project(i), "\U0001d505" * 100) for i in range(MAX_CATALOGUE_ENTRIES)]
     cut = fit_entries(wide)
     assert 0 < len(cut) < MAX_CATALOGUE_ENTRIES
-    record = sign_catalogue(Catalogue(ALICE.public_key, NOW, MESH, cut), ALICE)
+    # However long the addresses the signer gives, the cut list and they fit together.
+    longest = tuple(
+        f"/dns4/{i}{'h' * (MAX_ADDRESS_LENGTH - 16)}/tcp/4001" for i in range(MAX_CATALOGUE_ADDRS)
+    )
+    assert all(len(a) == MAX_ADDRESS_LENGTH for a in longest)
+    record = sign_catalogue(Catalogue(ALICE.public_key, NOW, MESH, cut, longest), ALICE)
     assert len(record.data) <= MAX_CATALOGUE_SIZE
     assert fit_entries([given_order[0], replace(given_order[0], name="again")]) == (given_order[0],)
+
+
+def test_a_node_announces_only_the_addresses_others_can_dial() -> None:
+    me = f"/p2p/{ALICE.peer_id}"
+    given = [
+        "/ip4/127.0.0.1/tcp/4001" + me,  # loopback: kept, but tried last
+        "/ip4/0.0.0.0/tcp/4001" + me,  # a wildcard names no machine
+        "/ip6/::/tcp/4001",
+        "/ip4/192.0.2.7/tcp/0",  # port 0 is no port
+        "/ip4/192.0.2.7/tcp/4001" + me,
+        "/ip4/192.0.2.7/tcp/4001",  # the same without the suffix
+        "/ip4/169.254.1.1/tcp/4001",  # link-local: needs the interface's name
+        "/ip6/fe80::1/tcp/4001",
+        "/ip4/224.0.0.1/tcp/4001",  # multicast
+        "/ip4/192.0.2.7/udp/4001/quic-v1",  # not a transport this node dials
+        "/ip4/not-an-ip/tcp/4001",
+        "/ip6/192.0.2.7/tcp/4001",  # an IPv4 address under ip6
+        "/dns4/node.example.org/tcp/4001",
+        "/ip6/2001:db8::7/tcp/4001",
+    ]
+    assert announceable_addrs(given) == (
+        "/ip4/192.0.2.7/tcp/4001",
+        "/dns4/node.example.org/tcp/4001",
+        "/ip6/2001:db8::7/tcp/4001",
+        "/ip4/127.0.0.1/tcp/4001",
+    )
+    many = [f"/ip4/192.0.2.{i}/tcp/4001" for i in range(1, 20)]
+    assert announceable_addrs(many) == tuple(many[:MAX_CATALOGUE_ADDRS])
+    # What it keeps, a catalogue takes.
+    Catalogue(ALICE.public_key, NOW, MESH, (), announceable_addrs(given + many))
 
 
 @settings(max_examples=200, deadline=None)
@@ -204,6 +287,21 @@ def test_a_catalogue_too_old_too_new_too_soon_or_from_a_non_member_is_refused() 
     # A flood of re-signed catalogues is held to one a second of `ts`.
     assert not book.offer(signed(ts=NOW + CATALOGUE_MIN_INTERVAL_MS - 1), NOW, everyone)
     assert book.offer(signed(ts=NOW + CATALOGUE_MIN_INTERVAL_MS), NOW, everyone)
+
+
+def test_the_hosts_of_a_project_come_with_the_addresses_their_catalogues_give() -> None:
+    book = CatalogueBook()
+    bob_home = ("/ip4/192.0.2.8/tcp/4001",)
+    assert book.offer(signed(ALICE, names=("benches", "looms")), NOW, everyone)
+    assert book.offer(signed(BOB, names=("benches", "looms"), addrs=bob_home), NOW, everyone)
+    assert book.offer(signed(CAROL, names=("benches",)), NOW, everyone)
+    looms = project(1)
+    assert [(h.author, h.name, h.addrs) for h in book.hosts_of(MESH, looms)] == sorted(
+        [(ALICE.public_key, "looms", HOME), (BOB.public_key, "looms", bob_home)]
+    )
+    assert book.hosts_of(MESH, project(7)) == [] and book.hosts_of(OTHER_MESH, looms) == []
+    by_project = book.hosts(MESH)
+    assert all(book.hosts_of(MESH, p) == hosts for p, hosts in by_project.items())
 
 
 def test_revoked_departed_and_aged_out_authors_disappear() -> None:

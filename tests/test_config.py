@@ -22,18 +22,20 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_no_file_means_the_defaults(tmp_path: Path) -> None:
     config = load_config(tmp_path / "config.toml")
-    assert config.listen == DEFAULT_LISTEN and config.mdns and config.limits == Limits()
+    assert config.listen == DEFAULT_LISTEN and config.mdns and config.dht
+    assert config.limits == Limits()
 
 
 def test_limits_are_read_in_the_units_people_write(tmp_path: Path) -> None:
     config = load_config(
         write(
             tmp_path,
-            'mdns = false\n[limits]\nupload_rate = "256KiB/s"\ndownload_rate = "2 MB/s"\n'
+            'mdns = false\ndht = false\n[limits]\nupload_rate = "256KiB/s"\n'
+            'download_rate = "2 MB/s"\n'
             'storage = "8GiB"\nproject_storage = 1048576\nmax_peers = 12\n',
         )
     )
-    assert not config.mdns
+    assert not config.mdns and not config.dht
     assert config.limits == Limits(
         upload_rate=262_144,
         download_rate=2_000_000,
@@ -58,6 +60,7 @@ def test_the_spare_preset_and_what_overrides_it(tmp_path: Path) -> None:
     [
         ("colour = 'blue'\n", "unknown setting"),
         ("mdns = 'yes'\n", "mdns must be true or false"),
+        ("dht = 'no'\n", "dht must be true or false"),
         ("spare = 1\n", "spare must be true or false"),
         ("limits = 5\n", "limits must be a table"),
         ("[limits]\nupload_rate = 'fast'\n", "upload_rate must be a size"),

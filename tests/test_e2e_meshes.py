@@ -3,6 +3,7 @@ inviting, joining by invite, admitting and revoking, and finding the projects me
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -236,3 +237,48 @@ def outsider_sees_nothing(outsider: Any, project: str) -> bool:
     return all(project not in _listed(outsider, name) for name in meshes) and project not in {
         p["cid"] for p in outsider.json("project", "list")
     }
+
+
+def test_a_member_follows_a_private_project_whose_host_it_is_not_connected_to(
+    daemons: DaemonFactory,
+) -> None:
+    """C reaches the mesh through the bootstrap node B only; the project's host A is
+    known to C from A's catalogue alone, which carries A's addresses: following the project
+    dials A and syncs with it. (A private project is not on the DHT, and B does not host it.
+    The nodes stay off the DHT: in three nodes, a DHT lookup would walk to A by chance.)"""
+    bootstrap, host, newcomer = (daemons.make(name, "--no-dht") for name in ("b", "a", "c"))
+    host_id, newcomer_id = host.json("id")["peer_id"], newcomer.json("id")["peer_id"]
+    bootstrap.json("mesh", "create", "workshop", "--private")
+    bootstrap.json("mesh", "admit", "workshop", host_id)
+    bootstrap.json("mesh", "admit", "workshop", newcomer_id)
+    invite = bootstrap.json("mesh", "invite", "workshop")["invite"]
+    assert host.json("mesh", "join", invite)["connected"] == [bootstrap.json("id")["peer_id"]]
+    jigs = host.json(
+        "project", "create", "jigs", "--license", "CERN-OHL-S-2.0", "--mesh", "workshop"
+    )["cid"]
+    need = host.json("need", "create", jigs, "A jig for dovetails")["cid"]
+    wait_for(lambda: host_id in _hosts(bootstrap, "workshop", jigs), "A's catalogue to reach B")
+
+    newcomer.json("mesh", "join", invite)
+    listed = wait_for(
+        lambda: _listed(newcomer, "workshop").get(jigs), "A's catalogue to reach C through B"
+    )
+    assert listed["hosts"] == [{"peer_id": host_id, "connected": False, "self": False}]
+    assert host_id not in {p["peer_id"] for p in newcomer.json("peers")}
+
+    newcomer.json("follow", jigs)
+    wait_for(lambda: need in _needs(newcomer, jigs), "C to dial A and replicate its project")
+    assert host_id in {p["peer_id"] for p in newcomer.json("peers")}
+
+    # Restarted, C is back in the mesh through B, and its periodic sync (every 30 s), finding
+    # no peer that shares the project, dials A again from the catalogue B passes on.
+    newcomer.stop()
+    later = host.json("need", "create", jigs, "A jig for tenons")["cid"]
+    newcomer.start()
+    wait_for(lambda: later in _needs(newcomer, jigs), "C to reach A after a restart", 90)
+
+
+def _needs(node: Any, project: str) -> set[str]:
+    """The needs of `project` that `node` holds (none while the project is not there)."""
+    result = node.cli("need", "list", project, "--json", check=False)
+    return {n["cid"] for n in json.loads(result.stdout)} if result.returncode == 0 else set()

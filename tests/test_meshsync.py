@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,25 @@ def registry(who: Identity, tmp_path: Path) -> MeshRegistry:
     return MeshRegistry(who, db, EventBus())
 
 
-def replicator(meshes: MeshRegistry) -> MeshReplicator:
-    # The mesh is not used by `exchange`; the exchange runs over the stream it is given.
-    return MeshReplicator(meshes, mesh=None, bandwidth=None)  # type: ignore[arg-type]
+@dataclass
+class AddressOnlyMesh:
+    """What `exchange` asks of the mesh: the node's own addresses, for its catalogues (the
+    exchange itself runs over the stream it is given)."""
+
+    advertised_addrs: list[str]
+
+
+def addresses_of(who: Identity) -> list[str]:
+    """Where `who` listens in these tests: a wildcard (which no catalogue carries), a LAN
+    address and loopback, as a node advertises them."""
+    port = 4000 + who.public_key[0]
+    hosts = ("0.0.0.0", "127.0.0.1", "192.0.2.7")
+    return [f"/ip4/{host}/tcp/{port}/p2p/{who.peer_id}" for host in hosts]
+
+
+def replicator(meshes: MeshRegistry, who: Identity | None = None) -> MeshReplicator:
+    mesh = AddressOnlyMesh([] if who is None else addresses_of(who))
+    return MeshReplicator(meshes, mesh=mesh, bandwidth=None)  # type: ignore[arg-type]
 
 
 async def test_members_get_the_admissions_and_outsiders_learn_nothing(tmp_path: Path) -> None:
@@ -123,12 +140,12 @@ def host(store: Store, who: Identity, name: str, mesh: CID | None = None) -> CID
 async def run_exchange(a: MeshRegistry, a_id: Identity, b: MeshRegistry, b_id: Identity) -> None:
     left, right = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(replicator(a).exchange, MemoryByteStream(left), b_id.peer_id)
-        nursery.start_soon(replicator(b).exchange, MemoryByteStream(right), a_id.peer_id)
+        nursery.start_soon(replicator(a, a_id).exchange, MemoryByteStream(left), b_id.peer_id)
+        nursery.start_soon(replicator(b, b_id).exchange, MemoryByteStream(right), a_id.peer_id)
 
 
-async def refresh(registry: MeshRegistry) -> None:
-    registry.refresh_own(await registry.hosted_projects())
+async def refresh(registry: MeshRegistry, who: Identity) -> None:
+    registry.refresh_own(await registry.hosted_projects(), addresses_of(who))
 
 
 def listed(registry: MeshRegistry, mesh: CID) -> dict[CID, set[bytes]]:
@@ -144,7 +161,7 @@ async def test_a_private_project_is_catalogued_in_its_mesh_only_and_to_members_o
     await steward.set_membership(workshop.cid, MEMBER.public_key, "admit")
     jigs = host(steward_store, STEWARD, "jigs", mesh=workshop.cid)
     benches = host(steward_store, STEWARD, "benches")
-    await refresh(steward)
+    await refresh(steward, STEWARD)
     s = STEWARD.public_key
     assert listed(steward, workshop.cid) == {jigs: {s}, benches: {s}}
     assert listed(steward, town.cid) == {benches: {s}}
@@ -161,12 +178,18 @@ async def test_a_private_project_is_catalogued_in_its_mesh_only_and_to_members_o
     assert listed(member, town.cid) == {benches: {s}}
     assert listed(outsider, town.cid) == {benches: {s}}
     assert listed(outsider, workshop.cid) == {}
+    # The catalogues say where the steward can be dialled: a member not connected to it
+    # reaches it that way. A wildcard is no address, and loopback comes last.
+    port = 4000 + STEWARD.public_key[0]
+    dialable = (f"/ip4/192.0.2.7/tcp/{port}", f"/ip4/127.0.0.1/tcp/{port}")
+    assert member.hosts_of(jigs) == [(s, dialable)]
+    assert outsider.hosts_of(jigs) == [] and outsider.hosts_of(benches) == [(s, dialable)]
 
     # The member follows the private project: the steward learns it at the next exchange.
     member_store.put_records([r for r in steward_store.projects() if r.cid == jigs])
     member_store.follow(jigs, "full", 2)
     ahead[0] = 2.0  # a signer waits a second between two catalogues of one mesh
-    await refresh(member)
+    await refresh(member, MEMBER)
     await run_exchange(steward, STEWARD, member, MEMBER)
     assert listed(steward, workshop.cid)[jigs] == {s, MEMBER.public_key}
     assert listed(steward, town.cid) == {benches: {s}}  # the member hosts nothing public
@@ -182,7 +205,7 @@ async def test_leaving_a_mesh_withdraws_the_catalogue(tmp_path: Path) -> None:
     member, member_store = node(MEMBER, tmp_path)
     await member.join(steward.invite(town.cid))
     looms = host(member_store, MEMBER, "looms")
-    await refresh(member)
+    await refresh(member, MEMBER)
     await run_exchange(steward, STEWARD, member, MEMBER)
     assert listed(steward, town.cid) == {looms: {MEMBER.public_key}}
 
@@ -198,9 +221,23 @@ async def test_leaving_a_mesh_withdraws_the_catalogue(tmp_path: Path) -> None:
     again, again_store = node(MEMBER, tmp_path / "again", clock=lambda: time.time() + 2)
     await again.join(steward.invite(town.cid))
     host(again_store, MEMBER, "looms")
-    await refresh(again)
+    await refresh(again, MEMBER)
     await run_exchange(steward, STEWARD, again, MEMBER)
     assert listed(steward, town.cid) == {looms: {MEMBER.public_key}}
     await again.leave(town.cid)
     await run_exchange(steward, STEWARD, again, MEMBER)
     assert listed(steward, town.cid) == {}
+
+
+async def test_a_node_signs_its_catalogue_again_when_its_addresses_change(tmp_path: Path) -> None:
+    later = [0.0]  # seconds the node's clock is moved on by
+    steward, store = node(STEWARD, tmp_path, clock=lambda: time.time() + later[0])
+    town = await steward.create("town", "open")
+    host(store, STEWARD, "benches")
+    hosted = await steward.hosted_projects()
+    assert [c.body.addrs for c in steward.refresh_own(hosted, ["/ip4/0.0.0.0/tcp/4001"])] == [()]
+    later[0] = 2.0
+    assert steward.refresh_own(hosted, ["/ip4/0.0.0.0/tcp/4001"]) == []  # nothing changed
+    moved = steward.refresh_own(hosted, ["/ip4/192.0.2.9/tcp/4001"])
+    assert [c.body.addrs for c in moved] == [("/ip4/192.0.2.9/tcp/4001",)]
+    assert steward.own_catalogue(town.cid) == moved[0]

@@ -38,6 +38,12 @@ def add_network_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-mdns", action="store_true", help="do not discover peers on the local network"
     )
+    parser.add_argument(
+        "--no-dht",
+        action="store_true",
+        help="stay off the public DHT: announce no project there and look none up "
+        "(peers are then found through meshes, bootstrap addresses and mDNS)",
+    )
     limits = parser.add_argument_group(
         "limits", "what the node may use (0 or 'unlimited': no limit; overrides config.toml)"
     )
@@ -87,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             listen=tuple(args.listen) if args.listen else config.listen,
             bootstrap=tuple(args.bootstrap) if args.bootstrap else config.bootstrap,
             mdns=config.mdns and not args.no_mdns,
+            dht=config.dht and not args.no_dht,
             spare=config.spare or args.spare,
             limit_settings=config.limit_settings
             + tuple(

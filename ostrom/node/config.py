@@ -3,6 +3,7 @@
     listen = ["/ip4/0.0.0.0/tcp/4001"]
     bootstrap = ["/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."]
     mdns = true
+    dht = true                 # false: stay off the public DHT (find no providers, provide none)
     spare = false              # true: start from the Raspberry Pi preset (limits.SPARE)
 
     [limits]                   # each one overrides the preset; 0 or "unlimited": no limit
@@ -35,6 +36,7 @@ class DaemonConfig:
     listen: tuple[str, ...] = DEFAULT_LISTEN
     bootstrap: tuple[str, ...] = ()
     mdns: bool = True
+    dht: bool = True
     # Start from the `--spare` preset rather than no limits.
     spare: bool = False
     # Limits set explicitly, in order (config.toml, then flags): each overrides the preset.
@@ -67,10 +69,10 @@ def load_config(path: Path) -> DaemonConfig:
         values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInput(f"{path} is not valid TOML: {exc}") from None
-    unknown = set(values) - {"listen", "bootstrap", "mdns", "spare", "limits"}
+    unknown = set(values) - {"listen", "bootstrap", "mdns", "dht", "spare", "limits"}
     if unknown:
         raise InvalidInput(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
-    for key in ("mdns", "spare"):
+    for key in ("mdns", "dht", "spare"):
         if key in values and not isinstance(values[key], bool):
             raise InvalidInput(f"{path}: {key} must be true or false")
     settings: tuple[tuple[str, str | int], ...] = ()
@@ -87,6 +89,7 @@ def load_config(path: Path) -> DaemonConfig:
             if "bootstrap" in values
             else (),
             mdns=values.get("mdns", True),
+            dht=values.get("dht", True),
             spare=values.get("spare", False),
             limit_settings=settings,
         )

@@ -103,6 +103,7 @@ async def _serve(
             listen=config.listen,
             bootstrap=config.bootstrap,
             mdns=config.mdns,
+            dht=config.dht,
             max_peers=config.limits.max_peers,
         ),
     )

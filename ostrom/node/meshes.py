@@ -40,6 +40,7 @@ from ostrom.protocol.catalogue import (
     CatalogueEntry,
     Host,
     SignedCatalogue,
+    announceable_addrs,
     fit_entries,
     sign_catalogue,
 )
@@ -360,6 +361,18 @@ class MeshRegistry:
                 )
         return out
 
+    def hosts_of(self, project: CID) -> list[tuple[bytes, tuple[str, ...]]]:
+        """The other members that list `project` in a catalogue of a joined mesh, each with
+        the addresses its catalogue gives (its newest such catalogue's), newest first."""
+        found: dict[bytes, Host] = {}
+        for joined in self._joined.values():
+            for host in self.catalogues.hosts_of(joined.cid, project):
+                held = found.get(host.author)
+                if held is None or held.ts < host.ts:
+                    found[host.author] = host
+        newest = sorted(found.values(), key=lambda h: (-h.ts, h.author))
+        return [(host.author, host.addrs) for host in newest]
+
     def expire_catalogues(self) -> int:
         return self.catalogues.expire(self._now())
 
@@ -384,11 +397,15 @@ class MeshRegistry:
         self._genesis = {p: known[p] for p in follows if p in known}
         return [(p, *self._genesis[p]) for p in follows if p in self._genesis]
 
-    def refresh_own(self, hosted: Sequence[tuple[CID, str, CID | None]]) -> list[SignedCatalogue]:
+    def refresh_own(
+        self, hosted: Sequence[tuple[CID, str, CID | None]], addrs: Sequence[str] = ()
+    ) -> list[SignedCatalogue]:
         """Sign this node's catalogue again for each joined mesh where it changed or is due
         for its hourly re-signing; return the new ones, for publishing. In a mesh, this node
         lists the public projects it hosts and the projects of that mesh when it is private;
-        in a private mesh that does not admit it, nothing."""
+        in a private mesh that does not admit it, nothing. `addrs` are the node's own
+        addresses; those others can dial go into every catalogue (a change re-signs them)."""
+        dialable = announceable_addrs(addrs)
         now = self._now()
         fresh: list[SignedCatalogue] = []
         for mesh in list(self._own):
@@ -407,12 +424,13 @@ class MeshRegistry:
             if current is not None:
                 if (
                     current.body.projects == entries
+                    and current.body.addrs == dialable
                     and now - current.body.ts < CATALOGUE_REFRESH_MS
                 ):
                     continue
                 if now < current.body.ts + CATALOGUE_MIN_INTERVAL_MS:
                     continue  # readers would refuse it; the next refresh signs it
-            body = Catalogue(self._identity.public_key, now, joined.cid, entries)
+            body = Catalogue(self._identity.public_key, now, joined.cid, entries, dialable)
             self._own[joined.cid] = record = sign_catalogue(body, self._identity)
             fresh.append(record)
         return fresh

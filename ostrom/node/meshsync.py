@@ -40,7 +40,12 @@ from ostrom.protocol.catalogue import (
     decode_catalogue,
     is_catalogue,
 )
-from ostrom.protocol.meshes import MAX_MESH_RECORD_SIZE, SignedMeshRecord, decode_mesh_record
+from ostrom.protocol.meshes import (
+    MAX_BOOTSTRAP,
+    MAX_MESH_RECORD_SIZE,
+    SignedMeshRecord,
+    decode_mesh_record,
+)
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -67,6 +72,9 @@ TOPIC_PREFIX: Final = "ostrom/1/mesh/"
 # Seconds a peer whose membership was revoked stays connected: time for the gossiped
 # revocation to reach it, so its own node knows why it was cut off.
 REVOCATION_GRACE_S: Final = 2.0
+# Bootstrap peers of the joined meshes dialled at once when the node starts: all of one mesh
+# (it lists at most 16), as joining it does.
+BOOTSTRAP_PARALLEL_DIALS: Final = MAX_BOOTSTRAP
 # How often this node looks again at what it follows, to re-sign its catalogues when that
 # changed (and drops others' catalogues that aged out): a newly followed project is announced
 # within this, and the check is one small read of the store.
@@ -112,7 +120,32 @@ class MeshReplicator:
             await self._subscribe_joined()
             nursery.start_soon(self._run, nursery)
             nursery.start_soon(self._run_catalogues)
+            nursery.start_soon(self._dial_bootstraps)
             task_status.started()
+
+    async def _dial_bootstraps(self) -> None:
+        """Dial the bootstrap peers of the meshes this node is in, once, at start: joining
+        dialled them, and a restarted node is back in its meshes the same way (its own
+        `--bootstrap` peers are the mesh layer's to dial)."""
+        own = f"/p2p/{self.mesh.peer_id}"
+        addrs = dict.fromkeys(
+            addr
+            for joined in self.registry.joined()
+            for addr in joined.body.bootstrap
+            if not addr.endswith(own)
+        )
+        limiter = trio.CapacityLimiter(BOOTSTRAP_PARALLEL_DIALS)
+
+        async def dial(addr: str) -> None:
+            async with limiter:
+                try:
+                    await self.mesh.connect(addr)
+                except OstromError as exc:
+                    log.info("mesh bootstrap %s: %s", addr, exc.message)
+
+        async with trio.open_nursery() as nursery:
+            for addr in addrs:
+                nursery.start_soon(dial, addr)
 
     def _forget(self, peer_id: str) -> None:
         self._shared.pop(peer_id, None)
@@ -216,7 +249,10 @@ class MeshReplicator:
             except OstromError as exc:
                 log.warning("reading the followed projects failed: %s", exc.message)
                 return
-            self._signed_here(self.registry.refresh_own(hosted))
+            # The addresses go with the projects: a member that is not connected to this
+            # node finds it through them when it follows one (private projects are on no DHT).
+            addrs = self.mesh.advertised_addrs
+            self._signed_here(self.registry.refresh_own(hosted, addrs))
 
     # --- gossip --------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from ostrom.crypto.cid import CID
+from ostrom.crypto.keys import peer_id_of
 from ostrom.errors import (
     BlockMismatch,
     DecodeError,
@@ -39,6 +40,7 @@ from ostrom.node.service import NodeService, sync_projects
 from ostrom.node.store import Store
 from ostrom.node.transfers import ProgressListener, Purpose, Transfer
 from ostrom.protocol import blockwire
+from ostrom.protocol.catalogue import announceable_addrs
 from ostrom.protocol.changesets import Changeset, FileManifest, Put
 from ostrom.protocol.reconcile import ReconcileIndex
 from ostrom.protocol.records import Contribution, Project, SignedRecord, decode_record
@@ -69,6 +71,16 @@ BLOCK_RETRIES: Final = 5
 BLOCK_RETRY_FIRST_S: Final = 1.0
 # How long a follow of an unseen project keeps looking for providers before giving up.
 FIND_TIMEOUT_S: Final = 20.0
+# Hosts of a followed project, as mesh catalogues list it, dialled at once when none is
+# connected: one that answers is enough to sync with; a few allow for some being offline.
+MAX_HOST_DIALS: Final = 3
+# How long those dials may take together: a reachable host answers within a second; an
+# unreachable address may take the mesh's dial timeout (10 s) before the next is tried.
+HOST_DIAL_TIMEOUT_S: Final = 30.0
+# How long a project whose catalogue hosts were dialled waits before the periodic sync dials
+# them again (an explicit follow does not wait): hosts that were offline may be back, while an
+# offline host costs a dial attempt per project this often, not every sync round.
+HOST_REDIAL_S: Final = 300.0
 # Gossiped records up to this size are decoded and verified on the event loop: handing a
 # small record to a thread and back costs more than its decoding (about 0.1 ms for a 1 KiB
 # record). Larger ones, up to the 64 KiB record limit, are decoded on a thread.
@@ -150,6 +162,9 @@ class Replicator:
         # a sync that brings nothing new skips the history walk for them. Emptied of a
         # project when a completion leaves blocks missing, or its follow mode changes.
         self._blocks_complete: set[CID] = set()
+        # When the catalogue hosts of each followed project were last dialled (trio time):
+        # as large as the follows at most, pruned as entries age past `HOST_REDIAL_S`.
+        self._hosts_dialled: dict[CID, float] = {}
         self._nursery: trio.Nursery | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -180,12 +195,16 @@ class Replicator:
         await self._start_following(project)
         for peer in self.mesh.peers():
             self._request_sync(peer.peer_id, project)
+        if self._nursery is not None:
+            # A project found in a mesh catalogue: its hosts there, if none is connected.
+            self._nursery.start_soon(self._reach_hosts, project)
         present = await self.service.db(lambda store: store.get_record(project) is not None)
         if not present and self._nursery is not None:
             self._nursery.start_soon(self._find_and_fetch, project)
 
     async def unfollow(self, project: CID) -> None:
         self._blocks_complete.discard(project)
+        self._hosts_dialled.pop(project, None)
         if project in self._following:
             self._following.discard(project)
             await self.mesh.unsubscribe(topic_of(project))
@@ -420,6 +439,12 @@ class Replicator:
                     chosen.append(random.choice(others))
                 for peer in chosen:
                     self._request_sync(peer, project)
+                # No peer here has synced it: its hosts in mesh catalogues may be reachable
+                # though not connected (after a restart, say), now or since the last try.
+                if not sharing and self._nursery is not None:
+                    last = self._hosts_dialled.get(project)
+                    if last is None or trio.current_time() - last >= HOST_REDIAL_S:
+                        self._nursery.start_soon(self._reach_hosts, project)
 
     # --- blocks --------------------------------------------------------------------------------
 
@@ -570,6 +595,42 @@ class Replicator:
             return await self.service.project_mesh(project) is not None
         except NotFound:
             return False
+
+    # --- mesh catalogues ------------------------------------------------------------------------
+
+    async def _reach_hosts(self, project: CID) -> None:
+        """Dial the hosts that members' catalogues list for `project`, if none of them is
+        connected, and sync with those that answer: a private mesh's project is announced
+        nowhere else, so a member connected only to others would never reach it.
+
+        At most `MAX_HOST_DIALS` hosts (the newest catalogues first), each at the addresses
+        its catalogue gives, all within `HOST_DIAL_TIMEOUT_S`."""
+        hosts = {peer_id_of(key): addrs for key, addrs in self.service.meshes.hosts_of(project)}
+        connected = {p.peer_id for p in self.mesh.peers()}
+        if not hosts or connected & hosts.keys():
+            return  # the sync with connected peers reaches it
+        now = trio.current_time()
+        self._hosts_dialled = {
+            p: t for p, t in self._hosts_dialled.items() if now - t < HOST_REDIAL_S
+        }
+        self._hosts_dialled[project] = now
+        chosen = list(hosts.items())[:MAX_HOST_DIALS]
+        with trio.move_on_after(HOST_DIAL_TIMEOUT_S):
+            async with trio.open_nursery() as nursery:
+                for peer, addrs in chosen:
+                    nursery.start_soon(self._dial_host, project, peer, addrs)
+
+    async def _dial_host(self, project: CID, peer: str, addrs: Sequence[str]) -> None:
+        """Connect to `peer` at the first of `addrs` that answers, then sync `project`."""
+        for addr in announceable_addrs(addrs):
+            try:
+                await self.mesh.connect(f"{addr}/p2p/{peer}")
+            except OstromError as exc:
+                log.info("catalogue host %s of %s at %s: %s", peer, project, addr, exc.message)
+                continue
+            log.info("connected to %s, which hosts %s", peer, project)
+            self._request_sync(peer, project)
+            return
 
     async def _find_and_fetch(self, project: CID) -> None:
         try:

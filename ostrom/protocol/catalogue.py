@@ -8,6 +8,10 @@ history: a project unfollowed disappears from the next one, and an empty catalog
 a node that leaves. Catalogues are also bounded in age: a node re-signs its own every hour
 and a reader drops one older than `CATALOGUE_TTL_MS`, so a node that vanished ages out.
 
+A catalogue also carries the addresses its author can be dialled at, so that a member who
+finds a project there can reach its host without being connected to it already: a private
+mesh's project is announced nowhere else (not on the DHT).
+
 The record is signed under its own domain, so it can be taken for neither a project record
 nor a mesh record. `CatalogueBook` is what a node holds of other nodes' catalogues: every
 bound a peer could push on (count, bytes, age, rate) is enforced there. docs/PROTOCOL.md 13.5
@@ -16,6 +20,10 @@ specifies both.
 
 from __future__ import annotations
 
+import bisect
+import ipaddress
+import itertools
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
@@ -25,8 +33,9 @@ from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity
 from ostrom.errors import DecodeError, InvalidRecord
 from ostrom.protocol import dagcbor
-from ostrom.protocol.envelope import check_envelope, open_map, seal
+from ostrom.protocol.envelope import check_envelope, open_map, seal, unsigned_bytes
 from ostrom.protocol.fields import check_key, check_link, check_name, check_ts, fail
+from ostrom.protocol.meshes import MAX_ADDRESS_LENGTH
 
 # What catalogue signatures cover before the payload: neither the record domain nor the mesh
 # domain, so a catalogue signature is valid as nothing else and nothing else as a catalogue.
@@ -60,6 +69,19 @@ MAX_CATALOGUES_PER_MESH: Final = 512
 MAX_CATALOGUE_BYTES_PER_MESH: Final = 2 * 1024 * 1024
 # Catalogue bytes a node holds over all its meshes: eight full meshes.
 MAX_CATALOGUE_BYTES: Final = 16 * 1024 * 1024
+# The most addresses a catalogue gives for its author: a node has a few interfaces (LAN and
+# public IPv4, an IPv6 address or two) and perhaps an address its peers observed; each one a
+# reader cannot reach costs it a dial attempt, so a long list is worse, not better.
+MAX_CATALOGUE_ADDRS: Final = 8
+
+# A transport address in multiaddr text form: /protocol/value pairs, no spaces. Whether it
+# names the author's peer (`/p2p/`) is checked apart: the reader adds the author's own id.
+_ADDRESS: Final = re.compile(r"(/[a-z0-9-]+/[^/\s]+)+")
+# Those pairs a reader can dial (the reference node speaks TCP only): host, then TCP port.
+_DIALABLE: Final = re.compile(r"/(ip4|ip6|dns|dns4|dns6)/([^/\s]+)/tcp/([0-9]{1,5})")
+# Room a catalogue keeps for its addresses when `fit_entries` fills it with projects: each
+# address is a text of at most `MAX_ADDRESS_LENGTH` bytes plus its CBOR header, and the key.
+_ADDRS_RESERVE: Final = MAX_CATALOGUE_ADDRS * (MAX_ADDRESS_LENGTH + 3) + 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +96,76 @@ class CatalogueEntry:
         check_name(Catalogue.TYPE, "name", self.name, max_length=MAX_CATALOGUE_NAME_LENGTH)
 
 
+def check_addrs(kind: str, addrs: object) -> tuple[str, ...]:
+    """A catalogue's `addrs`: at most `MAX_CATALOGUE_ADDRS` multiaddrs, each at most
+    `MAX_ADDRESS_LENGTH` characters, without a `/p2p/` part, each listed once."""
+    if not isinstance(addrs, tuple) or len(addrs) > MAX_CATALOGUE_ADDRS:
+        raise fail(kind, f"addrs must list at most {MAX_CATALOGUE_ADDRS} addresses")
+    for addr in addrs:
+        if (
+            not isinstance(addr, str)
+            or len(addr) > MAX_ADDRESS_LENGTH
+            or not _ADDRESS.fullmatch(addr)
+            or "/p2p/" in addr
+            or "/ipfs/" in addr
+        ):
+            raise fail(kind, f"address {addr!r} is not a multiaddr without a /p2p/ part")
+    if len(set(addrs)) != len(addrs):
+        raise fail(kind, "an address is listed twice")
+    return addrs
+
+
+def announceable_addrs(addrs: Iterable[str]) -> tuple[str, ...]:
+    """Of a node's own addresses (with or without its `/p2p/<id>` suffix), those another
+    node can dial, for its catalogues: TCP on a named host or an IP address that is neither
+    unspecified (`0.0.0.0`, `::`), multicast nor link-local, with a port other than 0;
+    without the suffix, each once, loopback last, at most `MAX_CATALOGUE_ADDRS`."""
+    found: list[str] = []
+    for given in addrs:
+        addr = given.split("/p2p/", 1)[0]
+        match = _DIALABLE.fullmatch(addr)
+        if match is None or len(addr) > MAX_ADDRESS_LENGTH or addr in found:
+            continue
+        proto, host, port = match.groups()
+        if not 0 < int(port) < 65536:
+            continue
+        if proto in ("ip4", "ip6"):
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                continue
+            if ip.version != int(proto[-1]) or ip.is_unspecified or ip.is_multicast:
+                continue
+            if ip.is_link_local:
+                continue  # needs an interface name to dial, which only this machine knows
+        found.append(addr)
+    found.sort(key=_is_loopback)  # stable: the node's own order otherwise
+    return tuple(found[:MAX_CATALOGUE_ADDRS])
+
+
+def _is_loopback(addr: str) -> bool:
+    """Whether `addr` reaches only this machine: dialled from elsewhere, it reaches the
+    dialler's own machine, so readers try it last."""
+    match = _DIALABLE.fullmatch(addr)
+    if match is None:
+        return False
+    proto, host, _ = match.groups()
+    if proto in ("ip4", "ip6"):
+        return ipaddress.ip_address(host).is_loopback
+    return host == "localhost"
+
+
 @dataclass(frozen=True, slots=True)
 class Catalogue:
-    """What `author` hosts within the mesh `mesh`, as of `ts`."""
+    """What `author` hosts within the mesh `mesh`, as of `ts`, and the addresses it says
+    it can be dialled at (`addrs`, without `/p2p/<its peer id>`)."""
 
     TYPE: ClassVar[str] = "catalogue"
     author: bytes
     ts: int
     mesh: CID
     projects: tuple[CatalogueEntry, ...] = ()
+    addrs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         kind = self.TYPE
@@ -94,18 +177,21 @@ class Catalogue:
         for entry in self.projects:
             if not isinstance(entry, CatalogueEntry):
                 raise fail(kind, "projects must hold {project, name} entries")
-        keys = [entry.project for entry in self.projects]
-        if keys != sorted(set(keys)):
+        # Strictly increasing bytes: sorted, and no project twice (one pass, no sort).
+        keys = [entry.project.raw for entry in self.projects]
+        if any(a >= b for a, b in itertools.pairwise(keys)):
             raise fail(kind, "projects must be sorted by project CID bytes, each listed once")
+        check_addrs(kind, self.addrs)
 
     def fields(self) -> dict[str, Any]:
         return {
             "mesh": self.mesh,
             "projects": [{"project": e.project, "name": e.name} for e in self.projects],
+            "addrs": list(self.addrs),
         }
 
 
-_FIELDS: Final = frozenset({"type", "v", "author", "ts", "mesh", "projects", "sig"})
+_FIELDS: Final = frozenset({"type", "v", "author", "ts", "mesh", "projects", "addrs", "sig"})
 _ENTRY_FIELDS: Final = frozenset({"project", "name"})
 
 
@@ -154,8 +240,9 @@ def fit_entries(entries: Iterable[CatalogueEntry]) -> tuple[CatalogueEntry, ...]
     `MAX_CATALOGUE_SIZE`. Duplicates of one project keep the first."""
     chosen: dict[CID, CatalogueEntry] = {}
     # Fixed overhead: the map around the list, the keys, the mesh link, author and signature,
-    # well under 300 bytes; each entry's encoding is measured exactly.
-    budget = MAX_CATALOGUE_SIZE - 512
+    # well under 300 bytes, and the most the addresses can take; each entry's encoding is
+    # measured exactly.
+    budget = MAX_CATALOGUE_SIZE - 512 - _ADDRS_RESERVE
     for entry in entries:
         if len(chosen) == MAX_CATALOGUE_ENTRIES:
             break
@@ -185,16 +272,20 @@ def decode_catalogue(data: bytes) -> SignedCatalogue:
     listed = value["projects"]
     if not isinstance(listed, list) or len(listed) > MAX_CATALOGUE_ENTRIES:
         raise fail(kind, f"projects must be a list of at most {MAX_CATALOGUE_ENTRIES} entries")
+    addrs = value["addrs"]
+    if not isinstance(addrs, list):
+        raise fail(kind, f"addrs must list at most {MAX_CATALOGUE_ADDRS} addresses")
     try:
         body = Catalogue(
             author=value["author"],
             ts=value["ts"],
             mesh=value["mesh"],
             projects=tuple(_entry(item) for item in listed),
+            addrs=tuple(addrs),
         )
     except TypeError as exc:  # a field of a type the checks cannot even compare
         raise fail(kind, f"a field has the wrong type ({exc})") from None
-    signing.verify(body.author, sig, CATALOGUE_DOMAIN, dagcbor.encode(value))
+    signing.verify(body.author, sig, CATALOGUE_DOMAIN, unsigned_bytes(data, value))
     return SignedCatalogue(body, sig, CID.of_dag_cbor(data), data)
 
 
@@ -213,11 +304,13 @@ def is_catalogue(data: bytes) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Host:
-    """One node that lists a project in its catalogue for a mesh, and the name it gives."""
+    """One node that lists a project in its catalogue for a mesh, the name it gives, and
+    the addresses its catalogue gives for it."""
 
     author: bytes
     name: str
     ts: int
+    addrs: tuple[str, ...] = ()
 
 
 class CatalogueBook:
@@ -323,12 +416,24 @@ class CatalogueBook:
             self.drop(mesh, author)
         return len(expired)
 
+    def hosts_of(self, mesh: CID, project: CID) -> list[Host]:
+        """Who lists `project` in `mesh`, by author key (a binary search of each catalogue,
+        whose entries are sorted)."""
+        out = []
+        for record in self.of_mesh(mesh):
+            listed = record.body.projects
+            at = bisect.bisect_left(listed, project, key=lambda e: e.project)
+            if at < len(listed) and listed[at].project == project:
+                body = record.body
+                out.append(Host(body.author, listed[at].name, body.ts, body.addrs))
+        return out
+
     def hosts(self, mesh: CID) -> dict[CID, list[Host]]:
         """For each project listed in `mesh`, who lists it, by author key."""
         out: dict[CID, list[Host]] = {}
         for record in self.of_mesh(mesh):
             for entry in record.body.projects:
                 out.setdefault(entry.project, []).append(
-                    Host(record.body.author, entry.name, record.body.ts)
+                    Host(record.body.author, entry.name, record.body.ts, record.body.addrs)
                 )
         return out

@@ -9,7 +9,7 @@ a decoder of their own, tuned for bulk imports: `ostrom.protocol.records`.)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from ostrom.crypto import signing
 from ostrom.crypto.keys import SIGNATURE_LENGTH, Identity
@@ -41,6 +41,29 @@ def open_map(data: bytes, *, what: str, max_size: int) -> dict[Any, Any]:
     if not isinstance(value, dict):
         raise InvalidRecord(f"a {what} is a DAG-CBOR map")
     return value
+
+
+# How the `sig` entry of a canonical map starts: the key, then a 64-byte byte string header.
+_SIG_ENTRY_HEAD: Final = dagcbor.encode("sig") + b"\x58\x40"
+_SIG_ENTRY_LENGTH: Final = len(_SIG_ENTRY_HEAD) + SIGNATURE_LENGTH
+
+
+def unsigned_bytes(data: bytes, unsigned: dict[Any, Any]) -> bytes:
+    """What the signature of `data` covers (after the domain): the encoding of the map
+    without `sig`, cut out of `data` rather than encoded again.
+
+    `data` is canonical (the strict decoder refused anything else) and `unsigned` is its map
+    less `sig` (as `check_envelope` leaves it), so the payload is the same bytes less the
+    `sig` entry, with the map's entry count one lower. These maps have fewer than 24
+    entries, so the count is the low bits of the first byte, and the `sig` entry starts
+    right after the entries whose keys sort before it in canonical order (`v`, `ts`)."""
+    before = [k for k in unsigned if isinstance(k, str) and (len(k), k) < (3, "sig")]
+    offset = 1 + sum(len(dagcbor.encode(k)) + len(dagcbor.encode(unsigned[k])) for k in before)
+    if not 0xA1 <= data[0] <= 0xB7 or data[offset : offset + len(_SIG_ENTRY_HEAD)] != (
+        _SIG_ENTRY_HEAD
+    ):
+        raise InvalidRecord("the signed map is not laid out as canonical DAG-CBOR")
+    return bytes([data[0] - 1]) + data[1:offset] + data[offset + _SIG_ENTRY_LENGTH :]
 
 
 def check_envelope(

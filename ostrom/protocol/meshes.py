@@ -24,8 +24,7 @@ from ostrom.crypto import signing
 from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity
 from ostrom.errors import DecodeError, InvalidRecord, TooLarge
-from ostrom.protocol import dagcbor
-from ostrom.protocol.envelope import check_envelope, open_map, seal
+from ostrom.protocol.envelope import check_envelope, open_map, seal, unsigned_bytes
 from ostrom.protocol.fields import check_key, check_link, check_name, check_text, check_ts, fail
 
 # What mesh signatures cover before the payload: not the record domain, so no signature over
@@ -217,7 +216,7 @@ def decode_mesh_record(data: bytes) -> SignedMeshRecord:
             )
     except TypeError as exc:  # a field of a type the checks cannot even compare
         raise fail(kind, f"a field has the wrong type ({exc})") from None
-    signing.verify(body.author, sig, MESH_DOMAIN, dagcbor.encode(value))
+    signing.verify(body.author, sig, MESH_DOMAIN, unsigned_bytes(data, value))
     return SignedMeshRecord(body, sig, CID.of_dag_cbor(data), data)
 
 
