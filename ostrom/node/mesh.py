@@ -157,6 +157,11 @@ _GOSSIP_FACTOR: Final = 0.25
 # Entries kept of py-libp2p's per-topic list of delivery times, which only its adaptive
 # gossip (off) reads and nothing trims: unbounded, it grew by one float per message relayed.
 _DELIVERY_TIMES_KEPT: Final = 64
+# Messages kept in py-libp2p's equivocation check (same sender and sequence number, other
+# content), which it trims only from 1,000 down to 500: a few minutes of a busy topic's
+# messages, data included. Our records are content-addressed and signed by their authors,
+# so the check protects nothing of ours; a short window keeps it cheap.
+_EQUIVOCATION_KEPT: Final = 128
 # Recipients of a message this node publishes, at least (as far as it has subscribed
 # peers): its mesh peers, topped up with other subscribers when the mesh is smaller. Not
 # all subscribers (go-libp2p's flood publishing): sending each record to 19 peers made the
@@ -1003,15 +1008,28 @@ class Mesh:
                         nursery.start_soon(close, conn)
 
     async def _sweep_streams(self) -> None:
-        """Release streams whose two sides are closed but that py-libp2p still tracks.
+        """Release streams whose two sides are closed but that py-libp2p still tracks, and
+        what it keeps of streams and messages that are gone.
 
         py-libp2p releases a stream when its write side closes last; a caller that closes
         first and never reads to the end would otherwise hold one of its 10,000 slots forever.
+        Its Yamux reader puts a fresh wake-up event back for a stream that was removed while
+        it waited, so each finished stream could leave one behind for the connection's life.
         """
         while True:
             await trio.sleep(_STREAM_SWEEP_S)
+            held = self._gossipsub.equivocation_detection
+            if len(held) > _EQUIVOCATION_KEPT:
+                for key in list(held)[: len(held) - _EQUIVOCATION_KEPT]:  # oldest first
+                    del held[key]
             for conns in list(self._swarm.connections.values()):
                 for conn in list(conns):
+                    muxed_conn = getattr(conn, "muxed_conn", None)
+                    events = getattr(muxed_conn, "stream_events", None)
+                    streams = getattr(muxed_conn, "streams", None)
+                    if isinstance(events, dict) and isinstance(streams, dict):
+                        for sid in [sid for sid in events if sid not in streams]:
+                            del events[sid]
                     for stream in list(conn.get_streams()):
                         muxed = getattr(stream, "muxed_stream", None)
                         if getattr(muxed, "send_closed", False) and getattr(
