@@ -125,6 +125,10 @@ class _Completion:
         return scope
 
 
+# A verified gossiped record, the peer it came from, and the project of its topic.
+_Gossiped = tuple[SignedRecord, str, CID]
+
+
 def topic_of(project: CID) -> str:
     return f"{TOPIC_PREFIX}{project}"
 
@@ -140,7 +144,9 @@ class Replicator:
         self._access_known: set[CID] = set()
         self._send_sync, self._sync_requests = trio.open_memory_channel[tuple[str, CID]](SYNC_QUEUE)
         self._send_publish, self._publish_queue = trio.open_memory_channel[SignedRecord](SYNC_QUEUE)
-        self._send_gossip, self._gossip_queue = trio.open_memory_channel[tuple[SignedRecord, str]](
+        # Verified gossip: the record, the peer it came from, and the project of the topic it
+        # came on (its own, or for a fork's genesis the parent project).
+        self._send_gossip, self._gossip_queue = trio.open_memory_channel[_Gossiped](
             GOSSIP_STORE_QUEUE
         )
         self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_SYNCS)
@@ -269,7 +275,8 @@ class Replicator:
                 record = decode_record(data)
             else:
                 record = await trio.to_thread.run_sync(decode_record, data)
-            if topic not in {topic_of(project) for project in sync_projects(record)}:
+            on = [project for project in sync_projects(record) if topic_of(project) == topic]
+            if not on:
                 raise DecodeError(f"a record of {record.project} on the topic {topic}")
         except OstromError as exc:
             strikes = self._strikes.get(from_peer, 0) + 1
@@ -281,7 +288,7 @@ class Replicator:
                 )
             return False
         try:
-            self._send_gossip.send_nowait((record, from_peer))
+            self._send_gossip.send_nowait((record, from_peer, on[0]))
         except trio.WouldBlock:
             log.debug("gossip store queue full; %s arrives by sync", record.cid)
         # Relayed only once this node knows who may have the project (its genesis says
@@ -307,21 +314,24 @@ class Replicator:
             except OstromError as exc:
                 log.warning("storing %d gossiped record(s) failed: %s", len(batch), exc.message)
 
-    async def _store_gossip(self, batch: Sequence[tuple[SignedRecord, str]]) -> None:
+    async def _store_gossip(self, batch: Sequence[_Gossiped]) -> None:
         """Store gossiped records; sync what lacks parents, fetch blocks of contributions."""
-        new = set(await self.service.store_new([record for record, _ in batch], "gossip"))
+        new = set(await self.service.store_new([record for record, _, _ in batch], "gossip"))
         if not new:
             return
-        fresh: dict[CID, tuple[SignedRecord, str]] = {}
-        for record, peer in batch:
-            if record.cid in new:
-                fresh.setdefault(record.cid, (record, peer))
-        parents = {parent for record, _ in fresh.values() for parent in record.parents}
+        fresh: dict[CID, _Gossiped] = {}
+        for gossiped in batch:
+            if gossiped[0].cid in new:
+                fresh.setdefault(gossiped[0].cid, gossiped)
+        parents = {parent for record, _, _ in fresh.values() for parent in record.parents}
         present = await self._present(list(parents)) if parents else set()
         blocks_from: dict[CID, tuple[list[str], list[CID]]] = {}
-        for record, peer in fresh.values():
+        for record, peer, topic_project in fresh.values():
             if any(parent not in present for parent in record.parents):
-                self._request_sync(peer, record.project)
+                # The project of the topic: the one this node follows. A fork's genesis on its
+                # parent's topic lacks parent records, which that project's set holds; the
+                # fork itself this node may not follow at all.
+                self._request_sync(peer, topic_project)
             elif isinstance(record.body, Contribution):
                 peers, records = blocks_from.setdefault(record.project, ([], []))
                 records.append(record.cid)
