@@ -259,6 +259,14 @@ class Replicator:
 
     async def _run_publishing(self) -> None:
         async for record in self._publish_queue:
+            if isinstance(record.body, Contribution) and record.parents:
+                # This node's own merge: the work it takes in is the project's from now on,
+                # before a peer hears of the merge and asks for that work's blocks.
+                merged = await self._claim_merged(record)
+                if merged and self._nursery is not None:
+                    self._nursery.start_soon(
+                        self._complete_blocks, record.project, [], [record.cid, *merged]
+                    )
             for project in sync_projects(record):
                 log.debug("publishing %s %s on %s", record.type, record.cid, project)
                 await self.mesh.publish(topic_of(project), record.data)
@@ -323,9 +331,10 @@ class Replicator:
         for gossiped in batch:
             if gossiped[0].cid in new:
                 fresh.setdefault(gossiped[0].cid, gossiped)
-        parents = {parent for record, _, _ in fresh.values() for parent in record.parents}
-        present = await self._present(list(parents)) if parents else set()
+        parents = [parent for record, _, _ in fresh.values() for parent in record.parents]
+        present = await self._projects_of(parents) if parents else {}
         blocks_from: dict[CID, tuple[list[str], list[CID]]] = {}
+        merges: list[SignedRecord] = []
         for record, peer, topic_project in fresh.values():
             if any(parent not in present for parent in record.parents):
                 # The project of the topic: the one this node follows. A fork's genesis on its
@@ -337,13 +346,35 @@ class Replicator:
                 records.append(record.cid)
                 if peer not in peers:
                     peers.append(peer)
+                if any(present[parent] != record.project for parent in record.parents):
+                    merges.append(record)
+        for record in merges:
+            _, records = blocks_from[record.project]
+            records.extend(await self._claim_merged(record))
         if self._nursery is not None:
-            # Only these contributions' blocks: the rest of the project was looked at before.
+            # Only these contributions' blocks (and the work they merge from other projects):
+            # the rest of the project was looked at before.
             for project, (peers, records) in blocks_from.items():
                 self._nursery.start_soon(self._complete_blocks, project, peers, records)
 
-    async def _present(self, cids: Sequence[CID]) -> set[CID]:
-        return await self.service.db(lambda store: store.has_records(cids))
+    async def _projects_of(self, cids: Sequence[CID]) -> dict[CID, CID]:
+        """The project of each stored one of `cids`."""
+        return await self.service.db(lambda store: store.record_projects(cids))
+
+    async def _claim_merged(self, record: SignedRecord) -> list[CID]:
+        """Attribute to `record`'s project the blocks, held here, of the private meshes' work
+        it merges from other projects (`merged_work`), so that they are served to whoever
+        may have the project; returns that work's records, whose missing blocks a
+        completion of the project then fetches."""
+
+        def claim(store: Store) -> list[CID]:
+            merged = merged_work(store, record.project, record.parents)
+            if merged:
+                for phase in ("changesets", "manifests", "files"):
+                    wanted_blocks(store, record.project, phase, merged)
+            return merged
+
+        return await self.service.db(claim)
 
     # --- sync ----------------------------------------------------------------------------------
 
@@ -603,19 +634,37 @@ class Replicator:
 
 class _ServedTo:
     """The node as one peer's sync responder sees it: a project this node may not serve that
-    peer (a private mesh's, the peer not a member) is not hosted here."""
+    peer (a private mesh's, the peer not a member) is not hosted here, and neither are that
+    project's records, unless the session's project reaches them (work it merged)."""
 
     def __init__(self, service: NodeService, peer_id: str) -> None:
         self._service = service
         self._peer_id = peer_id
+        # The session's set, once the peer has named a project this node serves it.
+        self._index: ReconcileIndex | None = None
 
     async def sync_index(self, project: CID) -> ReconcileIndex | None:
         if not await self._service.may_serve(project, self._peer_id):
             return None
-        return await self._service.sync_index(project)
+        self._index = await self._service.sync_index(project)
+        return self._index
 
     async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
-        return await self._service.sync_records(cids)
+        """The wanted records this node holds. Those outside the session's set (parents the
+        peer chases) are given only if their project may be served to the peer: a record's
+        CID is no key to a private mesh's work."""
+        found = await self._service.sync_records(cids)
+        index = self._index
+        outside = [cid for cid in found if index is None or cid.raw not in index]
+        if outside:
+            owners = await self._service.db(lambda store: store.record_projects(outside))
+            verdicts: dict[CID, bool] = {}
+            for cid, owner in owners.items():
+                if owner not in verdicts:
+                    verdicts[owner] = await self._service.may_serve(owner, self._peer_id)
+                if not verdicts[owner]:
+                    del found[cid]
+        return found
 
     async def sync_prepare(self, count: int) -> None:
         await self._service.sync_prepare(count)
@@ -673,6 +722,42 @@ def wanted_blocks(
             raw.update(ref.cid for ref in FileManifest.decode(data).blocks)
     store.blocks.claim(project.raw, raw)
     return sorted(raw - store.has_blocks(raw))
+
+
+def merged_work(store: Store, project: CID, parents: Iterable[CID]) -> list[CID]:
+    """The records of private meshes' projects that a record of `project` naming `parents`
+    merges: those parents that belong to another project whose genesis names a private
+    mesh, and the stored records they reach without entering `project`'s own records.
+    Empty for a record that names only its own project's records (nearly all of them), or
+    merges only public work, whose blocks are served to anyone already.
+
+    (A private fork's history ends in the records of the project it forked, where the walk
+    stops; a private project of its own is walked to its genesis.)
+    """
+    foreign = [
+        (parent, owner)
+        for parent, owner in store.record_projects(parents).items()
+        if owner != project
+    ]
+    if not foreign:
+        return []
+    private: dict[CID, bool] = {}
+    start: set[bytes] = set()
+    for parent, owner in foreign:
+        if owner not in private:
+            genesis = store.get_record(owner)
+            private[owner] = (
+                genesis is not None
+                and isinstance(genesis.body, Project)
+                and genesis.body.mesh is not None
+            )
+        if private[owner]:
+            start.add(parent.raw)
+    if not start:
+        return []
+    own = {cid.raw for cid in store.project_cids(project)}
+    found, _ = store.reach(start, own.__contains__)
+    return [CID(raw) for raw in found]
 
 
 class MeshNetwork:

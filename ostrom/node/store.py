@@ -397,6 +397,17 @@ class Store:
         by_raw = {c.raw: c for c in cids}
         return {by_raw[raw] for raw in self._present(self._conn, "records", list(by_raw))}
 
+    def record_projects(self, cids: Iterable[CID]) -> dict[CID, CID]:
+        """The project of each stored one of `cids` (a genesis is its own), from the index
+        column: the records are not read."""
+        by_raw = {c.raw: c for c in cids}
+        out: dict[CID, CID] = {}
+        for chunk in _chunks(list(by_raw)):
+            sql = f"SELECT cid, project FROM records WHERE cid IN ({_placeholders(len(chunk))})"
+            for raw, project in self._conn.execute(sql, chunk).fetchall():
+                out[by_raw[bytes(raw)]] = _stored_cid(project, "record's project")
+        return out
+
     def project_records(
         self, project: CID, types: Collection[str] | None = None
     ) -> list[SignedRecord]:
