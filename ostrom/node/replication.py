@@ -640,31 +640,38 @@ class _ServedTo:
     def __init__(self, service: NodeService, peer_id: str) -> None:
         self._service = service
         self._peer_id = peer_id
-        # The session's set, once the peer has named a project this node serves it.
+        # The session's project (binary CID) and set, once the peer has named a project
+        # this node serves it.
+        self._project = b""
         self._index: ReconcileIndex | None = None
+        # Whether each project (binary CID) met in the session may be served to the peer.
+        self._verdicts: dict[bytes, bool] = {}
 
     async def sync_index(self, project: CID) -> ReconcileIndex | None:
         if not await self._service.may_serve(project, self._peer_id):
             return None
         self._index = await self._service.sync_index(project)
+        self._project = project.raw
         return self._index
 
     async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
-        """The wanted records this node holds. Those outside the session's set (parents the
-        peer chases) are given only if their project may be served to the peer: a record's
-        CID is no key to a private mesh's work."""
-        found = await self._service.sync_records(cids)
-        index = self._index
-        outside = [cid for cid in found if index is None or cid.raw not in index]
-        if outside:
-            owners = await self._service.db(lambda store: store.record_projects(outside))
-            verdicts: dict[CID, bool] = {}
-            for cid, owner in owners.items():
-                if owner not in verdicts:
-                    verdicts[owner] = await self._service.may_serve(owner, self._peer_id)
-                if not verdicts[owner]:
-                    del found[cid]
-        return found
+        """The wanted records this node holds, but not a record of a project the peer may
+        not be served (a private mesh's) outside the session's set: a record's CID is no
+        key to a private mesh's work. Inside the set, such a record is work the session's
+        project merged, which it publishes. Only records of other projects than the
+        session's are looked at: a catch-up pays nothing for this."""
+        found = await self._service.db(lambda store: store.get_record_bytes_and_projects(cids))
+        out: dict[CID, bytes] = {}
+        for cid, (data, owner) in found.items():
+            if owner != self._project:
+                verdict = self._verdicts.get(owner)
+                if verdict is None:
+                    verdict = await self._service.may_serve(CID(owner), self._peer_id)
+                    self._verdicts[owner] = verdict
+                if not verdict and (self._index is None or cid.raw not in self._index):
+                    continue
+            out[cid] = data
+        return out
 
     async def sync_prepare(self, count: int) -> None:
         await self._service.sync_prepare(count)
