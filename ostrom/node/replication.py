@@ -5,7 +5,9 @@ For every project this node follows, the replicator:
 - publishes the records this node creates there;
 - provides the project on the DHT, and looks for providers of projects it lacks;
 - syncs with each peer on connect and every `SYNC_INTERVAL_S`, then fetches the blocks the
-  new records need: changesets and manifests always, file blocks when following in full.
+  new records need: changesets and manifests always, file blocks when following in full;
+- makes the blocks of a private mesh's work that a project merges (made here or gossiped)
+  the project's too, so that they go wherever the project goes (docs/PROTOCOL.md 11.5).
 
 A peer whose gossip fails verification `MAX_GOSSIP_STRIKES` times, or that breaks the sync
 or blocks protocol, is disconnected with the reason.
@@ -262,7 +264,11 @@ class Replicator:
             if isinstance(record.body, Contribution) and record.parents:
                 # This node's own merge: the work it takes in is the project's from now on,
                 # before a peer hears of the merge and asks for that work's blocks.
-                merged = await self._claim_merged(record)
+                try:
+                    merged = await self._claim_merged(record)
+                except OstromError as exc:
+                    log.warning("merged work of %s not claimed: %s", record.cid, exc.message)
+                    merged = []
                 if merged and self._nursery is not None:
                     self._nursery.start_soon(
                         self._complete_blocks, record.project, [], [record.cid, *merged]
@@ -644,7 +650,8 @@ class _ServedTo:
         # this node serves it.
         self._project = b""
         self._index: ReconcileIndex | None = None
-        # Whether each project (binary CID) met in the session may be served to the peer.
+        # Whether each project (binary CID) met in the session may be served to the peer:
+        # one entry per project the wanted records belong to, a handful.
         self._verdicts: dict[bytes, bool] = {}
 
     async def sync_index(self, project: CID) -> ReconcileIndex | None:
