@@ -666,19 +666,20 @@ class _ServedTo:
         not be served (a private mesh's) outside the session's set: a record's CID is no
         key to a private mesh's work. Inside the set, such a record is work the session's
         project merged, which it publishes. Only records of other projects than the
-        session's are looked at: a catch-up pays nothing for this."""
-        found = await self._service.db(lambda store: store.get_record_bytes_and_projects(cids))
-        out: dict[CID, bytes] = {}
-        for cid, (data, owner) in found.items():
-            if owner != self._project:
-                verdict = self._verdicts.get(owner)
-                if verdict is None:
-                    verdict = await self._service.may_serve(CID(owner), self._peer_id)
-                    self._verdicts[owner] = verdict
-                if not verdict and (self._index is None or cid.raw not in self._index):
-                    continue
-            out[cid] = data
-        return out
+        session's are looked at, which the store tells apart: a catch-up pays next to nothing."""
+
+        def read(store: Store) -> tuple[dict[CID, bytes], dict[CID, bytes]]:
+            return store.get_record_bytes_in(cids, self._project)
+
+        found, others = await self._service.db(read)
+        for cid, owner in others.items():
+            verdict = self._verdicts.get(owner)
+            if verdict is None:
+                verdict = await self._service.may_serve(CID(owner), self._peer_id)
+                self._verdicts[owner] = verdict
+            if not verdict and (self._index is None or cid.raw not in self._index):
+                del found[cid]
+        return found
 
     async def sync_prepare(self, count: int) -> None:
         await self._service.sync_prepare(count)
