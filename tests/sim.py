@@ -1048,7 +1048,10 @@ class SimNode:
         self._seen.add(message_id)
         if self.store_new([record], "gossip"):
             if any(parent not in self.records for parent in record.parents):
-                self.request_sync(peer, record.project)
+                # The project of the topic, which this node follows (for a fork's genesis on
+                # its parent's topic, the parent project).
+                on = next(p for p in sync_projects(record) if topic_of(p) == topic)
+                self.request_sync(peer, on)
             elif isinstance(record.body, Contribution):
                 self.complete_blocks(record.project, [peer])
         self.gossip(topic, data, exclude=peer)

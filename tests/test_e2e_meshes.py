@@ -4,6 +4,8 @@ inviting, joining by invite, admitting and revoking, and finding the projects me
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -282,3 +284,49 @@ def _needs(node: Any, project: str) -> set[str]:
     """The needs of `project` that `node` holds (none while the project is not there)."""
     result = node.cli("need", "list", project, "--json", check=False)
     return {n["cid"] for n in json.loads(result.stdout)} if result.returncode == 0 else set()
+
+
+def test_work_a_public_project_merges_from_a_private_one_reaches_its_followers(
+    daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    steward, outsider = daemons.make("steward"), daemons.make("outsider")
+    steward.json("mesh", "create", "workshop", "--private")
+    # An open mesh too, so the outsider may connect: what is tested is what it is served.
+    steward.json("mesh", "create", "town")
+    outsider.json("mesh", "join", steward.json("mesh", "invite", "town")["invite"])
+    jigs = steward.json("project", "create", "jigs", "--license", "MIT", "--mesh", "workshop")
+    benches = steward.json("project", "create", "benches", "--license", "CC0-1.0")["cid"]
+    (tmp_path / "bench.txt").write_text("a bench\n")
+    head = steward.json("contribute", benches, str(tmp_path / "bench.txt"), "-m", "a bench")
+    outsider.json("follow", benches)
+    wait_for(
+        lambda: {f["path"] for f in outsider.json("tree", benches)["files"]} == {"bench.txt"},
+        "the outsider to have the public project",
+    )
+
+    jig = tmp_path / "jig.step"
+    jig.write_bytes(os.urandom(300 * 1024))  # two blocks
+    merged = steward.json("contribute", jigs["cid"], str(jig), "-m", "a jig")["cid"]
+    (tmp_path / "secret.txt").write_text("not for the town\n")
+    unmerged = steward.json("contribute", jigs["cid"], str(tmp_path / "secret.txt"), "-m", "s")
+    # The public project takes in the jig: a merge naming the private contribution.
+    (tmp_path / "notes.txt").write_text("the jig fits the bench\n")
+    merge = ["-m", "take in the jig", "--parent", head["cid"], "--parent", merged]
+    steward.json("contribute", benches, str(tmp_path / "notes.txt"), *merge)
+
+    out = tmp_path / "out"
+    wait_for(
+        lambda: (
+            outsider.cli("checkout", benches, str(out), "--force", check=False).returncode == 0
+            and (out / "jig.step").exists()
+        ),
+        "the outsider to check out the merged tree, the jig's blocks included",
+    )
+    assert (out / "jig.step").read_bytes() == jig.read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["bench.txt", "jig.step", "notes.txt"]
+    # The merged work came with the public project, down to the private project's genesis
+    # (its lineage); the private project's other work stays with the mesh.
+    assert outsider.json("show", merged)["cid"] == merged
+    assert outsider.cli("show", unmerged["cid"], check=False).returncode == 1
+    held = {entry["cid"] for entry in outsider.json("log", jigs["cid"])}
+    assert merged in held and unmerged["cid"] not in held

@@ -5,7 +5,9 @@ For every project this node follows, the replicator:
 - publishes the records this node creates there;
 - provides the project on the DHT, and looks for providers of projects it lacks;
 - syncs with each peer on connect and every `SYNC_INTERVAL_S`, then fetches the blocks the
-  new records need: changesets and manifests always, file blocks when following in full.
+  new records need: changesets and manifests always, file blocks when following in full;
+- makes the blocks of a private mesh's work that a project merges (made here or gossiped)
+  the project's too, so that they go wherever the project goes (docs/PROTOCOL.md 11.5).
 
 A peer whose gossip fails verification `MAX_GOSSIP_STRIKES` times, or that breaks the sync
 or blocks protocol, is disconnected with the reason.
@@ -137,6 +139,10 @@ class _Completion:
         return scope
 
 
+# A verified gossiped record, the peer it came from, and the project of its topic.
+_Gossiped = tuple[SignedRecord, str, CID]
+
+
 def topic_of(project: CID) -> str:
     return f"{TOPIC_PREFIX}{project}"
 
@@ -152,7 +158,9 @@ class Replicator:
         self._access_known: set[CID] = set()
         self._send_sync, self._sync_requests = trio.open_memory_channel[tuple[str, CID]](SYNC_QUEUE)
         self._send_publish, self._publish_queue = trio.open_memory_channel[SignedRecord](SYNC_QUEUE)
-        self._send_gossip, self._gossip_queue = trio.open_memory_channel[tuple[SignedRecord, str]](
+        # Verified gossip: the record, the peer it came from, and the project of the topic it
+        # came on (its own, or for a fork's genesis the parent project).
+        self._send_gossip, self._gossip_queue = trio.open_memory_channel[_Gossiped](
             GOSSIP_STORE_QUEUE
         )
         self._limiter = trio.CapacityLimiter(MAX_CONCURRENT_SYNCS)
@@ -272,6 +280,18 @@ class Replicator:
 
     async def _run_publishing(self) -> None:
         async for record in self._publish_queue:
+            if isinstance(record.body, Contribution) and record.parents:
+                # This node's own merge: the work it takes in is the project's from now on,
+                # before a peer hears of the merge and asks for that work's blocks.
+                try:
+                    merged = await self._claim_merged(record)
+                except OstromError as exc:
+                    log.warning("merged work of %s not claimed: %s", record.cid, exc.message)
+                    merged = []
+                if merged and self._nursery is not None:
+                    self._nursery.start_soon(
+                        self._complete_blocks, record.project, [], [record.cid, *merged]
+                    )
             for project in sync_projects(record):
                 log.debug("publishing %s %s on %s", record.type, record.cid, project)
                 await self.mesh.publish(topic_of(project), record.data)
@@ -288,7 +308,8 @@ class Replicator:
                 record = decode_record(data)
             else:
                 record = await trio.to_thread.run_sync(decode_record, data)
-            if topic not in {topic_of(project) for project in sync_projects(record)}:
+            on = [project for project in sync_projects(record) if topic_of(project) == topic]
+            if not on:
                 raise DecodeError(f"a record of {record.project} on the topic {topic}")
         except OstromError as exc:
             strikes = self._strikes.get(from_peer, 0) + 1
@@ -300,7 +321,7 @@ class Replicator:
                 )
             return False
         try:
-            self._send_gossip.send_nowait((record, from_peer))
+            self._send_gossip.send_nowait((record, from_peer, on[0]))
         except trio.WouldBlock:
             log.debug("gossip store queue full; %s arrives by sync", record.cid)
         # Relayed only once this node knows who may have the project (its genesis says
@@ -326,33 +347,59 @@ class Replicator:
             except OstromError as exc:
                 log.warning("storing %d gossiped record(s) failed: %s", len(batch), exc.message)
 
-    async def _store_gossip(self, batch: Sequence[tuple[SignedRecord, str]]) -> None:
+    async def _store_gossip(self, batch: Sequence[_Gossiped]) -> None:
         """Store gossiped records; sync what lacks parents, fetch blocks of contributions."""
-        new = set(await self.service.store_new([record for record, _ in batch], "gossip"))
+        new = set(await self.service.store_new([record for record, _, _ in batch], "gossip"))
         if not new:
             return
-        fresh: dict[CID, tuple[SignedRecord, str]] = {}
-        for record, peer in batch:
-            if record.cid in new:
-                fresh.setdefault(record.cid, (record, peer))
-        parents = {parent for record, _ in fresh.values() for parent in record.parents}
-        present = await self._present(list(parents)) if parents else set()
+        fresh: dict[CID, _Gossiped] = {}
+        for gossiped in batch:
+            if gossiped[0].cid in new:
+                fresh.setdefault(gossiped[0].cid, gossiped)
+        parents = [parent for record, _, _ in fresh.values() for parent in record.parents]
+        present = await self._projects_of(parents) if parents else {}
         blocks_from: dict[CID, tuple[list[str], list[CID]]] = {}
-        for record, peer in fresh.values():
+        merges: list[SignedRecord] = []
+        for record, peer, topic_project in fresh.values():
             if any(parent not in present for parent in record.parents):
-                self._request_sync(peer, record.project)
+                # The project of the topic: the one this node follows. A fork's genesis on its
+                # parent's topic lacks parent records, which that project's set holds; the
+                # fork itself this node may not follow at all.
+                self._request_sync(peer, topic_project)
             elif isinstance(record.body, Contribution):
                 peers, records = blocks_from.setdefault(record.project, ([], []))
                 records.append(record.cid)
                 if peer not in peers:
                     peers.append(peer)
+                if any(present[parent] != record.project for parent in record.parents):
+                    merges.append(record)
+        for record in merges:
+            _, records = blocks_from[record.project]
+            records.extend(await self._claim_merged(record))
         if self._nursery is not None:
-            # Only these contributions' blocks: the rest of the project was looked at before.
+            # Only these contributions' blocks (and the work they merge from other projects):
+            # the rest of the project was looked at before.
             for project, (peers, records) in blocks_from.items():
                 self._nursery.start_soon(self._complete_blocks, project, peers, records)
 
-    async def _present(self, cids: Sequence[CID]) -> set[CID]:
-        return await self.service.db(lambda store: store.has_records(cids))
+    async def _projects_of(self, cids: Sequence[CID]) -> dict[CID, CID]:
+        """The project of each stored one of `cids`."""
+        return await self.service.db(lambda store: store.record_projects(cids))
+
+    async def _claim_merged(self, record: SignedRecord) -> list[CID]:
+        """Attribute to `record`'s project the blocks, held here, of the private meshes' work
+        it merges from other projects (`merged_work`), so that they are served to whoever
+        may have the project; returns that work's records, whose missing blocks a
+        completion of the project then fetches."""
+
+        def claim(store: Store) -> list[CID]:
+            merged = merged_work(store, record.project, record.parents)
+            if merged:
+                for phase in ("changesets", "manifests", "files"):
+                    wanted_blocks(store, record.project, phase, merged)
+            return merged
+
+        return await self.service.db(claim)
 
     # --- sync ----------------------------------------------------------------------------------
 
@@ -654,19 +701,46 @@ class Replicator:
 
 class _ServedTo:
     """The node as one peer's sync responder sees it: a project this node may not serve that
-    peer (a private mesh's, the peer not a member) is not hosted here."""
+    peer (a private mesh's, the peer not a member) is not hosted here, and neither are that
+    project's records, unless the session's project reaches them (work it merged)."""
 
     def __init__(self, service: NodeService, peer_id: str) -> None:
         self._service = service
         self._peer_id = peer_id
+        # The session's project (binary CID) and set, once the peer has named a project
+        # this node serves it.
+        self._project = b""
+        self._index: ReconcileIndex | None = None
+        # Whether each project (binary CID) met in the session may be served to the peer:
+        # one entry per project the wanted records belong to, a handful.
+        self._verdicts: dict[bytes, bool] = {}
 
     async def sync_index(self, project: CID) -> ReconcileIndex | None:
         if not await self._service.may_serve(project, self._peer_id):
             return None
-        return await self._service.sync_index(project)
+        self._index = await self._service.sync_index(project)
+        self._project = project.raw
+        return self._index
 
     async def sync_records(self, cids: Sequence[CID]) -> dict[CID, bytes]:
-        return await self._service.sync_records(cids)
+        """The wanted records this node holds, but not a record of a project the peer may
+        not be served (a private mesh's) outside the session's set: a record's CID is no
+        key to a private mesh's work. Inside the set, such a record is work the session's
+        project merged, which it publishes. Only records of other projects than the
+        session's are looked at, which the store tells apart: a catch-up pays next to nothing."""
+
+        def read(store: Store) -> tuple[dict[CID, bytes], dict[CID, bytes]]:
+            return store.get_record_bytes_in(cids, self._project)
+
+        found, others = await self._service.db(read)
+        for cid, owner in others.items():
+            verdict = self._verdicts.get(owner)
+            if verdict is None:
+                verdict = await self._service.may_serve(CID(owner), self._peer_id)
+                self._verdicts[owner] = verdict
+            if not verdict and (self._index is None or cid.raw not in self._index):
+                del found[cid]
+        return found
 
     async def sync_prepare(self, count: int) -> None:
         await self._service.sync_prepare(count)
@@ -724,6 +798,42 @@ def wanted_blocks(
             raw.update(ref.cid for ref in FileManifest.decode(data).blocks)
     store.blocks.claim(project.raw, raw)
     return sorted(raw - store.has_blocks(raw))
+
+
+def merged_work(store: Store, project: CID, parents: Iterable[CID]) -> list[CID]:
+    """The records of private meshes' projects that a record of `project` naming `parents`
+    merges: those parents that belong to another project whose genesis names a private
+    mesh, and the stored records they reach without entering `project`'s own records.
+    Empty for a record that names only its own project's records (nearly all of them), or
+    merges only public work, whose blocks are served to anyone already.
+
+    (A private fork's history ends in the records of the project it forked, where the walk
+    stops; a private project of its own is walked to its genesis.)
+    """
+    foreign = [
+        (parent, owner)
+        for parent, owner in store.record_projects(parents).items()
+        if owner != project
+    ]
+    if not foreign:
+        return []
+    private: dict[CID, bool] = {}
+    start: set[bytes] = set()
+    for parent, owner in foreign:
+        if owner not in private:
+            genesis = store.get_record(owner)
+            private[owner] = (
+                genesis is not None
+                and isinstance(genesis.body, Project)
+                and genesis.body.mesh is not None
+            )
+        if private[owner]:
+            start.add(parent.raw)
+    if not start:
+        return []
+    own = {cid.raw for cid in store.project_cids(project)}
+    found, _ = store.reach(start, own.__contains__)
+    return [CID(raw) for raw in found]
 
 
 class MeshNetwork:

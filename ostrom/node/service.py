@@ -499,7 +499,9 @@ class NodeService:
         A block stored for a public project, or for no project this node knows of (its own
         uploads and imports), is served to anyone; a block stored only for private meshes'
         projects, only to their members. (A block shared by a public and a private project
-        is public: anyone holding the public project's records may ask for it.)
+        is public: anyone holding the public project's records may ask for it. Work a
+        public project merged from a private one is attributed to the public project too,
+        by the replicator: docs/PROTOCOL.md 11.5.)
         """
         withheld: set[CID] = set()
         verdicts: dict[bytes, bool] = {}

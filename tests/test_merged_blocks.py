@@ -1,0 +1,131 @@
+"""Work of a private mesh's project merged into a public project is the public project's:
+its records and blocks go to whoever may have the public project, while the private
+project's work that nothing public merged still goes to the mesh's members only."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ostrom.crypto.cid import CID
+from ostrom.datadir import DataDir
+from ostrom.node.replication import Replicator, _ServedTo, topic_of
+from ostrom.node.service import NodeService
+from ostrom.node.store import Store
+from ostrom.protocol.records import Contribution, Policy, Project, SignedRecord, sign
+from tests.dagfactory import World, identity
+
+STEWARD, MEMBER, STRANGER = identity("steward"), identity("member"), identity("stranger")
+
+
+class _Mesh:
+    """The replicator's mesh, as far as these tests reach: what it publishes is dropped."""
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        pass
+
+
+@dataclass
+class Merge:
+    """A public project that merged one contribution of a private project but not the next."""
+
+    replicator: Replicator
+    public: SignedRecord
+    private: SignedRecord
+    merged: SignedRecord  # the private contribution the merge names
+    unmerged: SignedRecord  # its child, which nothing public names
+    merge: SignedRecord  # the public project's contribution naming `merged` as a parent
+
+    @property
+    def service(self) -> NodeService:
+        return self.replicator.service
+
+    def changeset(self, record: SignedRecord) -> CID:
+        assert isinstance(record.body, Contribution)
+        (link,) = record.body.changes
+        return link
+
+
+@pytest.fixture
+async def merge(tmp_path: Path) -> AsyncIterator[Merge]:
+    with Store.open(tmp_path / "store.sqlite") as store:
+        service = NodeService(STEWARD, store, DataDir(tmp_path))
+        mesh = await service.meshes.create("workshop", "private")
+        await service.meshes.set_membership(mesh.cid, MEMBER.public_key, "admit")
+        world = World()
+        public = world.genesis(STEWARD, name="benches")
+        head = world.contribute(STEWARD, public, [public], {"README": "benches"})
+        body = Project(
+            author=STEWARD.public_key,
+            ts=world.tick(),
+            name="jigs",
+            license="MIT",
+            policy=Policy(maintainers=(STEWARD.public_key,)),
+            mesh=mesh.cid,
+        )
+        private = sign(body, STEWARD)
+        merged = world.contribute(STEWARD, private, [private], {"jig.txt": "a jig"})
+        unmerged = world.contribute(STEWARD, private, [merged], {"secret.txt": "not yet"})
+        merge = world.contribute(STEWARD, public, [head, merged], {"NOTES": "merged a jig"})
+        await service.store_new([public, head, private, merged, unmerged], "sync")
+        # Each project's changesets, fetched for it (the private ones for the private one).
+        for project, records in ((public, [head, merge]), (private, [merged, unmerged])):
+            links = [link for r in records for link in r.body.changes]  # type: ignore[union-attr]
+            blocks = [(link, world.changeset(link).encode()) for link in links]
+            await service.blocks_put(blocks, project.cid, pinned=True)
+        yield Merge(
+            Replicator(service, _Mesh()),  # type: ignore[arg-type]
+            public,
+            private,
+            merged,
+            unmerged,
+            merge,
+        )
+
+
+async def _given(merge: Merge, peer: str) -> set[CID]:
+    """Which of the private project's changesets the node gives `peer`."""
+    cids = [merge.changeset(merge.merged), merge.changeset(merge.unmerged)]
+    return set(await merge.service.blocks_get(cids, peer))
+
+
+async def test_a_gossiped_merge_makes_the_merged_work_s_blocks_public(merge: Merge) -> None:
+    assert await _given(merge, STRANGER.peer_id) == set()
+    await merge.replicator._gossip_received(
+        topic_of(merge.public.cid), merge.merge.data, MEMBER.peer_id
+    )
+    await merge.replicator._store_gossip([merge.replicator._gossip_queue.receive_nowait()])
+    assert await _given(merge, STRANGER.peer_id) == {merge.changeset(merge.merged)}
+    assert await _given(merge, MEMBER.peer_id) == {
+        merge.changeset(merge.merged),
+        merge.changeset(merge.unmerged),
+    }
+
+
+async def test_a_merge_made_here_makes_the_merged_work_s_blocks_public(merge: Merge) -> None:
+    merge.service.record_listeners.append(merge.replicator._records_stored)
+    await merge.service.store_new([merge.merge], "local")
+    merge.replicator._send_publish.close()
+    await merge.replicator._run_publishing()
+    assert await _given(merge, STRANGER.peer_id) == {merge.changeset(merge.merged)}
+
+
+async def test_a_merge_is_served_with_the_public_project_and_the_rest_is_not(
+    merge: Merge,
+) -> None:
+    await merge.service.store_new([merge.merge], "sync")
+    stranger = _ServedTo(merge.service, STRANGER.peer_id)
+    assert await stranger.sync_index(merge.private.cid) is None
+    index = await stranger.sync_index(merge.public.cid)
+    assert index is not None
+    # The public project's set holds the merged work, and only that of the private project.
+    assert merge.merged.cid.raw in index and merge.private.cid.raw in index
+    assert merge.unmerged.cid.raw not in index
+    wanted = [merge.merge.cid, merge.merged.cid, merge.unmerged.cid]
+    assert set(await stranger.sync_records(wanted)) == {merge.merge.cid, merge.merged.cid}
+    member = _ServedTo(merge.service, MEMBER.peer_id)
+    await member.sync_index(merge.public.cid)
+    assert set(await member.sync_records(wanted)) == set(wanted)

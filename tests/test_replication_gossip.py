@@ -1,0 +1,77 @@
+"""What the replicator does with a gossiped record whose parents are missing: it asks the peer
+that sent it for a sync of the project it follows and got the record for."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from ostrom.crypto.cid import CID
+from ostrom.datadir import DataDir
+from ostrom.node.replication import Replicator, topic_of
+from ostrom.node.service import NodeService
+from ostrom.node.store import Store
+from tests.dagfactory import World, identity
+
+ALICE, BOB = identity("alice"), identity("bob")
+PEER = identity("peer").peer_id
+
+
+class _NoMesh:
+    """The replicator's mesh, for tests that hand it gossip directly: nothing is sent."""
+
+
+@pytest.fixture
+def replicator(tmp_path: Path) -> Iterator[Replicator]:
+    with Store.open(tmp_path / "store.sqlite") as store:
+        service = NodeService(identity("node"), store, DataDir(tmp_path))
+        yield Replicator(service, _NoMesh())  # type: ignore[arg-type]
+
+
+async def _gossip(replicator: Replicator, topic_project: CID, data: bytes) -> list[CID]:
+    """Hand `data` to the replicator as gossip on `topic_project`'s topic, store it, and
+    return the projects it then asked the sender to sync."""
+    await replicator._gossip_received(topic_of(topic_project), data, PEER)
+    await replicator._store_gossip([replicator._gossip_queue.receive_nowait()])
+    asked = []
+    while True:
+        try:
+            peer, project = replicator._sync_requests.receive_nowait()
+        except trio.WouldBlock:
+            return asked
+        assert peer == PEER
+        asked.append(project)
+
+
+async def test_a_fork_genesis_gossiped_ahead_of_its_parents_syncs_the_followed_project(
+    replicator: Replicator,
+) -> None:
+    world = World()
+    upstream = world.genesis(ALICE, name="upstream")
+    head = world.contribute(ALICE, upstream, [upstream], {"a.txt": "a"})
+    fork = world.fork(BOB, upstream, [head])
+    # This node follows the upstream project and holds its genesis, not yet `head`.
+    await replicator.service.store_new([upstream], "sync")
+
+    asked = await _gossip(replicator, upstream.cid, fork.data)
+    # The upstream's set holds the missing head; the fork this node does not follow.
+    assert asked == [upstream.cid]
+    assert await replicator.service.db(lambda store: store.get_record(fork.cid)) is not None
+
+
+async def test_a_record_gossiped_ahead_of_its_parents_syncs_its_own_project(
+    replicator: Replicator,
+) -> None:
+    world = World()
+    project = world.genesis(ALICE)
+    first = world.contribute(ALICE, project, [project], {"a.txt": "a"})
+    second = world.contribute(ALICE, project, [first], {"b.txt": "b"})
+    await replicator.service.store_new([project], "sync")
+    assert await _gossip(replicator, project.cid, second.data) == [project.cid]
+    # With its parents here, nothing is asked for.
+    await replicator.service.store_new([first], "sync")
+    third = world.contribute(ALICE, project, [second], {"c.txt": "c"})
+    assert await _gossip(replicator, project.cid, third.data) == []
