@@ -76,7 +76,7 @@ from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
-from libp2p.custom_types import TProtocol
+from libp2p.custom_types import MessageID, TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.discovery.mdns.mdns import MDNSDiscovery
 from libp2p.exceptions import BaseLibp2pError, ParseError
@@ -94,11 +94,15 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as MESHSUB_11
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.pubsub import Pubsub, ValidationResult
 from libp2p.pubsub.subscription import TrioSubscriptionAPI
+from libp2p.pubsub.utils import safe_bytes_from_hex
+from libp2p.pubsub.validators import signature_validator
 from libp2p.rcmgr import Direction
+from libp2p.security.noise.io import NoiseTransportReadWriter
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
@@ -222,11 +226,21 @@ _SENDER_RECORD_RECHECK_S: Final = 600.0
 # Verified peer records remembered per host; past this the memory is dropped and rebuilt
 # (a node has at most 1,000 peers, see MeshConfig.max_peers).
 _SENDER_RECORD_CACHE: Final = 1024
+# New gossip messages being validated and relayed at once, at most. py-libp2p starts a task
+# per message without a bound; under the load of a 20-node mesh a relay has a few dozen in
+# flight. Past this bound a new message is dropped: its topic's sync brings it.
+_MAX_RELAYS: Final = 1024
 # Queued gossip RPCs are written together up to about this many bytes: one Yamux frame
 # (64 KiB at most) and one Noise frame carry them.
 _RPC_BATCH_BYTES: Final = 60 * 1024
 # Read size on pubsub streams: what Yamux has buffered, up to one frame.
 _RPC_READ_BYTES: Final = 64 * 1024
+# Read size on a connection's socket once Noise is set up: what the kernel holds, up to one
+# Noise message at its largest (2 + 65535 bytes), so that a burst of small frames costs one
+# socket read instead of two per frame.
+_NOISE_READ_BYTES: Final = 64 * 1024
+# The length prefix of a Noise transport message (big-endian, as py-libp2p frames them).
+_NOISE_LENGTH_BYTES: Final = 2
 
 # --- public types --------------------------------------------------------------------------------
 
@@ -586,6 +600,8 @@ _verify_sender_record = libp2p_pubsub_utils.maybe_consume_signed_record
 _PUBSUB_SEND_LOOP: Final = Pubsub.handle_sending_messages
 _PUBSUB_READ_RPC: Final = libp2p_varint.read_varint_prefixed_bytes_limited
 _YAMUX_WINDOW_UPDATE: Final = YamuxStream._auto_tune_and_send_window_update
+_NOISE_READ_MSG: Final = NoiseTransportReadWriter.read_msg
+_YAMUX_READ_DATA_BODY: Final = Yamux._read_data_body
 # host -> (reuse until, envelope bytes)
 _issued_records: weakref.WeakKeyDictionary[IHost, tuple[float, bytes]] = weakref.WeakKeyDictionary()
 # host -> {peer -> (trust until, envelope bytes)}
@@ -731,6 +747,68 @@ async def _read_rpc(reader: Any, max_length: int) -> bytes:
     return data
 
 
+# Below Yamux, py-libp2p reads each Noise message from the socket with two reads (its 2-byte
+# length, then its body), each a trio socket call behind a lock; a relay receives one Noise
+# message per Yamux frame, most of them small. `_read_noise_msg` reads the socket in chunks
+# into a buffer of its own per connection and cuts the messages out of it. The buffer is
+# keyed by the raw connection, and only the transport phase reads through it: the handshake
+# keeps py-libp2p's exact reads, so no byte it did not consume can be held back from it, and
+# after the handshake nothing but this reader reads the raw connection.
+#
+# Yamux then reads each DATA frame's body under its own timeout (a cancel scope per frame),
+# although the body came in the same Noise message as its header and is already decrypted
+# and buffered in the secure session; `_read_buffered_data_body` takes it from there, and
+# keeps the timed read for a body that is not (yet) all buffered.
+
+_noise_read_buffers: weakref.WeakKeyDictionary[object, bytearray] = weakref.WeakKeyDictionary()
+
+
+async def _read_noise_msg(self: NoiseTransportReadWriter, prefix_encoded: bool = False) -> bytes:
+    """`BaseNoiseMsgReadWriter.read_msg` for transport messages, reading ahead in chunks.
+
+    Raises what the original raises: `IncompleteReadError` when the connection ends before
+    a whole message (with nothing received: a clean close), and the decryption's errors.
+    """
+    if prefix_encoded:
+        return await _NOISE_READ_MSG(self, prefix_encoded)
+    raw = self.read_writer.read_write_closer
+    buf = _noise_read_buffers.get(raw)
+    if buf is None:
+        buf = _noise_read_buffers[raw] = bytearray()
+    while len(buf) < _NOISE_LENGTH_BYTES:
+        chunk = await raw.read(_NOISE_READ_BYTES)
+        if not chunk:
+            raise IncompleteReadError(
+                f"Connection closed during read operation: expected {_NOISE_LENGTH_BYTES} "
+                f"bytes but received {len(buf)} bytes",
+                expected_bytes=_NOISE_LENGTH_BYTES,
+                received_bytes=len(buf),
+            )
+        buf += chunk
+    end = _NOISE_LENGTH_BYTES + int.from_bytes(buf[:_NOISE_LENGTH_BYTES], "big")
+    while len(buf) < end:
+        chunk = await raw.read(max(_NOISE_READ_BYTES, end - len(buf)))
+        if not chunk:
+            raise IncompleteReadError(
+                f"Connection closed during read operation: expected {end} bytes but "
+                f"received {len(buf)} bytes",
+                expected_bytes=end - _NOISE_LENGTH_BYTES,
+                received_bytes=len(buf) - _NOISE_LENGTH_BYTES,
+            )
+        buf += chunk
+    encrypted = bytes(buf[_NOISE_LENGTH_BYTES:end])
+    del buf[:end]
+    return self.decrypt(encrypted)
+
+
+async def _read_buffered_data_body(self: Yamux, length: int) -> bytes:
+    """`Yamux._read_data_body`, without a timeout when the body is already buffered."""
+    conn = self.secured_conn
+    if isinstance(conn, SecureSession) and conn.high_watermark - conn.low_watermark >= length:
+        return conn._drain(length)
+    return await _YAMUX_READ_DATA_BODY(self, length)
+
+
 # py-libp2p's Yamux reads its PY_YAMUX_* tuning variables from the environment on every
 # frame (several `os.getenv` calls per read and write, a few percent of a relay's CPU).
 # They are read once here: a daemon's environment does not change while it runs.
@@ -784,6 +862,8 @@ def _patch_py_libp2p() -> None:
         _window_update_at_half,
     )
     _replace(Pubsub, "handle_sending_messages", _PUBSUB_SEND_LOOP, _send_queued_rpcs)
+    _replace(NoiseTransportReadWriter, "read_msg", _NOISE_READ_MSG, _read_noise_msg)
+    _replace(Yamux, "_read_data_body", _YAMUX_READ_DATA_BODY, _read_buffered_data_body)
     _replace(libp2p_yamux, "_py_yamux_env", _YAMUX_ENV, _yamux_env)
     _replace(libp2p_yamux, "_py_yamux_env_set", _YAMUX_ENV_SET, _yamux_env_set)
     _replace(libp2p_pubsub, "read_varint_prefixed_bytes_limited", _PUBSUB_READ_RPC, _read_rpc)
@@ -896,9 +976,14 @@ class Mesh:
         self._filter_topic_subscriptions()
         # Ids of gossip messages being validated (bounded by py-libp2p's concurrent validations).
         self._validating: set[bytes] = set()
+        # Ids of new gossip messages whose validation and relay task has started (at most
+        # `_MAX_RELAYS`; see `_drop_known_messages_early`).
+        self._relaying: set[bytes] = set()
         self._drop_known_messages_early()
         self._publish_to_enough_peers()
         self._gossip_to_all_but_mesh()
+        self._relay_received_messages()
+        self._read_ihave_ids_directly()
 
     def _end_inbound_handlers_on_close(self) -> None:
         """End each inbound connection's handler task when its connection closes.
@@ -1126,6 +1211,14 @@ class Mesh:
             for pid, conns in list(self._swarm.connections.items())
             if conns and pid.to_base58() in self._reported
         ]
+
+    def peer_count(self) -> int:
+        """How many peers `peers` lists (a status poll's figure, without their addresses)."""
+        return sum(
+            1
+            for pid, conns in list(self._swarm.connections.items())
+            if conns and pid.to_base58() in self._reported
+        )
 
     def set_max_peers(self, max_peers: int) -> None:
         """Change `MeshConfig.max_peers` at run time; it applies to new connections (peers
@@ -1421,27 +1514,55 @@ class Mesh:
         router.handle_graft = filtered_graft  # type: ignore[method-assign]
 
     def _drop_known_messages_early(self) -> None:
-        """Drop a gossip copy already seen or being validated before py-libp2p spends a task.
+        """Drop a gossip copy already seen or being validated in the read loop, and start
+        the task that validates and relays a new one in the mesh's nursery.
 
         For each message of a subscribed topic in an RPC, py-libp2p's read loop starts a
-        service task (`push_msg`; the anyio service manager walks its task tree for each),
-        and only that task looks at the seen-cache. With each record arriving about once
-        per mesh peer, most of those tasks were for duplicates. The read loop asks
-        `_is_subscribed_to_msg` first (its only caller), so that answer also says "new".
-        (An instance attribute; tests/test_mesh.py checks the read loop still asks it.)
+        service task (`push_msg`; the anyio service manager walks its task tree for each,
+        a few percent of a relay's CPU), and only that task looks at the seen-cache. With
+        each record arriving about once per mesh peer, most of those tasks were for
+        duplicates. The read loop asks `_is_subscribed_to_msg` first (its only caller), so
+        that answer also says "new"; and, knowing from a context variable which peer the
+        loop reads, it starts `push_msg` itself (a plain trio task) and answers "no", so
+        that py-libp2p starts nothing. At most `_MAX_RELAYS` such tasks run at once; a new
+        message past that is dropped (sync brings it). (Instance attributes; tests/test_mesh.py
+        checks the read loop still asks it and that the tasks are bounded.)
         """
         pubsub = self._pubsub
         topic_ids = pubsub.topic_ids
         seen = pubsub.seen_messages
         validating = self._validating
+        relaying = self._relaying
+        read_loop = pubsub.continuously_read_stream
+
+        async def read_and_say_who(stream: INetStream) -> None:
+            _reading_from.set(stream.muxed_conn.peer_id)
+            await read_loop(stream)
+
+        async def push(forwarder: ID, msg: rpc_pb2.Message, mid: bytes) -> None:
+            try:
+                await pubsub.push_msg(forwarder, msg)
+            finally:
+                relaying.discard(mid)
 
         def subscribed_and_new(msg: rpc_pb2.Message) -> bool:
             if not any(topic in topic_ids for topic in msg.topicIDs):
                 return False
             mid = _content_message_id(msg)
-            return mid not in validating and not seen.has(mid)
+            if mid in validating or mid in relaying or seen.has(mid):
+                return False
+            forwarder = _reading_from.get()
+            if forwarder is None or self._nursery is None:
+                return True  # not from a read loop we know: py-libp2p's own task
+            if len(relaying) >= _MAX_RELAYS:
+                log.debug("%d gossip messages in validation; one more dropped", len(relaying))
+                return False
+            relaying.add(mid)
+            self._nursery.start_soon(push, forwarder, msg, mid)
+            return False
 
         pubsub._is_subscribed_to_msg = subscribed_and_new  # type: ignore[method-assign]
+        pubsub.continuously_read_stream = read_and_say_who  # type: ignore[method-assign]
 
     def _publish_to_enough_peers(self) -> None:
         """Send a message this node publishes to `_PUBLISH_MIN_RECIPIENTS` peers at least.
@@ -1511,6 +1632,178 @@ class Mesh:
 
         router.gossip_heartbeat = gossip_all_but_mesh  # type: ignore[method-assign]
 
+    def _relay_received_messages(self) -> None:
+        """Validate and relay a message received from a peer along a shorter path.
+
+        py-libp2p's `push_msg` and `GossipSub.publish` do for each new message what a relay
+        pays for per copy: the message id computed four times, a nursery, a task and a
+        cancel scope around the one validator, a validation cache kept in a list it scans
+        (O(n) per message), the message handed to the subscription channel (whose drain
+        task wakes only to discard it: the validator is where Ostrom reads it), per mesh
+        peer a copy of the RPC and a run of the splitter, and for every connected peer an
+        origin peer id built again. Here a message from a peer is checked in the same
+        order with the same outcome: blacklists, seen, the message signature, the topic
+        validators (under py-libp2p's semaphore and timeout; a failure is cached, so that
+        copies of an invalid message are refused without running the validators again),
+        seen, own-message check, message cache, then one RPC sent to each mesh peer except
+        the forwarder and origin, and kept for peers still being identified as py-libp2p
+        does. Anything else (our own messages, fan-out topics, peer scoring or spam
+        protection turned on, a peer with control messages waiting) takes py-libp2p's path.
+        (An instance attribute; tests/test_mesh.py checks the read loop still calls it.)
+        """
+        pubsub, router = self._pubsub, self._gossipsub
+        push_msg = pubsub.push_msg
+        me = pubsub.my_id
+        me_bytes = me.to_bytes()
+        seen = pubsub.seen_messages
+        blacklisted = pubsub.blacklisted_peers
+        cache = pubsub.validation_cache
+        params = router.scorer.params if router.scorer is not None else None
+        scoring_off = params is None or (
+            params.publish_threshold == -math.inf
+            and params.gossip_threshold == -math.inf
+            and params.graylist_threshold == -math.inf
+        )
+
+        async def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            """The topic validators' verdict, False on a timeout or an error."""
+            # Synchronous validators first, as py-libp2p runs them.
+            validators = sorted(pubsub.get_msg_validators(msg), key=lambda v: v.is_async)
+            verdict = True
+            with trio.move_on_after(pubsub.validation_timeout):
+                async with pubsub._validator_semaphore:
+                    for one in validators:
+                        if one.is_async:
+                            passed = await cast(Any, one.validator)(forwarder, msg)
+                        else:
+                            passed = one.validator(forwarder, msg)
+                        if not passed:
+                            verdict = False
+                            break
+                return verdict
+            return False
+
+        async def push_received(forwarder: ID, msg: rpc_pb2.Message) -> None:
+            if (
+                forwarder == me
+                or not scoring_off
+                or router.spam_protection_enabled
+                or not all(topic in router.mesh for topic in msg.topicIDs)
+            ):
+                await push_msg(forwarder, msg)
+                return
+            if blacklisted and (forwarder in blacklisted or ID(msg.from_id) in blacklisted):
+                return
+            mid = _content_message_id(msg)
+            if seen.has(mid):
+                return
+            if pubsub.strict_signing and not signature_validator(msg):
+                return
+            cached = cache.get(mid)
+            if cached is None:
+                try:
+                    valid = await validate(forwarder, msg)
+                except Exception:
+                    log.exception("gossip validation failed; message dropped")
+                    valid = False
+                if not valid:
+                    cache.put(mid, ValidationResult(is_valid=False, timestamp=time.time()))
+                    return
+                if mid in cache.cache:  # a copy refused while this one was being validated
+                    cache.put(mid, ValidationResult(is_valid=True, timestamp=time.time()))
+            elif not cached.is_valid:
+                return
+            seen.add(mid)
+            if router.scorer is not None:
+                for topic in msg.topicIDs:
+                    router.scorer.on_first_delivery(forwarder, topic)
+            if msg.from_id == me_bytes:
+                return  # claims to be ours, but came from a peer
+            if not router._check_equivocation(msg):
+                return
+            router.mcache.put(msg)
+            self._send_to_mesh(forwarder, msg, mid)
+
+        pubsub.push_msg = push_received  # type: ignore[method-assign,assignment]
+
+    def _send_to_mesh(self, forwarder: ID, msg: rpc_pb2.Message, mid: bytes) -> None:
+        """`GossipSub.publish` for a validated message of subscribed topics (see
+        `_relay_received_messages`): one RPC, queued to each mesh peer but the forwarder
+        and the origin, and kept for connected peers whose subscription is not known yet."""
+        pubsub, router = self._pubsub, self._gossipsub
+        origin = ID(msg.from_id)
+        rpc = rpc_pb2.RPC(publish=[msg])
+        rpc.senderRecord = _sender_record_to_send(pubsub.host)[0]
+        size = rpc.ByteSize()
+        send_to: set[ID] = set()
+        for topic in msg.topicIDs:
+            if topic in pubsub.peer_topics:
+                send_to.update(router.direct_peers)
+                send_to.update(router.mesh[topic])
+        skipped = {forwarder, origin}
+        send_to -= skipped
+        # Set operations between sets reuse the hashes they hold (ID hashes in Python).
+        send_to &= pubsub.peers.keys()
+        unwanted = router.dont_send_message_ids
+        pending_control = router._pending_control
+        for peer in send_to:
+            if unwanted and mid in unwanted.get(peer, ()):
+                continue
+            queue = pubsub.peer_queues.get(peer)
+            if queue is None:
+                continue
+            if (pending_control and peer in pending_control) or size > queue.max_message_size:
+                router.send_rpc(peer, rpc)  # control to attach, or too large: py-libp2p's way
+            elif not queue.push(rpc):
+                router._handle_dropped_rpc(peer, rpc, "queue_full")
+        # Connected peers not known as subscribed and identified yet keep the message until
+        # they are (py-libp2p's identify-aware delivery); usually there are none.
+        now = time.time()
+        connected = set(pubsub.peers)
+        queued: set[ID] = set()
+        for topic in msg.topicIDs:
+            subscribed = pubsub.peer_topics.get(topic, set())
+            waiting = subscribed.difference(router.peer_protocol) | (connected - subscribed)
+            waiting -= skipped
+            waiting -= queued
+            waiting.difference_update(router.direct_peers)
+            for peer in waiting:
+                router._prune_pending_messages(peer)
+                router._pending_messages[peer].append((now, rpc))
+            queued |= waiting
+            router.time_since_last_publish[topic] = int(now)
+            router.recent_message_deliveries[topic].append(now)
+
+    def _read_ihave_ids_directly(self) -> None:
+        """Take the message ids of an IHAVE as they are when they are binary.
+
+        py-libp2p passes each id through `safe_bytes_from_hex`, which for a binary id (ours
+        are sha256 digests; go and js send binary ids too) first tries to decode it as ASCII
+        and fails with an exception: about 60 ids per IHAVE, several IHAVEs a second, a few
+        percent of a relay's CPU. An id with a byte over 0x7F is not ASCII, so that function
+        returns it unchanged; it is now used as it is, and only other ids go through that
+        function. The rest is py-libp2p's `handle_ihave`. (An instance attribute;
+        tests/test_mesh.py checks that the router's RPC handling calls it.)
+        """
+        router, pubsub = self._gossipsub, self._pubsub
+
+        async def handle_ihave(ihave_msg: rpc_pb2.ControlIHave, sender_peer_id: ID) -> None:
+            if not router._check_ihave_rate_limit(sender_peer_id, ihave_msg.topicID):
+                log.debug(
+                    "IHAVE rate limit exceeded for %s on %s", sender_peer_id, ihave_msg.topicID
+                )
+                return
+            seen = pubsub.seen_messages
+            wanted: list[MessageID] = []
+            for msg_id in ihave_msg.messageIDs:
+                mid = msg_id if not msg_id.isascii() else safe_bytes_from_hex(msg_id)
+                if mid is not None and not seen.has(mid):
+                    wanted.append(MessageID(mid))
+            if wanted:
+                await router.emit_iwant(wanted, sender_peer_id)
+
+        router.handle_ihave = handle_ihave  # type: ignore[method-assign]
+
     async def _pace(self) -> None:
         """Wait until every peer's outbound gossip queue has room.
 
@@ -1574,6 +1867,9 @@ async def _sweep_mdns(discovery: MDNSDiscovery) -> None:
         await trio.sleep(discovery.cleanup_interval)
         discovery.listener.cleanup_stale_entries(max_age=discovery.ttl * 2)
 
+
+# The peer whose pubsub stream the current task reads (set by the read loop's wrapper).
+_reading_from: ContextVar[ID | None] = ContextVar("_reading_from", default=None)
 
 # The cancel scope of the inbound-connection handler running in the current task.
 _inbound_scope: ContextVar[trio.CancelScope | None] = ContextVar("_inbound_scope", default=None)

@@ -692,6 +692,9 @@ class MeshNetwork:
             for p in self._mesh.peers()
         ]
 
+    def peer_count(self) -> int:
+        return self._mesh.peer_count()
+
     async def connect(self, addr: str) -> dict[str, object]:
         peer = await self._mesh.connect(addr)
         return {"peer_id": peer.peer_id, "addrs": list(peer.addrs)}

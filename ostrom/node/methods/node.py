@@ -47,7 +47,7 @@ async def node_status(node: NodeService, params: Params, conn: RpcConnection) ->
         },
         "subscribers": node.events.subscriber_count,
         "addresses": [] if node.network is None else node.network.addresses(),
-        "peers": 0 if node.network is None else len(node.network.peers()),
+        "peers": 0 if node.network is None else node.network.peer_count(),
         "transfers": node.transfers.running(),
         "limits": await _limits_view(node),
     }
@@ -74,7 +74,7 @@ async def _limits_view(node: NodeService) -> dict[str, Any]:
         },
         "max_peers": {
             "limit": node.limits.max_peers,
-            "used": 0 if node.network is None else len(node.network.peers()),
+            "used": 0 if node.network is None else node.network.peer_count(),
         },
     }
 
