@@ -490,7 +490,10 @@ class _ContentIdMessageCache(MessageCache):
     """
 
     def put(self, msg: rpc_pb2.Message) -> None:
-        mid = _content_message_id(msg)
+        self.put_with_id(msg, _content_message_id(msg))
+
+    def put_with_id(self, msg: rpc_pb2.Message, mid: bytes) -> None:
+        """`put`, for a message whose id the caller has already computed."""
         if mid in self.msgs:
             return
         self.msgs[mid] = msg
@@ -1721,7 +1724,11 @@ class Mesh:
                 return  # claims to be ours, but came from a peer
             if not router._check_equivocation(msg):
                 return
-            router.mcache.put(msg)
+            mcache = router.mcache
+            if isinstance(mcache, _ContentIdMessageCache):
+                mcache.put_with_id(msg, mid)
+            else:
+                mcache.put(msg)
             self._send_to_mesh(forwarder, msg, mid)
 
         pubsub.push_msg = push_received  # type: ignore[method-assign,assignment]
