@@ -32,8 +32,13 @@ workaround in one place:
   rule) instead of after every read, queued RPCs to a peer go out in one write, and pubsub
   streams are read in chunks instead of a byte at a time for each length prefix. A copy of a
   message already seen or being validated is dropped in the read loop, before py-libp2p
-  starts a task for it. Yamux's tuning variables are read from the environment once, not on
-  every frame, and a per-message list py-libp2p never trims is bounded.
+  starts a task for it; a new one is validated and relayed by a bounded task of the mesh's
+  own, along a shorter path than py-libp2p's `push_msg` and `GossipSub.publish` (same checks,
+  same order). Noise messages are read from the socket in chunks, a Yamux frame body already
+  buffered is taken without a timeout, a frame sent builds no debug line nobody prints, and
+  binary IHAVE ids skip a hex-decoding attempt. Yamux's tuning variables are read from the
+  environment once, not on every frame, and a per-message list py-libp2p never trims is
+  bounded.
 - Gossip degree D=3 (D_high 6), a node's own messages sent to D peers even when its mesh
   is smaller, IHAVE gossip to peers in back-off too, and a 10 s prune back-off (see the
   constants below for why).
@@ -605,6 +610,7 @@ _PUBSUB_READ_RPC: Final = libp2p_varint.read_varint_prefixed_bytes_limited
 _YAMUX_WINDOW_UPDATE: Final = YamuxStream._auto_tune_and_send_window_update
 _NOISE_READ_MSG: Final = NoiseTransportReadWriter.read_msg
 _YAMUX_READ_DATA_BODY: Final = Yamux._read_data_body
+_YAMUX_WRITE_FRAME: Final = Yamux._write_frame
 # host -> (reuse until, envelope bytes)
 _issued_records: weakref.WeakKeyDictionary[IHost, tuple[float, bytes]] = weakref.WeakKeyDictionary()
 # host -> {peer -> (trust until, envelope bytes)}
@@ -812,6 +818,22 @@ async def _read_buffered_data_body(self: Yamux, length: int) -> bytes:
     return await _YAMUX_READ_DATA_BODY(self, length)
 
 
+# Yamux's `_write_frame` builds a debug line for every frame it sends (the header unpacked,
+# flag names listed, an f-string formatted) before the logger decides not to print it.
+# `_write_frame_unlogged` writes the frame the same way (under the connection's write lock,
+# then a checkpoint) and leaves the line to py-libp2p when its logger prints debug.
+
+
+async def _write_frame_unlogged(self: Yamux, data: bytes) -> None:
+    """`Yamux._write_frame`, building its debug line only when it would be printed."""
+    if libp2p_yamux.logger.isEnabledFor(logging.DEBUG):
+        await _YAMUX_WRITE_FRAME(self, data)
+        return
+    async with self._write_lock:
+        await self.secured_conn.write(data)
+    await trio.lowlevel.checkpoint()
+
+
 # py-libp2p's Yamux reads its PY_YAMUX_* tuning variables from the environment on every
 # frame (several `os.getenv` calls per read and write, a few percent of a relay's CPU).
 # They are read once here: a daemon's environment does not change while it runs.
@@ -867,6 +889,7 @@ def _patch_py_libp2p() -> None:
     _replace(Pubsub, "handle_sending_messages", _PUBSUB_SEND_LOOP, _send_queued_rpcs)
     _replace(NoiseTransportReadWriter, "read_msg", _NOISE_READ_MSG, _read_noise_msg)
     _replace(Yamux, "_read_data_body", _YAMUX_READ_DATA_BODY, _read_buffered_data_body)
+    _replace(Yamux, "_write_frame", _YAMUX_WRITE_FRAME, _write_frame_unlogged)
     _replace(libp2p_yamux, "_py_yamux_env", _YAMUX_ENV, _yamux_env)
     _replace(libp2p_yamux, "_py_yamux_env_set", _YAMUX_ENV_SET, _yamux_env_set)
     _replace(libp2p_pubsub, "read_varint_prefixed_bytes_limited", _PUBSUB_READ_RPC, _read_rpc)
