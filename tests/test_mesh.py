@@ -679,6 +679,42 @@ async def test_noise_messages_are_cut_from_any_chunking() -> None:
     assert not cut_off.value.is_clean_close
 
 
+def test_message_signatures_are_checked_as_py_libp2p_checks_them() -> None:
+    # The relay keeps each origin's public key; the verdicts stay py-libp2p's.
+    m = mesh_module
+    key = m.Ed25519PrivateKey.from_bytes(os.urandom(32))
+    origin = m.ID.from_pubkey(key.get_public_key()).to_bytes()
+
+    def signed(data: bytes, topic: str = TOPIC) -> object:
+        msg = m.rpc_pb2.Message(data=data, topicIDs=[topic], from_id=origin, seqno=b"\0" * 8)
+        msg.signature = key.sign(m._PUBSUB_SIGNING_PREFIX + msg.SerializeToString())
+        return msg
+
+    good = signed(b"record")
+    other_data = signed(b"record")
+    other_data.data = b"forged"  # type: ignore[attr-defined]
+    other_topic = signed(b"record")
+    other_topic.topicIDs[0] = "elsewhere"  # type: ignore[attr-defined]
+    unsigned = m.rpc_pb2.Message(data=b"x", topicIDs=[TOPIC], from_id=origin, seqno=b"1")
+    short = signed(b"record")
+    short.signature = b"\1" * 10  # type: ignore[attr-defined]
+    stranger = signed(b"record")
+    stranger.from_id = m.ID.from_pubkey(  # type: ignore[attr-defined]
+        m.Ed25519PrivateKey.from_bytes(os.urandom(32)).get_public_key()
+    ).to_bytes()
+    for msg, verdict in [
+        (good, True),
+        (good, True),  # the origin's key now kept
+        (other_data, False),
+        (other_topic, False),
+        (unsigned, False),
+        (short, False),
+        (stranger, False),
+    ]:
+        assert m._message_signature_valid(msg) is verdict  # type: ignore[arg-type]
+        assert m.signature_validator(msg) is verdict  # type: ignore[arg-type]
+
+
 async def test_relay_tasks_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     # New messages are validated and relayed by tasks the read loop starts; past the bound
     # a new message is dropped (sync brings it), so a flood cannot start tasks without end.

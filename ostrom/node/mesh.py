@@ -102,7 +102,7 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub, ValidationResult
 from libp2p.pubsub.subscription import TrioSubscriptionAPI
 from libp2p.pubsub.utils import safe_bytes_from_hex
-from libp2p.pubsub.validators import signature_validator
+from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX, signature_validator
 from libp2p.rcmgr import Direction
 from libp2p.security.noise.io import NoiseTransportReadWriter
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -113,6 +113,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
 from libp2p.utils.varint import encode_uvarint
+from nacl.exceptions import CryptoError
 
 from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity
@@ -231,6 +232,9 @@ _SENDER_RECORD_RECHECK_S: Final = 600.0
 # Verified peer records remembered per host; past this the memory is dropped and rebuilt
 # (a node has at most 1,000 peers, see MeshConfig.max_peers).
 _SENDER_RECORD_CACHE: Final = 1024
+# Origins whose public key `_message_signature_valid` keeps, taken from their peer ids; past
+# this the memory is dropped and rebuilt (a mesh of a few hundred publishing nodes fits).
+_ORIGIN_KEYS_KEPT: Final = 1024
 # New gossip messages being validated and relayed at once, at most. py-libp2p starts a task
 # per message without a bound; under the load of a 20-node mesh a relay has a few dozen in
 # flight. Past this bound a new message is dropped: its topic's sync brings it.
@@ -240,6 +244,8 @@ _MAX_RELAYS: Final = 1024
 _RPC_BATCH_BYTES: Final = 60 * 1024
 # Read size on pubsub streams: what Yamux has buffered, up to one frame.
 _RPC_READ_BYTES: Final = 64 * 1024
+# What a pubsub message's signature covers before the message (py-libp2p's, go's and js's).
+_PUBSUB_SIGNING_PREFIX: Final = PUBSUB_SIGNING_PREFIX.encode()
 # Read size on a connection's socket once Noise is set up: what the kernel holds, up to one
 # Noise message at its largest (2 + 65535 bytes), so that a burst of small frames costs one
 # socket read instead of two per frame.
@@ -503,6 +509,41 @@ class _ContentIdMessageCache(MessageCache):
             return
         self.msgs[mid] = msg
         self.history[0].append(CacheEntry(mid, msg.topicIDs))
+
+
+# Public keys of message origins whose peer id embeds them (ed25519): from_id -> key.
+_origin_keys: dict[bytes, Any] = {}
+
+
+def _message_signature_valid(msg: rpc_pb2.Message) -> bool:
+    """py-libp2p's `signature_validator`, keeping the origin's public key.
+
+    For each message py-libp2p parses the origin's peer id, extracts the key embedded in it,
+    derives the peer id from that key again and compares: a few percent of a relay's CPU.
+    For an origin whose id embeds its key (ed25519, every Ostrom node) that outcome depends on
+    the id alone, so it is kept; the signature itself is checked on every message, over the
+    same bytes. Any other origin goes through `signature_validator`.
+    """
+    if msg.signature == b"":
+        return False
+    key = _origin_keys.get(msg.from_id)
+    if key is None:
+        sender = ID(msg.from_id)
+        key = sender.extract_public_key()
+        if key is None or ID.from_pubkey(key) != sender:
+            return signature_validator(msg)
+        if len(_origin_keys) >= _ORIGIN_KEYS_KEPT:
+            _origin_keys.clear()
+        _origin_keys[msg.from_id] = key
+    unsigned = rpc_pb2.Message(
+        data=msg.data, topicIDs=msg.topicIDs, from_id=msg.from_id, seqno=msg.seqno
+    )
+    try:
+        return bool(
+            key.verify(_PUBSUB_SIGNING_PREFIX + unsigned.SerializeToString(), msg.signature)
+        )
+    except (CryptoError, ValueError, TypeError, BaseLibp2pError):
+        return False
 
 
 class _Notifee(INotifee):
@@ -1723,7 +1764,7 @@ class Mesh:
             mid = _content_message_id(msg)
             if seen.has(mid):
                 return
-            if pubsub.strict_signing and not signature_validator(msg):
+            if pubsub.strict_signing and not _message_signature_valid(msg):
                 return
             cached = cache.get(mid)
             if cached is None:
