@@ -619,6 +619,7 @@ def test_py_libp2p_patches_are_installed() -> None:
     assert m.NoiseTransportReadWriter.read_msg is m._read_noise_msg
     assert m.Yamux._read_data_body is m._read_buffered_data_body
     assert m.Yamux._write_frame is m._write_frame_unlogged
+    assert m.Yamux.read_stream is m._read_stream_unlogged
     for module in (m.libp2p_pubsub, m.libp2p_gossipsub):
         assert module.env_to_send_in_RPC is m._sender_record_to_send
         assert module.maybe_consume_signed_record is m._consume_sender_record

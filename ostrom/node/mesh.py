@@ -35,10 +35,10 @@ workaround in one place:
   starts a task for it; a new one is validated and relayed by a bounded task of the mesh's
   own, along a shorter path than py-libp2p's `push_msg` and `GossipSub.publish` (same checks,
   same order). Noise messages are read from the socket in chunks, a Yamux frame body already
-  buffered is taken without a timeout, a frame sent builds no debug line nobody prints, and
-  binary IHAVE ids skip a hex-decoding attempt. Yamux's tuning variables are read from the
-  environment once, not on every frame, and a per-message list py-libp2p never trims is
-  bounded.
+  buffered is taken without a timeout, a frame sent or a stream read builds no debug line
+  nobody prints, binary IHAVE ids skip a hex-decoding attempt, and a message's origin key
+  is kept per peer id. Yamux's tuning variables are read from the environment once, not on
+  every frame, and a per-message list py-libp2p never trims is bounded.
 - Gossip degree D=3 (D_high 6), a node's own messages sent to D peers even when its mesh
   is smaller, IHAVE gossip to peers in back-off too, and a 10 s prune back-off (see the
   constants below for why).
@@ -108,6 +108,7 @@ from libp2p.security.noise.io import NoiseTransportReadWriter
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.security.secure_session import SecureSession
+from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
@@ -652,6 +653,7 @@ _YAMUX_WINDOW_UPDATE: Final = YamuxStream._auto_tune_and_send_window_update
 _NOISE_READ_MSG: Final = NoiseTransportReadWriter.read_msg
 _YAMUX_READ_DATA_BODY: Final = Yamux._read_data_body
 _YAMUX_WRITE_FRAME: Final = Yamux._write_frame
+_YAMUX_READ_STREAM: Final = Yamux.read_stream
 # host -> (reuse until, envelope bytes)
 _issued_records: weakref.WeakKeyDictionary[IHost, tuple[float, bytes]] = weakref.WeakKeyDictionary()
 # host -> {peer -> (trust until, envelope bytes)}
@@ -875,6 +877,53 @@ async def _write_frame_unlogged(self: Yamux, data: bytes) -> None:
     await trio.lowlevel.checkpoint()
 
 
+# Yamux's `read_stream`, which every stream read goes through, formats several debug lines
+# per call (the peer id among them) that are not printed; `_read_stream_unlogged` is the
+# same function without them, and leaves them to py-libp2p when its logger prints debug.
+
+
+async def _read_stream_unlogged(self: Yamux, stream_id: int, n: int | None = -1) -> bytes:
+    """`Yamux.read_stream`, building its debug lines only when they would be printed."""
+    if n is None:
+        n = -1
+    if libp2p_yamux.logger.isEnabledFor(logging.DEBUG):
+        return await _YAMUX_READ_STREAM(self, stream_id, n)
+    while True:
+        async with self.streams_lock:
+            if stream_id not in self.streams:
+                raise MuxedStreamEOF("Stream closed")
+            if self.event_shutting_down.is_set():
+                raise MuxedStreamEOF("Connection shut down")
+            stream = self.streams[stream_id]
+            buffer = self.stream_buffers.get(stream_id)
+            if buffer is None:
+                if stream.reset_received:
+                    raise MuxedStreamReset("Stream was reset")
+                raise MuxedStreamEOF("Stream buffer closed")
+            if buffer and (stream.recv_closed or not stream.reset_received):
+                if n == -1 or n >= len(buffer):
+                    data = bytes(buffer)
+                    buffer.clear()
+                else:
+                    data = bytes(buffer[:n])
+                    del buffer[:n]
+                if stream.closed:
+                    # Drained on a fully closed stream: py-libp2p reclaims it here.
+                    self._finalize_stream_locked(stream, fully_closed=True)
+                return data
+            if stream.reset_received:
+                raise MuxedStreamReset("Stream was reset")
+            if stream.recv_closed:
+                raise MuxedStreamEOF("Stream is closed for receiving")
+            if stream.closed:
+                raise MuxedStreamReset("Stream is reset or closed")
+        try:
+            await self.stream_events[stream_id].wait()
+            self.stream_events[stream_id] = trio.Event()
+        except KeyError:
+            raise MuxedStreamEOF("Stream was removed") from None
+
+
 # py-libp2p's Yamux reads its PY_YAMUX_* tuning variables from the environment on every
 # frame (several `os.getenv` calls per read and write, a few percent of a relay's CPU).
 # They are read once here: a daemon's environment does not change while it runs.
@@ -931,6 +980,7 @@ def _patch_py_libp2p() -> None:
     _replace(NoiseTransportReadWriter, "read_msg", _NOISE_READ_MSG, _read_noise_msg)
     _replace(Yamux, "_read_data_body", _YAMUX_READ_DATA_BODY, _read_buffered_data_body)
     _replace(Yamux, "_write_frame", _YAMUX_WRITE_FRAME, _write_frame_unlogged)
+    _replace(Yamux, "read_stream", _YAMUX_READ_STREAM, _read_stream_unlogged)
     _replace(libp2p_yamux, "_py_yamux_env", _YAMUX_ENV, _yamux_env)
     _replace(libp2p_yamux, "_py_yamux_env_set", _YAMUX_ENV_SET, _yamux_env_set)
     _replace(libp2p_pubsub, "read_varint_prefixed_bytes_limited", _PUBSUB_READ_RPC, _read_rpc)
