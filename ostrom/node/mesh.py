@@ -1764,8 +1764,10 @@ class Mesh:
         copies of an invalid message are refused without running the validators again),
         seen, own-message check, message cache, then one RPC sent to each mesh peer except
         the forwarder and origin, and kept for peers still being identified as py-libp2p
-        does. Anything else (our own messages, fan-out topics, peer scoring or spam
-        protection turned on, a peer with control messages waiting) takes py-libp2p's path.
+        does. The subscription channel is not handed the message (every subscription of
+        this mesh is drained unread: `subscribe`). Anything else (our own messages, fan-out
+        topics, peer scoring or spam protection turned on, a peer with control messages
+        waiting) takes py-libp2p's path.
         (An instance attribute; tests/test_mesh.py checks the read loop still calls it.)
         """
         pubsub, router = self._pubsub, self._gossipsub
