@@ -498,9 +498,19 @@ async def test_a_copy_of_a_message_already_seen_is_dropped_before_any_task() -> 
 
         b._pubsub._is_subscribed_to_msg = counting_check  # type: ignore[method-assign]
         b._pubsub.push_msg = counting_push  # type: ignore[method-assign]
+        manager_tasks = 0
+        run_task = b._pubsub.manager.run_task
+
+        def counting_run_task(fn: object, *args: object, **kwargs: object) -> None:
+            nonlocal manager_tasks
+            manager_tasks += fn is counting_push
+            run_task(fn, *args, **kwargs)  # type: ignore[arg-type]
+
+        b._pubsub.manager.run_task = counting_run_task  # type: ignore[method-assign]
         await a.publish(TOPIC, b"once")
         await wait_until(lambda: b"once" in got)
         assert (asked, pushed) == (1, 1)
+        assert manager_tasks == 0  # the mesh's own task validated it, not py-libp2p's
         # A sends B the same message again, as a second relay would.
         cached = [m for m in a._gossipsub.mcache.msgs.values() if m.data == b"once"]
         assert len(cached) == 1
@@ -622,6 +632,10 @@ def test_py_libp2p_patches_are_installed() -> None:
     assert m.YamuxStream._auto_tune_and_send_window_update is m._window_update_at_half
     assert m.libp2p_yamux._py_yamux_env is m._yamux_env
     assert m.libp2p_yamux._py_yamux_env_set is m._yamux_env_set
+    assert m.NoiseTransportReadWriter.read_msg is m._read_noise_msg
+    assert m.Yamux._read_data_body is m._read_buffered_data_body
+    assert m.Yamux._write_frame is m._write_frame_unlogged
+    assert m.Yamux.read_stream is m._read_stream_unlogged
     for module in (m.libp2p_pubsub, m.libp2p_gossipsub):
         assert module.env_to_send_in_RPC is m._sender_record_to_send
         assert module.maybe_consume_signed_record is m._consume_sender_record
@@ -651,6 +665,129 @@ async def test_pubsub_rpcs_are_cut_from_any_chunking() -> None:
         await mesh_module._read_rpc(_ChunkedReader([wire[:100]]), 1 << 20)
     with pytest.raises(mesh_module.ParseError):
         await mesh_module._read_rpc(_ChunkedReader([b"\xff" * 11]), 1 << 20)
+
+
+class _NoiseFramesReader:
+    """What `_read_noise_msg` reads through: a raw connection giving the wire in `chunks`,
+    and a "decryption" that marks what it was given."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.read_writer = self
+        self.read_write_closer = _ChunkedReader(chunks)
+
+    def decrypt(self, data: bytes) -> bytes:
+        return b"<" + data + b">"
+
+
+async def test_noise_messages_are_cut_from_any_chunking() -> None:
+    # The read-ahead below Yamux: whatever the socket reads return, each Noise message
+    # comes out whole and in order, and the connection's end is told apart from a cut.
+    bodies = [b"a" * 40, b"b", b"c" * 65535, b"d" * 300]
+    wire = b"".join(len(b).to_bytes(2, "big") + b for b in bodies)
+    for cut in (1, 2, 3, 1000, len(wire)):
+        reader = _NoiseFramesReader([wire[i : i + cut] for i in range(0, len(wire), cut)])
+        got = [await mesh_module._read_noise_msg(reader) for _ in bodies]  # type: ignore[arg-type]
+        assert got == [b"<" + b + b">" for b in bodies]
+        with pytest.raises(mesh_module.IncompleteReadError) as ended:
+            await mesh_module._read_noise_msg(reader)  # type: ignore[arg-type]
+        assert ended.value.is_clean_close
+    with pytest.raises(mesh_module.IncompleteReadError) as cut_off:
+        await mesh_module._read_noise_msg(_NoiseFramesReader([wire[:30]]))  # type: ignore[arg-type]
+    assert not cut_off.value.is_clean_close
+
+
+def test_message_signatures_are_checked_as_py_libp2p_checks_them() -> None:
+    # The relay keeps each origin's public key; the verdicts stay py-libp2p's.
+    m = mesh_module
+    key = m.Ed25519PrivateKey.from_bytes(os.urandom(32))
+    origin = m.ID.from_pubkey(key.get_public_key()).to_bytes()
+
+    def signed(data: bytes, topic: str = TOPIC) -> object:
+        msg = m.rpc_pb2.Message(data=data, topicIDs=[topic], from_id=origin, seqno=b"\0" * 8)
+        msg.signature = key.sign(m._PUBSUB_SIGNING_PREFIX + msg.SerializeToString())
+        return msg
+
+    good = signed(b"record")
+    other_data = signed(b"record")
+    other_data.data = b"forged"  # type: ignore[attr-defined]
+    other_topic = signed(b"record")
+    other_topic.topicIDs[0] = "elsewhere"  # type: ignore[attr-defined]
+    unsigned = m.rpc_pb2.Message(data=b"x", topicIDs=[TOPIC], from_id=origin, seqno=b"1")
+    short = signed(b"record")
+    short.signature = b"\1" * 10  # type: ignore[attr-defined]
+    stranger = signed(b"record")
+    stranger.from_id = m.ID.from_pubkey(  # type: ignore[attr-defined]
+        m.Ed25519PrivateKey.from_bytes(os.urandom(32)).get_public_key()
+    ).to_bytes()
+    for msg, verdict in [
+        (good, True),
+        (good, True),  # the origin's key now kept
+        (other_data, False),
+        (other_topic, False),
+        (unsigned, False),
+        (short, False),
+        (stranger, False),
+    ]:
+        assert m._message_signature_valid(msg) is verdict  # type: ignore[arg-type]
+        assert m.signature_validator(msg) is verdict  # type: ignore[arg-type]
+
+
+async def test_relay_tasks_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # New messages are validated and relayed by tasks the read loop starts; past the bound
+    # a new message is dropped (sync brings it), so a flood cannot start tasks without end.
+    monkeypatch.setattr(mesh_module, "_MAX_RELAYS", 2)
+    a, b = new_mesh(), new_mesh()
+    running_now = most = 0
+    release = trio.Event()
+    arrived: set[bytes] = set()
+
+    async def quiet(topic: str, data: bytes, sender: str) -> bool:
+        return True
+
+    async def held(topic: str, data: bytes, sender: str) -> bool:
+        nonlocal running_now, most
+        arrived.add(data)
+        if not data.startswith(b"held"):
+            return True
+        running_now += 1
+        most = max(most, running_now)
+        await release.wait()
+        running_now -= 1
+        return True
+
+    async with running(a, b):
+        await a.subscribe(TOPIC, quiet)
+        await b.subscribe(TOPIC, held)
+        with trio.fail_after(10):
+            await a.connect(b.advertised_addrs[0])
+        await publish_until(a, lambda: bool(arrived))
+        for n in range(10):
+            await a.publish(TOPIC, b"held %d" % n)
+        await wait_until(lambda: running_now == 2)
+        await trio.sleep(0.5)  # the other eight have arrived, and were dropped
+        assert most == 2 and len(b._relaying) == 2
+        release.set()
+        await wait_until(lambda: not b._relaying)
+
+
+async def test_ihave_asks_for_what_was_not_seen() -> None:
+    # IHAVE ids are taken as they are when binary; a legacy hex id is still decoded.
+    async with gossiping_pair() as (a, b, got):
+        await a.publish(TOPIC, b"known")
+        await wait_until(lambda: b"known" in got)
+        router = b._gossipsub
+        known = next(mid for mid, m in b._gossipsub.mcache.msgs.items() if m.data == b"known")
+        unknown = bytes([0xFF]) * 32
+        legacy = b"00ab"
+        asked: list[list[bytes]] = []
+
+        async def capture(ids: list[bytes], to_peer: object) -> None:
+            asked.append(list(ids))
+
+        router.emit_iwant = capture  # type: ignore[method-assign]
+        ihave = mesh_module.rpc_pb2.ControlIHave(topicID=TOPIC, messageIDs=[known, unknown, legacy])
+        await router.handle_ihave(ihave, mesh_module.ID.from_base58(a.peer_id))
+        assert asked == [[unknown, bytes.fromhex("00ab")]]
 
 
 async def test_copies_arriving_during_validation_are_validated_once() -> None:

@@ -32,7 +32,12 @@ workaround in one place:
   rule) instead of after every read, queued RPCs to a peer go out in one write, and pubsub
   streams are read in chunks instead of a byte at a time for each length prefix. A copy of a
   message already seen or being validated is dropped in the read loop, before py-libp2p
-  starts a task for it. Yamux's tuning variables are read from the environment once, not on
+  starts a task for it; a new one is validated and relayed by a bounded task of the mesh's
+  own, along a shorter path than py-libp2p's `push_msg` and `GossipSub.publish` (same checks,
+  same order). Noise messages are read from the socket in chunks, a Yamux frame body already
+  buffered is taken without a timeout, a frame sent or a stream read builds no debug line
+  nobody prints, binary IHAVE ids skip a hex-decoding attempt, and a message's origin key
+  is kept per peer id. Yamux's tuning variables are read from the environment once, not on
   every frame, and a per-message list py-libp2p never trims is bounded.
 - Gossip degree D=3 (D_high 6), a node's own messages sent to D peers even when its mesh
   is smaller, IHAVE gossip to peers in back-off too, and a 10 s prune back-off (see the
@@ -76,7 +81,7 @@ from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
-from libp2p.custom_types import TProtocol
+from libp2p.custom_types import MessageID, TProtocol
 from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.discovery.mdns.mdns import MDNSDiscovery
 from libp2p.exceptions import BaseLibp2pError, ParseError
@@ -94,16 +99,22 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as MESHSUB_11
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.mcache import CacheEntry, MessageCache
 from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.pubsub import Pubsub, ValidationResult
 from libp2p.pubsub.subscription import TrioSubscriptionAPI
+from libp2p.pubsub.utils import safe_bytes_from_hex
+from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX, signature_validator
 from libp2p.rcmgr import Direction
+from libp2p.security.noise.io import NoiseTransportReadWriter
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.security.secure_session import SecureSession
+from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
 from libp2p.utils.varint import encode_uvarint
+from nacl.exceptions import CryptoError
 
 from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity
@@ -227,11 +238,26 @@ _SENDER_RECORD_RECHECK_S: Final = 600.0
 # Verified peer records remembered per host; past this the memory is dropped and rebuilt
 # (a node has at most 1,000 peers, see MeshConfig.max_peers).
 _SENDER_RECORD_CACHE: Final = 1024
+# Origins whose public key `_message_signature_valid` keeps, taken from their peer ids; past
+# this the memory is dropped and rebuilt (a mesh of a few hundred publishing nodes fits).
+_ORIGIN_KEYS_KEPT: Final = 1024
+# New gossip messages being validated and relayed at once, at most. py-libp2p starts a task
+# per message without a bound; under the load of a 20-node mesh a relay has a few dozen in
+# flight. Past this bound a new message is dropped: its topic's sync brings it.
+_MAX_RELAYS: Final = 1024
 # Queued gossip RPCs are written together up to about this many bytes: one Yamux frame
 # (64 KiB at most) and one Noise frame carry them.
 _RPC_BATCH_BYTES: Final = 60 * 1024
 # Read size on pubsub streams: what Yamux has buffered, up to one frame.
 _RPC_READ_BYTES: Final = 64 * 1024
+# What a pubsub message's signature covers before the message (py-libp2p's, go's and js's).
+_PUBSUB_SIGNING_PREFIX: Final = PUBSUB_SIGNING_PREFIX.encode()
+# Read size on a connection's socket once Noise is set up: what the kernel holds, up to one
+# Noise message at its largest (2 + 65535 bytes), so that a burst of small frames costs one
+# socket read instead of two per frame.
+_NOISE_READ_BYTES: Final = 64 * 1024
+# The length prefix of a Noise transport message (big-endian, as py-libp2p frames them).
+_NOISE_LENGTH_BYTES: Final = 2
 
 # --- public types --------------------------------------------------------------------------------
 
@@ -481,11 +507,49 @@ class _ContentIdMessageCache(MessageCache):
     """
 
     def put(self, msg: rpc_pb2.Message) -> None:
-        mid = _content_message_id(msg)
+        self.put_with_id(msg, _content_message_id(msg))
+
+    def put_with_id(self, msg: rpc_pb2.Message, mid: bytes) -> None:
+        """`put`, for a message whose id the caller has already computed."""
         if mid in self.msgs:
             return
         self.msgs[mid] = msg
         self.history[0].append(CacheEntry(mid, msg.topicIDs))
+
+
+# Public keys of message origins whose peer id embeds them (ed25519): from_id -> key.
+_origin_keys: dict[bytes, Any] = {}
+
+
+def _message_signature_valid(msg: rpc_pb2.Message) -> bool:
+    """py-libp2p's `signature_validator`, keeping the origin's public key.
+
+    For each message py-libp2p parses the origin's peer id, extracts the key embedded in it,
+    derives the peer id from that key again and compares: a few percent of a relay's CPU.
+    For an origin whose id embeds its key (ed25519, every Ostrom node) that outcome depends on
+    the id alone, so it is kept; the signature itself is checked on every message, over the
+    same bytes. Any other origin goes through `signature_validator`.
+    """
+    if msg.signature == b"":
+        return False
+    key = _origin_keys.get(msg.from_id)
+    if key is None:
+        sender = ID(msg.from_id)
+        key = sender.extract_public_key()
+        if key is None or ID.from_pubkey(key) != sender:
+            return signature_validator(msg)
+        if len(_origin_keys) >= _ORIGIN_KEYS_KEPT:
+            _origin_keys.clear()
+        _origin_keys[msg.from_id] = key
+    unsigned = rpc_pb2.Message(
+        data=msg.data, topicIDs=msg.topicIDs, from_id=msg.from_id, seqno=msg.seqno
+    )
+    try:
+        return bool(
+            key.verify(_PUBSUB_SIGNING_PREFIX + unsigned.SerializeToString(), msg.signature)
+        )
+    except (CryptoError, ValueError, TypeError, BaseLibp2pError):
+        return False
 
 
 class _Notifee(INotifee):
@@ -591,6 +655,10 @@ _verify_sender_record = libp2p_pubsub_utils.maybe_consume_signed_record
 _PUBSUB_SEND_LOOP: Final = Pubsub.handle_sending_messages
 _PUBSUB_READ_RPC: Final = libp2p_varint.read_varint_prefixed_bytes_limited
 _YAMUX_WINDOW_UPDATE: Final = YamuxStream._auto_tune_and_send_window_update
+_NOISE_READ_MSG: Final = NoiseTransportReadWriter.read_msg
+_YAMUX_READ_DATA_BODY: Final = Yamux._read_data_body
+_YAMUX_WRITE_FRAME: Final = Yamux._write_frame
+_YAMUX_READ_STREAM: Final = Yamux.read_stream
 # host -> (reuse until, envelope bytes)
 _issued_records: weakref.WeakKeyDictionary[IHost, tuple[float, bytes]] = weakref.WeakKeyDictionary()
 # host -> {peer -> (trust until, envelope bytes)}
@@ -736,6 +804,131 @@ async def _read_rpc(reader: Any, max_length: int) -> bytes:
     return data
 
 
+# Below Yamux, py-libp2p reads each Noise message from the socket with two reads (its 2-byte
+# length, then its body), each a trio socket call behind a lock; a relay receives one Noise
+# message per Yamux frame, most of them small. `_read_noise_msg` reads the socket in chunks
+# into a buffer of its own per connection and cuts the messages out of it. The buffer is
+# keyed by the raw connection, and only the transport phase reads through it: the handshake
+# keeps py-libp2p's exact reads, so no byte it did not consume can be held back from it, and
+# after the handshake nothing but this reader reads the raw connection.
+#
+# Yamux then reads each DATA frame's body under its own timeout (a cancel scope per frame),
+# although the body came in the same Noise message as its header and is already decrypted
+# and buffered in the secure session; `_read_buffered_data_body` takes it from there, and
+# keeps the timed read for a body that is not (yet) all buffered.
+
+_noise_read_buffers: weakref.WeakKeyDictionary[object, bytearray] = weakref.WeakKeyDictionary()
+
+
+async def _read_noise_msg(self: NoiseTransportReadWriter, prefix_encoded: bool = False) -> bytes:
+    """`BaseNoiseMsgReadWriter.read_msg` for transport messages, reading ahead in chunks.
+
+    Raises what the original raises: `IncompleteReadError` when the connection ends before
+    a whole message (with nothing received: a clean close), and the decryption's errors.
+    """
+    if prefix_encoded:
+        return await _NOISE_READ_MSG(self, prefix_encoded)
+    raw = self.read_writer.read_write_closer
+    buf = _noise_read_buffers.get(raw)
+    if buf is None:
+        buf = _noise_read_buffers[raw] = bytearray()
+    while len(buf) < _NOISE_LENGTH_BYTES:
+        chunk = await raw.read(_NOISE_READ_BYTES)
+        if not chunk:
+            raise IncompleteReadError(
+                f"Connection closed during read operation: expected {_NOISE_LENGTH_BYTES} "
+                f"bytes but received {len(buf)} bytes",
+                expected_bytes=_NOISE_LENGTH_BYTES,
+                received_bytes=len(buf),
+            )
+        buf += chunk
+    end = _NOISE_LENGTH_BYTES + int.from_bytes(buf[:_NOISE_LENGTH_BYTES], "big")
+    while len(buf) < end:
+        chunk = await raw.read(max(_NOISE_READ_BYTES, end - len(buf)))
+        if not chunk:
+            raise IncompleteReadError(
+                f"Connection closed during read operation: expected {end} bytes but "
+                f"received {len(buf)} bytes",
+                expected_bytes=end - _NOISE_LENGTH_BYTES,
+                received_bytes=len(buf) - _NOISE_LENGTH_BYTES,
+            )
+        buf += chunk
+    encrypted = bytes(buf[_NOISE_LENGTH_BYTES:end])
+    del buf[:end]
+    return self.decrypt(encrypted)
+
+
+async def _read_buffered_data_body(self: Yamux, length: int) -> bytes:
+    """`Yamux._read_data_body`, without a timeout when the body is already buffered."""
+    conn = self.secured_conn
+    if isinstance(conn, SecureSession) and conn.high_watermark - conn.low_watermark >= length:
+        return conn._drain(length)
+    return await _YAMUX_READ_DATA_BODY(self, length)
+
+
+# Yamux's `_write_frame` builds a debug line for every frame it sends (the header unpacked,
+# flag names listed, an f-string formatted) before the logger decides not to print it.
+# `_write_frame_unlogged` writes the frame the same way (under the connection's write lock,
+# then a checkpoint) and leaves the line to py-libp2p when its logger prints debug.
+
+
+async def _write_frame_unlogged(self: Yamux, data: bytes) -> None:
+    """`Yamux._write_frame`, building its debug line only when it would be printed."""
+    if libp2p_yamux.logger.isEnabledFor(logging.DEBUG):
+        await _YAMUX_WRITE_FRAME(self, data)
+        return
+    async with self._write_lock:
+        await self.secured_conn.write(data)
+    await trio.lowlevel.checkpoint()
+
+
+# Yamux's `read_stream`, which every stream read goes through, formats several debug lines
+# per call (the peer id among them) that are not printed; `_read_stream_unlogged` is the
+# same function without them, and leaves them to py-libp2p when its logger prints debug.
+
+
+async def _read_stream_unlogged(self: Yamux, stream_id: int, n: int | None = -1) -> bytes:
+    """`Yamux.read_stream`, building its debug lines only when they would be printed."""
+    if n is None:
+        n = -1
+    if libp2p_yamux.logger.isEnabledFor(logging.DEBUG):
+        return await _YAMUX_READ_STREAM(self, stream_id, n)
+    while True:
+        async with self.streams_lock:
+            if stream_id not in self.streams:
+                raise MuxedStreamEOF("Stream closed")
+            if self.event_shutting_down.is_set():
+                raise MuxedStreamEOF("Connection shut down")
+            stream = self.streams[stream_id]
+            buffer = self.stream_buffers.get(stream_id)
+            if buffer is None:
+                if stream.reset_received:
+                    raise MuxedStreamReset("Stream was reset")
+                raise MuxedStreamEOF("Stream buffer closed")
+            if buffer and (stream.recv_closed or not stream.reset_received):
+                if n == -1 or n >= len(buffer):
+                    data = bytes(buffer)
+                    buffer.clear()
+                else:
+                    data = bytes(buffer[:n])
+                    del buffer[:n]
+                if stream.closed:
+                    # Drained on a fully closed stream: py-libp2p reclaims it here.
+                    self._finalize_stream_locked(stream, fully_closed=True)
+                return data
+            if stream.reset_received:
+                raise MuxedStreamReset("Stream was reset")
+            if stream.recv_closed:
+                raise MuxedStreamEOF("Stream is closed for receiving")
+            if stream.closed:
+                raise MuxedStreamReset("Stream is reset or closed")
+        try:
+            await self.stream_events[stream_id].wait()
+            self.stream_events[stream_id] = trio.Event()
+        except KeyError:
+            raise MuxedStreamEOF("Stream was removed") from None
+
+
 # py-libp2p's Yamux reads its PY_YAMUX_* tuning variables from the environment on every
 # frame (several `os.getenv` calls per read and write, a few percent of a relay's CPU).
 # They are read once here: a daemon's environment does not change while it runs.
@@ -789,6 +982,10 @@ def _patch_py_libp2p() -> None:
         _window_update_at_half,
     )
     _replace(Pubsub, "handle_sending_messages", _PUBSUB_SEND_LOOP, _send_queued_rpcs)
+    _replace(NoiseTransportReadWriter, "read_msg", _NOISE_READ_MSG, _read_noise_msg)
+    _replace(Yamux, "_read_data_body", _YAMUX_READ_DATA_BODY, _read_buffered_data_body)
+    _replace(Yamux, "_write_frame", _YAMUX_WRITE_FRAME, _write_frame_unlogged)
+    _replace(Yamux, "read_stream", _YAMUX_READ_STREAM, _read_stream_unlogged)
     _replace(libp2p_yamux, "_py_yamux_env", _YAMUX_ENV, _yamux_env)
     _replace(libp2p_yamux, "_py_yamux_env_set", _YAMUX_ENV_SET, _yamux_env_set)
     _replace(libp2p_pubsub, "read_varint_prefixed_bytes_limited", _PUBSUB_READ_RPC, _read_rpc)
@@ -901,9 +1098,14 @@ class Mesh:
         self._filter_topic_subscriptions()
         # Ids of gossip messages being validated (bounded by py-libp2p's concurrent validations).
         self._validating: set[bytes] = set()
+        # Ids of new gossip messages whose validation and relay task has started (at most
+        # `_MAX_RELAYS`; see `_drop_known_messages_early`).
+        self._relaying: set[bytes] = set()
         self._drop_known_messages_early()
         self._publish_to_enough_peers()
         self._gossip_to_all_but_mesh()
+        self._relay_received_messages()
+        self._read_ihave_ids_directly()
 
     def _end_inbound_handlers_on_close(self) -> None:
         """End each inbound connection's handler task when its connection closes.
@@ -1144,6 +1346,14 @@ class Mesh:
             for pid, conns in list(self._swarm.connections.items())
             if conns and pid.to_base58() in self._reported
         ]
+
+    def peer_count(self) -> int:
+        """How many peers `peers` lists (a status poll's figure, without their addresses)."""
+        return sum(
+            1
+            for pid, conns in list(self._swarm.connections.items())
+            if conns and pid.to_base58() in self._reported
+        )
 
     def set_max_peers(self, max_peers: int) -> None:
         """Change `MeshConfig.max_peers` at run time; it applies to new connections (peers
@@ -1439,27 +1649,55 @@ class Mesh:
         router.handle_graft = filtered_graft  # type: ignore[method-assign]
 
     def _drop_known_messages_early(self) -> None:
-        """Drop a gossip copy already seen or being validated before py-libp2p spends a task.
+        """Drop a gossip copy already seen or being validated in the read loop, and start
+        the task that validates and relays a new one in the mesh's nursery.
 
         For each message of a subscribed topic in an RPC, py-libp2p's read loop starts a
-        service task (`push_msg`; the anyio service manager walks its task tree for each),
-        and only that task looks at the seen-cache. With each record arriving about once
-        per mesh peer, most of those tasks were for duplicates. The read loop asks
-        `_is_subscribed_to_msg` first (its only caller), so that answer also says "new".
-        (An instance attribute; tests/test_mesh.py checks the read loop still asks it.)
+        service task (`push_msg`; the anyio service manager walks its task tree for each,
+        a few percent of a relay's CPU), and only that task looks at the seen-cache. With
+        each record arriving about once per mesh peer, most of those tasks were for
+        duplicates. The read loop asks `_is_subscribed_to_msg` first (its only caller), so
+        that answer also says "new"; and, knowing from a context variable which peer the
+        loop reads, it starts `push_msg` itself (a plain trio task) and answers "no", so
+        that py-libp2p starts nothing. At most `_MAX_RELAYS` such tasks run at once; a new
+        message past that is dropped (sync brings it). (Instance attributes; tests/test_mesh.py
+        checks the read loop still asks it and that the tasks are bounded.)
         """
         pubsub = self._pubsub
         topic_ids = pubsub.topic_ids
         seen = pubsub.seen_messages
         validating = self._validating
+        relaying = self._relaying
+        read_loop = pubsub.continuously_read_stream
+
+        async def read_and_say_who(stream: INetStream) -> None:
+            _reading_from.set(stream.muxed_conn.peer_id)
+            await read_loop(stream)
+
+        async def push(forwarder: ID, msg: rpc_pb2.Message, mid: bytes) -> None:
+            try:
+                await pubsub.push_msg(forwarder, msg)
+            finally:
+                relaying.discard(mid)
 
         def subscribed_and_new(msg: rpc_pb2.Message) -> bool:
             if not any(topic in topic_ids for topic in msg.topicIDs):
                 return False
             mid = _content_message_id(msg)
-            return mid not in validating and not seen.has(mid)
+            if mid in validating or mid in relaying or seen.has(mid):
+                return False
+            forwarder = _reading_from.get()
+            if forwarder is None or self._nursery is None:
+                return True  # not from a read loop we know: py-libp2p's own task
+            if len(relaying) >= _MAX_RELAYS:
+                log.debug("%d gossip messages in validation; one more dropped", len(relaying))
+                return False
+            relaying.add(mid)
+            self._nursery.start_soon(push, forwarder, msg, mid)
+            return False
 
         pubsub._is_subscribed_to_msg = subscribed_and_new  # type: ignore[method-assign]
+        pubsub.continuously_read_stream = read_and_say_who  # type: ignore[method-assign]
 
     def _publish_to_enough_peers(self) -> None:
         """Send a message this node publishes to `_PUBLISH_MIN_RECIPIENTS` peers at least.
@@ -1529,6 +1767,184 @@ class Mesh:
 
         router.gossip_heartbeat = gossip_all_but_mesh  # type: ignore[method-assign]
 
+    def _relay_received_messages(self) -> None:
+        """Validate and relay a message received from a peer along a shorter path.
+
+        py-libp2p's `push_msg` and `GossipSub.publish` do for each new message what a relay
+        pays for per copy: the message id computed four times, a nursery, a task and a
+        cancel scope around the one validator, a validation cache kept in a list it scans
+        (O(n) per message), the message handed to the subscription channel (whose drain
+        task wakes only to discard it: the validator is where Ostrom reads it), per mesh
+        peer a copy of the RPC and a run of the splitter, and for every connected peer an
+        origin peer id built again. Here a message from a peer is checked in the same
+        order with the same outcome: blacklists, seen, the message signature, the topic
+        validators (under py-libp2p's semaphore and timeout; a failure is cached, so that
+        copies of an invalid message are refused without running the validators again),
+        seen, own-message check, message cache, then one RPC sent to each mesh peer except
+        the forwarder and origin, and kept for peers still being identified as py-libp2p
+        does. The subscription channel is not handed the message (every subscription of
+        this mesh is drained unread: `subscribe`). Anything else (our own messages, fan-out
+        topics, peer scoring or spam protection turned on, a peer with control messages
+        waiting) takes py-libp2p's path.
+        (An instance attribute; tests/test_mesh.py checks the read loop still calls it.)
+        """
+        pubsub, router = self._pubsub, self._gossipsub
+        push_msg = pubsub.push_msg
+        me = pubsub.my_id
+        me_bytes = me.to_bytes()
+        seen = pubsub.seen_messages
+        blacklisted = pubsub.blacklisted_peers
+        cache = pubsub.validation_cache
+        params = router.scorer.params if router.scorer is not None else None
+        scoring_off = params is None or (
+            params.publish_threshold == -math.inf
+            and params.gossip_threshold == -math.inf
+            and params.graylist_threshold == -math.inf
+        )
+
+        async def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            """The topic validators' verdict, False on a timeout or an error."""
+            # Synchronous validators first, as py-libp2p runs them.
+            validators = sorted(pubsub.get_msg_validators(msg), key=lambda v: v.is_async)
+            verdict = True
+            with trio.move_on_after(pubsub.validation_timeout):
+                async with pubsub._validator_semaphore:
+                    for one in validators:
+                        if one.is_async:
+                            passed = await cast(Any, one.validator)(forwarder, msg)
+                        else:
+                            passed = one.validator(forwarder, msg)
+                        if not passed:
+                            verdict = False
+                            break
+                return verdict
+            return False
+
+        async def push_received(forwarder: ID, msg: rpc_pb2.Message) -> None:
+            if (
+                forwarder == me
+                or not scoring_off
+                or router.spam_protection_enabled
+                or not all(topic in router.mesh for topic in msg.topicIDs)
+            ):
+                await push_msg(forwarder, msg)
+                return
+            if blacklisted and (forwarder in blacklisted or ID(msg.from_id) in blacklisted):
+                return
+            mid = _content_message_id(msg)
+            if seen.has(mid):
+                return
+            if pubsub.strict_signing and not _message_signature_valid(msg):
+                return
+            cached = cache.get(mid)
+            if cached is None:
+                try:
+                    valid = await validate(forwarder, msg)
+                except Exception:
+                    log.exception("gossip validation failed; message dropped")
+                    valid = False
+                if not valid:
+                    cache.put(mid, ValidationResult(is_valid=False, timestamp=time.time()))
+                    return
+                if mid in cache.cache:  # a copy refused while this one was being validated
+                    cache.put(mid, ValidationResult(is_valid=True, timestamp=time.time()))
+            elif not cached.is_valid:
+                return
+            seen.add(mid)
+            if router.scorer is not None:
+                for topic in msg.topicIDs:
+                    router.scorer.on_first_delivery(forwarder, topic)
+            if msg.from_id == me_bytes:
+                return  # claims to be ours, but came from a peer
+            if not router._check_equivocation(msg):
+                return
+            mcache = router.mcache
+            if isinstance(mcache, _ContentIdMessageCache):
+                mcache.put_with_id(msg, mid)
+            else:
+                mcache.put(msg)
+            self._send_to_mesh(forwarder, msg, mid)
+
+        pubsub.push_msg = push_received  # type: ignore[method-assign,assignment]
+
+    def _send_to_mesh(self, forwarder: ID, msg: rpc_pb2.Message, mid: bytes) -> None:
+        """`GossipSub.publish` for a validated message of subscribed topics (see
+        `_relay_received_messages`): one RPC, queued to each mesh peer but the forwarder
+        and the origin, and kept for connected peers whose subscription is not known yet."""
+        pubsub, router = self._pubsub, self._gossipsub
+        origin = ID(msg.from_id)
+        rpc = rpc_pb2.RPC(publish=[msg])
+        rpc.senderRecord = _sender_record_to_send(pubsub.host)[0]
+        size = rpc.ByteSize()
+        send_to: set[ID] = set()
+        for topic in msg.topicIDs:
+            if topic in pubsub.peer_topics:
+                send_to.update(router.direct_peers)
+                send_to.update(router.mesh[topic])
+        skipped = {forwarder, origin}
+        send_to -= skipped
+        # Set operations between sets reuse the hashes they hold (ID hashes in Python).
+        send_to &= pubsub.peers.keys()
+        unwanted = router.dont_send_message_ids
+        pending_control = router._pending_control
+        for peer in send_to:
+            if unwanted and mid in unwanted.get(peer, ()):
+                continue
+            queue = pubsub.peer_queues.get(peer)
+            if queue is None:
+                continue
+            if (pending_control and peer in pending_control) or size > queue.max_message_size:
+                router.send_rpc(peer, rpc)  # control to attach, or too large: py-libp2p's way
+            elif not queue.push(rpc):
+                router._handle_dropped_rpc(peer, rpc, "queue_full")
+        # Connected peers not known as subscribed and identified yet keep the message until
+        # they are (py-libp2p's identify-aware delivery); usually there are none.
+        now = time.time()
+        connected = set(pubsub.peers)
+        queued: set[ID] = set()
+        for topic in msg.topicIDs:
+            subscribed = pubsub.peer_topics.get(topic, set())
+            waiting = subscribed.difference(router.peer_protocol) | (connected - subscribed)
+            waiting -= skipped
+            waiting -= queued
+            waiting.difference_update(router.direct_peers)
+            for peer in waiting:
+                router._prune_pending_messages(peer)
+                router._pending_messages[peer].append((now, rpc))
+            queued |= waiting
+            router.time_since_last_publish[topic] = int(now)
+            router.recent_message_deliveries[topic].append(now)
+
+    def _read_ihave_ids_directly(self) -> None:
+        """Take the message ids of an IHAVE as they are when they are binary.
+
+        py-libp2p passes each id through `safe_bytes_from_hex`, which for a binary id (ours
+        are sha256 digests; go and js send binary ids too) first tries to decode it as ASCII
+        and fails with an exception: about 60 ids per IHAVE, several IHAVEs a second, a few
+        percent of a relay's CPU. An id with a byte over 0x7F is not ASCII, so that function
+        returns it unchanged; it is now used as it is, and only other ids go through that
+        function. The rest is py-libp2p's `handle_ihave`. (An instance attribute;
+        tests/test_mesh.py checks that the router's RPC handling calls it.)
+        """
+        router, pubsub = self._gossipsub, self._pubsub
+
+        async def handle_ihave(ihave_msg: rpc_pb2.ControlIHave, sender_peer_id: ID) -> None:
+            if not router._check_ihave_rate_limit(sender_peer_id, ihave_msg.topicID):
+                log.debug(
+                    "IHAVE rate limit exceeded for %s on %s", sender_peer_id, ihave_msg.topicID
+                )
+                return
+            seen = pubsub.seen_messages
+            wanted: list[MessageID] = []
+            for msg_id in ihave_msg.messageIDs:
+                mid = msg_id if not msg_id.isascii() else safe_bytes_from_hex(msg_id)
+                if mid is not None and not seen.has(mid):
+                    wanted.append(MessageID(mid))
+            if wanted:
+                await router.emit_iwant(wanted, sender_peer_id)
+
+        router.handle_ihave = handle_ihave  # type: ignore[method-assign]
+
     async def _pace(self) -> None:
         """Wait until every peer's outbound gossip queue has room.
 
@@ -1592,6 +2008,9 @@ async def _sweep_mdns(discovery: MDNSDiscovery) -> None:
         await trio.sleep(discovery.cleanup_interval)
         discovery.listener.cleanup_stale_entries(max_age=discovery.ttl * 2)
 
+
+# The peer whose pubsub stream the current task reads (set by the read loop's wrapper).
+_reading_from: ContextVar[ID | None] = ContextVar("_reading_from", default=None)
 
 # The cancel scope of the inbound-connection handler running in the current task.
 _inbound_scope: ContextVar[trio.CancelScope | None] = ContextVar("_inbound_scope", default=None)

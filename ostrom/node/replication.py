@@ -15,6 +15,7 @@ or blocks protocol, is disconnected with the reason.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import AsyncIterator, Collection, Iterable, Sequence
@@ -90,6 +91,9 @@ GOSSIP_INLINE_BYTES: Final = 8192
 # Verified gossip waiting to be stored. Each was already relayed; one that does not fit is
 # left to the periodic sync (`SYNC_INTERVAL_S`).
 GOSSIP_STORE_QUEUE: Final = 1024
+# Project topics `topic_of` remembers: more than the projects a node follows, and a few
+# hundred bytes each.
+TOPICS_REMEMBERED: Final = 1024
 # Gossiped records stored in one transaction at most: a burst costs one write, not one each.
 GOSSIP_STORE_BATCH: Final = 256
 
@@ -143,7 +147,10 @@ class _Completion:
 _Gossiped = tuple[SignedRecord, str, CID]
 
 
+@functools.lru_cache(maxsize=TOPICS_REMEMBERED)
 def topic_of(project: CID) -> str:
+    """The gossip topic of `project`; remembered, since every gossiped record checks its
+    topic and a CID's base32 text costs more than decoding the record's CBOR."""
     return f"{TOPIC_PREFIX}{project}"
 
 
@@ -862,6 +869,9 @@ class MeshNetwork:
             }
             for p in self._mesh.peers()
         ]
+
+    def peer_count(self) -> int:
+        return self._mesh.peer_count()
 
     async def connect(self, addr: str) -> dict[str, object]:
         peer = await self._mesh.connect(addr)

@@ -134,6 +134,9 @@ class Network(Protocol):
 
     def peers(self) -> list[dict[str, Any]]: ...
 
+    def peer_count(self) -> int:
+        """How many peers `peers` would list, without building their views."""
+
     async def connect(self, addr: str) -> dict[str, Any]: ...
 
     async def follow(self, project: CID) -> None: ...

@@ -29,7 +29,9 @@ async def node_id(node: NodeService, params: Params, conn: RpcConnection) -> Any
 @method("node.status")
 async def node_status(node: NodeService, params: Params, conn: RpcConnection) -> Any:
     params.done()
-    stats = await node.db(lambda store: store.stats())
+    # One trip to the store thread for both (a status poll is frequent: scripts and the
+    # gossip benchmark ask several times a second).
+    stats, usage = await node.db(lambda store: (store.stats(), _usage(store)))
     return {
         "version": __version__,
         "peer_id": node.identity.peer_id,
@@ -47,19 +49,28 @@ async def node_status(node: NodeService, params: Params, conn: RpcConnection) ->
         },
         "subscribers": node.events.subscriber_count,
         "addresses": [] if node.network is None else node.network.addresses(),
-        "peers": 0 if node.network is None else len(node.network.peers()),
+        "peers": 0 if node.network is None else node.network.peer_count(),
         "transfers": node.transfers.running(),
-        "limits": await _limits_view(node),
+        "limits": _limits_of(node, usage),
     }
+
+
+_Usage = tuple[int, int, tuple[bytes, int] | None]
+
+
+def _usage(store: Store) -> _Usage:
+    """What the limits' view reads from the store: its size, the evictable block bytes, and
+    the project holding the most block bytes."""
+    return store.size_bytes(), store.blocks.usage()[2], store.blocks.largest_project()
 
 
 async def _limits_view(node: NodeService) -> dict[str, Any]:
     """Each limit beside what the node uses of it (0: no limit)."""
+    return _limits_of(node, await node.db(_usage))
 
-    def use(store: Store) -> tuple[int, int, tuple[bytes, int] | None]:
-        return store.size_bytes(), store.blocks.usage()[2], store.blocks.largest_project()
 
-    used, evictable, largest = await node.db(use)
+def _limits_of(node: NodeService, usage: _Usage) -> dict[str, Any]:
+    used, evictable, largest = usage
     rates = node.bandwidth.view()
     return {
         "upload_rate": {"limit": node.limits.upload_rate, **rates["upload"]},
@@ -74,7 +85,7 @@ async def _limits_view(node: NodeService) -> dict[str, Any]:
         },
         "max_peers": {
             "limit": node.limits.max_peers,
-            "used": 0 if node.network is None else len(node.network.peers()),
+            "used": 0 if node.network is None else node.network.peer_count(),
         },
     }
 
