@@ -924,9 +924,12 @@ async def _read_stream_unlogged(self: Yamux, stream_id: int, n: int | None = -1)
                 raise MuxedStreamReset("Stream is reset or closed")
         try:
             await self.stream_events[stream_id].wait()
-            self.stream_events[stream_id] = trio.Event()
         except KeyError:
             raise MuxedStreamEOF("Stream was removed") from None
+        # Armed again only for a stream still open: py-libp2p's reader also put one back for
+        # a stream removed while it waited, which nothing would ever remove.
+        if stream_id in self.streams:
+            self.stream_events[stream_id] = trio.Event()
 
 
 # py-libp2p's Yamux reads its PY_YAMUX_* tuning variables from the environment on every
