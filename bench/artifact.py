@@ -39,8 +39,9 @@ from ostrom.errors import OstromError
 # The raw stream's write size: what the brief fixes for the ceiling.
 WRITE_BYTES = 1 << 20
 RAW_PROTOCOL = "/ostrom-bench/raw/1.0.0"
-# CPU seconds the receiving side of each raw stream measurement used.
+# CPU seconds the receiving side of each raw stream measurement used, and the sending side.
 RAW_CPU: list[float] = []
+RAW_CPU_SENDER: list[float] = []
 # Status polling while a fetch runs, besides a check after each fetch that ends (its
 # `blocks.done` event): a status call costs the daemon a few milliseconds of CPU, which
 # polling every 50 ms took from the fetch it measured.
@@ -159,16 +160,20 @@ def raw_stream_mb_s(size: int) -> float:
     try:
         assert holder.stdout is not None
         addr = holder.stdout.readline().strip()
+        before = cpu_s(holder.pid)
         elapsed = trio.run(_raw_fetch, addr, size)
+        RAW_CPU_SENDER.append(cpu_s(holder.pid) - before)
         return size / elapsed / 1e6
     finally:
         holder.terminate()
         holder.wait(20)
 
 
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) process `pid` has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_s(pid: int, tid: int | None = None) -> float:
+    """CPU seconds (user + system) process `pid`, or its thread `tid`, has used so far
+    (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -225,10 +230,15 @@ def fetch_mb_s(
         time.sleep(0.3)
         profiles.start(home.name, {"b": b, **{f"a{i}": h for i, h in enumerate(holders)}})
         cpu_before = [cpu_s(d.proc.pid) for d in (b, *holders)]
+        main_before = [cpu_s(d.proc.pid, d.proc.pid) for d in (b, *holders)]
         start = time.perf_counter()
         b.client.follow(project)
         elapsed = (time.perf_counter() - start) + wait_bytes(b, target, timeout, ended)
         profiles.stop()
+        main = [
+            cpu_s(d.proc.pid, d.proc.pid) - before
+            for d, before in zip((b, *holders), main_before, strict=True)
+        ]
         cpu = [
             after - before
             for after, before in zip(
@@ -243,6 +253,9 @@ def fetch_mb_s(
             # CPU seconds the fetching daemon and the holders used from `follow` to the end:
             # what the machine's load does not change much, unlike MB/s.
             "cpu_s_fetcher": round(cpu[0], 2),
+            # Of these, the main (trio) threads': the rest is SQLite, hashing and the hand-offs.
+            "cpu_s_fetcher_main": round(main[0], 2),
+            "cpu_s_holders_main": round(sum(main[1:]), 2),
             "cpu_s_holders": round(sum(cpu[1:]), 2),
             # Sum over B's `blocks.done` events: above the artifact's size means the
             # same blocks were downloaded more than once.
@@ -288,6 +301,7 @@ def run(size: int, workdir: Path, timeout: float, profiles: Profiles) -> dict[st
     return {
         "raw_stream_mb_s": [round(raw, 1), round(raw_after, 1)],
         "raw_stream_cpu_s_receiver": [round(c, 2) for c in RAW_CPU],
+        "raw_stream_cpu_s_sender": [round(c, 2) for c in RAW_CPU_SENDER],
         "one_peer": one,
         "three_peers": three,
         "contribute_into_a_s": round(contribute_s, 2),
