@@ -76,10 +76,11 @@ OWN: Final = b""
 # per call, so this writes about once per 256 blocks read, a small cost beside reading them.
 TOUCH_FLUSH: Final = 256
 # Pages the write-ahead log may hold before the writing connection checkpoints it by itself,
-# inside a commit: 8192 pages of 64 KiB are 512 MiB. A fetch syncs (and checkpoints from its
-# own connection) at least every 256 MiB, so this bounds the log only for writers that never
-# call `sync`, and rarely makes one of them wait for a copy.
-WAL_AUTOCHECKPOINT_PAGES: Final = 8192
+# inside a commit: 4096 pages of 64 KiB are 256 MiB. A fetch's `sync` (every 64 MiB) has by
+# then copied most of the log, so this checkpoint copies only the rest; it is what lets the
+# log start again from its beginning during a long fetch (a checkpoint that runs beside the
+# writes never catches up with them), and bounds the log for writers that never `sync`.
+WAL_AUTOCHECKPOINT_PAGES: Final = 4096
 # Bytes of log file kept once a checkpoint has emptied it: the next writes reuse them instead
 # of growing the file from nothing, and a log that once grew large does not stay large.
 WAL_KEEP_BYTES: Final = 64 * 1024 * 1024

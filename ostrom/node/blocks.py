@@ -61,11 +61,12 @@ STORE_QUEUE_BLOCKS: Final = 32
 STORE_BATCH_BLOCKS: Final = 16
 STORE_GATHER_S: Final = 0.05
 # A fetch syncs the blocks it stored at least this often (seconds) and every this many bytes,
-# besides once at its end: a power loss loses at most about this much of a fetch, and a
-# sync's cost is mostly per byte, so syncing more often would cost little more. 256 MiB
-# also bounds the store's write-ahead log (see `ostrom.node.blockdb`).
+# besides once at its end: a power loss loses at most about this much of a fetch. A sync's
+# cost is mostly per byte, so syncing often costs little more, and it runs beside the
+# storing; what it leaves is what the final sync waits for: 64 MiB is a fraction of a second
+# of disk writes.
 SYNC_INTERVAL_S: Final = 5.0
-SYNC_BYTES: Final = 256 * 1024 * 1024
+SYNC_BYTES: Final = 64 * 1024 * 1024
 # Blocks a server reads from its store per read, and writes to the stream in one write:
 # small enough that the first block leaves soon after the want arrives (and a write holds at
 # most 8 MiB), large enough that reads and writes are few.
