@@ -127,6 +127,7 @@ async def test_every_block_arrives_verified_and_stored_in_few_transactions() -> 
     assert (result.fetched, result.missing, result.bytes) == (len(data), 0, 1000 * len(data))
     assert ours.blocks == {c: d for c, d in zip(cids, data, strict=True)}
     assert ours.transactions < len(data)
+    assert ours.synced == len(data)  # on disk by the time the fetch returns
     assert peers.sent == {"a": len(data)}
 
 

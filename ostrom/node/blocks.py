@@ -13,10 +13,10 @@ before it writes any of a batch. What a peer lacks goes back to the queue for th
 Everything stored stays stored, so an interrupted fetch resumes where it stopped: the next
 fetch asks only for what is still missing.
 
-Fetched blocks are committed without waiting for the disk: the fetch syncs the store every
-`SYNC_INTERVAL_S` or `SYNC_BYTES`, beside the storing (which goes on meanwhile), and once at
-its end, before `run` returns. A power loss in between can only lose blocks, which the next
-completion fetches again (see `ostrom.node.blockdb`).
+Fetched blocks are committed without waiting for the disk; the fetch syncs the store once, at
+its end, before `run` returns (and the store syncs by itself as its log grows). A power loss
+before then can only lose blocks, which the next completion fetches again (see
+`ostrom.node.blockdb`).
 """
 
 from __future__ import annotations
@@ -60,13 +60,6 @@ STORE_QUEUE_BLOCKS: Final = 32
 # asked for has arrived.
 STORE_BATCH_BLOCKS: Final = 16
 STORE_GATHER_S: Final = 0.05
-# A fetch syncs the blocks it stored at least this often (seconds) and every this many bytes,
-# besides once at its end: a power loss loses at most about this much of a fetch. A sync's
-# cost is mostly per byte, so syncing often costs little more, and it runs beside the
-# storing; what it leaves is what the final sync waits for: 64 MiB is a fraction of a second
-# of disk writes.
-SYNC_INTERVAL_S: Final = 5.0
-SYNC_BYTES: Final = 64 * 1024 * 1024
 # Blocks a server reads from its store per read, and writes to the stream in one write:
 # small enough that the first block leaves soon after the want arrives (and a write holds at
 # most 8 MiB), large enough that reads and writes are few.
@@ -195,10 +188,6 @@ class BlockFetch:
             STORE_QUEUE_BLOCKS
         )
         self.result = FetchResult()
-        # Bytes stored since the last sync began, when it began, and whether one is running.
-        self._unsynced = 0
-        self._last_sync = trio.current_time()
-        self._syncing = False
 
     def add_peer(self, peer: str) -> None:
         """Fetch from `peer` too, if the fetch is running and has room for another peer."""
@@ -317,15 +306,9 @@ class BlockFetch:
     # --- storing -------------------------------------------------------------------------------
 
     async def _store_arrivals(self) -> None:
-        """Store blocks as they arrive: everything queued so far, in one transaction; sync
-        the store when one is due, on a task of its own (at most one at a time)."""
-        async with self._store_receive, trio.open_nursery() as syncs:
+        """Store blocks as they arrive: everything queued so far, in one transaction."""
+        async with self._store_receive:
             async for first in self._store_receive:
-                if not self._syncing and self._sync_due():
-                    self._syncing = True
-                    self._unsynced = 0
-                    self._last_sync = trio.current_time()
-                    syncs.start_soon(self._sync)
                 batch = [first]
                 with trio.move_on_after(STORE_GATHER_S):
                     while len(batch) < min(STORE_BATCH_BLOCKS, self._unsettled):
@@ -351,24 +334,10 @@ class BlockFetch:
                         except BlockMismatch as exc:
                             await self._refuse(peer, arrivals, exc.message)
 
-    def _sync_due(self) -> bool:
-        if not self._unsynced:
-            return False
-        elapsed = trio.current_time() - self._last_sync
-        return self._unsynced >= SYNC_BYTES or elapsed >= SYNC_INTERVAL_S
-
-    async def _sync(self) -> None:
-        try:
-            await self._store.blocks_sync()
-        finally:
-            self._syncing = False
-
     async def _put(self, arrivals: Sequence[tuple[str, CID, bytes]]) -> None:
         await self._store.blocks_put([(cid, data) for _, cid, data in arrivals])
-        stored = sum(len(data) for _, _, data in arrivals)
         self.result.fetched += len(arrivals)
-        self.result.bytes += stored
-        self._unsynced += stored
+        self.result.bytes += sum(len(data) for _, _, data in arrivals)
         if self._progress is not None:
             for _, _, data in arrivals:
                 self._progress(len(data))
