@@ -29,11 +29,11 @@ before one: the log is one sequence, and syncing it at a durable commit syncs ev
 before that commit too. Whatever survives is still checked against its CID on every read.
 
 Checkpoints: `sync` checkpoints on a connection of its own, so that it holds up no other
-call to the store (the caller's lock is not needed). A checkpoint that runs beside a fetch's
-writes was measured to cost the fetching node more CPU (with three peers, 0.8 s more per
-256 MiB) than the writing connection's own checkpoints, which run between two commits, so
-fetches sync only at their end. Each block is written twice (log, then database): a copy of
-about 0.2 CPU s per 256 MiB, in exchange for no disk sync per batch.
+call to the store (the caller's lock is not needed). Fetches call it only at their end:
+checkpoints running beside a fetch's writes never let the log start again (they cannot catch
+up with the writer), and the writer's own checkpoint every 256 MiB already bounds what a
+power loss can take. Each block is written twice (log, then database): a copy of about 0.2
+CPU s per 256 MiB, in exchange for no disk sync per batch.
 
 Keeping: each block is attributed to the projects it was stored for (`block_projects`).
 An attribution is *pinned* when the block is kept for that project: a project followed in
