@@ -11,12 +11,18 @@ follows it in full; MB/s is the file size over the time from `follow` until B's
 export) and a fresh B bootstrapped to all three.
 
     python -m bench.artifact [--mib 256] [--out bench/results/artifact.json]
+                             [--profile DIR [--py-spy PATH]]
+
+`--profile DIR` samples the fetching daemon and every holder with py-spy while each fetch
+runs, and writes their collapsed stacks (`b1-b.txt`, `b1-a0.txt`, `b3-b.txt`, ...) there;
+the figures of a profiled run are not comparable with the others.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -33,12 +39,59 @@ from ostrom.errors import OstromError
 # The raw stream's write size: what the brief fixes for the ceiling.
 WRITE_BYTES = 1 << 20
 RAW_PROTOCOL = "/ostrom-bench/raw/1.0.0"
-# CPU seconds the receiving side of each raw stream measurement used.
+# CPU seconds the receiving side of each raw stream measurement used, and the sending side.
 RAW_CPU: list[float] = []
+RAW_CPU_SENDER: list[float] = []
 # Status polling while a fetch runs, besides a check after each fetch that ends (its
 # `blocks.done` event): a status call costs the daemon a few milliseconds of CPU, which
 # polling every 50 ms took from the fetch it measured.
 POLL_S = 1.0
+# Samples per second py-spy takes when profiling (its default is 100): fewer samples cost the
+# profiled daemons less, and a fetch of a few seconds still yields a few hundred per thread.
+PROFILE_RATE = 100
+
+
+class Profiles:
+    """py-spy sampling the daemons of one fetch (`--profile`); does nothing without a dir."""
+
+    def __init__(self, out: Path | None, py_spy: str) -> None:
+        self._out = out
+        self._py_spy = py_spy
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, daemons: dict[str, Daemon]) -> None:
+        if self._out is None:
+            return
+        self._out.mkdir(parents=True, exist_ok=True)
+        for label, daemon in daemons.items():
+            self._procs.append(
+                subprocess.Popen(
+                    [
+                        self._py_spy,
+                        "record",
+                        "--pid",
+                        str(daemon.proc.pid),
+                        "--threads",
+                        "--rate",
+                        str(PROFILE_RATE),
+                        "--format",
+                        "raw",
+                        "--nonblocking",
+                        "-o",
+                        str(self._out / f"{name}-{label}.txt"),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        time.sleep(1.0)  # py-spy attaches
+
+    def stop(self) -> None:
+        for proc in self._procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in self._procs:
+            proc.wait(30)
+        self._procs.clear()
 
 
 async def _raw_holder() -> None:
@@ -107,16 +160,20 @@ def raw_stream_mb_s(size: int) -> float:
     try:
         assert holder.stdout is not None
         addr = holder.stdout.readline().strip()
+        before = cpu_s(holder.pid)
         elapsed = trio.run(_raw_fetch, addr, size)
+        RAW_CPU_SENDER.append(cpu_s(holder.pid) - before)
         return size / elapsed / 1e6
     finally:
         holder.terminate()
         holder.wait(20)
 
 
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) process `pid` has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_s(pid: int, tid: int | None = None) -> float:
+    """CPU seconds (user + system) process `pid`, or its thread `tid`, has used so far
+    (Linux /proc)."""
+    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -155,7 +212,13 @@ def wait_peers(daemon: Daemon, count: int) -> None:
 
 
 def fetch_mb_s(
-    holders: list[Daemon], home: Path, project: str, target: int, size: int, timeout: float
+    holders: list[Daemon],
+    home: Path,
+    project: str,
+    target: int,
+    size: int,
+    timeout: float,
+    profiles: Profiles,
 ) -> dict[str, Any]:
     b = Daemon(home, bootstrap=[h.addr() for h in holders])
     fetched: list[dict[str, Any]] = []
@@ -165,10 +228,17 @@ def fetch_mb_s(
         ended = threading.Event()
         threading.Thread(target=collect_fetches, args=(b.home, fetched, ended), daemon=True).start()
         time.sleep(0.3)
+        profiles.start(home.name, {"b": b, **{f"a{i}": h for i, h in enumerate(holders)}})
         cpu_before = [cpu_s(d.proc.pid) for d in (b, *holders)]
+        main_before = [cpu_s(d.proc.pid, d.proc.pid) for d in (b, *holders)]
         start = time.perf_counter()
         b.client.follow(project)
         elapsed = (time.perf_counter() - start) + wait_bytes(b, target, timeout, ended)
+        profiles.stop()
+        main = [
+            cpu_s(d.proc.pid, d.proc.pid) - before
+            for d, before in zip((b, *holders), main_before, strict=True)
+        ]
         cpu = [
             after - before
             for after, before in zip(
@@ -183,6 +253,9 @@ def fetch_mb_s(
             # CPU seconds the fetching daemon and the holders used from `follow` to the end:
             # what the machine's load does not change much, unlike MB/s.
             "cpu_s_fetcher": round(cpu[0], 2),
+            # Of these, the main (trio) threads': the rest is SQLite, hashing and the hand-offs.
+            "cpu_s_fetcher_main": round(main[0], 2),
+            "cpu_s_holders_main": round(sum(main[1:]), 2),
             "cpu_s_holders": round(sum(cpu[1:]), 2),
             # Sum over B's `blocks.done` events: above the artifact's size means the
             # same blocks were downloaded more than once.
@@ -196,7 +269,7 @@ def fetch_mb_s(
         b.stop()
 
 
-def run(size: int, workdir: Path, timeout: float) -> dict[str, Any]:
+def run(size: int, workdir: Path, timeout: float, profiles: Profiles) -> dict[str, Any]:
     raw = raw_stream_mb_s(size)
     artifact = workdir / "artifact.bin"
     with open(artifact, "wb") as f:
@@ -212,7 +285,7 @@ def run(size: int, workdir: Path, timeout: float) -> dict[str, Any]:
         a.client.contribute(project, [artifact], message="artifact")
         contribute_s = time.perf_counter() - t0
         target = a.client.status()["store"]["block_bytes"]
-        one = fetch_mb_s([a], workdir / "b1", project, target, size, timeout)
+        one = fetch_mb_s([a], workdir / "b1", project, target, size, timeout, profiles)
         car = workdir / "project.car"
         a.client.export_car(project, car)
         t0 = time.perf_counter()
@@ -220,7 +293,7 @@ def run(size: int, workdir: Path, timeout: float) -> dict[str, Any]:
             h.client.import_car(car)
             assert h.client.status()["store"]["block_bytes"] >= target
         import_s = (time.perf_counter() - t0) / 2
-        three = fetch_mb_s(holders, workdir / "b3", project, target, size, timeout)
+        three = fetch_mb_s(holders, workdir / "b3", project, target, size, timeout, profiles)
         raw_after = raw_stream_mb_s(size)
     finally:
         for h in holders:
@@ -228,6 +301,7 @@ def run(size: int, workdir: Path, timeout: float) -> dict[str, Any]:
     return {
         "raw_stream_mb_s": [round(raw, 1), round(raw_after, 1)],
         "raw_stream_cpu_s_receiver": [round(c, 2) for c in RAW_CPU],
+        "raw_stream_cpu_s_sender": [round(c, 2) for c in RAW_CPU_SENDER],
         "one_peer": one,
         "three_peers": three,
         "contribute_into_a_s": round(contribute_s, 2),
@@ -240,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--out", default="bench/results/artifact.json")
+    parser.add_argument("--profile", type=Path, help="write py-spy profiles of the daemons here")
+    parser.add_argument("--py-spy", default="py-spy", help="the py-spy command (with --profile)")
     parser.add_argument("--raw-holder", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.raw_holder:
@@ -249,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     size = args.mib << 20
     with tempfile.TemporaryDirectory() as tmp:
-        figures = run(size, Path(tmp), args.timeout)
+        figures = run(size, Path(tmp), args.timeout, Profiles(args.profile, args.py_spy))
     raw = max(figures["raw_stream_mb_s"])
     result = {
         "benchmark": "artifact",

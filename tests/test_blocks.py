@@ -24,6 +24,7 @@ class MemoryStore:
         self.blocks = {CID.of_raw(d): d for d in data}
         self.asked: list[CID] = []  # every CID read, in order
         self.transactions = 0
+        self.synced = 0  # blocks stored when the store was last synced
 
     async def blocks_get(self, cids: Sequence[CID], peer: str | None = None) -> dict[CID, bytes]:
         self.asked.extend(cids)
@@ -39,6 +40,9 @@ class MemoryStore:
         new = [(c, d) for c, d in blocks if c not in self.blocks]
         self.blocks.update(new)
         return len(new)
+
+    async def blocks_sync(self) -> None:
+        self.synced = len(self.blocks)
 
 
 class ForgingStore(MemoryStore):
@@ -123,6 +127,7 @@ async def test_every_block_arrives_verified_and_stored_in_few_transactions() -> 
     assert (result.fetched, result.missing, result.bytes) == (len(data), 0, 1000 * len(data))
     assert ours.blocks == {c: d for c, d in zip(cids, data, strict=True)}
     assert ours.transactions < len(data)
+    assert ours.synced == len(data)  # on disk by the time the fetch returns
     assert peers.sent == {"a": len(data)}
 
 

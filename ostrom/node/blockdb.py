@@ -1,17 +1,39 @@
 """Content blocks in their own SQLite file, with what each is kept for and when it was used.
 
-Why a file of its own: blocks are large and written once. In the record store's WAL mode
-every byte is written twice (to the log, then to the database at a checkpoint); here the
-database runs with a rollback journal, which copies only pages that already held data
-before the transaction changed them. A new block goes to new pages (or free ones, which
-SQLite does not journal either), so its bytes reach the disk once. Pages are 64 KiB so that
-a 256 KiB block is four overflow pages rather than 65, which costs less CPU per block.
+Why a file of its own: blocks are large and written once, and they are held to a durability
+of their own (below), which SQLite sets per connection and transaction, not per table. Pages
+are 64 KiB so that a 256 KiB block is four overflow pages rather than 65, which costs less
+CPU per block, and so that the write-ahead log takes a block in four frames.
 
-Durability: `synchronous = FULL`, and each write method is one transaction that has
-committed (and reached the disk) when it returns. Blocks are stored before anything that
-refers to them is acknowledged (a contribution is signed after its changesets are stored; a
-fetch counts a block once its batch has committed), so after a `kill -9` every acknowledged
-record still finds its blocks.
+Durability. The file runs in WAL mode. Two kinds of writes share it:
+
+- *Durable* writes (the default: this node's own blocks, its uploads, contributions and
+  imports, and every change of attribution or pin) commit with `synchronous = FULL`: the log
+  is synced before the call returns, so after a `kill -9` or a power loss every block a
+  record of this node names is still here. The node's records are stored after their blocks.
+- *Fetched* blocks (`put(..., durable=False)`: blocks a peer sent, which any peer holding
+  them can send again) commit with `synchronous = NORMAL`: the commit reaches the operating
+  system but not the disk. They reach it when the log, grown by `WAL_AUTOCHECKPOINT_PAGES`,
+  is checkpointed by the writing connection (every 256 MiB), and when the fetch ends: it
+  calls `sync` (`ostrom.node.blocks`), which syncs the log and copies it into the database.
+
+What a crash can do. SQLite's WAL is consistent under `synchronous = NORMAL` through a power
+loss: frames carry checksums, recovery keeps the log up to the last commit whose frames are
+all intact, and the database file itself changes only at a checkpoint, after the log it
+copies from was synced. So a crash never corrupts the file; it can only roll back the last
+unsynced commits. A `kill -9` loses nothing either way (the operating system holds the
+writes). A power loss can lose the fetched blocks committed since the last sync: they are
+missing again, and the next completion of their project (run after every restart, on the
+first sync with a peer) fetches them again. It cannot lose a durable write, nor any write
+before one: the log is one sequence, and syncing it at a durable commit syncs every frame
+before that commit too. Whatever survives is still checked against its CID on every read.
+
+Checkpoints: `sync` checkpoints on a connection of its own, so that it holds up no other
+call to the store (the caller's lock is not needed). Fetches call it only at their end:
+checkpoints running beside a fetch's writes never let the log start again (they cannot catch
+up with the writer), and the writer's own checkpoint every 256 MiB already bounds what a
+power loss can take. Each block is written twice (log, then database): a copy of about 0.2
+CPU s per 256 MiB, in exchange for no disk sync per batch.
 
 Keeping: each block is attributed to the projects it was stored for (`block_projects`).
 An attribution is *pinned* when the block is kept for that project: a project followed in
@@ -21,9 +43,9 @@ fetched on demand for a records-only project (a checkout) and may be evicted, le
 used first, to make room under the storage limit. When a block was last used is a counter
 (`used`): storing it, or reading it for the owner (a checkout, `block.get`), moves it to
 the front. Serving a block to a peer does not: a peer must not keep a block here by asking
-for it. Reads are not written at once (that would cost a synced transaction per read): they
-are kept in memory and written with the next write, or when `TOUCH_FLUSH` have gathered. A
-crash forgets the reads since the last write, which only makes eviction order less exact.
+for it. Reads are not written at once (that would cost a transaction per read): they are
+kept in memory and written with the next write, or when `TOUCH_FLUSH` have gathered, without
+a sync of their own. A crash may forget them, which only makes eviction order less exact.
 
 Counting: a block's bytes count once against the storage limit, however many projects share
 it, and in full against every project it is attributed to (each project holds what it would
@@ -32,7 +54,9 @@ hold alone); bytes are counted by block size, not by pages.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +82,16 @@ TOUCH_FLUSH: Final = 256
 # keeps the index pages a lookup walks (16 pages of 64 KiB) without holding block bytes the
 # node is done with.
 _CACHE_KIB: Final = 1024
+# Pages the write-ahead log may hold before the writing connection checkpoints it, inside a
+# commit: 4096 pages of 64 KiB are 256 MiB. That checkpoint syncs the log and the database,
+# so a long fetch is synced every 256 MiB (what a power loss can lose of it at most), and the
+# log starts again from its beginning, so it never holds much more than this. More often
+# would stall the storing more often for little: each stall costs a sync, and the copy costs
+# the same per byte whenever it runs.
+WAL_AUTOCHECKPOINT_PAGES: Final = 4096
+# Bytes of log file kept once a checkpoint has emptied it: the next writes reuse them instead
+# of growing the file from nothing, and a log that once grew large does not stay large.
+WAL_KEEP_BYTES: Final = 64 * 1024 * 1024
 # CIDs per `IN (...)` query, as in the record store.
 _CHUNK: Final = 500
 
@@ -131,6 +165,17 @@ class BlockDB:
         self._count: int = conn.execute("SELECT count(*) FROM blocks").fetchone()[0]
         # Reads for the owner not yet written: binary CID -> use counter.
         self._touched: dict[bytes, int] = {}
+        # Commits so far, and how many of the first of them are known to be on disk. Written
+        # by the writing thread and by `sync` on another; a race between the two can only
+        # leave `_synced` too low, which costs an unneeded sync, never a missed one.
+        self._commits = 0
+        self._synced = 0
+        # `sync`'s own connection, opened on first use, and the lock that serialises `sync`
+        # calls (two fetches may sync at once) and `close`.
+        self._syncer: sqlite3.Connection | None = None
+        self._sync_lock = threading.Lock()
+        # Whether the writing connection is in `synchronous = FULL` now.
+        self._full = True
 
     @classmethod
     def open(cls, path: Path) -> BlockDB:
@@ -152,12 +197,16 @@ class BlockDB:
             raise
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        """Close the file; the last connection's checkpoint syncs what `sync` had not."""
+        with self._sync_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._syncer is not None:
+                self._syncer.close()
         try:
             if self._touched:
-                with self._write():
+                with self._write(durable=False):
                     pass
         finally:
             self._conn.close()
@@ -177,8 +226,51 @@ class BlockDB:
 
     # --- writing -------------------------------------------------------------------------------
 
-    def _write(self) -> _WriteTxn:
-        return _WriteTxn(self)
+    def _write(self, *, durable: bool = True) -> _WriteTxn:
+        return _WriteTxn(self, durable)
+
+    @property
+    def unsynced(self) -> bool:
+        """Whether some commit may not be on disk yet (a fetched block's, not yet `sync`ed)."""
+        return self._synced < self._commits
+
+    def sync(self) -> None:
+        """Put every write committed so far on disk, and copy the log into the database.
+
+        May be called from any thread while the writing thread keeps writing (that thread's
+        callers serialise everything else): it checkpoints on a connection of its own, which
+        syncs the log before it copies it (`synchronous = NORMAL` on that connection) and the
+        database after. A checkpoint that copied less than the whole log (another checkpoint
+        was running, or a read held an older snapshot) may not have synced it; the log file
+        is then synced directly.
+        """
+        with self._sync_lock:
+            upto = self._commits
+            if self._closed or self._synced >= upto:
+                return
+            if self._syncer is None:
+                self._syncer = sqlite3.connect(
+                    self._path, isolation_level=None, check_same_thread=False
+                )
+                self._syncer.execute("PRAGMA synchronous = NORMAL")
+            busy, frames, copied = self._syncer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if busy or copied < frames:
+                wal = os.open(f"{self._path}-wal", os.O_RDWR)
+                try:
+                    os.fsync(wal)
+                finally:
+                    os.close(wal)
+            self._synced = max(self._synced, upto)
+
+    def _set_durable(self, durable: bool) -> None:
+        if durable != self._full:
+            self._conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._full = durable
+
+    def _committed(self, durable: bool) -> None:
+        self._commits += 1
+        if durable:  # the log's sync at this commit covers every commit before it too
+            self._synced = self._commits
 
     def _flush_touched(self, conn: sqlite3.Connection) -> None:
         if self._touched:
@@ -195,9 +287,11 @@ class BlockDB:
         project: bytes = OWN,
         pinned: bool = True,
         quota: Quota | None = None,
+        durable: bool = True,
     ) -> PutResult:
         """Verify every block against its CID, then store the batch in one transaction,
-        attributed to `project` (pinned or not), within `quota`.
+        attributed to `project` (pinned or not), within `quota`. Not `durable`: blocks
+        fetched from a peer, on disk only at the next `sync` (see the module docstring).
 
         One bad block (`BlockMismatch`, `TooLarge`) refuses the whole batch before anything
         is written. A batch that would pass the storage limit first evicts unpinned blocks,
@@ -215,7 +309,7 @@ class BlockDB:
         if not unique:
             return PutResult(new=0)
         raws = list(unique)
-        with self._write() as conn:
+        with self._write(durable=durable) as conn:
             present = self._ids(conn, raws)
             new = [raw for raw in raws if raw not in present]
             incoming = sum(len(unique[raw][1]) for raw in new)
@@ -377,7 +471,7 @@ class BlockDB:
         if touch:
             self._touched[cid.raw] = self._next_tick()
             if len(self._touched) >= TOUCH_FLUSH:
-                with self._write():
+                with self._write(durable=False):
                     pass
         return data
 
@@ -430,7 +524,9 @@ class BlockDB:
         return self._count, self._bytes, int(evictable)
 
     def file_bytes(self) -> int:
-        return self._path.stat().st_size if self._path.exists() else 0
+        """Bytes of the file and of its write-ahead log."""
+        paths = (self._path, Path(f"{self._path}-wal"))
+        return sum(path.stat().st_size for path in paths if path.exists())
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -476,13 +572,16 @@ class BlockDB:
 
 
 class _WriteTxn:
-    """One write transaction on the block database, which also writes pending reads."""
+    """One write transaction on the block database, which also writes pending reads;
+    synced at its commit if `durable`."""
 
-    def __init__(self, db: BlockDB) -> None:
+    def __init__(self, db: BlockDB, durable: bool) -> None:
         self._db = db
+        self._durable = durable
 
     def __enter__(self) -> sqlite3.Connection:
         conn = self._db._conn
+        self._db._set_durable(self._durable)
         conn.execute("BEGIN IMMEDIATE")
         self._db._flush_touched(conn)
         return conn
@@ -491,6 +590,7 @@ class _WriteTxn:
         conn = self._db._conn
         if exc_type is None:
             conn.execute("COMMIT")
+            self._db._committed(self._durable)
         elif conn.in_transaction:
             conn.execute("ROLLBACK")
 
@@ -508,13 +608,17 @@ def _set_up(conn: sqlite3.Connection, path: Path) -> None:
             f"{BLOCK_SCHEMA_VERSION} (a newer Ostrom wrote it)"
         )
     conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
-    # A rollback journal (see the module docstring), deleted after each commit.
-    mode = conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0]
-    if str(mode).lower() != "delete":
-        raise sqlite3.OperationalError(f"{path}: cannot use a rollback journal ({mode})")
-    # FULL: the journal and the database are synced at each commit, so an acknowledged write
-    # survives a crash of the process or of the machine.
+    # WAL (see the module docstring); a file an older Ostrom left with a rollback journal
+    # changes over here.
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"{path}: the file system does not support WAL ({mode})")
+    # FULL by default: a commit syncs the log before it returns, so an acknowledged write
+    # survives a crash of the process or of the machine. Fetched blocks lower it per
+    # transaction (`_WriteTxn`).
     conn.execute("PRAGMA synchronous = FULL")
+    conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")
     if version == 0:
         conn.executescript(
             f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {BLOCK_SCHEMA_VERSION}; COMMIT;"

@@ -12,6 +12,11 @@ transaction while the workers keep receiving; the store verifies each block agai
 before it writes any of a batch. What a peer lacks goes back to the queue for the others.
 Everything stored stays stored, so an interrupted fetch resumes where it stopped: the next
 fetch asks only for what is still missing.
+
+Fetched blocks are committed without waiting for the disk; the fetch syncs the store once, at
+its end, before `run` returns (and the store syncs by itself as its log grows). A power loss
+before then can only lose blocks, which the next completion fetches again (see
+`ostrom.node.blockdb`).
 """
 
 from __future__ import annotations
@@ -69,7 +74,11 @@ class BlockStore(Protocol):
 
     async def blocks_have(self, cids: Sequence[CID]) -> set[CID]: ...
 
-    async def blocks_put(self, blocks: Sequence[tuple[CID, bytes]]) -> int: ...
+    async def blocks_put(self, blocks: Sequence[tuple[CID, bytes]]) -> int:
+        """Store fetched blocks; they may reach the disk only at the next `blocks_sync`."""
+
+    async def blocks_sync(self) -> None:
+        """Put every block stored so far on disk."""
 
 
 @dataclass(slots=True)
@@ -193,6 +202,8 @@ class BlockFetch:
         if self._queue:
             with unwrap_single_error():
                 await self._run(peers)
+            if self.result.fetched:
+                await self._store.blocks_sync()
         self.result.missing = len(self._queue)
         return self.result
 

@@ -542,7 +542,8 @@ class NodeService:
         fetch's own). A batch that still does not fit, or that would pass the per-project
         limit, is refused whole (`QuotaExceeded`) and a `limit.reached` event says so. (The
         owner's own contributions and imports are not held to the limits: `Store.put_blocks`.)
-        Returns how many blocks were new."""
+        They reach the disk at the next `blocks_sync` (a peer can send them again; see
+        `ostrom.node.blockdb`). Returns how many blocks were new."""
         limits = self.limits
 
         def put(store: Store) -> PutResult:
@@ -558,7 +559,11 @@ class NodeService:
                     protect_from=protect_from,
                 )
             return store.blocks.put(
-                blocks, project=b"" if project is None else project.raw, pinned=keep, quota=quota
+                blocks,
+                project=b"" if project is None else project.raw,
+                pinned=keep,
+                quota=quota,
+                durable=False,
             )
 
         try:
@@ -584,6 +589,12 @@ class NodeService:
                 }
             )
         return result.new
+
+    async def blocks_sync(self) -> None:
+        """Put the fetched blocks stored so far on disk (`BlockDB.sync`). Not under the
+        store's lock: the block file syncs on a connection of its own while fetches go on
+        storing, and the copy it makes holds up no other call."""
+        await trio.to_thread.run_sync(self.store.blocks.sync)
 
     async def follow(self, project: CID, mode: str) -> None:
         since = int(self._clock() * 1000)
@@ -777,3 +788,6 @@ class BlockSink:
 
     async def blocks_put(self, blocks: Sequence[tuple[CID, bytes]]) -> int:
         return await self._service.blocks_put(blocks, self._project, self._pinned, self._since)
+
+    async def blocks_sync(self) -> None:
+        await self._service.blocks_sync()
