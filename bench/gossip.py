@@ -1,12 +1,13 @@
 """Time for a new record to reach every node of a mesh of real daemons, p50 and p99.
 
 NODES daemons on 127.0.0.1 in a random connected topology (node i bootstraps to up to two
-random earlier nodes), all following one project. Node 0 creates RATE needs per second
-for SECONDS seconds; a thread per daemon streams its `record.added` events and stamps
-each arrival with the shared monotonic clock. A record's time-to-all-nodes is the last
-arrival among all nodes minus the moment just before its `need.create` call.
+random earlier nodes), all following one project in full. Node 0 makes RATE contributions
+per second (one small file each; `--kind need`: needs, which carry no blocks and are not
+judged) for SECONDS seconds; a thread per daemon streams its `record.added` events and
+stamps each arrival with the shared monotonic clock. A record's time-to-all-nodes is the
+last arrival among all nodes minus the moment just before the call that made it.
 
-    python -m bench.gossip [--nodes 20] [--rate 20] [--seconds 15]
+    python -m bench.gossip [--nodes 20] [--rate 20] [--seconds 15] [--kind contribution]
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def run(
     topology: str,
     probe: str,
     poll_s: float,
+    kind: str = "contribution",
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     daemons: list[Daemon] = []
@@ -158,6 +160,9 @@ def run(
         cpu_before = [cpu_seconds(d.proc.pid) for d in daemons]
         bench_cpu_before = time.process_time()
         sent: dict[str, float] = {}
+        # A contribution of one small file: every follower also fetches its changeset,
+        # manifest and file block (they follow in full), as they would for real work.
+        page = workdir / "page.md"
         interval = 1.0 / rate
         progress("publishing")
         start = time.monotonic()
@@ -167,7 +172,11 @@ def run(
             if target > now:
                 time.sleep(target - now)
             t = time.monotonic()
-            cid = first.client.create_need(project, f"need {k}")["cid"]
+            if kind == "contribution":
+                page.write_text(f"revision {k}\n" + "x" * 256)
+                cid = first.client.contribute(project, [page], message=f"revision {k}")["cid"]
+            else:
+                cid = first.client.create_need(project, f"need {k}")["cid"]
             sent[cid] = t
         publish_s = time.monotonic() - start
         progress("published; waiting for every node to hold every record")
@@ -255,6 +264,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--probe", choices=["events", "count"], default="events")
+    parser.add_argument(
+        "--kind",
+        choices=["contribution", "need"],
+        default="contribution",
+        help="the records node 0 makes (needs: no blocks, no acceptance; earlier figures)",
+    )
     parser.add_argument("--poll-s", type=float, default=0.05)
     parser.add_argument("--topology", choices=["random", "chain"], default="random")
     parser.add_argument("--out", default="bench/results/gossip.json")
@@ -277,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.topology,
             args.probe,
             args.poll_s,
+            args.kind,
         )
     result = {
         "benchmark": "gossip",
@@ -285,6 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.topology == "chain"
         else "random: node i bootstraps to 2 random earlier nodes",
         "probe": args.probe,
+        "kind": args.kind,
         "rate_per_s": args.rate,
         "seconds": args.seconds,
         **figures,
