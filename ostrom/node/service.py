@@ -280,11 +280,12 @@ class NodeService:
         raws = [row[ROW_CID] for row in fresh]
         named = _named_projects(fresh)
         for project, state in list(self._states.items()):
-            if project not in named and not state.lacks_any(raws):
+            lacked = state.lacks_any(raws)
+            if project not in named and not lacked:
                 continue  # nothing here can change this project's state
             mine = [stored[i] for i, row in enumerate(fresh) if row[ROW_PROJECT] == project.raw]
             advanced = None
-            if not state.lacks_any(raws):
+            if not lacked:
                 targets = await self._validated(state, mine)
                 if self._states.get(project) is state:  # not changed while they were read
                     advanced = advance(state, mine, targets)

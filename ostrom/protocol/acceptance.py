@@ -193,6 +193,15 @@ class _Context:
             max_key=max(((nodes[raw].ts, raw) for raw in order), default=(0, b"")),
         )
 
+    def seen_by(self, parents: Iterable[CID]) -> frozenset[bytes]:
+        """The accepted governance a record with these parents is judged under (absent or
+        unevaluated parents add none), as `evaluate` works it out."""
+        seen = _EMPTY
+        for gov in (self.out_gov.get(parent.raw) for parent in parents):
+            if gov is not None and gov is not seen:
+                seen = gov if seen is _EMPTY else self.policies.intern(seen | gov)
+        return seen
+
 
 class _Policies:
     """Policies keyed by the set of accepted governance records applied to the genesis one."""
@@ -499,22 +508,9 @@ def advance(
     if context is None or context.version != state._version:
         return None
     result = _advance(state, context, list(records), targets or {})
-    if result is None or result[0] is not state:
-        context.version += 1  # the context now describes another state, or none at all
     if result is None:
-        return None
-    new, changes = result
-    if new is not state:
-        new = ProjectState(
-            new.project,
-            new.statuses,
-            new.policy,
-            new.accepted_heads,
-            new.accepted,
-            _context=context,
-            _version=context.version,
-        )
-    return new, changes
+        context.version += 1  # perhaps applied in part: no state may advance with it now
+    return result
 
 
 def _advance(
@@ -573,18 +569,10 @@ def _advance(
         key = (record.ts, record.cid.raw)
         if key <= context.max_key:
             return None  # it would not come last in the judging order
-        seen = _EMPTY
-        parents_ok = True
-        for i, parent in enumerate(record.parents):
-            parent_gov = out_gov.get(parent.raw)
-            if parent_gov is None:
-                return None  # a parent that is absent, or was not evaluated
-            if parent.raw not in ok:
-                parents_ok = False
-            if not i:
-                seen = parent_gov
-            elif parent_gov is not seen:
-                seen = context.policies.intern(seen | parent_gov)
+        if any(parent.raw not in out_gov for parent in record.parents):
+            return None  # a parent that is absent, or was not evaluated
+        parents_ok = all(parent.raw in ok for parent in record.parents)
+        seen = context.seen_by(record.parents)
         eligible, quorum, _ = context.policies.get(seen)
         counted, accepts, rejects = _count_votes(
             record.author, record.ts, eligible, context.ballots.get(record.cid.raw)
@@ -614,15 +602,7 @@ def _advance(
         target = by_cid.get(body.target) or targets.get(body.target)
         if target is None or isinstance(target.body, Governance):
             return None
-        seen = _EMPTY
-        for i, parent in enumerate(target.parents):
-            parent_gov = out_gov.get(parent.raw)
-            if parent_gov is None:
-                continue
-            if not i:
-                seen = parent_gov
-            elif parent_gov is not seen:
-                seen = context.policies.intern(seen | parent_gov)
+        seen = context.seen_by(target.parents)
         eligible, quorum, _ = context.policies.get(seen)
         counted, accepts, rejects = _count_votes(target.author, target.ts, eligible, by_validator)
         parents_ok = not old.waiting_on and not old.missing
@@ -643,6 +623,7 @@ def _advance(
         if status == "accepted":
             accept(target)
 
+    context.version += 1  # the context now describes the new state only
     return (
         ProjectState(
             project=state.project,
@@ -650,6 +631,8 @@ def _advance(
             policy=state.policy,
             accepted_heads=tuple(sorted(heads)),
             accepted=state.accepted.union(accepted_new) if accepted_new else state.accepted,
+            _context=context,
+            _version=context.version,
         ),
         tuple(change for change in changes.values() if change.status != change.was),
     )
