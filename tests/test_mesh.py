@@ -732,6 +732,25 @@ def test_message_signatures_are_checked_as_py_libp2p_checks_them() -> None:
         assert m.signature_validator(msg) is verdict  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("origin", "key"),
+    [
+        (b"garbage", b"\x01\x02"),  # an origin id and a key that do not parse
+        (os.urandom(40), os.urandom(40)),
+        (b"\x12\x20" + os.urandom(32), b"\x08\x05\x12\x03abc"),  # a key type nobody reads
+    ],
+)
+def test_a_message_whose_origin_or_key_does_not_parse_is_invalid(origin: bytes, key: bytes) -> None:
+    # Any peer may send such a message; the check runs in the mesh's own tasks, so it must
+    # answer "not valid" rather than raise (py-libp2p's own check raises here).
+    m = mesh_module
+    msg = m.rpc_pb2.Message(
+        data=b"record", topicIDs=[TOPIC], from_id=origin, key=key, seqno=b"\0" * 8
+    )
+    msg.signature = b"s" * 64
+    assert m._message_signature_valid(msg) is False  # type: ignore[arg-type]
+
+
 async def test_relay_tasks_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     # New messages are validated and relayed by tasks the read loop starts; past the bound
     # a new message is dropped (sync brings it), so a flood cannot start tasks without end.

@@ -76,6 +76,7 @@ import libp2p.stream_muxer.yamux.yamux as libp2p_yamux
 import libp2p.utils.varint as libp2p_varint
 import multiaddr
 import trio
+from google.protobuf.message import DecodeError as ProtobufDecodeError
 from libp2p import new_host
 from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
@@ -532,23 +533,25 @@ def _message_signature_valid(msg: rpc_pb2.Message) -> bool:
     """
     if msg.signature == b"":
         return False
-    key = _origin_keys.get(msg.from_id)
-    if key is None:
-        sender = ID(msg.from_id)
-        key = sender.extract_public_key()
-        if key is None or ID.from_pubkey(key) != sender:
-            return signature_validator(msg)
-        if len(_origin_keys) >= _ORIGIN_KEYS_KEPT:
-            _origin_keys.clear()
-        _origin_keys[msg.from_id] = key
-    unsigned = rpc_pb2.Message(
-        data=msg.data, topicIDs=msg.topicIDs, from_id=msg.from_id, seqno=msg.seqno
-    )
     try:
+        key = _origin_keys.get(msg.from_id)
+        if key is None:
+            sender = ID(msg.from_id)
+            key = sender.extract_public_key()
+            if key is None or ID.from_pubkey(key) != sender:
+                return signature_validator(msg)
+            if len(_origin_keys) >= _ORIGIN_KEYS_KEPT:
+                _origin_keys.clear()
+            _origin_keys[msg.from_id] = key
+        unsigned = rpc_pb2.Message(
+            data=msg.data, topicIDs=msg.topicIDs, from_id=msg.from_id, seqno=msg.seqno
+        )
         return bool(
             key.verify(_PUBSUB_SIGNING_PREFIX + unsigned.SerializeToString(), msg.signature)
         )
-    except (CryptoError, ValueError, TypeError, BaseLibp2pError):
+    except (CryptoError, ValueError, TypeError, BaseLibp2pError, ProtobufDecodeError):
+        # A key or origin id that does not parse (any peer may send one): not a valid
+        # signature, and never an error that reaches the mesh's nursery.
         return False
 
 
