@@ -160,9 +160,13 @@ class BlockDB:
         self._conn = conn
         self._path = path
         self._closed = False
-        self._tick: int = conn.execute("SELECT coalesce(max(used), 0) FROM blocks").fetchone()[0]
-        self._bytes: int = conn.execute("SELECT coalesce(sum(size), 0) FROM blocks").fetchone()[0]
-        self._count: int = conn.execute("SELECT count(*) FROM blocks").fetchone()[0]
+        # The use counter, the bytes and the blocks held, read in one pass over the table.
+        tick, held, count = conn.execute(
+            "SELECT coalesce(max(used), 0), coalesce(sum(size), 0), count(*) FROM blocks"
+        ).fetchone()
+        self._tick: int = tick
+        self._bytes: int = held
+        self._count: int = count
         # Reads for the owner not yet written: binary CID -> use counter.
         self._touched: dict[bytes, int] = {}
         # Commits so far, and how many of the first of them are known to be on disk. Written
@@ -337,8 +341,6 @@ class BlockDB:
                 [(project, i, kept) for i in (*present.values(), *added.values())],
             )
             if present:
-                for raw in present:
-                    self._touched.pop(raw, None)
                 conn.executemany(
                     "UPDATE blocks SET used = ?, kept = max(kept, ?) WHERE id = ?",
                     [(tick, kept, i) for i in present.values()],
@@ -381,7 +383,6 @@ class BlockDB:
         excess = used + incoming - quota.storage
         if excess <= 0:
             return 0, 0
-        self._flush_touched(conn)
         victims: list[int] = []
         freed = 0
         sql = "SELECT id, size FROM blocks WHERE kept = 0"
