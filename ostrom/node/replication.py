@@ -752,10 +752,8 @@ class _ServedTo:
     async def sync_prepare(self, count: int) -> None:
         await self._service.sync_prepare(count)
 
-    async def sync_verify(
-        self, items: Sequence[bytes], project: CID | None = None
-    ) -> sync.Verified:
-        return await self._service.sync_verify(items, project)
+    async def sync_verify(self, items: Sequence[bytes]) -> sync.Verified:
+        return await self._service.sync_verify(items)
 
     async def sync_store(
         self, rows: Sequence[RecordRow], expected: Collection[bytes] = ()

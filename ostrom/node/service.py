@@ -442,14 +442,11 @@ class NodeService:
         if count >= PROCESS_THRESHOLD:
             await self.verifier.warm()
 
-    async def sync_verify(self, items: Sequence[bytes], project: CID | None = None) -> Verified:
-        """Decode and verify records a peer sent; with `project`, refuse other projects'."""
+    async def sync_verify(self, items: Sequence[bytes]) -> Verified:
+        """Decode and verify records a peer sent."""
         result = Verified()
-        wanted = None if project is None else project.raw
         for item in await self.verifier.decode_rows(items):
-            if isinstance(item, Refusal) or (
-                wanted is not None and wanted not in (item[ROW_PROJECT], item[ROW_FORK_OF])
-            ):
+            if isinstance(item, Refusal):
                 result.refused += 1
             else:
                 result.rows.append(item)

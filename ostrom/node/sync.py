@@ -92,9 +92,9 @@ class SyncHost(Protocol):
         """The session will fetch at least `count` records: get ready to verify them (the
         node starts its verification workers). Runs beside the reconciliation."""
 
-    async def sync_verify(self, items: Sequence[bytes], project: CID | None = None) -> Verified:
-        """Decode and verify records from a peer, storing nothing; with `project`, records of
-        other projects count as refused. Several calls may run at once."""
+    async def sync_verify(self, items: Sequence[bytes]) -> Verified:
+        """Decode and verify records from a peer, storing nothing. Several calls may run at
+        once."""
 
     async def sync_store(
         self, rows: Sequence[RecordRow], expected: Collection[bytes] = ()
