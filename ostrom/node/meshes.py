@@ -408,9 +408,6 @@ class MeshRegistry:
         dialable = announceable_addrs(addrs)
         now = self._now()
         fresh: list[SignedCatalogue] = []
-        for mesh in list(self._own):
-            if mesh not in self._joined:
-                del self._own[mesh]
         for joined in self._joined.values():
             if not joined.members.admits(self._identity.public_key):
                 self._own.pop(joined.cid, None)

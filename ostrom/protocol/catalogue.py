@@ -354,12 +354,16 @@ class CatalogueBook:
         total = self.total_bytes - freed + size
         # While a bound is exceeded, push out the mesh's oldest catalogue, if it is older.
         victims: list[SignedCatalogue] = []
-        others = sorted((c for a, c in held.items() if a != body.author), key=lambda c: c.order)
+        others: list[SignedCatalogue] | None = None  # sorted only when a bound is reached
         while (
             count > MAX_CATALOGUES_PER_MESH
             or mesh_bytes > MAX_CATALOGUE_BYTES_PER_MESH
             or total > MAX_CATALOGUE_BYTES
         ):
+            if others is None:
+                others = sorted(
+                    (c for a, c in held.items() if a != body.author), key=lambda c: c.order
+                )
             if len(victims) == len(others) or others[len(victims)].order >= record.order:
                 return False
             oldest = others[len(victims)]
@@ -378,9 +382,6 @@ class CatalogueBook:
         """The catalogues held for `mesh`, by author."""
         held = self._by_mesh.get(mesh, {})
         return [held[author] for author in sorted(held)]
-
-    def latest(self, mesh: CID, author: bytes) -> SignedCatalogue | None:
-        return self._by_mesh.get(mesh, {}).get(author)
 
     def authors(self, mesh: CID) -> set[bytes]:
         return set(self._by_mesh.get(mesh, {}))
