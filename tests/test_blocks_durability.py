@@ -119,7 +119,7 @@ def test_a_power_loss_after_unsynced_fetches_leaves_own_blocks_and_no_damage(
         assert survived == {cid for cid, _ in late[:kept]}
         for cid, data in late:
             assert reopened.get(cid) == (data if cid in survived else None)
-        count, stored, _ = reopened.usage()
+        count, stored = reopened.usage()
         assert count == len(own) + len(early) + len(survived)
         assert stored == (len(own) + len(early) + len(survived)) * 64 * KIB
         # The blocks lost are simply stored again, as a fetch would.

@@ -242,7 +242,7 @@ def test_a_version_2_store_moves_its_blocks_to_the_block_file(tmp_path: Path) ->
         assert (s.stats().blocks, s.stats().block_bytes) == (150, sum(map(len, old)))
         assert s.get_record(g.cid) is not None
         # Where they came from is not known: they are kept, never evicted.
-        assert s.blocks.usage()[2] == 0
+        assert s.blocks.evictable_bytes() == 0
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION

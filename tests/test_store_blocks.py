@@ -66,7 +66,7 @@ def test_pinned_and_own_blocks_are_never_evicted_and_a_batch_that_cannot_fit_is_
     assert refused.value.limit == "storage"
     # Refused whole, and nothing was evicted for it.
     assert held(db, [followed, own, on_demand]) == [True, True, True]
-    assert db.usage() == (3, 30 * KIB, 10 * KIB)
+    assert (*db.usage(), db.evictable_bytes()) == (3, 30 * KIB, 10 * KIB)
     db.put([blk(4)], project=P2, pinned=False, quota=quota)
     assert held(db, [followed, own, on_demand]) == [True, True, False]
 
@@ -87,15 +87,15 @@ def test_a_fetch_does_not_evict_its_own_blocks(db: BlockDB) -> None:
 def test_a_block_a_follow_needs_becomes_pinned_and_unfollowing_unpins_it(db: BlockDB) -> None:
     b = blk(1)
     db.put([b], project=P1, pinned=False)
-    assert db.usage()[2] == 10 * KIB  # evictable
+    assert db.evictable_bytes() == 10 * KIB
     assert db.claim(P1, [b[0], blk(2)[0]]) == 1  # the stored one is kept now
-    assert db.usage()[2] == 0
+    assert db.evictable_bytes() == 0
     assert db.claim(P1, [b[0]]) == 0
     db.claim(P2, [b[0]])
     db.unpin_project(P1)
-    assert db.usage()[2] == 0  # still kept for P2
+    assert db.evictable_bytes() == 0  # still kept for P2
     db.unpin_project(P2)
-    assert db.usage()[2] == 10 * KIB
+    assert db.evictable_bytes() == 10 * KIB
     # Nothing keeps it now: it makes room for a block a full follow keeps.
     assert db.put([blk(3)], project=P2, pinned=True, quota=Quota(storage=10 * KIB)).evicted == 1
     assert held(db, [b]) == [False]

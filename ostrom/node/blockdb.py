@@ -517,12 +517,17 @@ class BlockDB:
         ).fetchone()
         return None if row is None else (bytes(row[0]), int(row[1]))
 
-    def usage(self) -> tuple[int, int, int]:
-        """(blocks, bytes of blocks, bytes of evictable blocks)."""
-        evictable = self._conn.execute(
-            "SELECT coalesce(sum(size), 0) FROM blocks WHERE kept = 0"
-        ).fetchone()[0]
-        return self._count, self._bytes, int(evictable)
+    def usage(self) -> tuple[int, int]:
+        """(blocks, bytes of blocks), as counted in memory."""
+        return self._count, self._bytes
+
+    def evictable_bytes(self) -> int:
+        """Bytes of the blocks that may be evicted (kept for no project)."""
+        return int(
+            self._conn.execute(
+                "SELECT coalesce(sum(size), 0) FROM blocks WHERE kept = 0"
+            ).fetchone()[0]
+        )
 
     def file_bytes(self) -> int:
         """Bytes of the file and of its write-ahead log."""

@@ -820,7 +820,7 @@ class Store:
             str(kind): int(n)
             for kind, n in conn.execute("SELECT type, count(*) FROM records GROUP BY type")
         }
-        blocks, block_bytes, _ = self.blocks.usage()
+        blocks, block_bytes = self.blocks.usage()
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         wal = Path(f"{self._path}-wal")

@@ -61,7 +61,7 @@ _Usage = tuple[int, int, tuple[bytes, int] | None]
 def _usage(store: Store) -> _Usage:
     """What the limits' view reads from the store: its size, the evictable block bytes, and
     the project holding the most block bytes."""
-    return store.size_bytes(), store.blocks.usage()[2], store.blocks.largest_project()
+    return store.size_bytes(), store.blocks.evictable_bytes(), store.blocks.largest_project()
 
 
 async def _limits_view(node: NodeService) -> dict[str, Any]:
