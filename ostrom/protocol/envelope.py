@@ -59,10 +59,16 @@ def unsigned_bytes(data: bytes, unsigned: dict[Any, Any]) -> bytes:
     right after the entries whose keys sort before it in canonical order (`v`, `ts`)."""
     before = [k for k in unsigned if isinstance(k, str) and (len(k), k) < (3, "sig")]
     offset = 1 + sum(len(dagcbor.encode(k)) + len(dagcbor.encode(unsigned[k])) for k in before)
+    return cut_sig_entry(data, offset, "the signed map")
+
+
+def cut_sig_entry(data: bytes, offset: int, what: str) -> bytes:
+    """`data`, a canonical map of fewer than 24 entries whose `sig` entry starts at `offset`,
+    without that entry and with its entry count one lower: the bytes the signature covers."""
     if not 0xA1 <= data[0] <= 0xB7 or data[offset : offset + len(_SIG_ENTRY_HEAD)] != (
         _SIG_ENTRY_HEAD
     ):
-        raise InvalidRecord("the signed map is not laid out as canonical DAG-CBOR")
+        raise InvalidRecord(f"{what} is not laid out as canonical DAG-CBOR")
     return bytes([data[0] - 1]) + data[1:offset] + data[offset + _SIG_ENTRY_LENGTH :]
 
 

@@ -20,6 +20,7 @@ from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import SIGNATURE_LENGTH, Identity
 from ostrom.errors import InvalidLicense, InvalidRecord, TooLarge
 from ostrom.protocol import dagcbor
+from ostrom.protocol.envelope import cut_sig_entry
 from ostrom.protocol.fields import (
     check_key,
     check_link,
@@ -547,11 +548,6 @@ def _body_from_map(kind: str, m: Mapping[str, Any]) -> Body:
         raise fail(kind, f"a field has the wrong type ({exc})") from None
 
 
-# The encoded `"sig": <64 bytes>` entry: text key of length 3, then a 64-byte byte string.
-_SIG_ENTRY_HEAD: Final = b"\x63sig\x58\x40"
-_SIG_ENTRY_LENGTH: Final = len(_SIG_ENTRY_HEAD) + SIGNATURE_LENGTH
-
-
 def _sorts_before_sig(key: str) -> bool:
     # DAG-CBOR orders keys by encoded length, then bytewise; for our ASCII keys, by length
     # then by the string.
@@ -583,12 +579,7 @@ def _cut_signature(data: bytes, unsigned: dict[str, Any]) -> bytes:
     `sig` entry starts right after the entries whose keys sort before it (`v`, `ts`, `key`).
     """
     offset = 1 + sum(_entry_size(k, unsigned[k]) for k in _KEYS_BEFORE_SIG if k in unsigned)
-    if (
-        data[offset : offset + len(_SIG_ENTRY_HEAD)] != _SIG_ENTRY_HEAD
-        or not 0xA1 <= data[0] <= 0xB7
-    ):
-        raise InvalidRecord("record map is not laid out as canonical DAG-CBOR")
-    return bytes([data[0] - 1]) + data[1:offset] + data[offset + _SIG_ENTRY_LENGTH :]
+    return cut_sig_entry(data, offset, "record map")
 
 
 # Every field name that sorts before `sig` in canonical order; decoding has already refused
