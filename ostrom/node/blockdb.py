@@ -57,13 +57,14 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 from ostrom.crypto.cid import CID
 from ostrom.errors import BlockMismatch, InvalidInput, QuotaExceeded, StoreCorrupt, TooLarge
+from ostrom.node.sqlbind import in_chunks, placeholders
 from ostrom.protocol.changesets import MAX_BLOCK_SIZE
 
 # PRAGMA user_version of the block database's schema.
@@ -92,8 +93,6 @@ WAL_AUTOCHECKPOINT_PAGES: Final = 4096
 # Bytes of log file kept once a checkpoint has emptied it: the next writes reuse them instead
 # of growing the file from nothing, and a log that once grew large does not stay large.
 WAL_KEEP_BYTES: Final = 64 * 1024 * 1024
-# CIDs per `IN (...)` query, as in the record store.
-_CHUNK: Final = 500
 
 _SCHEMA: Final = """
 CREATE TABLE blocks (
@@ -136,15 +135,6 @@ class Quota:
     other_bytes: int = 0
     # Blocks used at or after this counter value are not evicted (a fetch's own blocks).
     protect_from: int | None = None
-
-
-def _chunks(items: Sequence[bytes]) -> Iterator[Sequence[bytes]]:
-    for start in range(0, len(items), _CHUNK):
-        yield items[start : start + _CHUNK]
-
-
-def _marks(n: int) -> str:
-    return ",".join("?" * n)
 
 
 def blocks_path(store_path: Path) -> Path:
@@ -484,10 +474,10 @@ class BlockDB:
         """For each stored one of `cids`, the projects it is attributed to (`OWN` included)."""
         by_raw = {c.raw: c for c in cids}
         out: dict[CID, set[bytes]] = {}
-        for chunk in _chunks(list(by_raw)):
+        for chunk in in_chunks(list(by_raw)):
             sql = (
                 "SELECT cid, project FROM blocks LEFT JOIN block_projects ON block = id"
-                f" WHERE cid IN ({_marks(len(chunk))})"
+                f" WHERE cid IN ({placeholders(len(chunk))})"
             )
             for raw, project in self._conn.execute(sql, chunk):
                 found = out.setdefault(by_raw[raw], set())
@@ -539,8 +529,8 @@ class BlockDB:
     @staticmethod
     def _ids(conn: sqlite3.Connection, raws: Sequence[bytes]) -> dict[bytes, int]:
         found: dict[bytes, int] = {}
-        for chunk in _chunks(raws):
-            sql = f"SELECT cid, id FROM blocks WHERE cid IN ({_marks(len(chunk))})"
+        for chunk in in_chunks(raws):
+            sql = f"SELECT cid, id FROM blocks WHERE cid IN ({placeholders(len(chunk))})"
             found.update((bytes(raw), i) for raw, i in conn.execute(sql, chunk))
         return found
 
@@ -548,9 +538,8 @@ class BlockDB:
     def _attributed(conn: sqlite3.Connection, project: bytes, ids: Sequence[int]) -> set[int]:
         if not ids:
             return set()
-        sql = (
-            f"SELECT block FROM block_projects WHERE project = ? AND block IN ({_marks(len(ids))})"
-        )
+        marks = placeholders(len(ids))
+        sql = f"SELECT block FROM block_projects WHERE project = ? AND block IN ({marks})"
         return {i for (i,) in conn.execute(sql, (project, *ids))}
 
     def import_rows(self, rows: Sequence[tuple[bytes, bytes]]) -> None:

@@ -49,6 +49,7 @@ from ostrom.errors import (
 )
 from ostrom.node.blockdb import OWN, BlockDB, blocks_path
 from ostrom.node.ingest import ROW_CID, RecordRow, record_row
+from ostrom.node.sqlbind import in_chunks, placeholders
 from ostrom.protocol.meshes import SignedMeshRecord, decode_mesh_record
 from ostrom.protocol.records import BODY_TYPES, Project, SignedRecord, decode_record
 
@@ -58,9 +59,6 @@ FOLLOW_MODES: Final = ("full", "records")
 # rather than misread, an older one is migrated. Raise it with every schema change, and add
 # the step from the previous version to _MIGRATIONS.
 SCHEMA_VERSION: Final = 3
-# CIDs per `IN (...)` query: far below SQLite's bound on parameters (32766 since 3.32), and
-# large enough that a batch of 1,000 costs two queries.
-_CHUNK: Final = 500
 # Page cache of the store's one connection (negative = KiB). The cache fills up to this
 # bound as the store is read and written and stays full, so it is resident memory of every
 # busy daemon: 4 MiB keeps a node within its idle budget (the bare libp2p host + 25 MiB)
@@ -169,16 +167,6 @@ class StoreStats:
 
 def _trusted(public_key: bytes, signature: bytes, domain: bytes, payload: bytes) -> None:
     """The signature check for records read back: they were verified before being stored."""
-
-
-def _chunks(items: Sequence[bytes]) -> Iterator[list[bytearray]]:
-    """`items` in slices of at most `_CHUNK`, ready to bind (as `bytearray`, see above)."""
-    for start in range(0, len(items), _CHUNK):
-        yield [bytearray(raw) for raw in items[start : start + _CHUNK]]
-
-
-def _placeholders(n: int) -> str:
-    return ",".join("?" * n)
 
 
 def _stored_cid(raw: bytes, kind: str) -> CID:
@@ -368,10 +356,8 @@ class Store:
         """The stored records among `cids`; missing ones are absent from the result."""
         wanted = list({c.raw for c in cids})
         out: dict[CID, SignedRecord] = {}
-        for chunk in _chunks(wanted):
-            sql = (
-                f"SELECT {_RECORD_COLUMNS} FROM records WHERE cid IN ({_placeholders(len(chunk))})"
-            )
+        for chunk in in_chunks(wanted):
+            sql = f"SELECT {_RECORD_COLUMNS} FROM records WHERE cid IN ({placeholders(len(chunk))})"
             for raw, data in self._conn.execute(sql, chunk).fetchall():
                 cid = _stored_cid(raw, "record")
                 out[cid] = _decode_stored(cid, data)
@@ -382,8 +368,8 @@ class Store:
         decoded: what a peer is sent, which it verifies itself."""
         wanted = list({c.raw for c in cids})
         out: dict[CID, bytes] = {}
-        for chunk in _chunks(wanted):
-            sql = f"SELECT cid, data FROM records WHERE cid IN ({_placeholders(len(chunk))})"
+        for chunk in in_chunks(wanted):
+            sql = f"SELECT cid, data FROM records WHERE cid IN ({placeholders(len(chunk))})"
             for raw, data in self._conn.execute(sql, chunk).fetchall():
                 cid = _stored_cid(raw, "record")
                 data = bytes(data)
@@ -401,10 +387,10 @@ class Store:
         wanted = list({c.raw for c in cids})
         out: dict[CID, bytes] = {}
         others: dict[CID, bytes] = {}
-        for chunk in _chunks(wanted):
+        for chunk in in_chunks(wanted):
             sql = (
                 "SELECT cid, data, CASE WHEN project = ? THEN NULL ELSE project END FROM records"
-                f" WHERE cid IN ({_placeholders(len(chunk))})"
+                f" WHERE cid IN ({placeholders(len(chunk))})"
             )
             for raw, data, other in self._conn.execute(sql, [project, *chunk]).fetchall():
                 cid = _stored_cid(raw, "record")
@@ -426,8 +412,8 @@ class Store:
         column: the records are not read."""
         by_raw = {c.raw: c for c in cids}
         out: dict[CID, CID] = {}
-        for chunk in _chunks(list(by_raw)):
-            sql = f"SELECT cid, project FROM records WHERE cid IN ({_placeholders(len(chunk))})"
+        for chunk in in_chunks(list(by_raw)):
+            sql = f"SELECT cid, project FROM records WHERE cid IN ({placeholders(len(chunk))})"
             for raw, project in self._conn.execute(sql, chunk).fetchall():
                 out[by_raw[bytes(raw)]] = _stored_cid(project, "record's project")
         return out
@@ -445,7 +431,7 @@ class Store:
         sql = f"SELECT {_RECORD_COLUMNS} FROM records WHERE project = ?"
         params: list[object] = [project.raw]
         if type_list is not None:
-            sql += f" AND type IN ({_placeholders(len(type_list))})"
+            sql += f" AND type IN ({placeholders(len(type_list))})"
             params.extend(type_list)
         records = self._decode_rows(self._conn.execute(sql + f" {_OLDEST_FIRST}", params))
         for record in records:
@@ -540,7 +526,7 @@ class Store:
         if type_list is not None:
             if not type_list:
                 raise NotFound(f"no {what} matches {wanted!r}")
-            sql += f" AND type IN ({_placeholders(len(type_list))})"
+            sql += f" AND type IN ({placeholders(len(type_list))})"
             params.extend(type_list)
         sql += f" ORDER BY cid LIMIT {_AMBIGUOUS_SHOWN + 1}"
         rows = self._conn.execute(sql, params).fetchall()
@@ -581,7 +567,7 @@ class Store:
         """The stored records reachable from `heads` through `parents`, the heads included;
         the walk does not enter `known` records (the caller has them and their ancestry).
 
-        A breadth-first walk with one batched query per `_CHUNK` CIDs of each generation. It
+        A breadth-first walk with one batched query per `IN_CHUNK` CIDs of each generation. It
         follows each record's verified `parents` and stops at records this store does not
         hold (their parents are unknown). A fork's genesis has the heads it forked at as
         parents, so the walk crosses into the parent project.
@@ -641,8 +627,8 @@ class Store:
         # Each pass queries only CIDs never queried before: at most one pass per record.
         while frontier:
             following: list[bytes] = []
-            for chunk in _chunks(frontier):
-                sql = f"SELECT cid, parents FROM records WHERE cid IN ({_placeholders(len(chunk))})"
+            for chunk in in_chunks(frontier):
+                sql = f"SELECT cid, parents FROM records WHERE cid IN ({placeholders(len(chunk))})"
                 stored: set[bytes] = set()
                 for raw, parents in self._conn.execute(sql, chunk).fetchall():
                     if len(parents) % CID_LENGTH:
@@ -676,10 +662,10 @@ class Store:
         # passes as stored records (and a content-addressed history has no cycles anyway).
         while frontier:
             following: list[bytes] = []
-            for chunk in _chunks(frontier):
+            for chunk in in_chunks(frontier):
                 sql = (
                     f"SELECT cid, parents, {data_column} FROM records"
-                    f" WHERE cid IN ({_placeholders(len(chunk))})"
+                    f" WHERE cid IN ({placeholders(len(chunk))})"
                 )
                 for raw, parents, data in self._conn.execute(sql, chunk).fetchall():
                     for parent in visit(raw, parents, data):
@@ -838,8 +824,8 @@ class Store:
     @staticmethod
     def _present(conn: sqlite3.Connection, table: str, raws: Sequence[bytes]) -> set[bytes]:
         found: set[bytes] = set()
-        for chunk in _chunks(raws):
-            sql = f"SELECT cid FROM {table} WHERE cid IN ({_placeholders(len(chunk))})"
+        for chunk in in_chunks(raws):
+            sql = f"SELECT cid FROM {table} WHERE cid IN ({placeholders(len(chunk))})"
             found.update(raw for (raw,) in conn.execute(sql, chunk).fetchall())
         return found
 
