@@ -169,6 +169,15 @@ def _trusted(public_key: bytes, signature: bytes, domain: bytes, payload: bytes)
     """The signature check for records read back: they were verified before being stored."""
 
 
+def _checked_record_bytes(raw: bytes, data: bytes) -> tuple[CID, bytes]:
+    """A stored record's CID and bytes, checked against each other (not decoded)."""
+    cid = _stored_cid(raw, "record")
+    data = bytes(data)
+    if not cid.matches(data):
+        raise StoreCorrupt(f"record {cid}: stored bytes do not match its CID")
+    return cid, data
+
+
 def _stored_cid(raw: bytes, kind: str) -> CID:
     try:
         return CID(raw)
@@ -371,11 +380,8 @@ class Store:
         for chunk in in_chunks(wanted):
             sql = f"SELECT cid, data FROM records WHERE cid IN ({placeholders(len(chunk))})"
             for raw, data in self._conn.execute(sql, chunk).fetchall():
-                cid = _stored_cid(raw, "record")
-                data = bytes(data)
-                if not cid.matches(data):
-                    raise StoreCorrupt(f"record {cid}: stored bytes do not match its CID")
-                out[cid] = data
+                cid, checked = _checked_record_bytes(raw, data)
+                out[cid] = checked
         return out
 
     def get_record_bytes_in(
@@ -393,11 +399,8 @@ class Store:
                 f" WHERE cid IN ({placeholders(len(chunk))})"
             )
             for raw, data, other in self._conn.execute(sql, [project, *chunk]).fetchall():
-                cid = _stored_cid(raw, "record")
-                data = bytes(data)
-                if not cid.matches(data):
-                    raise StoreCorrupt(f"record {cid}: stored bytes do not match its CID")
-                out[cid] = data
+                cid, checked = _checked_record_bytes(raw, data)
+                out[cid] = checked
                 if other is not None:
                     others[cid] = bytes(other)
         return out, others
