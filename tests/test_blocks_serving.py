@@ -97,3 +97,40 @@ async def test_blocks_imported_with_their_private_project_go_only_to_members(
             Params("car.import", [{"sections": [], "projects": too_many}]),
             None,  # type: ignore[arg-type]
         )
+
+
+async def test_public_blocks_are_answered_from_memory_and_no_others_ever(
+    service: NodeService,
+) -> None:
+    mesh = await service.meshes.create("makers", "private")
+    await service.meshes.set_membership(mesh.cid, MEMBER.public_key, "admit")
+    private, public = genesis("secret", mesh.cid), genesis("open", None)
+    await service.db(lambda store: store.put_records([private, public]))
+    only_private, only_public, own = block("p"), block("o"), block("mine")
+    await service.blocks_put([only_private], private.cid, pinned=False)
+    await service.blocks_put([only_public], public.cid, pinned=False)
+    # An upload that a private project's contribution then claimed.
+    await service.db(lambda store: store.put_blocks([own]))
+    await service.db(lambda store: store.blocks.claim(private.cid.raw, [own[0]]))
+    cids = [only_private[0], only_public[0], own[0]]
+    assert set(await service.blocks_get(cids, MEMBER.peer_id)) == set(cids)
+
+    reads: list[object] = []
+    store_read = service.db
+
+    async def counted(fn: object, *args: object) -> object:
+        reads.append(fn)
+        return await store_read(fn, *args)  # type: ignore[arg-type]
+
+    service.db = counted  # type: ignore[assignment]
+    assert set(await service.blocks_get([only_public[0]], STRANGER.peer_id)) == {only_public[0]}
+    assert reads == []  # from memory
+    # What memory does not hold is read and checked as before: nothing private leaks.
+    assert set(await service.blocks_get(cids, STRANGER.peer_id)) == {only_public[0]}
+    assert len(reads) == 1
+    # Blocks fetched for a project known to be public are held from the start.
+    fetched = block("fetched later")
+    await service.blocks_put([fetched], public.cid, pinned=False)
+    reads.clear()
+    assert set(await service.blocks_get([fetched[0]], STRANGER.peer_id)) == {fetched[0]}
+    assert reads == []

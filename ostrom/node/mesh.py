@@ -341,6 +341,11 @@ class MeshStream:
     def __repr__(self) -> str:
         return f"MeshStream({self.protocol!r}, peer={self.peer_id})"
 
+    @property
+    def reusable(self) -> bool:
+        """Neither side has closed the stream, and it has not failed (a failure resets it)."""
+        return not (self._closed or self._eof or self._done)
+
     async def __aenter__(self) -> MeshStream:
         return self
 

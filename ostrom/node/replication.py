@@ -41,6 +41,7 @@ from ostrom.node.ingest import RecordRow
 from ostrom.node.mesh import Mesh, MeshStream
 from ostrom.node.service import NodeService, sync_projects
 from ostrom.node.store import Store
+from ostrom.node.streampool import StreamPool
 from ostrom.node.transfers import ProgressListener, Purpose, Transfer
 from ostrom.protocol import blockwire
 from ostrom.protocol.catalogue import announceable_addrs
@@ -96,6 +97,12 @@ GOSSIP_STORE_QUEUE: Final = 1024
 TOPICS_REMEMBERED: Final = 1024
 # Gossiped records stored in one transaction at most: a burst costs one write, not one each.
 GOSSIP_STORE_BATCH: Final = 256
+# How long a blocks stream stays open, idle, for the next fetch from the same peer: a busy
+# project's contributions arrive seconds apart at most; a server ends a stream idle for
+# 30 s (`ostrom.node.framed.IDLE_TIMEOUT_S`), which this stays well below.
+BLOCK_STREAM_IDLE_S: Final = 10.0
+# Idle blocks streams kept per peer: fetches for two or three projects may overlap.
+BLOCK_STREAMS_PER_PEER: Final = 3
 
 
 class _Completion:
@@ -180,6 +187,10 @@ class Replicator:
         # When the catalogue hosts of each followed project were last dialled (trio time):
         # as large as the follows at most, pruned as entries age past `HOST_REDIAL_S`.
         self._hosts_dialled: dict[CID, float] = {}
+        # Blocks streams kept open between fetches (`ostrom.node.streampool`).
+        self._block_streams = StreamPool(
+            self._new_blocks_stream, idle_s=BLOCK_STREAM_IDLE_S, per_peer=BLOCK_STREAMS_PER_PEER
+        )
         self._nursery: trio.Nursery | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -199,6 +210,7 @@ class Replicator:
             nursery.start_soon(self._run_publishing)
             nursery.start_soon(self._run_gossip_store)
             nursery.start_soon(self._run_periodic)
+            nursery.start_soon(self._block_streams.run_pruning)
             task_status.started()
 
     def shared_projects(self, peer_id: str) -> list[str]:
@@ -242,6 +254,7 @@ class Replicator:
     def _peer_disconnected(self, peer_id: str) -> None:
         self._shared.pop(peer_id, None)
         self._strikes.pop(peer_id, None)
+        self._block_streams.forget(peer_id)
 
     def _request_sync(self, peer_id: str, project: CID) -> None:
         try:
@@ -561,7 +574,13 @@ class Replicator:
         or only those the records in `scope` name.
 
         Returns True if some are still missing."""
-        mode = await self.service.db(lambda store: store.follow_mode(project))
+
+        def start(store: Store) -> tuple[str | None, list[CID]]:
+            mode = store.follow_mode(project)
+            return mode, [] if mode is None else wanted_blocks(store, project, "changesets", scope)
+
+        # The follow mode and the first phase's blocks in one call to the store.
+        mode, wanted = await self.service.db(start)
         if mode is None:
             return False
         completion.add_sources(self._sources(project))
@@ -569,7 +588,8 @@ class Replicator:
         for phase in phases:
             if phase == "files" and mode != "full":
                 break
-            wanted = await self.service.db(wanted_blocks, project, phase, scope)
+            if phase != "changesets":
+                wanted = await self.service.db(wanted_blocks, project, phase, scope)
             if not wanted:
                 continue
             with self.service.transfers.track(project, phase, len(wanted)) as transfer:
@@ -624,8 +644,14 @@ class Replicator:
 
     @asynccontextmanager
     async def _open_blocks_stream(self, peer: str) -> AsyncIterator[ByteStream]:
-        async with await self.mesh.open_stream(peer, blockwire.PROTOCOL) as stream:
+        """A blocks stream to `peer` for one fetch: one left open by an earlier fetch if
+        there is one (the server answers wants until the stream closes), kept open after
+        for the next."""
+        async with self._block_streams.lend(peer) as stream:
             yield self._metered(stream)
+
+    async def _new_blocks_stream(self, peer: str) -> MeshStream:
+        return await self.mesh.open_stream(peer, blockwire.PROTOCOL)
 
     # --- DHT -----------------------------------------------------------------------------------
 

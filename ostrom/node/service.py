@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Any, Final, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar, overload
 
 import trio
 
@@ -26,6 +26,7 @@ from ostrom.errors import (
     QuotaExceeded,
 )
 from ostrom.node.bandwidth import Bandwidth
+from ostrom.node.blockcache import RecentBlocks
 from ostrom.node.blockdb import PutResult, Quota
 from ostrom.node.events import EventBus
 from ostrom.node.ingest import (
@@ -61,6 +62,9 @@ from ostrom.protocol.records import (
 from ostrom.protocol.syncset import SyncSet
 from ostrom.protocol.tree import Tree, replay
 
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -75,6 +79,22 @@ _JUDGED_TYPES: Final = frozenset({"project", "contribution", "governance", "vali
 # projects of some thousands of records keeps them all. An evicted state is evaluated
 # again from the store when next asked for.
 _STATE_CACHE_STATUSES: Final = 20_000
+# Fetched block bytes stored since the last sync at which a fetch's end syncs at once: a
+# large fetch (an artifact) is on disk when it is reported done, while the few KiB of a
+# gossiped contribution's blocks do not each cost a checkpoint and two disk syncs.
+BLOCK_SYNC_NOW_BYTES: Final = 4 * 1024 * 1024
+# How soon, at most, the blocks of smaller fetches are synced (`serve_block_syncs`): what
+# a power loss can take is then a few seconds' worth of them, which peers send again.
+BLOCK_SYNC_DELAY_S: Final = 5.0
+# Small public blocks kept in memory for peers that ask for them (`ostrom.node.blockcache`):
+# a gossiped contribution's blocks are a few hundred bytes to a few KiB, so 1 MiB holds
+# those of the last several hundred contributions, far more than followers ask for at once.
+RECENT_BLOCKS_BYTES: Final = 1024 * 1024
+# The largest block kept there: larger ones (an artifact's chunks) are read from the store,
+# as a cache of a few of them would hold little else and serve few repeats.
+RECENT_BLOCK_MAX: Final = 16 * 1024
+# `_project_mesh` has no entry for a project whose genesis was not read yet.
+_UNREAD: Final = CID.of_raw(b"")
 
 
 def _named_projects(rows: Iterable[RecordRow]) -> set[CID]:
@@ -199,6 +219,12 @@ class NodeService:
         self.network: Network | None = None
         self._last_ts = 0
         self._started = clock()
+        # Fetched block bytes stored since the last sync, and whether `serve_block_syncs`
+        # runs (without it, every `blocks_sync` syncs at once) and has a sync due.
+        self._unsynced_bytes = 0
+        self.recent_blocks = RecentBlocks(max_bytes=RECENT_BLOCKS_BYTES, max_block=RECENT_BLOCK_MAX)
+        self._defer_syncs = False
+        self._sync_due = trio.Event()
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -477,11 +503,17 @@ class NodeService:
 
     async def blocks_get(self, cids: Sequence[CID], peer: str | None = None) -> dict[CID, bytes]:
         """The stored ones of `cids`. For a `peer`, without the blocks it may not have: those
-        kept only for projects of private meshes it is not a member of (see `_withheld`)."""
+        kept only for projects of private meshes it is not a member of (see `_withheld`).
+        A peer's wants are answered from `recent_blocks` where they can be; small public
+        blocks read for a peer are kept there for the next."""
+        cached = self.recent_blocks.get(cids) if peer is not None else {}
+        wanted = [cid for cid in cids if cid not in cached] if cached else cids
+        if not wanted:
+            return cached
 
         def read(store: Store) -> tuple[dict[CID, bytes], dict[CID, set[bytes]]]:
             out = {}
-            for cid in cids:
+            for cid in wanted:
                 data = store.get_block(cid)
                 if data is not None:
                     out[cid] = data
@@ -491,7 +523,16 @@ class NodeService:
         if peer is not None:
             for cid in await self._withheld(attributed, peer):
                 del found[cid]
+            self.recent_blocks.add(
+                (cid, data) for cid, data in found.items() if self._public(attributed[cid])
+            )
+            found.update(cached)
         return found
+
+    def _public(self, projects: Iterable[bytes]) -> bool:
+        """Whether one of `projects` (a block's attributions) is known to be public: the
+        block may be served to anyone, now and from now on."""
+        return any(raw and self._project_mesh.get(CID(raw), _UNREAD) is None for raw in projects)
 
     async def _withheld(self, attributed: dict[CID, set[bytes]], peer: str) -> set[CID]:
         """Those of the blocks in `attributed` (with the projects each was stored for) that
@@ -566,6 +607,9 @@ class NodeService:
 
         try:
             result = await self.db(put)
+            self._unsynced_bytes += sum(len(data) for _, data in blocks)
+            if project is not None and self._public([project.raw]):
+                self.recent_blocks.add(blocks)  # the followers this node relays to ask next
         except QuotaExceeded as exc:
             self.events.publish(
                 {
@@ -589,10 +633,35 @@ class NodeService:
         return result.new
 
     async def blocks_sync(self) -> None:
-        """Put the fetched blocks stored so far on disk (`BlockDB.sync`). Not under the
-        store's lock: the block file syncs on a connection of its own while fetches go on
-        storing, and the copy it makes holds up no other call."""
+        """Put the fetched blocks stored so far on disk (`BlockDB.sync`): at once when
+        `BLOCK_SYNC_NOW_BYTES` or more wait, else within `BLOCK_SYNC_DELAY_S` (by
+        `serve_block_syncs`, if it runs). Not under the store's lock: the block file syncs
+        on a connection of its own while fetches go on storing, and the copy it makes holds
+        up no other call."""
+        if self._defer_syncs and self._unsynced_bytes < BLOCK_SYNC_NOW_BYTES:
+            self._sync_due.set()
+            return
+        await self._sync_blocks()
+
+    async def _sync_blocks(self) -> None:
+        self._unsynced_bytes = 0  # what is stored during the sync counts towards the next
         await trio.to_thread.run_sync(self.store.blocks.sync)
+
+    async def serve_block_syncs(
+        self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Sync the blocks of short fetches `BLOCK_SYNC_DELAY_S` after the first asks: the
+        fetches of a busy project's gossiped contributions share one sync."""
+        self._defer_syncs = True
+        try:
+            task_status.started()
+            while True:
+                await self._sync_due.wait()
+                await trio.sleep(BLOCK_SYNC_DELAY_S)
+                self._sync_due = trio.Event()
+                await self._sync_blocks()
+        finally:
+            self._defer_syncs = False
 
     async def follow(self, project: CID, mode: str) -> None:
         since = int(self._clock() * 1000)
