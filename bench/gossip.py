@@ -8,6 +8,11 @@ stamps each arrival with the shared monotonic clock. A record's time-to-all-node
 last arrival among all nodes minus the moment just before the call that made it.
 
     python -m bench.gossip [--nodes 20] [--rate 20] [--seconds 15] [--kind contribution]
+                           [--events record.added|all]
+
+The probe subscribes to `record.added` only; with `--events all` it takes every event, as
+`ostrom events` does, and every daemon then also judges each contribution for
+`status.changed` and reports each block fetch.
 """
 
 from __future__ import annotations
@@ -38,9 +43,14 @@ STABLE_S = 5.0
 CONNECT_WAIT_S = 90.0
 
 
-def listen(home: Path, arrivals: dict[str, float], ready: threading.Event) -> None:
+def listen(
+    home: Path, arrivals: dict[str, float], ready: threading.Event, every_event: bool
+) -> None:
     client = Client(home, timeout=None)
-    events = client.events()
+    # Only the events the probe reads, unless told otherwise: a subscriber of every event
+    # also makes each daemon judge every record for `status.changed` and send it the
+    # transfer events of every block fetch (`--events all` measures that).
+    events = client.events(None if every_event else ["record.added"])
     ready.set()
     try:
         for event in events:
@@ -53,7 +63,7 @@ def listen(home: Path, arrivals: dict[str, float], ready: threading.Event) -> No
 
 def poll_counts(home: Path, times: list[float], stop: threading.Event, interval: float) -> None:
     """Stamp the moment the node's record count first reaches each value (no subscription:
-    an events subscriber makes the daemon re-evaluate the project on every stored record)."""
+    a probe that sends the daemon nothing)."""
     client = Client(home, timeout=30)
     try:
         while not stop.is_set():
@@ -117,6 +127,7 @@ def run(
     probe: str,
     poll_s: float,
     kind: str = "contribution",
+    every_event: bool = False,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
     daemons: list[Daemon] = []
@@ -150,7 +161,9 @@ def run(
         for d, arr, cnt in zip(daemons, arrivals, counts, strict=True):
             if probe == "events":
                 ready = threading.Event()
-                threading.Thread(target=listen, args=(d.home, arr, ready), daemon=True).start()
+                threading.Thread(
+                    target=listen, args=(d.home, arr, ready, every_event), daemon=True
+                ).start()
                 ready.wait(10)
             else:
                 threading.Thread(
@@ -270,6 +283,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="contribution",
         help="the records node 0 makes (needs: no blocks, no acceptance; earlier figures)",
     )
+    parser.add_argument(
+        "--events",
+        choices=["record.added", "all"],
+        default="record.added",
+        help="what the probe subscribes to (all: every daemon also judges every record)",
+    )
     parser.add_argument("--poll-s", type=float, default=0.05)
     parser.add_argument("--topology", choices=["random", "chain"], default="random")
     parser.add_argument("--out", default="bench/results/gossip.json")
@@ -293,6 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.probe,
             args.poll_s,
             args.kind,
+            args.events == "all",
         )
     result = {
         "benchmark": "gossip",
@@ -302,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else "random: node i bootstraps to 2 random earlier nodes",
         "probe": args.probe,
         "kind": args.kind,
+        "events": args.events,
         "rate_per_s": args.rate,
         "seconds": args.seconds,
         **figures,

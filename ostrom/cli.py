@@ -695,7 +695,7 @@ def cmd_import(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None
 def cmd_events(args: argparse.Namespace, out: Output, data_dir: DataDir) -> None:
     with _client(data_dir) as client:
         try:
-            for event in client.events():
+            for event in client.events(args.types):
                 if out.json:
                     print(json.dumps(event, sort_keys=True, default=str), flush=True)
                 else:
@@ -931,7 +931,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p = command("import", cmd_import, "verify and take in the records and blocks of a CAR file")
     p.add_argument("file")
-    command("events", cmd_events, "stream the node's events until interrupted")
+    p = command("events", cmd_events, "stream the node's events until interrupted")
+    p.add_argument(
+        "--type",
+        action="append",
+        dest="types",
+        metavar="TYPE",
+        help="only events of this type (repeatable), e.g. record.added; default: every event",
+    )
     return parser
 
 

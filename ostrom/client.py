@@ -798,9 +798,10 @@ class Client:
 
     # --- events --------------------------------------------------------------------------------
 
-    def events(self) -> Iterator[dict[str, Any]]:
-        """The node's events as they happen, until the daemon stops or the caller breaks off."""
-        self.call("events.subscribe")
+    def events(self, types: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+        """The node's events as they happen (only those of `types`, if given), until the
+        daemon stops or the caller breaks off."""
+        self.call("events.subscribe", types=None if types is None else list(types))
         for method_name, params in self._connection.notifications():
             if method_name == "event" and params and isinstance(params[0], dict):
                 yield params[0]

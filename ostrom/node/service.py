@@ -265,7 +265,7 @@ class NodeService:
         # is moved forward by them (`acceptance.advance`); a project they name that has no
         # state cached gets one first, only when someone listens.
         named = _named_projects(rows)
-        if self.events.subscriber_count:
+        if self.events.wants("status.changed"):
             for project in named:
                 if project not in self._states:
                     # A project whose genesis is not here yet has no state to report from.
@@ -291,7 +291,7 @@ class NodeService:
             await self._grow_sync_sets(stored, fresh)
         for listener in self.record_listeners:
             listener(stored, origin)
-        if self.events.subscriber_count:
+        if self.events.wants("record.added"):
             for record in stored:
                 self.events.publish(
                     {"type": "record.added", "origin": origin, "record": record_view(record)}
@@ -302,7 +302,7 @@ class NodeService:
     async def _advance_states(self, stored: _StoredRecords, fresh: Sequence[RecordRow]) -> None:
         """Move the cached acceptance states forward by newly stored records, publishing the
         status changes; a state that only a new evaluation can tell is evaluated again if
-        someone listens, dropped otherwise."""
+        someone listens for `status.changed`, dropped otherwise."""
         raws = [row[ROW_CID] for row in fresh]
         named = _named_projects(fresh)
         for project, state in list(self._states.items()):
@@ -318,12 +318,12 @@ class NodeService:
             if advanced is not None:
                 new, changes = advanced
                 self._states[project] = new
-                if self.events.subscriber_count:
+                if self.events.wants("status.changed"):
                     for change in changes:
                         self._publish_status_change(project, change)
                 continue
             self._forget_state(project)
-            if self.events.subscriber_count:
+            if self.events.wants("status.changed"):
                 await self._publish_status_changes(project, state)
 
     async def _validated(
@@ -356,7 +356,7 @@ class NodeService:
 
     async def _publish_status_changes(self, project: CID, old: ProjectState) -> None:
         """Publish what a new evaluation of `project` changed from `old`."""
-        if not self.events.subscriber_count:
+        if not self.events.wants("status.changed"):
             return
         try:
             new = await self.state(project)

@@ -118,9 +118,11 @@ async def limits_set(node: NodeService, params: Params, conn: RpcConnection) -> 
 
 @method("events.subscribe")
 async def events_subscribe(node: NodeService, params: Params, conn: RpcConnection) -> Any:
-    """Stream events as `[2, "event", [event]]` notifications on this connection."""
+    """Stream events as `[2, "event", [event]]` notifications on this connection: every
+    event, or those of the `types` given."""
+    types = params.texts("types", None)
     params.done()
-    subscription = node.events.subscribe()
+    subscription = node.events.subscribe(types)
     conn.on_close(subscription.close)
 
     async def forward() -> None:
