@@ -75,3 +75,28 @@ async def test_a_record_gossiped_ahead_of_its_parents_syncs_its_own_project(
     await replicator.service.store_new([first], "sync")
     third = world.contribute(ALICE, project, [second], {"c.txt": "c"})
     assert await _gossip(replicator, project.cid, third.data) == []
+
+
+async def test_a_busy_project_s_gossiped_contributions_share_one_block_pass(
+    replicator: Replicator, autojump_clock: object
+) -> None:
+    project = CID.of_raw(b"busy project")
+    a, b, c = (CID.of_raw(name) for name in (b"a", b"b", b"c"))
+    passes: list[set[CID] | None] = []
+
+    async def fetch_missing(project: CID, completion: object, scope: set[CID] | None) -> bool:
+        passes.append(None if scope is None else set(scope))
+        return False  # nothing missing
+
+    replicator._fetch_missing_blocks = fetch_missing  # type: ignore[assignment,method-assign]
+    # A lone contribution's blocks are looked for at once.
+    start = trio.current_time()
+    await replicator._complete_blocks(project, [PEER], [a])
+    assert passes == [{a}] and trio.current_time() == start
+    # Another within a second or two: the project is busy, and what arrives while the
+    # completion waits joins its first pass.
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(replicator._complete_blocks, project, [PEER], [b])
+        await trio.sleep(0.1)
+        await replicator._complete_blocks(project, [PEER], [c])
+    assert passes == [{a}, {b, c}]

@@ -97,6 +97,14 @@ GOSSIP_STORE_QUEUE: Final = 1024
 TOPICS_REMEMBERED: Final = 1024
 # Gossiped records stored in one transaction at most: a burst costs one write, not one each.
 GOSSIP_STORE_BATCH: Final = 256
+# How long a completion started by gossiped contributions of a busy project waits before it
+# looks for their blocks: the contributions gossiped meanwhile join it, so followers fetch
+# the blocks of many in one pass (three calls to the store and a want or two per peer)
+# instead of one pass each. Their blocks then arrive this much later; the records do not
+# wait. A project is busy when its last gossip completion started less than
+# `GOSSIP_BUSY_S` before: a lone contribution's blocks are fetched at once.
+GOSSIP_BLOCKS_GATHER_S: Final = 0.5
+GOSSIP_BUSY_S: Final = 2.0
 # How long a blocks stream stays open, idle, for the next fetch from the same peer: a busy
 # project's contributions arrive seconds apart at most; a server ends a stream idle for
 # 30 s (`ostrom.node.framed.IDLE_TIMEOUT_S`), which this stays well below.
@@ -187,6 +195,9 @@ class Replicator:
         # When the catalogue hosts of each followed project were last dialled (trio time):
         # as large as the follows at most, pruned as entries age past `HOST_REDIAL_S`.
         self._hosts_dialled: dict[CID, float] = {}
+        # When each project's last gossip completion started (trio time): whether the
+        # project is busy (`GOSSIP_BUSY_S`). Entries older than that go every sync round.
+        self._gossip_completed: dict[CID, float] = {}
         # Blocks streams kept open between fetches (`ostrom.node.streampool`).
         self._block_streams = StreamPool(
             self._new_blocks_stream, idle_s=BLOCK_STREAM_IDLE_S, per_peer=BLOCK_STREAMS_PER_PEER
@@ -232,6 +243,7 @@ class Replicator:
     async def unfollow(self, project: CID) -> None:
         self._blocks_complete.discard(project)
         self._hosts_dialled.pop(project, None)
+        self._gossip_completed.pop(project, None)
         if project in self._following:
             self._following.discard(project)
             await self.mesh.unsubscribe(topic_of(project))
@@ -494,6 +506,10 @@ class Replicator:
     async def _run_periodic(self) -> None:
         while True:
             await trio.sleep(SYNC_INTERVAL_S)
+            busy_since = trio.current_time() - GOSSIP_BUSY_S
+            self._gossip_completed = {
+                p: t for p, t in self._gossip_completed.items() if t >= busy_since
+            }
             peers = [p.peer_id for p in self.mesh.peers()]
             for project in list(self._following):
                 sharing = [p for p in peers if project in self._shared.get(p, ())]
@@ -532,8 +548,9 @@ class Replicator:
         contributions, whose parents are here and were looked at before); None looks at the
         whole project, which walks its history.
 
-        The first call runs the completion; a call while it runs adds its peers to it (to
-        the fetch under way, too) and returns. Since such a peer may have just brought
+        The first call runs the completion (for gossiped records of a busy project, after
+        `GOSSIP_BLOCKS_GATHER_S`); a call while it runs adds its peers to it (to the fetch
+        under way, too) and returns. Since such a peer may have just brought
         records naming more blocks, the completion then looks again for what is missing
         once its fetch ends. When peers lacked some blocks (a relay that has the record but
         is still fetching its blocks), it tries again a few times with backoff.
@@ -545,6 +562,13 @@ class Replicator:
         completion = _Completion(peers, records)
         self._completions[project] = completion
         try:
+            if records is not None:
+                now = trio.current_time()
+                last = self._gossip_completed.get(project)
+                self._gossip_completed[project] = now
+                if last is not None and now - last < GOSSIP_BUSY_S:
+                    # A busy project: what else arrives meanwhile joins the first pass.
+                    await trio.sleep(GOSSIP_BLOCKS_GATHER_S)
             delay = BLOCK_RETRY_FIRST_S
             failures = 0
             while failures < BLOCK_RETRIES:
