@@ -303,3 +303,10 @@ def test_follow_and_unfollow(node: Daemon) -> None:
     assert by_name.returncode == 1 and "full CID" in by_name.stderr
     raw_block = node.cli("follow", str(CID.of_raw(b"x")), check=False)
     assert raw_block.returncode == 1 and "block" in raw_block.stderr
+
+
+def test_events_of_an_unknown_type_are_refused_with_the_known_ones(node: Daemon) -> None:
+    result = node.cli("events", "--type", "record.add", check=False)
+    assert result.returncode != 0
+    assert "unknown event type record.add" in result.stderr
+    assert "record.added" in result.stderr
