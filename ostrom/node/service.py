@@ -93,8 +93,6 @@ RECENT_BLOCKS_BYTES: Final = 1024 * 1024
 # The largest block kept there: larger ones (an artifact's chunks) are read from the store,
 # as a cache of a few of them would hold little else and serve few repeats.
 RECENT_BLOCK_MAX: Final = 16 * 1024
-# `_project_mesh` has no entry for a project whose genesis was not read yet.
-_UNREAD: Final = CID.of_raw(b"")
 
 
 def _named_projects(rows: Iterable[RecordRow]) -> set[CID]:
@@ -532,7 +530,12 @@ class NodeService:
     def _public(self, projects: Iterable[bytes]) -> bool:
         """Whether one of `projects` (a block's attributions) is known to be public: the
         block may be served to anyone, now and from now on."""
-        return any(raw and self._project_mesh.get(CID(raw), _UNREAD) is None for raw in projects)
+        for raw in projects:
+            if raw:  # not this node's own attribution
+                project = CID(raw)
+                if project in self._project_mesh and self._project_mesh[project] is None:
+                    return True
+        return False
 
     async def _withheld(self, attributed: dict[CID, set[bytes]], peer: str) -> set[CID]:
         """Those of the blocks in `attributed` (with the projects each was stored for) that
