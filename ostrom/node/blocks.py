@@ -51,6 +51,18 @@ WANT_BLOCKS: Final = 16
 # the next one as soon as it has sent the last block of the previous one. Four of 16 blocks
 # keep up to 64 blocks (16 MiB of 256 KiB blocks) asked for, the largest Yamux window.
 WANTS_IN_FLIGHT: Final = 4
+# Of those, the wants every peer keeps outstanding whatever the others do: the one it is
+# answering and the next, so that it never waits for a want. Its wants beyond these come
+# out of a budget shared by the whole fetch, `FETCH_IN_FLIGHT_BLOCKS`.
+MIN_WANTS_IN_FLIGHT: Final = 2
+# Blocks asked for and not yet received, over every peer of a fetch, beyond each peer's
+# `MIN_WANTS_IN_FLIGHT`: what one peer needs to fill the largest Yamux window. One peer
+# takes all of it; several peers each keep two wants and share nothing more, so that what is
+# on its way to this node stays near one window however many peers send it (three peers
+# with four wants each had 48 MiB on the way at once: three full windows of buffers to
+# copy, for no more bandwidth), and a slow peer holds at most two wants when the others
+# finish.
+FETCH_IN_FLIGHT_BLOCKS: Final = WANTS_IN_FLIGHT * WANT_BLOCKS
 # Blocks received but not yet verified and stored: the bound on what a slow disk can make a
 # fetch hold in memory (up to 32 MiB at the largest block size, 8 MiB at the default).
 STORE_QUEUE_BLOCKS: Final = 32
@@ -213,6 +225,8 @@ class BlockFetch:
         self._lacked_by: dict[CID, set[str]] = {}
         # CIDs asked of some peer and not yet stored (or given back), over every worker.
         self._unsettled = 0
+        # CIDs asked of some peer and not yet received, over every worker.
+        self._in_flight = 0
         self._workers: set[str] = set()
         self._finished: set[str] = set()  # peers whose worker ended: not started again
         # Peers that sent a block the store refused, and why; their workers stop.
@@ -301,19 +315,29 @@ class BlockFetch:
         finally:
             self._workers.discard(peer)
             self._finished.add(peer)
+            self._in_flight -= len(asked)
             self._give_back(list(asked))
             if not self._workers:
                 self._nursery = None  # the fetch is over: a peer joining now starts nothing
+
+    def _may_ask(self, outstanding: int) -> bool:
+        """Whether a peer with `outstanding` blocks still to send may be sent another want."""
+        if outstanding > (WANTS_IN_FLIGHT - 1) * WANT_BLOCKS:
+            return False
+        if outstanding <= (MIN_WANTS_IN_FLIGHT - 1) * WANT_BLOCKS:
+            return True
+        return self._in_flight + WANT_BLOCKS <= FETCH_IN_FLIGHT_BLOCKS
 
     async def _exchange(self, peer: str, framed: FramedStream, asked: deque[CID]) -> None:
         while True:
             if peer in self._refused:
                 raise BlockMismatch(self._refused[peer])
-            while len(asked) <= (WANTS_IN_FLIGHT - 1) * WANT_BLOCKS:
+            while self._may_ask(len(asked)):
                 batch = self._take(peer, WANT_BLOCKS)
                 if not batch:
                     break
                 asked.extend(batch)
+                self._in_flight += len(batch)
                 await framed.send(blockwire.Want(tuple(batch)).to_wire())
             if not asked:
                 if self._unsettled == 0:
@@ -329,6 +353,7 @@ class BlockFetch:
             if isinstance(message, blockwire.Want) or message.cid != expected:
                 raise DecodeError(f"peer answered out of order (expected {expected})")
             asked.popleft()
+            self._in_flight -= 1
             if isinstance(message, blockwire.Missing):
                 self._lacked_by.setdefault(expected, set()).add(peer)
                 self._give_back([expected])
