@@ -216,9 +216,7 @@ async def test_a_peer_added_while_a_fetch_runs_takes_what_is_left() -> None:
     assert fetch.result.missing == 0
 
 
-async def test_a_stalled_peer_holds_back_only_its_two_wants_while_another_sends_the_rest() -> (
-    None
-):
+async def test_a_stalled_peer_holds_back_only_its_two_wants_while_others_send_the_rest() -> None:
     data = make_blocks(300)
     cids = [CID.of_raw(d) for d in data]
     ours = MemoryStore()
