@@ -856,7 +856,9 @@ async def _read_noise_msg(self: NoiseTransportReadWriter, prefix_encoded: bool =
                 received_bytes=len(buf) - _NOISE_LENGTH_BYTES,
             )
         buf += chunk
-    encrypted = bytes(buf[_NOISE_LENGTH_BYTES:end])
+    # One copy out of the buffer (a slice of the bytearray, then `bytes` of it, was two).
+    with memoryview(buf) as view, view[_NOISE_LENGTH_BYTES:end] as message:
+        encrypted = bytes(message)
     del buf[:end]
     return self.decrypt(encrypted)
 
