@@ -5,9 +5,9 @@ writes the frames, so the stream does not idle while the store reads.
 
 Fetching is one `BlockFetch` for a set of CIDs, with one stream per peer. Every peer's worker
 takes its next `want` from one shared queue, so a fast peer takes more and a peer that joins
-late takes its share of what is left; each keeps a few wants outstanding so that its peer
-always has the next one queued. Blocks go through a bounded channel to one storing task,
-which gathers what arrives (from every peer, up to `STORE_BATCH_BLOCKS`) into one
+late takes its share of what is left; each keeps two wants outstanding so that its peer
+always has the next one queued, and a peer alone up to four (`FETCH_IN_FLIGHT_BLOCKS`).
+Blocks go through a bounded channel to one storing task, which gathers what arrives (from every peer, up to `STORE_BATCH_BLOCKS`) into one
 transaction while the workers keep receiving; the store verifies each block against its CID
 before it writes any of a batch. What a peer lacks goes back to the queue for the others.
 Everything stored stays stored, so an interrupted fetch resumes where it stopped: the next
@@ -17,6 +17,10 @@ Fetched blocks are committed without waiting for the disk; the fetch syncs the s
 its end, before `run` returns (and the store syncs by itself as its log grows). A power loss
 before then can only lose blocks, which the next completion fetches again (see
 `ostrom.node.blockdb`).
+
+While any fetch or serve runs, Python's switch interval is shortened
+(`BULK_SWITCH_INTERVAL_S`), so that the threads storing and reading blocks are not held up
+by the network thread each time they take Python's lock back.
 """
 
 from __future__ import annotations
