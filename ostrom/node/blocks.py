@@ -7,9 +7,9 @@ Fetching is one `BlockFetch` for a set of CIDs, with one stream per peer. Every 
 takes its next `want` from one shared queue, so a fast peer takes more and a peer that joins
 late takes its share of what is left; each keeps two wants outstanding so that its peer
 always has the next one queued, and a peer alone up to four (`FETCH_IN_FLIGHT_BLOCKS`).
-Blocks go through a bounded channel to one storing task, which gathers what arrives (from every peer, up to `STORE_BATCH_BLOCKS`) into one
-transaction while the workers keep receiving; the store verifies each block against its CID
-before it writes any of a batch. What a peer lacks goes back to the queue for the others.
+Blocks go through a bounded channel to one storing task, which gathers what arrives (from
+every peer, up to `STORE_BATCH_BLOCKS`) into one transaction while the workers keep
+receiving; the store verifies each block against its CID before it writes any of a batch. What a peer lacks goes back to the queue for the others.
 Everything stored stays stored, so an interrupted fetch resumes where it stopped: the next
 fetch asks only for what is still missing.
 
