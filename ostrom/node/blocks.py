@@ -9,9 +9,10 @@ late takes its share of what is left; each keeps two wants outstanding so that i
 always has the next one queued, and a peer alone up to four (`FETCH_IN_FLIGHT_BLOCKS`).
 Blocks go through a bounded channel to one storing task, which gathers what arrives (from
 every peer, up to `STORE_BATCH_BLOCKS`) into one transaction while the workers keep
-receiving; the store verifies each block against its CID before it writes any of a batch. What a peer lacks goes back to the queue for the others.
-Everything stored stays stored, so an interrupted fetch resumes where it stopped: the next
-fetch asks only for what is still missing.
+receiving; the store verifies each block against its CID before it writes any of a batch.
+What a peer lacks goes back to the queue for the others. Everything stored stays stored, so
+an interrupted fetch resumes where it stopped: the next fetch asks only for what is still
+missing.
 
 Fetched blocks are committed without waiting for the disk; the fetch syncs the store once, at
 its end, before `run` returns (and the store syncs by itself as its log grows). A power loss
