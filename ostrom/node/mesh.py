@@ -38,8 +38,9 @@ workaround in one place:
   a decrypted message without copying it and joins a frame body's pieces once, a Yamux
   frame body already buffered is taken without a timeout, a frame sent or a stream read
   builds no debug line nobody prints, binary IHAVE ids skip a hex-decoding attempt, and a
-  message's origin key is kept per peer id. Yamux's tuning variables are read from the environment once, not on
-  every frame, and a per-message list py-libp2p never trims is bounded.
+  message's origin key is kept per peer id. Yamux's tuning variables are read from the
+  environment once, not on every frame, and a per-message list py-libp2p never trims is
+  bounded.
 - Gossip degree D=3 (D_high 6), a node's own messages sent to D peers even when its mesh
   is smaller, IHAVE gossip to peers in back-off too, and a 10 s prune back-off (see the
   constants below for why).
