@@ -30,8 +30,8 @@ before that commit too. Whatever survives is still checked against its CID on ev
 
 Checkpoints: copying the log into the database is not needed to make a fetch durable (the
 synced log is), so `sync` does not copy: the copy happens when the writer's log reaches
-`WAL_AUTOCHECKPOINT_PAGES`, or when the file is closed. A fetch of up to about 1 GiB then
-ends with one sync of the log instead of a copy of everything it fetched (about 0.4 s of
+`WAL_AUTOCHECKPOINT_PAGES`, or when the file is closed. A fetch that does not fill the log
+ends with one sync of it instead of a copy of everything it fetched (about 0.4 s of
 wall time per 256 MiB here, on the storing thread, while the fetch waited). Each block is
 still written twice (log, then database); the second write only comes later, in one
 larger checkpoint. The price is disk space: the log holds up to 1 GiB more than the
@@ -87,8 +87,8 @@ TOUCH_FLUSH: Final = 256
 _CACHE_KIB: Final = 1024
 # Pages the write-ahead log may hold before the writing connection checkpoints it, inside a
 # commit: 16384 pages of 64 KiB are 1 GiB. `sync` only syncs the log, so this is where
-# fetched blocks are copied into the database: rarely enough that a fetch of a few hundred
-# MiB never waits on a copy, often enough that the log (disk space beside the blocks, and
+# fetched blocks are copied into the database: rarely enough that most fetches end without
+# waiting on a copy (one does when the log fills during it), often enough that the log (disk space beside the blocks, and
 # the wal-index every read looks up) stays within 1 GiB. The checkpoint also syncs the log,
 # which bounds what a power loss can take of a fetch that has not ended yet.
 WAL_AUTOCHECKPOINT_PAGES: Final = 16384
