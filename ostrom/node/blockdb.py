@@ -88,9 +88,10 @@ _CACHE_KIB: Final = 1024
 # Pages the write-ahead log may hold before the writing connection checkpoints it, inside a
 # commit: 16384 pages of 64 KiB are 1 GiB. `sync` only syncs the log, so this is where
 # fetched blocks are copied into the database: rarely enough that most fetches end without
-# waiting on a copy (one does when the log fills during it), often enough that the log (disk space beside the blocks, and
-# the wal-index every read looks up) stays within 1 GiB. The checkpoint also syncs the log,
-# which bounds what a power loss can take of a fetch that has not ended yet.
+# waiting on a copy (one does when the log fills during it), often enough that the log
+# (disk space beside the blocks, and the wal-index every read looks up) stays within 1 GiB.
+# The checkpoint also syncs the log, which bounds what a power loss can take of a fetch that
+# has not ended yet.
 WAL_AUTOCHECKPOINT_PAGES: Final = 16384
 # Bytes of log file kept once a checkpoint has emptied it: the next writes reuse them instead
 # of growing the file from nothing, and a log that once grew large does not stay large.
