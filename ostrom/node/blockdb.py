@@ -13,9 +13,9 @@ Durability. The file runs in WAL mode. Two kinds of writes share it:
   record of this node names is still here. The node's records are stored after their blocks.
 - *Fetched* blocks (`put(..., durable=False)`: blocks a peer sent, which any peer holding
   them can send again) commit with `synchronous = NORMAL`: the commit reaches the operating
-  system but not the disk. They reach it when the log, grown by `WAL_AUTOCHECKPOINT_PAGES`,
-  is checkpointed by the writing connection (every 256 MiB), and when the fetch ends: it
-  calls `sync` (`ostrom.node.blocks`), which syncs the log and copies it into the database.
+  system but not the disk. They reach it when the fetch ends: it calls `sync`
+  (`ostrom.node.blocks`), which syncs the log; and when the log, grown by
+  `WAL_AUTOCHECKPOINT_PAGES` (1 GiB), is checkpointed by the writing connection.
 
 What a crash can do. SQLite's WAL is consistent under `synchronous = NORMAL` through a power
 loss: frames carry checksums, recovery keeps the log up to the last commit whose frames are
@@ -28,12 +28,14 @@ first sync with a peer) fetches them again. It cannot lose a durable write, nor 
 before one: the log is one sequence, and syncing it at a durable commit syncs every frame
 before that commit too. Whatever survives is still checked against its CID on every read.
 
-Checkpoints: `sync` checkpoints on a connection of its own, so that it holds up no other
-call to the store (the caller's lock is not needed). Fetches call it only at their end:
-checkpoints running beside a fetch's writes never let the log start again (they cannot catch
-up with the writer), and the writer's own checkpoint every 256 MiB already bounds what a
-power loss can take. Each block is written twice (log, then database): a copy of about 0.2
-CPU s per 256 MiB, in exchange for no disk sync per batch.
+Checkpoints: copying the log into the database is not needed to make a fetch durable (the
+synced log is), so `sync` does not copy: the copy happens when the writer's log reaches
+`WAL_AUTOCHECKPOINT_PAGES`, or when the file is closed. A fetch that does not fill the log
+ends with one sync of it instead of a copy of everything it fetched (about 0.4 s of
+wall time per 256 MiB here, on the storing thread, while the fetch waited). Each block is
+still written twice (log, then database); the second write only comes later, in one
+larger checkpoint. The price is disk space: the log holds up to 1 GiB more than the
+blocks, until a checkpoint copies it and the log is cut back to `WAL_KEEP_BYTES`.
 
 Keeping: each block is attributed to the projects it was stored for (`block_projects`).
 An attribution is *pinned* when the block is kept for that project: a project followed in
@@ -84,15 +86,20 @@ TOUCH_FLUSH: Final = 256
 # node is done with.
 _CACHE_KIB: Final = 1024
 # Pages the write-ahead log may hold before the writing connection checkpoints it, inside a
-# commit: 4096 pages of 64 KiB are 256 MiB. That checkpoint syncs the log and the database,
-# so a long fetch is synced every 256 MiB (what a power loss can lose of it at most), and the
-# log starts again from its beginning, so it never holds much more than this. More often
-# would stall the storing more often for little: each stall costs a sync, and the copy costs
-# the same per byte whenever it runs.
-WAL_AUTOCHECKPOINT_PAGES: Final = 4096
+# commit: 16384 pages of 64 KiB are 1 GiB. `sync` only syncs the log, so this is where
+# fetched blocks are copied into the database: rarely enough that most fetches end without
+# waiting on a copy (one does when the log fills during it), often enough that the log
+# (disk space beside the blocks, and the wal-index every read looks up) stays within 1 GiB.
+# The checkpoint also syncs the log, which bounds what a power loss can take of a fetch that
+# has not ended yet.
+WAL_AUTOCHECKPOINT_PAGES: Final = 16384
 # Bytes of log file kept once a checkpoint has emptied it: the next writes reuse them instead
 # of growing the file from nothing, and a log that once grew large does not stay large.
 WAL_KEEP_BYTES: Final = 64 * 1024 * 1024
+
+# Rows per multi-row INSERT (`_insert_rows`): a fetch stores 16 blocks per transaction, and
+# 200 rows of up to 5 values stay far under SQLite's bound of 32,766 parameters.
+INSERT_ROWS: Final = 200
 
 _SCHEMA: Final = """
 CREATE TABLE blocks (
@@ -164,9 +171,7 @@ class BlockDB:
         # leave `_synced` too low, which costs an unneeded sync, never a missed one.
         self._commits = 0
         self._synced = 0
-        # `sync`'s own connection, opened on first use, and the lock that serialises `sync`
-        # calls (two fetches may sync at once) and `close`.
-        self._syncer: sqlite3.Connection | None = None
+        # The lock that serialises `sync` calls (two fetches may sync at once) and `close`.
         self._sync_lock = threading.Lock()
         # Whether the writing connection is in `synchronous = FULL` now.
         self._full = True
@@ -196,8 +201,6 @@ class BlockDB:
             if self._closed:
                 return
             self._closed = True
-            if self._syncer is not None:
-                self._syncer.close()
         try:
             if self._touched:
                 with self._write(durable=False):
@@ -229,31 +232,23 @@ class BlockDB:
         return self._synced < self._commits
 
     def sync(self) -> None:
-        """Put every write committed so far on disk, and copy the log into the database.
+        """Put every write committed so far on disk: sync the log.
 
         May be called from any thread while the writing thread keeps writing (that thread's
-        callers serialise everything else): it checkpoints on a connection of its own, which
-        syncs the log before it copies it (`synchronous = NORMAL` on that connection) and the
-        database after. A checkpoint that copied less than the whole log (another checkpoint
-        was running, or a read held an older snapshot) may not have synced it; the log file
-        is then synced directly.
+        callers serialise everything else). Every commit is in the log until a checkpoint
+        copies it into the database, and a checkpoint syncs the database before the log
+        starts again, so syncing the log file covers every commit made before this call.
+        The copy itself is left to the writer's checkpoint (see the module docstring).
         """
         with self._sync_lock:
             upto = self._commits
             if self._closed or self._synced >= upto:
                 return
-            if self._syncer is None:
-                self._syncer = sqlite3.connect(
-                    self._path, isolation_level=None, check_same_thread=False
-                )
-                self._syncer.execute("PRAGMA synchronous = NORMAL")
-            busy, frames, copied = self._syncer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if busy or copied < frames:
-                wal = os.open(f"{self._path}-wal", os.O_RDWR)
-                try:
-                    os.fsync(wal)
-                finally:
-                    os.close(wal)
+            wal = os.open(f"{self._path}-wal", os.O_RDWR)
+            try:
+                os.fsync(wal)
+            finally:
+                os.close(wal)
             self._synced = max(self._synced, upto)
 
     def _set_durable(self, durable: bool) -> None:
@@ -317,18 +312,21 @@ class BlockDB:
             # each table takes the batch in one statement.
             top = conn.execute("SELECT coalesce(max(id), 0) FROM blocks").fetchone()[0]
             added = {raw: top + 1 + i for i, raw in enumerate(new)}
-            conn.executemany(
-                "INSERT INTO blocks (id, cid, size, used, kept) VALUES (?, ?, ?, ?, ?)",
+            _insert_rows(
+                conn,
+                "INSERT INTO blocks (id, cid, size, used, kept) VALUES",
                 [(i, raw, len(unique[raw][1]), tick, kept) for raw, i in added.items()],
             )
-            conn.executemany(
-                "INSERT INTO block_data (id, data) VALUES (?, ?)",
+            _insert_rows(
+                conn,
+                "INSERT INTO block_data (id, data) VALUES",
                 [(i, unique[raw][1]) for raw, i in added.items()],
             )
-            conn.executemany(
-                "INSERT INTO block_projects (project, block, pinned) VALUES (?, ?, ?)"
-                " ON CONFLICT (project, block) DO UPDATE SET pinned = max(pinned, excluded.pinned)",
+            _insert_rows(
+                conn,
+                "INSERT INTO block_projects (project, block, pinned) VALUES",
                 [(project, i, kept) for i in (*present.values(), *added.values())],
+                " ON CONFLICT (project, block) DO UPDATE SET pinned = max(pinned, excluded.pinned)",
             )
             if present:
                 conn.executemany(
@@ -588,6 +586,28 @@ class _WriteTxn:
             self._db._committed(self._durable)
         elif conn.in_transaction:
             conn.execute("ROLLBACK")
+
+
+def _insert_rows(
+    conn: sqlite3.Connection, head: str, rows: Sequence[tuple[object, ...]], tail: str = ""
+) -> None:
+    """`head` followed by a `VALUES` list of `rows` (then `tail`), `INSERT_ROWS` rows per
+    statement.
+
+    One statement per slice rather than `executemany`'s one per row: each statement
+    releases Python's lock while SQLite runs it, and getting it back while the network
+    thread runs Python code takes up to the interpreter's switch interval (5 ms). Per row,
+    a fetch's storing thread spent most of its time waiting for that lock, not writing.
+    """
+    if not rows:
+        return
+    marks = "(" + ",".join("?" * len(rows[0])) + ")"
+    for start in range(0, len(rows), INSERT_ROWS):
+        part = rows[start : start + INSERT_ROWS]
+        conn.execute(
+            f"{head} {','.join([marks] * len(part))}{tail}",
+            [value for row in part for value in row],
+        )
 
 
 def _set_up(conn: sqlite3.Connection, path: Path) -> None:

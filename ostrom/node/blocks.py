@@ -5,26 +5,32 @@ writes the frames, so the stream does not idle while the store reads.
 
 Fetching is one `BlockFetch` for a set of CIDs, with one stream per peer. Every peer's worker
 takes its next `want` from one shared queue, so a fast peer takes more and a peer that joins
-late takes its share of what is left; each keeps a few wants outstanding so that its peer
-always has the next one queued. Blocks go through a bounded channel to one storing task,
-which gathers what arrives (from every peer, up to `STORE_BATCH_BLOCKS`) into one
-transaction while the workers keep receiving; the store verifies each block against its CID
-before it writes any of a batch. What a peer lacks goes back to the queue for the others.
-Everything stored stays stored, so an interrupted fetch resumes where it stopped: the next
-fetch asks only for what is still missing.
+late takes its share of what is left; each keeps two wants outstanding so that its peer
+always has the next one queued, and a peer alone up to four (`FETCH_IN_FLIGHT_BLOCKS`).
+Blocks go through a bounded channel to one storing task, which gathers what arrives (from
+every peer, up to `STORE_BATCH_BLOCKS`) into one transaction while the workers keep
+receiving; the store verifies each block against its CID before it writes any of a batch.
+What a peer lacks goes back to the queue for the others. Everything stored stays stored, so
+an interrupted fetch resumes where it stopped: the next fetch asks only for what is still
+missing.
 
 Fetched blocks are committed without waiting for the disk; the fetch syncs the store once, at
 its end, before `run` returns (and the store syncs by itself as its log grows). A power loss
 before then can only lose blocks, which the next completion fetches again (see
 `ostrom.node.blockdb`).
+
+While any fetch or serve runs, Python's switch interval is shortened
+(`BULK_SWITCH_INTERVAL_S`), so that the threads storing and reading blocks are not held up
+by the network thread each time they take Python's lock back.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -50,6 +56,18 @@ WANT_BLOCKS: Final = 16
 # the next one as soon as it has sent the last block of the previous one. Four of 16 blocks
 # keep up to 64 blocks (16 MiB of 256 KiB blocks) asked for, the largest Yamux window.
 WANTS_IN_FLIGHT: Final = 4
+# Of those, the wants every peer keeps outstanding whatever the others do: the one it is
+# answering and the next, so that it never waits for a want. Its wants beyond these come
+# out of a budget shared by the whole fetch, `FETCH_IN_FLIGHT_BLOCKS`.
+MIN_WANTS_IN_FLIGHT: Final = 2
+# Blocks asked for and not yet received, over every peer of a fetch, beyond each peer's
+# `MIN_WANTS_IN_FLIGHT`: what one peer needs to fill the largest Yamux window. One peer
+# takes all of it; several peers each keep two wants and share nothing more, so that what is
+# on its way to this node stays near one window however many peers send it (three peers
+# with four wants each had 48 MiB on the way at once: three full windows of buffers to
+# copy, for no more bandwidth), and a slow peer holds at most two wants when the others
+# finish.
+FETCH_IN_FLIGHT_BLOCKS: Final = WANTS_IN_FLIGHT * WANT_BLOCKS
 # Blocks received but not yet verified and stored: the bound on what a slow disk can make a
 # fetch hold in memory (up to 32 MiB at the largest block size, 8 MiB at the default).
 STORE_QUEUE_BLOCKS: Final = 32
@@ -66,6 +84,41 @@ STORE_GATHER_S: Final = 0.05
 SERVE_READ_BLOCKS: Final = 8
 # Reads a server keeps ready ahead of the stream (each up to SERVE_READ_BLOCKS blocks).
 SERVE_READ_AHEAD: Final = 2
+
+
+# Python's switch interval while blocks are fetched or served (the interpreter's is 5 ms).
+# Storing and reading blocks runs on a worker thread, in C calls (SQLite, SHA-256) that each
+# give up Python's lock and take it back after; while the network thread runs Python code,
+# taking it back waits until the switch interval forces that thread to yield. At 5 ms a
+# thread storing 256 MiB (thousands of such calls) spent most of its time waiting, and a
+# fetch stalled behind it; half a millisecond cuts the wait tenfold and costs the network
+# thread a few more thread switches.
+BULK_SWITCH_INTERVAL_S: Final = 0.0005
+
+
+class _SwitchInterval:
+    """`BULK_SWITCH_INTERVAL_S` for as long as any fetch or serve runs (the setting is the
+    process's); the interval found before the first is restored after the last."""
+
+    def __init__(self) -> None:
+        self._users = 0
+        self._saved = 0.0
+
+    @contextmanager
+    def shortened(self) -> Iterator[None]:
+        if not self._users:
+            self._saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._saved, BULK_SWITCH_INTERVAL_S))
+        self._users += 1
+        try:
+            yield
+        finally:
+            self._users -= 1
+            if not self._users:
+                sys.setswitchinterval(self._saved)
+
+
+_switch_interval = _SwitchInterval()
 
 
 class BlockStore(Protocol):
@@ -119,7 +172,7 @@ async def serve(stream: ByteStream, store: BlockStore, peer_id: str) -> int:
                     found = await store.blocks_get(part, peer_id)
                     await ready_send.send([(cid, found.get(cid)) for cid in part])
 
-    with unwrap_single_error():
+    with unwrap_single_error(), _switch_interval.shortened():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_wants)
             async with ready_receive:
@@ -177,6 +230,8 @@ class BlockFetch:
         self._lacked_by: dict[CID, set[str]] = {}
         # CIDs asked of some peer and not yet stored (or given back), over every worker.
         self._unsettled = 0
+        # CIDs asked of some peer and not yet received, over every worker.
+        self._in_flight = 0
         self._workers: set[str] = set()
         self._finished: set[str] = set()  # peers whose worker ended: not started again
         # Peers that sent a block the store refused, and why; their workers stop.
@@ -200,10 +255,11 @@ class BlockFetch:
 
     async def run(self, peers: Sequence[str]) -> FetchResult:
         if self._queue:
-            with unwrap_single_error():
-                await self._run(peers)
-            if self.result.fetched:
-                await self._store.blocks_sync()
+            with _switch_interval.shortened():
+                with unwrap_single_error():
+                    await self._run(peers)
+                if self.result.fetched:
+                    await self._store.blocks_sync()
         self.result.missing = len(self._queue)
         return self.result
 
@@ -264,19 +320,29 @@ class BlockFetch:
         finally:
             self._workers.discard(peer)
             self._finished.add(peer)
+            self._in_flight -= len(asked)
             self._give_back(list(asked))
             if not self._workers:
                 self._nursery = None  # the fetch is over: a peer joining now starts nothing
+
+    def _may_ask(self, outstanding: int) -> bool:
+        """Whether a peer with `outstanding` blocks still to send may be sent another want."""
+        if outstanding > (WANTS_IN_FLIGHT - 1) * WANT_BLOCKS:
+            return False
+        if outstanding <= (MIN_WANTS_IN_FLIGHT - 1) * WANT_BLOCKS:
+            return True
+        return self._in_flight + WANT_BLOCKS <= FETCH_IN_FLIGHT_BLOCKS
 
     async def _exchange(self, peer: str, framed: FramedStream, asked: deque[CID]) -> None:
         while True:
             if peer in self._refused:
                 raise BlockMismatch(self._refused[peer])
-            while len(asked) <= (WANTS_IN_FLIGHT - 1) * WANT_BLOCKS:
+            while self._may_ask(len(asked)):
                 batch = self._take(peer, WANT_BLOCKS)
                 if not batch:
                     break
                 asked.extend(batch)
+                self._in_flight += len(batch)
                 await framed.send(blockwire.Want(tuple(batch)).to_wire())
             if not asked:
                 if self._unsettled == 0:
@@ -292,6 +358,7 @@ class BlockFetch:
             if isinstance(message, blockwire.Want) or message.cid != expected:
                 raise DecodeError(f"peer answered out of order (expected {expected})")
             asked.popleft()
+            self._in_flight -= 1
             if isinstance(message, blockwire.Missing):
                 self._lacked_by.setdefault(expected, set()).add(peer)
                 self._give_back([expected])

@@ -34,11 +34,13 @@ workaround in one place:
   message already seen or being validated is dropped in the read loop, before py-libp2p
   starts a task for it; a new one is validated and relayed by a bounded task of the mesh's
   own, along a shorter path than py-libp2p's `push_msg` and `GossipSub.publish` (same checks,
-  same order). Noise messages are read from the socket in chunks, a Yamux frame body already
-  buffered is taken without a timeout, a frame sent or a stream read builds no debug line
-  nobody prints, binary IHAVE ids skip a hex-decoding attempt, and a message's origin key
-  is kept per peer id. Yamux's tuning variables are read from the environment once, not on
-  every frame, and a per-message list py-libp2p never trims is bounded.
+  same order). Noise messages are read from the socket in chunks, the secure session keeps
+  a decrypted message without copying it and joins a frame body's pieces once, a Yamux
+  frame body already buffered is taken without a timeout, a frame sent or a stream read
+  builds no debug line nobody prints, binary IHAVE ids skip a hex-decoding attempt, and a
+  message's origin key is kept per peer id. Yamux's tuning variables are read from the
+  environment once, not on every frame, and a per-message list py-libp2p never trims is
+  bounded.
 - Gossip degree D=3 (D_high 6), a node's own messages sent to D peers even when its mesh
   is smaller, IHAVE gossip to peers in back-off too, and a 10 s prune back-off (see the
   constants below for why).
@@ -87,7 +89,7 @@ from libp2p.discovery.events.peerDiscovery import peerDiscovery
 from libp2p.discovery.mdns.mdns import MDNSDiscovery
 from libp2p.exceptions import BaseLibp2pError, ParseError
 from libp2p.host.basic_host import BasicHost
-from libp2p.io.exceptions import IncompleteReadError, MessageTooLarge
+from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError, MessageTooLarge
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
@@ -667,6 +669,10 @@ _NOISE_READ_MSG: Final = NoiseTransportReadWriter.read_msg
 _YAMUX_READ_DATA_BODY: Final = Yamux._read_data_body
 _YAMUX_WRITE_FRAME: Final = Yamux._write_frame
 _YAMUX_READ_STREAM: Final = Yamux.read_stream
+_SESSION_READ: Final = SecureSession.read
+_SESSION_DRAIN: Final = SecureSession._drain
+_SESSION_FILL: Final = SecureSession._fill
+_SESSION_RESET_BUFFER: Final = SecureSession._reset_internal_buffer
 # host -> (reuse until, envelope bytes)
 _issued_records: weakref.WeakKeyDictionary[IHost, tuple[float, bytes]] = weakref.WeakKeyDictionary()
 # host -> {peer -> (trust until, envelope bytes)}
@@ -861,9 +867,94 @@ async def _read_noise_msg(self: NoiseTransportReadWriter, prefix_encoded: bool =
                 received_bytes=len(buf) - _NOISE_LENGTH_BYTES,
             )
         buf += chunk
-    encrypted = bytes(buf[_NOISE_LENGTH_BYTES:end])
+    # One copy out of the buffer (a slice of the bytearray, then `bytes` of it, was two).
+    with memoryview(buf) as view, view[_NOISE_LENGTH_BYTES:end] as message:
+        encrypted = bytes(message)
     del buf[:end]
     return self.decrypt(encrypted)
+
+
+# Between the two, `SecureSession` keeps what a read did not take of a decrypted Noise message
+# in a BytesIO: it copied the rest of the message in (`msg[needed:]`, then `write`), copied
+# it out again (`getbuffer()[...].tobytes()`), and `read` assembled a body that spans two
+# messages in a bytearray and copied that into `bytes`: five copies of nearly every byte
+# received, since a Yamux frame of 64 KiB is one byte more than a Noise message holds. The
+# replacements keep the message itself and an offset into it (the watermarks, with the same
+# meaning), and join a body's pieces once.
+
+_held_messages: weakref.WeakKeyDictionary[SecureSession, bytes] = weakref.WeakKeyDictionary()
+
+
+def _hold(session: SecureSession, msg: bytes, start: int) -> None:
+    _held_messages[session] = msg
+    session.low_watermark = start
+    session.high_watermark = len(msg)
+
+
+def _session_reset_buffer(self: SecureSession) -> None:
+    """`SecureSession._reset_internal_buffer`: nothing held."""
+    _held_messages.pop(self, None)
+    self.low_watermark = 0
+    self.high_watermark = 0
+
+
+def _session_fill(self: SecureSession, msg: bytes) -> None:
+    """`SecureSession._fill`: hold `msg` (not a copy of it)."""
+    _hold(self, msg, 0)
+
+
+def _session_drain(self: SecureSession, n: int | None) -> bytes:
+    """`SecureSession._drain`: up to `n` (None: all) of the held bytes."""
+    low, high = self.low_watermark, self.high_watermark
+    if low == high:
+        return b""
+    held = _held_messages[self]
+    end = high if n is None else min(high, low + n)
+    data = held if low == 0 and end == len(held) else held[low:end]
+    if end == high:
+        _session_reset_buffer(self)
+    else:
+        self.low_watermark = end
+    return data
+
+
+async def _session_read(self: SecureSession, n: int | None = None) -> bytes:
+    """`SecureSession.read`: `n` bytes (None: what one message holds), fewer only if the
+    connection closes after some; `ConnectionClosedError` if it closes before any."""
+    if n == 0:
+        return b""
+    if n is None or self.high_watermark - self.low_watermark >= n:
+        data = _session_drain(self, n)
+        if data:
+            return data
+        msg: bytes = await self.conn.read_msg()
+        if msg == b"":
+            raise ConnectionClosedError("Connection closed")
+        return msg
+    parts: list[bytes | memoryview] = []
+    have = 0
+    if self.high_watermark > self.low_watermark:
+        held = _held_messages[self]
+        parts.append(memoryview(held)[self.low_watermark : self.high_watermark])
+        have = self.high_watermark - self.low_watermark
+        _session_reset_buffer(self)
+    while have < n:
+        msg = await self.conn.read_msg()
+        if msg == b"":
+            if have:
+                return b"".join(parts)
+            raise ConnectionClosedError("Connection closed")
+        needed = n - have
+        if len(msg) <= needed:
+            parts.append(msg)
+            have += len(msg)
+        else:
+            parts.append(memoryview(msg)[:needed])
+            _hold(self, msg, needed)
+            have = n
+    if len(parts) == 1 and isinstance(parts[0], bytes):
+        return parts[0]
+    return b"".join(parts)
 
 
 async def _read_buffered_data_body(self: Yamux, length: int) -> bytes:
@@ -995,6 +1086,10 @@ def _patch_py_libp2p() -> None:
     _replace(Pubsub, "handle_sending_messages", _PUBSUB_SEND_LOOP, _send_queued_rpcs)
     _replace(NoiseTransportReadWriter, "read_msg", _NOISE_READ_MSG, _read_noise_msg)
     _replace(Yamux, "_read_data_body", _YAMUX_READ_DATA_BODY, _read_buffered_data_body)
+    _replace(SecureSession, "read", _SESSION_READ, _session_read)
+    _replace(SecureSession, "_drain", _SESSION_DRAIN, _session_drain)
+    _replace(SecureSession, "_fill", _SESSION_FILL, _session_fill)
+    _replace(SecureSession, "_reset_internal_buffer", _SESSION_RESET_BUFFER, _session_reset_buffer)
     _replace(Yamux, "_write_frame", _YAMUX_WRITE_FRAME, _write_frame_unlogged)
     _replace(Yamux, "read_stream", _YAMUX_READ_STREAM, _read_stream_unlogged)
     _replace(libp2p_yamux, "_py_yamux_env", _YAMUX_ENV, _yamux_env)
