@@ -14,10 +14,11 @@ What a peer lacks goes back to the queue for the others. Everything stored stays
 an interrupted fetch resumes where it stopped: the next fetch asks only for what is still
 missing.
 
-Fetched blocks are committed without waiting for the disk; the fetch syncs the store once, at
-its end, before `run` returns (and the store syncs by itself as its log grows). A power loss
-before then can only lose blocks, which the next completion fetches again (see
-`ostrom.node.blockdb`).
+Fetched blocks are committed without waiting for the disk; the fetch asks the store to sync
+once, at its end, before `run` returns (the node syncs a large fetch's blocks then, and a
+small one's within seconds, with those of the fetches around it: `NodeService.blocks_sync`;
+the store also syncs by itself as its log grows). A power loss before then can only lose
+blocks, which the next completion fetches again (see `ostrom.node.blockdb`).
 
 While any fetch or serve runs, Python's switch interval is shortened
 (`BULK_SWITCH_INTERVAL_S`), so that the threads storing and reading blocks are not held up
@@ -131,7 +132,7 @@ class BlockStore(Protocol):
         """Store fetched blocks; they may reach the disk only at the next `blocks_sync`."""
 
     async def blocks_sync(self) -> None:
-        """Put every block stored so far on disk."""
+        """Put every block stored so far on disk: now, or within seconds for a few KiB."""
 
 
 @dataclass(slots=True)
