@@ -44,6 +44,15 @@ def genesis(name: str, mesh: CID | None) -> SignedRecord:
     return sign(body, STEWARD)
 
 
+async def private_and_public(service: NodeService) -> tuple[SignedRecord, SignedRecord]:
+    """The geneses of a project of a private mesh MEMBER is in, and of a public project."""
+    mesh = await service.meshes.create("makers", "private")
+    await service.meshes.set_membership(mesh.cid, MEMBER.public_key, "admit")
+    private, public = genesis("secret", mesh.cid), genesis("open", None)
+    await service.db(lambda store: store.put_records([private, public]))
+    return private, public
+
+
 def block(text: str) -> tuple[CID, bytes]:
     data = text.encode() * 100
     return CID.of_raw(data), data
@@ -52,10 +61,7 @@ def block(text: str) -> tuple[CID, bytes]:
 async def test_a_private_project_s_blocks_go_only_to_members_of_its_mesh(
     service: NodeService,
 ) -> None:
-    mesh = await service.meshes.create("makers", "private")
-    await service.meshes.set_membership(mesh.cid, MEMBER.public_key, "admit")
-    private, public = genesis("secret", mesh.cid), genesis("open", None)
-    await service.db(lambda store: store.put_records([private, public]))
+    private, public = await private_and_public(service)
     only_private, shared, only_public, own = (block(t) for t in ("p", "s", "o", "mine"))
     await service.blocks_put([only_private, shared], private.cid, pinned=False)
     await service.blocks_put([only_public, shared], public.cid, pinned=False)
@@ -102,10 +108,7 @@ async def test_blocks_imported_with_their_private_project_go_only_to_members(
 async def test_public_blocks_are_answered_from_memory_and_no_others_ever(
     service: NodeService,
 ) -> None:
-    mesh = await service.meshes.create("makers", "private")
-    await service.meshes.set_membership(mesh.cid, MEMBER.public_key, "admit")
-    private, public = genesis("secret", mesh.cid), genesis("open", None)
-    await service.db(lambda store: store.put_records([private, public]))
+    private, public = await private_and_public(service)
     only_private, only_public, own = block("p"), block("o"), block("mine")
     await service.blocks_put([only_private], private.cid, pinned=False)
     await service.blocks_put([only_public], public.cid, pinned=False)
