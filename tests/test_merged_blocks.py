@@ -12,9 +12,10 @@ import pytest
 
 from ostrom.crypto.cid import CID
 from ostrom.datadir import DataDir
-from ostrom.node.replication import Replicator, _ServedTo, topic_of
+from ostrom.node.replication import Replicator, _Completion, _ServedTo, topic_of
 from ostrom.node.service import NodeService
 from ostrom.node.store import Store
+from ostrom.protocol.changesets import BlockRef, FileManifest, Put
 from ostrom.protocol.records import Contribution, Policy, Project, SignedRecord, sign
 from tests.dagfactory import World, identity
 
@@ -129,3 +130,55 @@ async def test_a_merge_is_served_with_the_public_project_and_the_rest_is_not(
     member = _ServedTo(merge.service, MEMBER.peer_id)
     await member.sync_index(merge.public.cid)
     assert set(await member.sync_records(wanted)) == set(wanted)
+
+
+def _real_file(content: bytes) -> tuple[Put, list[tuple[CID, bytes]]]:
+    """A change putting `content` at a path, and its manifest and file block."""
+    raw = CID.of_raw(content)
+    manifest = FileManifest(len(content), (BlockRef(raw, len(content)),)).encode()
+    link = CID.of_dag_cbor(manifest)
+    return Put(path="jig.step", file=link, size=len(content)), [(link, manifest), (raw, content)]
+
+
+async def test_a_synced_merge_makes_merged_file_blocks_public_on_a_records_only_follower(
+    tmp_path: Path,
+) -> None:
+    """A member following the public project for its records only, and the private one in
+    full, holds the merged work's file block for the private project; once the merge
+    arrives by sync, the block is the public project's too, and a stranger may have it."""
+    with Store.open(tmp_path / "store.sqlite") as store:
+        service = NodeService(MEMBER, store, DataDir(tmp_path))
+        mesh = await service.meshes.create("workshop", "private")
+        world = World()
+        public = world.genesis(STEWARD, name="benches")
+        private = sign(
+            Project(
+                author=MEMBER.public_key,
+                ts=world.tick(),
+                name="jigs",
+                license="MIT",
+                policy=Policy(maintainers=(MEMBER.public_key,)),
+                mesh=mesh.cid,
+            ),
+            MEMBER,
+        )
+        put, jig_blocks = _real_file(b"a jig, drawn in full")
+        secret, secret_blocks = _real_file(b"not merged yet")
+        merged = world.contribute(MEMBER, private, [private], {"jig.step": put})
+        unmerged = world.contribute(MEMBER, private, [merged], {"jig.step": secret})
+        merge = world.contribute(STEWARD, public, [public, merged], {})
+        await service.store_new([public, private, merged, unmerged, merge], "sync")
+        await service.db(lambda s: s.follow(public.cid, "records", 0))
+        await service.db(lambda s: s.follow(private.cid, "full", 0))
+        links = [link for r in (merged, unmerged) for link in r.body.changes]  # type: ignore[union-attr]
+        held = [(link, world.changeset(link).encode()) for link in links]
+        await service.blocks_put(held + jig_blocks + secret_blocks, private.cid, pinned=True)
+        merge_links = merge.body.changes  # type: ignore[union-attr]
+        await service.blocks_put([(link, world.changeset(link).encode()) for link in merge_links])
+        jig_raw, secret_raw = jig_blocks[1][0], secret_blocks[1][0]
+        assert await service.blocks_get([jig_raw], STRANGER.peer_id) == {}
+
+        replicator = Replicator(service, _Mesh())  # type: ignore[arg-type]
+        assert not await replicator._fetch_missing_blocks(public.cid, _Completion([], None), None)
+        given = await service.blocks_get([jig_raw, secret_raw], STRANGER.peer_id)
+        assert set(given) == {jig_raw}

@@ -611,6 +611,11 @@ class Replicator:
         phases: tuple[Purpose, ...] = ("changesets", "manifests", "files")
         for phase in phases:
             if phase == "files" and mode != "full":
+                if scope is None:
+                    # No file blocks fetched for a records-only follow; those of private
+                    # work the project merged that are here become its own all the same,
+                    # as when the merge is gossiped (`_claim_merged`) rather than synced.
+                    await self.service.db(claim_merged_files, project)
                 break
             if phase != "changesets":
                 wanted = await self.service.db(wanted_blocks, project, phase, scope)
@@ -853,6 +858,18 @@ def wanted_blocks(
             raw.update(ref.cid for ref in FileManifest.decode(data).blocks)
     store.blocks.claim(project.raw, raw)
     return sorted(raw - store.has_blocks(raw))
+
+
+def claim_merged_files(store: Store, project: CID) -> None:
+    """Attribute to `project` the file blocks held here of the private meshes' work its
+    contributions merge (`merged_work` of every parent outside the project's own
+    contributions); changesets and manifests are claimed by every completion already."""
+    own = store.project_records(project, ("contribution",))
+    known = {record.cid for record in own}
+    outside = {parent for record in own for parent in record.parents if parent not in known}
+    merged = merged_work(store, project, outside)
+    if merged:
+        wanted_blocks(store, project, "files", merged)  # claims what is here, fetches nothing
 
 
 def merged_work(store: Store, project: CID, parents: Iterable[CID]) -> list[CID]:
