@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ostrom.crypto.cid import CID
+from ostrom.crypto.keys import Identity
 from ostrom.datadir import DataDir
 from ostrom.node.replication import Replicator, _Completion, _ServedTo, topic_of
 from ostrom.node.service import NodeService
@@ -50,6 +51,19 @@ class Merge:
         return link
 
 
+def private_genesis(world: World, founder: Identity, mesh: CID) -> SignedRecord:
+    """The genesis of a project kept to `mesh`, founded by `founder`."""
+    body = Project(
+        author=founder.public_key,
+        ts=world.tick(),
+        name="jigs",
+        license="MIT",
+        policy=Policy(maintainers=(founder.public_key,)),
+        mesh=mesh,
+    )
+    return sign(body, founder)
+
+
 @pytest.fixture
 async def merge(tmp_path: Path) -> AsyncIterator[Merge]:
     with Store.open(tmp_path / "store.sqlite") as store:
@@ -59,15 +73,7 @@ async def merge(tmp_path: Path) -> AsyncIterator[Merge]:
         world = World()
         public = world.genesis(STEWARD, name="benches")
         head = world.contribute(STEWARD, public, [public], {"README": "benches"})
-        body = Project(
-            author=STEWARD.public_key,
-            ts=world.tick(),
-            name="jigs",
-            license="MIT",
-            policy=Policy(maintainers=(STEWARD.public_key,)),
-            mesh=mesh.cid,
-        )
-        private = sign(body, STEWARD)
+        private = private_genesis(world, STEWARD, mesh.cid)
         merged = world.contribute(STEWARD, private, [private], {"jig.txt": "a jig"})
         unmerged = world.contribute(STEWARD, private, [merged], {"secret.txt": "not yet"})
         merge = world.contribute(STEWARD, public, [head, merged], {"NOTES": "merged a jig"})
@@ -151,17 +157,7 @@ async def test_a_synced_merge_makes_merged_file_blocks_public_on_a_records_only_
         mesh = await service.meshes.create("workshop", "private")
         world = World()
         public = world.genesis(STEWARD, name="benches")
-        private = sign(
-            Project(
-                author=MEMBER.public_key,
-                ts=world.tick(),
-                name="jigs",
-                license="MIT",
-                policy=Policy(maintainers=(MEMBER.public_key,)),
-                mesh=mesh.cid,
-            ),
-            MEMBER,
-        )
+        private = private_genesis(world, MEMBER, mesh.cid)
         put, jig_blocks = _real_file(b"a jig, drawn in full")
         secret, secret_blocks = _real_file(b"not merged yet")
         merged = world.contribute(MEMBER, private, [private], {"jig.step": put})
