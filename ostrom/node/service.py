@@ -220,9 +220,12 @@ class NodeService:
         # Fetched block bytes stored since the last sync, and whether `serve_block_syncs`
         # runs (without it, every `blocks_sync` syncs at once) and has a sync due.
         self._unsynced_bytes = 0
-        self.recent_blocks = RecentBlocks(max_bytes=RECENT_BLOCKS_BYTES, max_block=RECENT_BLOCK_MAX)
         self._defer_syncs = False
         self._sync_due = trio.Event()
+        # Small public blocks answered to peers without the store (`blocks_get`).
+        self._recent_blocks = RecentBlocks(
+            max_bytes=RECENT_BLOCKS_BYTES, max_block=RECENT_BLOCK_MAX
+        )
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -502,9 +505,9 @@ class NodeService:
     async def blocks_get(self, cids: Sequence[CID], peer: str | None = None) -> dict[CID, bytes]:
         """The stored ones of `cids`. For a `peer`, without the blocks it may not have: those
         kept only for projects of private meshes it is not a member of (see `_withheld`).
-        A peer's wants are answered from `recent_blocks` where they can be; small public
+        A peer's wants are answered from `_recent_blocks` where they can be; small public
         blocks read for a peer are kept there for the next."""
-        cached = self.recent_blocks.get(cids) if peer is not None else {}
+        cached = self._recent_blocks.get(cids) if peer is not None else {}
         wanted = [cid for cid in cids if cid not in cached] if cached else cids
         if not wanted:
             return cached
@@ -521,7 +524,7 @@ class NodeService:
         if peer is not None:
             for cid in await self._withheld(attributed, peer):
                 del found[cid]
-            self.recent_blocks.add(
+            self._recent_blocks.add(
                 (cid, data) for cid, data in found.items() if self._public(attributed[cid])
             )
             found.update(cached)
@@ -612,7 +615,7 @@ class NodeService:
             result = await self.db(put)
             self._unsynced_bytes += sum(len(data) for _, data in blocks)
             if project is not None and self._public([project.raw]):
-                self.recent_blocks.add(blocks)  # the followers this node relays to ask next
+                self._recent_blocks.add(blocks)  # the followers this node relays to ask next
         except QuotaExceeded as exc:
             self.events.publish(
                 {

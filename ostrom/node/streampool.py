@@ -44,8 +44,6 @@ class StreamPool(Generic[S]):
         self._per_peer = per_peer
         # peer -> its idle streams and when each came back (trio time), the latest last.
         self._idle: dict[str, list[tuple[S, float]]] = {}
-        self.opened = 0  # streams opened so far (what the pool saved shows beside `lent`)
-        self.lent = 0
 
     @asynccontextmanager
     async def lend(self, peer: str) -> AsyncIterator[S]:
@@ -54,8 +52,6 @@ class StreamPool(Generic[S]):
         stream = self._take(peer)
         if stream is None:
             stream = await self._open(peer)
-            self.opened += 1
-        self.lent += 1
         try:
             yield stream
         except BaseException:
