@@ -4,32 +4,17 @@ what was evicted or refused, and a follow decides what is kept."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ostrom.crypto.cid import CID
-from ostrom.crypto.keys import Identity
-from ostrom.datadir import DataDir
 from ostrom.errors import QuotaExceeded
 from ostrom.node.limits import Limits
 from ostrom.node.service import NodeService
-from ostrom.node.store import Store
 
 KIB = 1024
-ME = Identity.from_seed(bytes([5]) * 32)
 P1, P2 = CID.of_raw(b"one"), CID.of_raw(b"two")
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[NodeService]:
-    store = Store.open(tmp_path / "store.sqlite")
-    try:
-        yield NodeService(ME, store, DataDir(tmp_path))
-    finally:
-        store.close()
 
 
 def blk(size: int = 64 * KIB) -> tuple[CID, bytes]:

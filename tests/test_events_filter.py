@@ -3,24 +3,13 @@ work behind `status.changed` while nobody asks for it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import trio
 
-from ostrom.datadir import DataDir
 from ostrom.errors import InvalidInput
 from ostrom.node.events import EventBus, Subscription
 from ostrom.node.service import NodeService
-from ostrom.node.store import Store
 from tests.dagfactory import World, identity
-
-
-@pytest.fixture
-def node(tmp_path: Path) -> Iterator[NodeService]:
-    with Store.open(tmp_path / "store.sqlite") as store:
-        yield NodeService(identity("node"), store, DataDir(tmp_path))
 
 
 def drained(subscription: Subscription) -> list[str]:
@@ -50,19 +39,19 @@ def test_an_unknown_type_is_refused_with_the_known_ones() -> None:
 
 
 async def test_records_are_not_judged_for_a_subscriber_of_record_added_only(
-    node: NodeService,
+    service: NodeService,
 ) -> None:
     world = World()
     alice = identity("alice")
     genesis = world.genesis(alice, name="quiet")
     head = world.contribute(alice, genesis, [genesis], {"f": "one"})
-    subscription = node.events.subscribe(["record.added"])
-    await node.store_new([genesis, head], "gossip")
+    subscription = service.events.subscribe(["record.added"])
+    await service.store_new([genesis, head], "gossip")
     assert drained(subscription) == ["record.added", "record.added"]
-    assert genesis.cid not in node._states  # no evaluation made for nobody
+    assert genesis.cid not in service._states  # no evaluation made for nobody
 
-    everything = node.events.subscribe()
+    everything = service.events.subscribe()
     newer = world.contribute(alice, genesis, [head], {"f": "two"})
-    await node.store_new([newer], "gossip")
+    await service.store_new([newer], "gossip")
     assert "status.changed" in drained(everything)
     assert drained(subscription) == ["record.added"]
