@@ -20,9 +20,10 @@ small one's within seconds, with those of the fetches around it: `NodeService.bl
 the store also syncs by itself as its log grows). A power loss before then can only lose
 blocks, which the next completion fetches again (see `ostrom.node.blockdb`).
 
-While any fetch or serve runs, Python's switch interval is shortened
+While any fetch runs, or a server reads wanted blocks, Python's switch interval is shortened
 (`BULK_SWITCH_INTERVAL_S`), so that the threads storing and reading blocks are not held up
-by the network thread each time they take Python's lock back.
+by the network thread each time they take Python's lock back. (Not for the whole of a
+served stream: a stream a peer keeps open between fetches may idle for seconds.)
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ SERVE_READ_BLOCKS: Final = 8
 SERVE_READ_AHEAD: Final = 2
 
 
-# Python's switch interval while blocks are fetched or served (the interpreter's is 5 ms).
+# Python's switch interval while blocks are fetched, or read to be served (the interpreter's
+# is 5 ms).
 # Storing and reading blocks runs on a worker thread, in C calls (SQLite, SHA-256) that each
 # give up Python's lock and take it back after; while the network thread runs Python code,
 # taking it back waits until the switch interval forces that thread to yield. At 5 ms a
@@ -98,8 +100,8 @@ BULK_SWITCH_INTERVAL_S: Final = 0.0005
 
 
 class _SwitchInterval:
-    """`BULK_SWITCH_INTERVAL_S` for as long as any fetch or serve runs (the setting is the
-    process's); the interval found before the first is restored after the last."""
+    """`BULK_SWITCH_INTERVAL_S` for as long as any fetch or server read runs (the setting is
+    the process's); the interval found before the first is restored after the last."""
 
     def __init__(self) -> None:
         self._users = 0
@@ -170,10 +172,11 @@ async def serve(stream: ByteStream, store: BlockStore, peer_id: str) -> int:
                     )
                 for start in range(0, len(message.cids), SERVE_READ_BLOCKS):
                     part = message.cids[start : start + SERVE_READ_BLOCKS]
-                    found = await store.blocks_get(part, peer_id)
+                    with _switch_interval.shortened():  # while the store's thread reads
+                        found = await store.blocks_get(part, peer_id)
                     await ready_send.send([(cid, found.get(cid)) for cid in part])
 
-    with unwrap_single_error(), _switch_interval.shortened():
+    with unwrap_single_error():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_wants)
             async with ready_receive:
