@@ -195,6 +195,62 @@ async def test_an_interrupted_fetch_keeps_what_it_stored_and_resumes() -> None:
     assert set(ours.blocks) == set(cids)
 
 
+class CountingPeers(Peers):
+    """`Peers` that also records the peers streams were opened to, in order."""
+
+    def __init__(self, nursery: trio.Nursery, stores: dict[str, MemoryStore]) -> None:
+        super().__init__(nursery, stores)
+        self.opened: list[str] = []
+
+    @asynccontextmanager
+    async def open_stream(self, peer: str) -> AsyncIterator[ByteStream]:
+        self.opened.append(peer)
+        async with super().open_stream(peer) as stream:
+            yield stream
+
+
+async def test_a_small_fetch_asks_only_the_first_peer() -> None:
+    data = make_blocks(5)
+    cids = [CID.of_raw(d) for d in data]
+    ours = MemoryStore()
+    async with trio.open_nursery() as nursery:
+        peers = CountingPeers(nursery, {name: MemoryStore(data) for name in "abcd"})
+        result = await blocks.fetch(peers.open_stream, ["c", "a", "b", "d"], ours, cids)
+    assert result.fetched == 5
+    assert peers.opened == ["c"]
+    assert set(ours.blocks) == set(cids)
+
+
+async def test_what_the_first_peer_lacks_is_asked_of_the_next_in_order() -> None:
+    data = make_blocks(4)
+    cids = [CID.of_raw(d) for d in data]
+    ours = MemoryStore()
+    async with trio.open_nursery() as nursery:
+        stores = {
+            "relay": MemoryStore(data[:2]),
+            "empty": MemoryStore(),
+            "origin": MemoryStore(data),
+        }
+        peers = CountingPeers(nursery, stores)
+        result = await blocks.fetch(peers.open_stream, ["relay", "empty", "origin"], ours, cids)
+    assert result.fetched == 4 and result.missing == 0
+    assert peers.opened == ["relay", "empty", "origin"]
+    assert peers.sent == {"relay": 2, "empty": 0, "origin": 2}
+
+
+async def test_a_large_fetch_starts_every_peer_at_once() -> None:
+    data = make_blocks(blocks.MAX_PEERS_PER_FETCH * blocks.FETCH_IN_FLIGHT_BLOCKS)
+    cids = [CID.of_raw(d) for d in data]
+    ours = MemoryStore()
+    names = [f"p{i}" for i in range(blocks.MAX_PEERS_PER_FETCH + 2)]
+    async with trio.open_nursery() as nursery:
+        peers = CountingPeers(nursery, {name: MemoryStore(data) for name in names})
+        result = await blocks.fetch(peers.open_stream, names, ours, cids)
+    assert result.fetched == len(cids)
+    assert sorted(peers.opened) == names[: blocks.MAX_PEERS_PER_FETCH]
+    assert all(peers.sent[name] > 0 for name in peers.opened)
+
+
 async def test_a_peer_added_while_a_fetch_runs_takes_what_is_left() -> None:
     data = make_blocks(300)
     cids = [CID.of_raw(d) for d in data]

@@ -7,6 +7,10 @@ Fetching is one `BlockFetch` for a set of CIDs, with one stream per peer. Every 
 takes its next `want` from one shared queue, so a fast peer takes more and a peer that joins
 late takes its share of what is left; each keeps two wants outstanding so that its peer
 always has the next one queued, and a peer alone up to four (`FETCH_IN_FLIGHT_BLOCKS`).
+Peers are asked in the order given, and a peer's worker starts only when the queue holds
+what the running workers cannot take: more than they may ask for, or what they lack. A
+small fetch (a gossiped contribution's blocks) is one want to the first peer, not one
+stream to each of the peers that may hold the blocks.
 Blocks go through a bounded channel to one storing task, which gathers what arrives (from
 every peer, up to `STORE_BATCH_BLOCKS`) into one transaction while the workers keep
 receiving; the store verifies each block against its CID before it writes any of a batch.
@@ -206,8 +210,10 @@ OnMisbehaving = Callable[[str, str], Awaitable[None]]
 class BlockFetch:
     """Fetching one set of CIDs from peers, some of which may join while it runs.
 
-    `run` returns when every CID is stored or no peer fetched from can supply the rest.
-    `add_peer` while it runs starts a worker for that peer (up to `MAX_PEERS_PER_FETCH`).
+    `run` returns when every CID is stored or no peer can supply the rest. Its peers are
+    asked in order: the next one's worker starts when CIDs wait in the queue that no running
+    worker may take (up to `MAX_PEERS_PER_FETCH` workers at once). `add_peer` while it runs
+    puts a peer at the end of that order.
 
     Each block is hashed once, on the storing task's thread: the store checks every block
     against its CID before it writes any of a batch, and refuses the batch if one does not
@@ -238,9 +244,13 @@ class BlockFetch:
         self._in_flight = 0
         self._workers: set[str] = set()
         self._finished: set[str] = set()  # peers whose worker ended: not started again
+        self._waiting: deque[str] = deque()  # peers to ask, in order, once there is work
         # Peers that sent a block the store refused, and why; their workers stop.
         self._refused: dict[str, str] = {}
         self._changed = trio.Event()
+        # Each running worker's CIDs asked and not yet answered (before its stream opens:
+        # none, though it will ask as soon as it does).
+        self._owed: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
         self._fetch_scope = trio.CancelScope()
         self._store_send, self._store_receive = trio.open_memory_channel[tuple[str, CID, bytes]](
@@ -249,13 +259,41 @@ class BlockFetch:
         self.result = FetchResult()
 
     def add_peer(self, peer: str) -> None:
-        """Fetch from `peer` too, if the fetch is running and has room for another peer."""
+        """Fetch from `peer` too, if the fetch is running: after the peers before it, or at
+        once if CIDs wait that the running workers cannot take."""
         if self._nursery is None or peer in self._workers or peer in self._finished:
             return
-        if len(self._workers) >= MAX_PEERS_PER_FETCH:
+        if peer not in self._waiting:
+            self._waiting.append(peer)
+        self._grow()
+
+    def _grow(self) -> None:
+        """Start waiting peers' workers while more CIDs are queued than the running workers
+        will ask for in their own two wants (`MIN_WANTS_IN_FLIGHT`): a large fetch starts
+        every peer at once, a small one a single peer, and what a peer lacks goes to the
+        next."""
+        if self._nursery is None:
             return
-        self._workers.add(peer)
-        self._nursery.start_soon(self._work, peer)
+        while self._queue and self._waiting and len(self._workers) < MAX_PEERS_PER_FETCH:
+            own = MIN_WANTS_IN_FLIGHT * WANT_BLOCKS
+            room = sum(
+                own - owed
+                for peer, owed in self._owed.items()
+                if owed < own and self._may_take(peer)
+            )
+            if len(self._queue) <= room:
+                return
+            peer = self._waiting.popleft()
+            if peer not in self._workers and peer not in self._finished:
+                self._workers.add(peer)
+                self._owed[peer] = 0
+                self._nursery.start_soon(self._work, peer)
+
+    def _may_take(self, peer: str) -> bool:
+        """Whether some queued CID is one `peer` has not said it lacks."""
+        if not self._lacked_by:
+            return True
+        return any(peer not in self._lacked_by.get(cid, ()) for cid in self._queue)
 
     async def run(self, peers: Sequence[str]) -> FetchResult:
         if self._queue:
@@ -273,8 +311,8 @@ class BlockFetch:
             nursery.start_soon(self._store_arrivals)
             async with self._store_send, trio.open_nursery() as workers:
                 self._nursery = workers
-                for peer in peers:
-                    self.add_peer(peer)
+                self._waiting.extend(dict.fromkeys(peers))
+                self._grow()
                 if not self._workers:
                     self._nursery = None
 
@@ -306,6 +344,7 @@ class BlockFetch:
     def _settled(self, count: int) -> None:
         self._unsettled -= count
         self._notify()
+        self._grow()
 
     # --- workers -------------------------------------------------------------------------------
 
@@ -323,6 +362,7 @@ class BlockFetch:
             log.info("fetching blocks from %s stopped: %s", peer, exc.message)
         finally:
             self._workers.discard(peer)
+            self._owed.pop(peer, None)
             self._finished.add(peer)
             self._in_flight -= len(asked)
             self._give_back(list(asked))
@@ -346,8 +386,10 @@ class BlockFetch:
                 if not batch:
                     break
                 asked.extend(batch)
+                self._owed[peer] = len(asked)
                 self._in_flight += len(batch)
                 await framed.send(blockwire.Want(tuple(batch)).to_wire())
+            self._grow()  # what this peer may not ask for yet, another may
             if not asked:
                 if self._unsettled == 0:
                     return  # nothing queued for this peer, and nothing more can come back
@@ -362,6 +404,7 @@ class BlockFetch:
             if isinstance(message, blockwire.Want) or message.cid != expected:
                 raise DecodeError(f"peer answered out of order (expected {expected})")
             asked.popleft()
+            self._owed[peer] = len(asked)
             self._in_flight -= 1
             if isinstance(message, blockwire.Missing):
                 self._lacked_by.setdefault(expected, set()).add(peer)

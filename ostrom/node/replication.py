@@ -95,6 +95,9 @@ GOSSIP_STORE_QUEUE: Final = 1024
 # Project topics `topic_of` remembers: more than the projects a node follows, and a few
 # hundred bytes each.
 TOPICS_REMEMBERED: Final = 1024
+# Authors' peer ids `author_peer` remembers: the active authors of a node's projects, at
+# about a hundred bytes each.
+AUTHORS_REMEMBERED: Final = 1024
 # Gossiped records stored in one transaction at most: a burst costs one write, not one each.
 GOSSIP_STORE_BATCH: Final = 256
 # How long a completion started by gossiped contributions of a busy project waits before it
@@ -160,6 +163,13 @@ class _Completion:
 
 # A verified gossiped record, the peer it came from, and the project of its topic.
 _Gossiped = tuple[SignedRecord, str, CID]
+
+
+@functools.lru_cache(maxsize=AUTHORS_REMEMBERED)
+def author_peer(public_key: bytes) -> str:
+    """The peer id of the node whose key signs an author's records; remembered, since a
+    busy project's contributions come from few authors and base58 costs a few microseconds."""
+    return peer_id_of(public_key)
 
 
 @functools.lru_cache(maxsize=TOPICS_REMEMBERED)
@@ -401,6 +411,12 @@ class Replicator:
             elif isinstance(record.body, Contribution):
                 peers, records = blocks_from.setdefault(record.project, ([], []))
                 records.append(record.cid)
+                # Asked first: the node that made the contribution, which holds its blocks,
+                # where the relay it came from may still be fetching them (and answer
+                # `missing`). Then the relay, then the project's other peers.
+                author = author_peer(record.author)
+                if author not in peers and record.project in self._shared.get(author, ()):
+                    peers.insert(0, author)
                 if peer not in peers:
                     peers.append(peer)
                 if any(present[parent] != record.project for parent in record.parents):
