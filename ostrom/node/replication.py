@@ -394,15 +394,16 @@ class Replicator:
 
     async def _store_gossip(self, batch: Sequence[_Gossiped]) -> None:
         """Store gossiped records; sync what lacks parents, fetch blocks of contributions."""
-        new = set(await self.service.store_new([record for record, _, _ in batch], "gossip"))
-        if not new:
+        arrived = [record for record, _, _ in batch]
+        parents = {parent for record in arrived for parent in record.parents}
+        stored, present = await self.service.store_new_seeing_parents(arrived, "gossip", parents)
+        if not stored:
             return
+        new = set(stored)
         fresh: dict[CID, _Gossiped] = {}
         for gossiped in batch:
             if gossiped[0].cid in new:
                 fresh.setdefault(gossiped[0].cid, gossiped)
-        parents = [parent for record, _, _ in fresh.values() for parent in record.parents]
-        present = await self._projects_of(parents) if parents else {}
         blocks_from: dict[CID, tuple[list[str], list[CID]]] = {}
         merges: list[SignedRecord] = []
         for record, peer, topic_project in fresh.values():
@@ -433,10 +434,6 @@ class Replicator:
             for project, (peers, records) in blocks_from.items():
                 self._nursery.start_soon(self._complete_blocks, project, peers, records)
 
-    async def _projects_of(self, cids: Sequence[CID]) -> dict[CID, CID]:
-        """The project of each stored one of `cids`."""
-        return await self.service.db(lambda store: store.record_projects(cids))
-
     async def _claim_merged(self, record: SignedRecord) -> list[CID]:
         """Attribute to `record`'s project the blocks, held here, of the private meshes' work
         it merges from other projects (`merged_work`), so that they are served to whoever
@@ -446,8 +443,9 @@ class Replicator:
         def claim(store: Store) -> list[CID]:
             merged = merged_work(store, record.project, record.parents)
             if merged:
+                plan = BlockWants(record.project, merged)
                 for phase in ("changesets", "manifests", "files"):
-                    wanted_blocks(store, record.project, phase, merged)
+                    plan.wanted(store, phase)
             return merged
 
         return await self.service.db(claim)
@@ -618,9 +616,11 @@ class Replicator:
 
         Returns True if some are still missing."""
 
+        plan = BlockWants(project, scope)
+
         def start(store: Store) -> tuple[str | None, list[CID]]:
             mode = store.follow_mode(project)
-            return mode, [] if mode is None else wanted_blocks(store, project, "changesets", scope)
+            return mode, [] if mode is None else plan.wanted(store, "changesets")
 
         # The follow mode and the first phase's blocks in one call to the store.
         mode, wanted = await self.service.db(start)
@@ -637,7 +637,7 @@ class Replicator:
                     await self.service.db(claim_merged_files, project)
                 break
             if phase != "changesets":
-                wanted = await self.service.db(wanted_blocks, project, phase, scope)
+                wanted = await self.service.db(plan.wanted, phase)
             if not wanted:
                 continue
             with self.service.transfers.track(project, phase, len(wanted)) as transfer:
@@ -845,38 +845,72 @@ def wanted_blocks(
     project's history reaches count too. With `scope`, only the blocks those records name:
     no walk of the history.
     """
-    if scope is None:
-        everything = store.project_history(project, ("contribution",))
-    else:
-        everything = store.get_records(scope)
-    changesets = [
-        link
-        for r in everything.values()
-        if isinstance(r.body, Contribution)
-        for link in r.body.changes
-    ]
-    present = store.has_blocks(changesets)
-    if phase == "changesets":
-        # What the follow needs and already has (a checkout fetched it, another project
-        # shares it) is kept for it from now on, like what it fetches.
-        store.blocks.claim(project.raw, present)
-        return sorted(set(changesets) - present)
-    files: set[CID] = set()
-    for link in present:
-        data = store.get_block(link)
-        if data is not None:
-            files.update(c.file for c in Changeset.decode(data).changes if isinstance(c, Put))
-    present_files = store.has_blocks(files)
-    if phase == "manifests":
-        store.blocks.claim(project.raw, present_files)
-        return sorted(files - present_files)
-    raw: set[CID] = set()
-    for link in present_files:
-        data = store.get_block(link)
-        if data is not None:
-            raw.update(ref.cid for ref in FileManifest.decode(data).blocks)
-    store.blocks.claim(project.raw, raw)
-    return sorted(raw - store.has_blocks(raw))
+    return BlockWants(project, scope).wanted(store, phase)
+
+
+class BlockWants:
+    """`wanted_blocks` for the phases of one pass, in order: what a phase reads from the
+    store to find the next phase's blocks (the records' changesets, the manifests those
+    name) is read once, not again by each later phase.
+
+    Each phase also attributes to the project what it needs and the store already holds
+    (a checkout fetched it, another project shares it), like what it fetches.
+    """
+
+    __slots__ = ("_changesets", "_manifests", "_project", "_scope")
+
+    def __init__(self, project: CID, scope: Collection[CID] | None) -> None:
+        self._project = project
+        self._scope = scope
+        self._changesets: list[CID] | None = None  # the records' changesets
+        self._manifests: set[CID] | None = None  # what the changesets held name
+
+    def wanted(self, store: Store, phase: str) -> list[CID]:
+        if phase == "changesets":
+            changesets = self._named_changesets(store)
+            present = store.has_blocks(changesets)
+            store.blocks.claim(self._project.raw, present)
+            return sorted(set(changesets) - present)
+        manifests = self._named_manifests(store)
+        present_manifests = store.has_blocks(manifests)
+        if phase == "manifests":
+            store.blocks.claim(self._project.raw, present_manifests)
+            return sorted(manifests - present_manifests)
+        raw: set[CID] = set()
+        for link in present_manifests:
+            data = store.get_block(link)
+            if data is not None:
+                raw.update(ref.cid for ref in FileManifest.decode(data).blocks)
+        store.blocks.claim(self._project.raw, raw)
+        return sorted(raw - store.has_blocks(raw))
+
+    def _named_changesets(self, store: Store) -> list[CID]:
+        if self._changesets is None:
+            if self._scope is None:
+                everything = store.project_history(self._project, ("contribution",))
+            else:
+                everything = store.get_records(self._scope)
+            self._changesets = [
+                link
+                for r in everything.values()
+                if isinstance(r.body, Contribution)
+                for link in r.body.changes
+            ]
+        return self._changesets
+
+    def _named_manifests(self, store: Store) -> set[CID]:
+        """The manifests the changesets held name; read once the changesets phase is over
+        (a later pass, with changesets fetched since, reads them again)."""
+        if self._manifests is None:
+            manifests: set[CID] = set()
+            for link in store.has_blocks(self._named_changesets(store)):
+                data = store.get_block(link)
+                if data is not None:
+                    manifests.update(
+                        c.file for c in Changeset.decode(data).changes if isinstance(c, Put)
+                    )
+            self._manifests = manifests
+        return self._manifests
 
 
 def claim_merged_files(store: Store, project: CID) -> None:

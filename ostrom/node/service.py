@@ -247,21 +247,37 @@ class NodeService:
         """Store verified records; returns those that were new, after updating the sync
         indexes, telling the record listeners, and publishing events and status changes.
         `origin` says where they came from: local, import, sync or gossip."""
+        new, _ = await self.store_new_seeing_parents(records, origin, ())
+        return new
+
+    async def store_new_seeing_parents(
+        self, records: Sequence[SignedRecord], origin: str, parents: Collection[CID]
+    ) -> tuple[list[CID], dict[CID, CID]]:
+        """`store_new`, and the project of each of `parents` stored here once the records
+        are: read in the same call to the store, for what needs both (a gossiped batch,
+        whose records lacking parents are synced)."""
         by_cid = {record.cid.raw: record for record in records}
-        new = await self._store([record_row(record) for record in records], origin, by_cid)
-        return [by_cid[raw].cid for raw in new]
+        new, projects = await self._store(
+            [record_row(record) for record in records], origin, by_cid, parents
+        )
+        return [by_cid[raw].cid for raw in new], projects
 
     async def store_rows(self, rows: Sequence[RecordRow], origin: str) -> list[bytes]:
         """`store_new` for records verified in worker processes and sent back as rows
         (`ostrom.node.ingest`); returns the binary CIDs of the new ones. Listeners and
         events get the records decoded again from the rows, only if they look at them."""
-        return await self._store(rows, origin, {})
+        new, _ = await self._store(rows, origin, {}, ())
+        return new
 
     async def _store(
-        self, rows: Sequence[RecordRow], origin: str, records: dict[bytes, SignedRecord]
-    ) -> list[bytes]:
+        self,
+        rows: Sequence[RecordRow],
+        origin: str,
+        records: dict[bytes, SignedRecord],
+        parents: Collection[CID],
+    ) -> tuple[list[bytes], dict[CID, CID]]:
         if not rows:
-            return []
+            return [], {}
         # Status changes are reported against the state before these records. A cached state
         # is moved forward by them (`acceptance.advance`); a project they name that has no
         # state cached gets one first, only when someone listens.
@@ -273,15 +289,15 @@ class NodeService:
                     with contextlib.suppress(NotFound):
                         await self.state(project)
 
-        def write(store: Store) -> list[bytes]:
+        def write(store: Store) -> tuple[list[bytes], dict[CID, CID]]:
             stored = store.put_rows(rows)
             if stored:
                 self._writes += 1
-            return stored
+            return stored, store.record_projects(parents) if stored and parents else {}
 
-        new = await self.db(write)
+        new, projects = await self.db(write)
         if not new:
-            return new
+            return new, projects
         if len(new) == len(rows):  # the usual case: every row was new (and none repeated)
             fresh = rows
         else:
@@ -298,7 +314,7 @@ class NodeService:
                     {"type": "record.added", "origin": origin, "record": record_view(record)}
                 )
         await self._advance_states(stored, fresh)
-        return new
+        return new, projects
 
     async def _advance_states(self, stored: _StoredRecords, fresh: Sequence[RecordRow]) -> None:
         """Move the cached acceptance states forward by newly stored records, publishing the
