@@ -1,5 +1,6 @@
-"""When the blocks a fetch stored reach the disk: a large fetch's at its end, a small one's
-(a gossiped contribution's few blocks) within seconds, shared with the fetches around it."""
+"""When what peers sent reaches the disk: a large fetch's blocks at its end, a small one's
+(a gossiped contribution's few blocks) and gossiped or synced records within seconds, shared
+with the writes around them; the node's own records at once."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import trio.testing
 
 from ostrom.crypto.cid import CID
 from ostrom.node.service import (
-    BLOCK_SYNC_DELAY_S,
     BLOCK_SYNC_NOW_BYTES,
+    SYNC_DELAY_S,
     BlockSink,
     NodeService,
 )
+from tests.dagfactory import World, identity
 
 PROJECT = CID.of_raw(b"a followed project")
+ALICE = identity("alice")
 
 
 def blk(size: int) -> tuple[CID, bytes]:
@@ -35,7 +38,7 @@ async def test_without_the_sync_task_every_fetch_end_syncs(service: NodeService)
 
 async def syncing(service: NodeService, nursery: trio.Nursery) -> BlockSink:
     """A fetch's sink on a node whose service syncs small fetches in the background."""
-    await nursery.start(service.serve_block_syncs)
+    await nursery.start(service.serve_syncs)
     return service.block_sink(PROJECT)
 
 
@@ -48,7 +51,7 @@ async def test_small_fetches_share_a_sync_within_the_delay(
         await sink.blocks_sync()
         assert service.store.blocks.unsynced  # left to the sync task
     await trio.testing.wait_all_tasks_blocked()
-    mock_clock.jump(BLOCK_SYNC_DELAY_S - 1)
+    mock_clock.jump(SYNC_DELAY_S - 1)
     await trio.testing.wait_all_tasks_blocked()
     assert service.store.blocks.unsynced
     mock_clock.jump(1)
@@ -67,3 +70,44 @@ async def test_a_large_fetch_is_synced_when_it_ends(
     await sink.blocks_put([blk(size) for _ in range(BLOCK_SYNC_NOW_BYTES // size)])
     await sink.blocks_sync()
     assert not service.store.blocks.unsynced
+
+
+async def wait_synced(service: NodeService) -> None:
+    for _ in range(500):  # the sync runs on a thread: wait for it, 5 s at most
+        if not service.store.unsynced:
+            return
+        await trio.to_thread.run_sync(time.sleep, 0.01)
+
+
+async def test_records_from_peers_are_synced_at_once_without_the_sync_task(
+    service: NodeService,
+) -> None:
+    world = World()
+    genesis = world.genesis(ALICE)
+    assert await service.store_new([genesis], "gossip") == [genesis.cid]
+    assert not service.store.unsynced
+
+
+async def test_gossiped_records_share_a_sync_and_the_nodes_own_are_synced_at_once(
+    service: NodeService, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    await nursery.start(service.serve_syncs)
+    world = World()
+    genesis = world.genesis(ALICE)
+    first = world.contribute(ALICE, genesis, [genesis], {"a.txt": "first"})
+    await service.store_new([genesis], "gossip")
+    await service.store_new([first], "sync")
+    assert service.store.unsynced  # left to the sync task
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(SYNC_DELAY_S)
+    await wait_synced(service)
+    assert not service.store.unsynced
+
+    second = world.contribute(ALICE, genesis, [first], {"a.txt": "second"})
+    await service.store_new([second], "gossip")
+    assert service.store.unsynced
+    # A record of the node's own is on disk when it is stored, and so is what came before.
+    mine = world.contribute(ALICE, genesis, [second], {"a.txt": "mine"})
+    await service.store_new([mine], "local")
+    assert not service.store.unsynced
+    assert len(service.store.project_records(genesis.cid)) == 4

@@ -141,3 +141,21 @@ def test_eviction_order_and_pins_survive_reopening(tmp_path: Path) -> None:
         assert result.evicted == 1
         assert store.has_blocks([a[0], b[0], c[0]]) == {a[0], c[0]}
         assert store.stats().blocks == 4
+
+
+def test_a_batch_is_one_transaction_that_a_failure_rolls_back_whole(tmp_path: Path) -> None:
+    with Store.open(tmp_path / "store.sqlite") as store:
+        kept = [(CID.of_raw(b"kept %d" % i), b"kept %d" % i) for i in range(3)]
+        with store.blocks.batch():
+            store.put_blocks(kept[:2])
+            store.blocks.claim(b"project", [cid for cid, _ in kept[:2]])
+        assert not store.blocks.unsynced
+        held = store.blocks.usage()
+        lost = [(CID.of_raw(b"lost"), b"lost")]
+        with pytest.raises(ZeroDivisionError), store.blocks.batch():
+            store.put_blocks(lost)
+            store.blocks.claim(b"project", [lost[0][0]])
+            _ = 1 / 0  # a failure after the batch's writes
+        assert not store.has_blocks([lost[0][0]])
+        assert store.blocks.usage() == held
+        assert store.blocks.projects_of([kept[0][0]])[kept[0][0]] >= {b"project"}

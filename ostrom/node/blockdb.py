@@ -18,16 +18,11 @@ Durability. The file runs in WAL mode. Two kinds of writes share it:
   5 s, shared with the fetches around it), which syncs the log; and when the log, grown by
   `WAL_AUTOCHECKPOINT_PAGES` (1 GiB), is checkpointed by the writing connection.
 
-What a crash can do. SQLite's WAL is consistent under `synchronous = NORMAL` through a power
-loss: frames carry checksums, recovery keeps the log up to the last commit whose frames are
-all intact, and the database file itself changes only at a checkpoint, after the log it
-copies from was synced. So a crash never corrupts the file; it can only roll back the last
-unsynced commits. A `kill -9` loses nothing either way (the operating system holds the
-writes). A power loss can lose the fetched blocks committed since the last sync: they are
-missing again, and the next completion of their project (run after every restart, on the
-first sync with a peer) fetches them again. It cannot lose a durable write, nor any write
-before one: the log is one sequence, and syncing it at a durable commit syncs every frame
-before that commit too. Whatever survives is still checked against its CID on every read.
+What a crash can do (`ostrom.node.walsync` says why): a `kill -9` loses nothing; a power loss
+can lose the fetched blocks committed since the last sync: they are missing again, and the
+next completion of their project (run after every restart, on the first sync with a peer)
+fetches them again. It cannot lose a durable write, nor any write before one. Whatever
+survives is still checked against its CID on every read.
 
 Checkpoints: copying the log into the database is not needed to make a fetch durable (the
 synced log is), so `sync` does not copy: the copy happens when the writer's log reaches
@@ -57,10 +52,9 @@ hold alone); bytes are counted by block size, not by pages.
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -68,6 +62,7 @@ from typing import Final
 from ostrom.crypto.cid import CID
 from ostrom.errors import BlockMismatch, InvalidInput, QuotaExceeded, StoreCorrupt, TooLarge
 from ostrom.node.sqlbind import in_chunks, placeholders
+from ostrom.node.walsync import WalDurability
 from ostrom.protocol.changesets import MAX_BLOCK_SIZE
 
 # PRAGMA user_version of the block database's schema.
@@ -157,7 +152,6 @@ class BlockDB:
         """Use `BlockDB.open`."""
         self._conn = conn
         self._path = path
-        self._closed = False
         # The use counter, the bytes and the blocks held, read in one pass over the table.
         tick, held, count = conn.execute(
             "SELECT coalesce(max(used), 0), coalesce(sum(size), 0), count(*) FROM blocks"
@@ -167,15 +161,9 @@ class BlockDB:
         self._count: int = count
         # Reads for the owner not yet written: binary CID -> use counter.
         self._touched: dict[bytes, int] = {}
-        # Commits so far, and how many of the first of them are known to be on disk. Written
-        # by the writing thread and by `sync` on another; a race between the two can only
-        # leave `_synced` too low, which costs an unneeded sync, never a missed one.
-        self._commits = 0
-        self._synced = 0
-        # The lock that serialises `sync` calls (two fetches may sync at once) and `close`.
-        self._sync_lock = threading.Lock()
-        # Whether the writing connection is in `synchronous = FULL` now.
-        self._full = True
+        self._durability = WalDurability(conn, path)
+        # Inside `batch`: writes join its transaction.
+        self._batch = False
 
     @classmethod
     def open(cls, path: Path) -> BlockDB:
@@ -198,10 +186,8 @@ class BlockDB:
 
     def close(self) -> None:
         """Close the file; the last connection's checkpoint syncs what `sync` had not."""
-        with self._sync_lock:
-            if self._closed:
-                return
-            self._closed = True
+        if not self._durability.close():
+            return
         try:
             if self._touched:
                 with self._write(durable=False):
@@ -227,40 +213,38 @@ class BlockDB:
     def _write(self, *, durable: bool = True) -> _WriteTxn:
         return _WriteTxn(self, durable)
 
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Make the writes of the block one durable transaction: one commit and one sync
+        instead of one each (a contribution's blocks, and their attribution to its project).
+        A write that raises rolls the whole batch back."""
+        try:
+            with self._write(durable=True):
+                self._batch = True
+                try:
+                    yield
+                finally:
+                    self._batch = False
+        except BaseException:
+            # The writes' counts of what is held were rolled back with them.
+            self._bytes, self._count = self._conn.execute(
+                "SELECT coalesce(sum(size), 0), count(*) FROM blocks"
+            ).fetchone()
+            raise
+
     @property
     def unsynced(self) -> bool:
         """Whether some commit may not be on disk yet (a fetched block's, not yet `sync`ed)."""
-        return self._synced < self._commits
+        return self._durability.unsynced
 
     def sync(self) -> None:
-        """Put every write committed so far on disk: sync the log.
+        """Put every write committed so far on disk: sync the log (`WalDurability.sync`).
 
         May be called from any thread while the writing thread keeps writing (that thread's
-        callers serialise everything else). Every commit is in the log until a checkpoint
-        copies it into the database, and a checkpoint syncs the database before the log
-        starts again, so syncing the log file covers every commit made before this call.
-        The copy itself is left to the writer's checkpoint (see the module docstring).
+        callers serialise everything else). The copy of the log into the database is left to
+        the writer's checkpoint (see the module docstring).
         """
-        with self._sync_lock:
-            upto = self._commits
-            if self._closed or self._synced >= upto:
-                return
-            wal = os.open(f"{self._path}-wal", os.O_RDWR)
-            try:
-                os.fsync(wal)
-            finally:
-                os.close(wal)
-            self._synced = max(self._synced, upto)
-
-    def _set_durable(self, durable: bool) -> None:
-        if durable != self._full:
-            self._conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
-            self._full = durable
-
-    def _committed(self, durable: bool) -> None:
-        self._commits += 1
-        if durable:  # the log's sync at this commit covers every commit before it too
-            self._synced = self._commits
+        self._durability.sync()
 
     def _flush_touched(self, conn: sqlite3.Connection) -> None:
         if self._touched:
@@ -572,19 +556,25 @@ class _WriteTxn:
     def __init__(self, db: BlockDB, durable: bool) -> None:
         self._db = db
         self._durable = durable
+        self._joined = False
 
     def __enter__(self) -> sqlite3.Connection:
         conn = self._db._conn
-        self._db._set_durable(self._durable)
+        self._joined = self._db._batch
+        if self._joined:
+            return conn  # a write inside `batch`: its transaction is the batch's
+        self._db._durability.begin(self._durable)
         conn.execute("BEGIN IMMEDIATE")
         self._db._flush_touched(conn)
         return conn
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         conn = self._db._conn
+        if self._joined:
+            return  # the batch commits, or rolls back on what this raised
         if exc_type is None:
             conn.execute("COMMIT")
-            self._db._committed(self._durable)
+            self._db._durability.committed(self._durable)
         elif conn.in_transaction:
             conn.execute("ROLLBACK")
 

@@ -116,7 +116,7 @@ async def _serve(
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(verifier.serve_reaper)
-            await nursery.start(service.serve_block_syncs)
+            await nursery.start(service.serve_syncs)
             await nursery.start(mesh.serve)
             await nursery.start(replicator.serve)
             await nursery.start(mesh_replicator.serve)

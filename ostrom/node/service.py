@@ -83,9 +83,13 @@ _STATE_CACHE_STATUSES: Final = 20_000
 # large fetch (an artifact) is on disk when it is reported done, while the few KiB of a
 # gossiped contribution's blocks do not each cost a checkpoint and two disk syncs.
 BLOCK_SYNC_NOW_BYTES: Final = 4 * 1024 * 1024
-# How soon, at most, the blocks of smaller fetches are synced (`serve_block_syncs`): what
-# a power loss can take is then a few seconds' worth of them, which peers send again.
-BLOCK_SYNC_DELAY_S: Final = 5.0
+# How soon, at most, records from peers and the blocks of smaller fetches are synced
+# (`serve_syncs`): what a power loss can take is then a few seconds' worth of them, which
+# peers send again.
+SYNC_DELAY_S: Final = 5.0
+# Where records come from that a peer sent, and any peer holding them can send again: stored
+# without a disk sync of their own (`Store.put_rows(..., durable=False)`).
+_PEER_ORIGINS: Final = frozenset({"gossip", "sync"})
 # Small public blocks kept in memory for peers that ask for them (`ostrom.node.blockcache`):
 # a gossiped contribution's blocks are a few hundred bytes to a few KiB, so 1 MiB holds
 # those of the last several hundred contributions, far more than followers ask for at once.
@@ -217,8 +221,9 @@ class NodeService:
         self.network: Network | None = None
         self._last_ts = 0
         self._started = clock()
-        # Fetched block bytes stored since the last sync, and whether `serve_block_syncs`
-        # runs (without it, every `blocks_sync` syncs at once) and has a sync due.
+        # Fetched block bytes stored since the last sync, and whether `serve_syncs` runs
+        # (without it, records from peers and every `blocks_sync` sync at once) and has a
+        # sync due.
         self._unsynced_bytes = 0
         self._defer_syncs = False
         self._sync_due = trio.Event()
@@ -289,8 +294,10 @@ class NodeService:
                     with contextlib.suppress(NotFound):
                         await self.state(project)
 
+        durable = origin not in _PEER_ORIGINS
+
         def write(store: Store) -> tuple[list[bytes], dict[CID, CID]]:
-            stored = store.put_rows(rows)
+            stored = store.put_rows(rows, durable=durable)
             if stored:
                 self._writes += 1
             return stored, store.record_projects(parents) if stored and parents else {}
@@ -298,6 +305,8 @@ class NodeService:
         new, projects = await self.db(write)
         if not new:
             return new, projects
+        if not durable:
+            await self._sync_soon()
         if len(new) == len(rows):  # the usual case: every row was new (and none repeated)
             fresh = rows
         else:
@@ -656,32 +665,45 @@ class NodeService:
 
     async def blocks_sync(self) -> None:
         """Put the fetched blocks stored so far on disk (`BlockDB.sync`): at once when
-        `BLOCK_SYNC_NOW_BYTES` or more wait, else within `BLOCK_SYNC_DELAY_S` (by
-        `serve_block_syncs`, if it runs). Not under the store's lock: the block file syncs
-        on a connection of its own while fetches go on storing, and the copy it makes holds
-        up no other call."""
-        if self._defer_syncs and self._unsynced_bytes < BLOCK_SYNC_NOW_BYTES:
+        `BLOCK_SYNC_NOW_BYTES` or more wait, else within `SYNC_DELAY_S` (by `serve_syncs`,
+        if it runs). Not under the store's lock: the block file syncs on a connection of its
+        own while fetches go on storing, and the copy it makes holds up no other call."""
+        if self._unsynced_bytes < BLOCK_SYNC_NOW_BYTES:
+            await self._sync_soon()
+        else:
+            await self._sync_files()
+
+    async def _sync_soon(self) -> None:
+        """Sync within `SYNC_DELAY_S` if `serve_syncs` runs, else now."""
+        if self._defer_syncs:
             self._sync_due.set()
-            return
-        await self._sync_blocks()
+        else:
+            await self._sync_files()
 
-    async def _sync_blocks(self) -> None:
+    async def _sync_files(self) -> None:
+        """Sync both files' logs: records from peers and fetched blocks."""
         self._unsynced_bytes = 0  # what is stored during the sync counts towards the next
-        await trio.to_thread.run_sync(self.store.blocks.sync)
 
-    async def serve_block_syncs(
+        def sync() -> None:
+            self.store.sync()
+            self.store.blocks.sync()
+
+        await trio.to_thread.run_sync(sync)
+
+    async def serve_syncs(
         self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Sync the blocks of short fetches `BLOCK_SYNC_DELAY_S` after the first asks: the
-        fetches of a busy project's gossiped contributions share one sync."""
+        """Sync records from peers and the blocks of short fetches `SYNC_DELAY_S` after the
+        first asks: the gossip of a busy project, and its contributions' fetches, share one
+        sync of each file."""
         self._defer_syncs = True
         try:
             task_status.started()
             while True:
                 await self._sync_due.wait()
-                await trio.sleep(BLOCK_SYNC_DELAY_S)
+                await trio.sleep(SYNC_DELAY_S)
                 self._sync_due = trio.Event()
-                await self._sync_blocks()
+                await self._sync_files()
         finally:
             self._defer_syncs = False
 

@@ -7,9 +7,14 @@ The daemon is the single owner of the store and calls this synchronous class fro
 threads under one lock: callers serialise every call, so the class holds no lock of its own
 (the connection is opened with `check_same_thread=False` for that reason).
 
-Durability: the database runs in WAL mode with `synchronous=FULL`, and every write method is
-one transaction that has committed (and reached the disk) when it returns. A `kill -9` at any
-moment therefore loses nothing a method has acknowledged and leaves no half-written batch.
+Durability: the database runs in WAL mode, and every write method is one transaction that
+has committed when it returns; a `kill -9` at any moment loses nothing a method has
+acknowledged and leaves no half-written batch. Every write has reached the disk when it
+returns (`synchronous = FULL`) except records that peers sent (`put_rows(...,
+durable=False)`: gossip and sync), which any peer holding them can send again: they reach it
+at the next `sync`, which the node makes within seconds (`NodeService.serve_syncs`), or with
+the next durable write. A power loss can roll back only those (`ostrom.node.walsync`); the
+next sync with a peer brings them back.
 
 Integrity: every read hashes the stored bytes and compares them with their CID; bytes that
 no longer match raise `StoreCorrupt` and are never returned. Records were fully verified,
@@ -50,6 +55,7 @@ from ostrom.errors import (
 from ostrom.node.blockdb import OWN, BlockDB, blocks_path
 from ostrom.node.ingest import ROW_CID, RecordRow, record_row
 from ostrom.node.sqlbind import in_chunks, placeholders
+from ostrom.node.walsync import WalDurability
 from ostrom.protocol.meshes import SignedMeshRecord, decode_mesh_record
 from ostrom.protocol.records import BODY_TYPES, Project, SignedRecord, decode_record
 
@@ -235,6 +241,7 @@ class Store:
         self._path = path
         self._closed = False
         self.blocks = blocks
+        self._durability = WalDurability(conn, path)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -267,6 +274,7 @@ class Store:
         if self._closed:
             return
         self._closed = True
+        self._durability.close()
         try:
             self._conn.execute("PRAGMA optimize")
         finally:
@@ -288,13 +296,16 @@ class Store:
         return self._path
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; committed (and synced) when the block ends without error."""
+    def _write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction; committed (and, if `durable`, synced) when the block ends
+        without error."""
         conn = self._conn
+        self._durability.begin(durable)
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
             conn.execute("COMMIT")
+            self._durability.committed(durable)
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -313,9 +324,21 @@ class Store:
         new = self.put_rows([record_row(record) for record in unique.values()])
         return [unique[raw].cid for raw in new]
 
-    def put_rows(self, rows: Sequence[RecordRow]) -> list[bytes]:
+    @property
+    def unsynced(self) -> bool:
+        """Whether some commit of records may not be on disk yet (records from peers, not
+        yet `sync`ed)."""
+        return self._durability.unsynced
+
+    def sync(self) -> None:
+        """Put every record committed so far on disk (`WalDurability.sync`); may be called
+        from any thread while the writing thread keeps writing."""
+        self._durability.sync()
+
+    def put_rows(self, rows: Sequence[RecordRow], *, durable: bool = True) -> list[bytes]:
         """`put_records` for records given as their rows (`ostrom.node.ingest.record_row`);
-        returns the binary CIDs that were new, in order."""
+        returns the binary CIDs that were new, in order. Not `durable`: records a peer
+        sent, on disk only at the next `sync` (see the module docstring)."""
         unique: dict[bytes, RecordRow] = {}
         for row in rows:
             unique.setdefault(row[ROW_CID], row)
@@ -340,7 +363,7 @@ class Store:
                 targeted.append((*head, bytearray(target), bytearray(data)))
             else:
                 plain.append((*head, bytearray(data)))
-        with self._write() as conn:
+        with self._write(durable=durable) as conn:
             # Rows get ids above the highest id so far (INTEGER PRIMARY KEY picks max + 1 and
             # this transaction is the only writer), so the rows above `top` are the new ones.
             top = conn.execute("SELECT coalesce(max(id), 0) FROM records").fetchone()[0]

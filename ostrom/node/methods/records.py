@@ -134,9 +134,11 @@ async def contribution_create(node: NodeService, params: Params, conn: RpcConnec
     ]
 
     def keep(store: Store) -> None:
-        # This node's own work: kept whatever it follows, and counted as the project's.
-        store.put_blocks(encoded)
-        store.blocks.claim(project.raw, [*named, *(cid for cid, _ in encoded)])
+        # This node's own work: kept whatever it follows, and counted as the project's (in
+        # one transaction: one sync of the block file).
+        with store.blocks.batch():
+            store.put_blocks(encoded)
+            store.blocks.claim(project.raw, [*named, *(cid for cid, _ in encoded)])
 
     await node.db(keep)
     with callers_input():

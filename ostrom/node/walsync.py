@@ -1,0 +1,88 @@
+"""Which commits of an SQLite file in WAL mode have reached the disk.
+
+The node's two files (records, blocks) each take two kinds of writes: *durable* ones, which
+commit with `synchronous = FULL` (the log is synced before the commit returns), and writes
+of what peers sent, which any peer holding it can send again, committed with `synchronous =
+NORMAL` (the commit reaches the operating system, not the disk) and put on disk later, many
+at once, by `sync`. SQLite sets `synchronous` per connection, so the writing connection is
+switched before each transaction that needs the other setting.
+
+SQLite's WAL stays consistent under `synchronous = NORMAL` through a power loss: frames carry
+checksums, recovery keeps the log up to the last commit whose frames are all intact, and the
+database file itself changes only at a checkpoint, after the log it copies from was synced.
+So a power loss can only roll back the unsynced commits at the log's end; a `kill -9` loses
+nothing (the operating system holds the writes). Syncing the log at a durable commit syncs
+every frame before it too, so a durable write is never lost, nor anything written before it.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+
+class WalDurability:
+    """The commits of one writing connection, and how many of them are known to be on disk.
+
+    The writing thread calls `begin` before and `committed` after each write transaction;
+    `sync` may be called from any other thread while it writes.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn = conn
+        self._wal = f"{path}-wal"
+        # Commits so far, and how many of the first of them are known to be on disk. Written
+        # by the writing thread and by `sync` on another; a race between the two can only
+        # leave `_synced` too low, which costs an unneeded sync, never a missed one.
+        self._commits = 0
+        self._synced = 0
+        # Serialises `sync` calls (two may come at once) and `close`.
+        self._lock = threading.Lock()
+        self._closed = False
+        # Whether the writing connection is in `synchronous = FULL` now (as set up).
+        self._full = True
+
+    @property
+    def unsynced(self) -> bool:
+        """Whether some commit may not be on disk yet."""
+        return self._synced < self._commits
+
+    def begin(self, durable: bool) -> None:
+        """Before a write transaction: set the connection's `synchronous` for it."""
+        if durable != self._full:
+            self._conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+            self._full = durable
+
+    def committed(self, durable: bool) -> None:
+        self._commits += 1
+        if durable:  # the log's sync at this commit covers every commit before it too
+            self._synced = self._commits
+
+    def sync(self) -> None:
+        """Put every commit made so far on disk: sync the log.
+
+        Every commit is in the log until a checkpoint copies it into the database, and a
+        checkpoint syncs the database before the log starts again, so syncing the log file
+        covers every commit made before this call. Does nothing once `close` has been called
+        (closing the last connection checkpoints, which syncs).
+        """
+        with self._lock:
+            upto = self._commits
+            if self._closed or self._synced >= upto:
+                return
+            wal = os.open(self._wal, os.O_RDWR)
+            try:
+                os.fsync(wal)
+            finally:
+                os.close(wal)
+            self._synced = max(self._synced, upto)
+
+    def close(self) -> bool:
+        """Refuse further syncs; False if already closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True
+            return True
