@@ -555,13 +555,6 @@ class NodeService:
             found.update(cached)
         return found
 
-    async def offer_new_blocks(self, project: CID, blocks: Iterable[tuple[CID, bytes]]) -> None:
-        """Blocks of a contribution this node just made to `project`: kept in memory for the
-        followers about to ask for them if the project is public, so that the first wants,
-        which arrive together, do not each read the store."""
-        if await self.project_mesh(project) is None:
-            self._recent_blocks.add(blocks)
-
     def _public(self, projects: Iterable[bytes]) -> bool:
         """Whether one of `projects` (a block's attributions) is known to be public: the
         block may be served to anyone, now and from now on."""
