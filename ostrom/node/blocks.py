@@ -240,17 +240,14 @@ class BlockFetch:
         self._lacked_by: dict[CID, set[str]] = {}
         # CIDs asked of some peer and not yet stored (or given back), over every worker.
         self._unsettled = 0
-        # CIDs asked of some peer and not yet received, over every worker.
-        self._in_flight = 0
-        self._workers: set[str] = set()
+        # Each running worker's peer, and the CIDs asked of it and not yet answered (none
+        # before its stream opens, though it asks as soon as it does).
+        self._asked: dict[str, int] = {}
         self._finished: set[str] = set()  # peers whose worker ended: not started again
         self._waiting: deque[str] = deque()  # peers to ask, in order, once there is work
         # Peers that sent a block the store refused, and why; their workers stop.
         self._refused: dict[str, str] = {}
         self._changed = trio.Event()
-        # Each running worker's CIDs asked and not yet answered (before its stream opens:
-        # none, though it will ask as soon as it does).
-        self._owed: dict[str, int] = {}
         self._nursery: trio.Nursery | None = None
         self._fetch_scope = trio.CancelScope()
         self._store_send, self._store_receive = trio.open_memory_channel[tuple[str, CID, bytes]](
@@ -261,7 +258,7 @@ class BlockFetch:
     def add_peer(self, peer: str) -> None:
         """Fetch from `peer` too, if the fetch is running: after the peers before it, or at
         once if CIDs wait that the running workers cannot take."""
-        if self._nursery is None or peer in self._workers or peer in self._finished:
+        if self._nursery is None or peer in self._asked or peer in self._finished:
             return
         if peer not in self._waiting:
             self._waiting.append(peer)
@@ -274,19 +271,18 @@ class BlockFetch:
         next."""
         if self._nursery is None:
             return
-        while self._queue and self._waiting and len(self._workers) < MAX_PEERS_PER_FETCH:
+        while self._queue and self._waiting and len(self._asked) < MAX_PEERS_PER_FETCH:
             own = MIN_WANTS_IN_FLIGHT * WANT_BLOCKS
             room = sum(
                 own - owed
-                for peer, owed in self._owed.items()
+                for peer, owed in self._asked.items()
                 if owed < own and self._may_take(peer)
             )
             if len(self._queue) <= room:
                 return
             peer = self._waiting.popleft()
-            if peer not in self._workers and peer not in self._finished:
-                self._workers.add(peer)
-                self._owed[peer] = 0
+            if peer not in self._asked and peer not in self._finished:
+                self._asked[peer] = 0
                 self._nursery.start_soon(self._work, peer)
 
     def _may_take(self, peer: str) -> bool:
@@ -313,7 +309,7 @@ class BlockFetch:
                 self._nursery = workers
                 self._waiting.extend(dict.fromkeys(peers))
                 self._grow()
-                if not self._workers:
+                if not self._asked:
                     self._nursery = None
 
     # --- the shared queue ----------------------------------------------------------------------
@@ -361,12 +357,10 @@ class BlockFetch:
         except OstromError as exc:
             log.info("fetching blocks from %s stopped: %s", peer, exc.message)
         finally:
-            self._workers.discard(peer)
-            self._owed.pop(peer, None)
+            del self._asked[peer]
             self._finished.add(peer)
-            self._in_flight -= len(asked)
             self._give_back(list(asked))
-            if not self._workers:
+            if not self._asked:
                 self._nursery = None  # the fetch is over: a peer joining now starts nothing
 
     def _may_ask(self, outstanding: int) -> bool:
@@ -375,7 +369,7 @@ class BlockFetch:
             return False
         if outstanding <= (MIN_WANTS_IN_FLIGHT - 1) * WANT_BLOCKS:
             return True
-        return self._in_flight + WANT_BLOCKS <= FETCH_IN_FLIGHT_BLOCKS
+        return sum(self._asked.values()) + WANT_BLOCKS <= FETCH_IN_FLIGHT_BLOCKS
 
     async def _exchange(self, peer: str, framed: FramedStream, asked: deque[CID]) -> None:
         while True:
@@ -386,8 +380,7 @@ class BlockFetch:
                 if not batch:
                     break
                 asked.extend(batch)
-                self._owed[peer] = len(asked)
-                self._in_flight += len(batch)
+                self._asked[peer] = len(asked)
                 await framed.send(blockwire.Want(tuple(batch)).to_wire())
             self._grow()  # what this peer may not ask for yet, another may
             if not asked:
@@ -404,8 +397,7 @@ class BlockFetch:
             if isinstance(message, blockwire.Want) or message.cid != expected:
                 raise DecodeError(f"peer answered out of order (expected {expected})")
             asked.popleft()
-            self._owed[peer] = len(asked)
-            self._in_flight -= 1
+            self._asked[peer] = len(asked)
             if isinstance(message, blockwire.Missing):
                 self._lacked_by.setdefault(expected, set()).add(peer)
                 self._give_back([expected])
@@ -468,7 +460,7 @@ class BlockFetch:
             return
         self._refused[peer] = reason
         self._finished.add(peer)
-        if peer not in self._workers:
+        if peer not in self._asked:
             await self._misbehaving(peer, reason)
 
 
