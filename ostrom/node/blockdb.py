@@ -152,13 +152,7 @@ class BlockDB:
         """Use `BlockDB.open`."""
         self._conn = conn
         self._path = path
-        # The use counter, the bytes and the blocks held, read in one pass over the table.
-        tick, held, count = conn.execute(
-            "SELECT coalesce(max(used), 0), coalesce(sum(size), 0), count(*) FROM blocks"
-        ).fetchone()
-        self._tick: int = tick
-        self._bytes: int = held
-        self._count: int = count
+        self._tick, self._bytes, self._count = _tallies(conn)
         # Reads for the owner not yet written: binary CID -> use counter.
         self._touched: dict[bytes, int] = {}
         self._durability = WalDurability(conn, path)
@@ -227,9 +221,7 @@ class BlockDB:
                     self._batch = False
         except BaseException:
             # The writes' counts of what is held were rolled back with them.
-            self._bytes, self._count = self._conn.execute(
-                "SELECT coalesce(sum(size), 0), count(*) FROM blocks"
-            ).fetchone()
+            _, self._bytes, self._count = _tallies(self._conn)
             raise
 
     @property
@@ -577,6 +569,14 @@ class _WriteTxn:
             self._db._durability.committed(self._durable)
         elif conn.in_transaction:
             conn.execute("ROLLBACK")
+
+
+def _tallies(conn: sqlite3.Connection) -> tuple[int, int, int]:
+    """The use counter, the bytes and the blocks held, read in one pass over the table."""
+    tick, held, count = conn.execute(
+        "SELECT coalesce(max(used), 0), coalesce(sum(size), 0), count(*) FROM blocks"
+    ).fetchone()
+    return tick, held, count
 
 
 def _insert_rows(
