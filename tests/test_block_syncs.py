@@ -36,6 +36,14 @@ async def test_without_the_sync_task_every_fetch_end_syncs(service: NodeService)
     assert not service.store.blocks.unsynced
 
 
+async def wait_synced(service: NodeService) -> None:
+    """Until the sync task's thread has synced both files, 5 s at most."""
+    for _ in range(500):
+        if not (service.store.unsynced or service.store.blocks.unsynced):
+            return
+        await trio.to_thread.run_sync(time.sleep, 0.01)
+
+
 async def syncing(service: NodeService, nursery: trio.Nursery) -> BlockSink:
     """A fetch's sink on a node whose service syncs small fetches in the background."""
     await nursery.start(service.serve_syncs)
@@ -55,10 +63,7 @@ async def test_small_fetches_share_a_sync_within_the_delay(
     await trio.testing.wait_all_tasks_blocked()
     assert service.store.blocks.unsynced
     mock_clock.jump(1)
-    for _ in range(500):  # the sync runs on a thread: wait for it, 5 s at most
-        if not service.store.blocks.unsynced:
-            break
-        await trio.to_thread.run_sync(time.sleep, 0.01)
+    await wait_synced(service)
     assert not service.store.blocks.unsynced
 
 
@@ -70,13 +75,6 @@ async def test_a_large_fetch_is_synced_when_it_ends(
     await sink.blocks_put([blk(size) for _ in range(BLOCK_SYNC_NOW_BYTES // size)])
     await sink.blocks_sync()
     assert not service.store.blocks.unsynced
-
-
-async def wait_synced(service: NodeService) -> None:
-    for _ in range(500):  # the sync runs on a thread: wait for it, 5 s at most
-        if not service.store.unsynced:
-            return
-        await trio.to_thread.run_sync(time.sleep, 0.01)
 
 
 async def test_records_from_peers_are_synced_at_once_without_the_sync_task(
