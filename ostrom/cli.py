@@ -326,8 +326,8 @@ def cmd_contribute(args: argparse.Namespace, out: Output, data_dir: DataDir) -> 
         )
         if v.get("uploaded_bytes") is not None:
             out.line(
-                f"  uploaded {_size(v['uploaded_bytes'])} new, "
-                f"{_size(v['deduplicated_bytes'])} already stored"
+                f"  uploaded {_size(v['uploaded_bytes'])}, "
+                f"{_size(v['deduplicated_bytes'])} not sent (already stored)"
             )
 
     out.result(value, human)

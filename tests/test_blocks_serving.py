@@ -12,10 +12,12 @@ from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity
 from ostrom.datadir import DataDir
 from ostrom.errors import InvalidInput
+from ostrom.node.methods.records import contribution_create
 from ostrom.node.methods.transfer import car_import
 from ostrom.node.params import Params
 from ostrom.node.service import NodeService
 from ostrom.node.store import Store
+from ostrom.protocol.changesets import BlockRef, FileManifest
 from ostrom.protocol.records import Policy, Project, SignedRecord, sign
 
 STEWARD = Identity.from_seed(bytes([1]) * 32)
@@ -137,3 +139,44 @@ async def test_public_blocks_are_answered_from_memory_and_no_others_ever(
     reads.clear()
     assert set(await service.blocks_get([fetched[0]], STRANGER.peer_id)) == {fetched[0]}
     assert reads == []
+
+
+async def contribute_file(service: NodeService, project: SignedRecord, text: str) -> list[CID]:
+    """Upload a one-block file, as `block.put` does, and contribute it; its blocks' CIDs."""
+    data = text.encode()
+    raw = CID.of_raw(data)
+    manifest = FileManifest(len(data), (BlockRef(raw, len(data)),)).encode()
+    file = CID.of_dag_cbor(manifest)
+    await service.db(lambda store: store.put_blocks([(raw, data), (file, manifest)]))
+    change = {"op": "put", "path": "page.md", "file": str(file), "size": len(data)}
+    params = {"project": str(project.cid), "changes": [change], "message": "a page"}
+    view = await contribution_create(
+        service,
+        Params("contribution.create", [params]),
+        None,  # type: ignore[arg-type]
+    )
+    record = await service.db(lambda store: store.get_record(CID.parse(view["cid"])))
+    return [*record.body.changes, file, raw]
+
+
+async def test_a_new_contribution_s_blocks_wait_in_memory_only_for_a_public_project(
+    service: NodeService,
+) -> None:
+    private, public = await private_and_public(service)
+    public_blocks = await contribute_file(service, public, "open work")
+    private_blocks = await contribute_file(service, private, "secret work")
+
+    reads: list[object] = []
+    store_read = service.db
+
+    async def counted(fn: object, *args: object) -> object:
+        reads.append(fn)
+        return await store_read(fn, *args)  # type: ignore[arg-type]
+
+    service.db = counted  # type: ignore[assignment]
+    got = await service.blocks_get(public_blocks, STRANGER.peer_id)
+    assert set(got) == set(public_blocks)
+    assert reads == []  # the first peer to ask is answered from memory
+    assert await service.blocks_get(private_blocks, STRANGER.peer_id) == {}
+    assert len(reads) == 1
+    assert set(await service.blocks_get(private_blocks, MEMBER.peer_id)) == set(private_blocks)

@@ -90,6 +90,9 @@ SYNC_DELAY_S: Final = 5.0
 # Where records come from that a peer sent, and any peer holding them can send again: stored
 # without a disk sync of their own (`Store.put_rows(..., durable=False)`).
 _PEER_ORIGINS: Final = frozenset({"gossip", "sync"})
+# Project genesis records `resolve_project` keeps by CID: far more projects than a scripted
+# session names, and a few hundred KiB at most.
+KNOWN_PROJECTS: Final = 256
 # Small public blocks kept in memory for peers that ask for them (`ostrom.node.blockcache`):
 # a gossiped contribution's blocks are a few hundred bytes to a few KiB, so 1 MiB holds
 # those of the last several hundred contributions, far more than followers ask for at once.
@@ -200,6 +203,8 @@ class NodeService:
         self.meshes = MeshRegistry(identity, self.db, self.events, clock)
         # The private mesh each project's genesis names (None: public), read once per project.
         self._project_mesh: dict[CID, CID | None] = {}
+        # Project genesis records by their CID's text, as RPC callers name them (oldest first).
+        self._projects_by_cid: dict[str, SignedRecord] = {}
         # Without a pool from the daemon, batches are decoded on a thread (tests, tools).
         self.verifier = verifier or VerifierPool(workers=1)
         self._clock = clock
@@ -555,6 +560,13 @@ class NodeService:
             found.update(cached)
         return found
 
+    async def offer_new_blocks(self, project: CID, blocks: Iterable[tuple[CID, bytes]]) -> None:
+        """Blocks of a contribution this node just made to `project`: kept in memory for the
+        followers about to ask for them if the project is public, so that their first wants,
+        which arrive together, do not each read the store."""
+        if await self.project_mesh(project) is None:
+            self._recent_blocks.add(blocks)
+
     def _public(self, projects: Iterable[bytes]) -> bool:
         """Whether one of `projects` (a block's attributions) is known to be public: the
         block may be served to anyone, now and from now on."""
@@ -778,7 +790,14 @@ class NodeService:
         self._states.pop(project, None)
 
     async def resolve_project(self, text: str) -> SignedRecord:
-        """A project named by full CID, unique CID prefix, or unique name."""
+        """A project named by full CID, unique CID prefix, or unique name.
+
+        A project named by its full CID is looked up in the store once: records are never
+        removed, so its genesis stays what it was (a prefix or a name may come to mean
+        another project, or several, as projects arrive)."""
+        known = self._projects_by_cid.get(text)
+        if known is not None:
+            return known
 
         def find(store: Store) -> SignedRecord:
             named = store.projects_named(text)
@@ -800,7 +819,12 @@ class NodeService:
                 raise NotFound(f"no project {text!r}")
             return record
 
-        return await self.db(find)
+        found = await self.db(find)
+        if str(found.cid) == text:
+            if len(self._projects_by_cid) >= KNOWN_PROJECTS:
+                del self._projects_by_cid[next(iter(self._projects_by_cid))]
+            self._projects_by_cid[text] = found
+        return found
 
     async def resolve_record(self, text: str, types: Sequence[str] | None = None) -> SignedRecord:
         def find(store: Store) -> SignedRecord:

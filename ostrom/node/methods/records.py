@@ -4,7 +4,7 @@ comments."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Final
 
 from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import parse_public_key, peer_id_of
@@ -22,7 +22,7 @@ from ostrom.node.methods.registry import (
 )
 from ostrom.node.params import Params
 from ostrom.node.rpc_server import RpcConnection
-from ostrom.node.service import NodeService
+from ostrom.node.service import RECENT_BLOCK_MAX, NodeService
 from ostrom.node.store import Store
 from ostrom.node.views import record_view, status_view
 from ostrom.protocol.changesets import (
@@ -41,6 +41,11 @@ from ostrom.protocol.records import (
 )
 
 # --- contributions -----------------------------------------------------------------------------
+
+# Blocks of a new contribution's files, counted in the order it names them, whose bytes are
+# offered to the recent-blocks cache: a small contribution's (a few files), not a large
+# import's, which the cache (1 MiB) could not hold anyway.
+OFFERED_BLOCKS: Final = 64
 
 
 def _changes_param(params: Params) -> list[Change]:
@@ -71,10 +76,12 @@ def _changes_param(params: Params) -> list[Change]:
     return changes
 
 
-def _check_puts(store: Store, puts: list[Put]) -> list[CID]:
+def _check_puts(store: Store, puts: list[Put]) -> tuple[list[CID], dict[CID, bytes]]:
     """Every put's manifest is stored, decodes, has the declared size, and its blocks are here;
-    returns the manifests and blocks."""
+    returns the manifests and blocks, and the bytes of the small ones among the first
+    `OFFERED_BLOCKS` (for `NodeService.offer_new_blocks`)."""
     named: list[CID] = []
+    small: dict[CID, bytes] = {}
     for put in puts:
         data = store.get_block(put.file)
         if data is None:
@@ -88,7 +95,12 @@ def _check_puts(store: Store, puts: list[Put]) -> list[CID]:
         if missing:
             raise NotFound(f"{put.path}: {len(missing)} block(s) not uploaded, e.g. {missing[0]}")
         named += [put.file, *blocks]
-    return named
+        if len(named) <= OFFERED_BLOCKS and len(data) <= RECENT_BLOCK_MAX:
+            small[put.file] = data
+            for ref in manifest.blocks:
+                if ref.size <= RECENT_BLOCK_MAX and (block := store.get_block(ref.cid)):
+                    small[ref.cid] = block
+    return named, small
 
 
 async def _resolve_many(
@@ -120,7 +132,6 @@ async def contribution_create(node: NodeService, params: Params, conn: RpcConnec
     with callers_input():
         changesets = split_changes(changes)
     puts = [c for c in changes if isinstance(c, Put)]
-    named = await node.db(_check_puts, puts)
     deletes = [c.path for c in changes if isinstance(c, Delete)]
     if deletes:
         tree = await node.tree(parents)
@@ -133,14 +144,19 @@ async def contribution_create(node: NodeService, params: Params, conn: RpcConnec
         (CID.of_dag_cbor(data), data) for data in (cs.encode() for cs in changesets if cs.changes)
     ]
 
-    def keep(store: Store) -> None:
-        # This node's own work: kept whatever it follows, and counted as the project's (in
-        # one transaction: one sync of the block file).
+    def check_and_keep(store: Store) -> dict[CID, bytes]:
+        # One call to the store (each costs a hand-off to its thread, which waits behind the
+        # peers' reads on a busy node): the uploads are checked, then kept, since this is the
+        # node's own work, whatever it follows, and counted as the project's (in one
+        # transaction: one sync of the block file).
+        named, small = _check_puts(store, puts)
         with store.blocks.batch():
             store.put_blocks(encoded)
             store.blocks.claim(project.raw, [*named, *(cid for cid, _ in encoded)])
+        return small
 
-    await node.db(keep)
+    small = await node.db(check_and_keep)
+    await node.offer_new_blocks(project, [*encoded, *small.items()])
     with callers_input():
         body = Contribution(
             author=node.identity.public_key,
