@@ -24,19 +24,19 @@ small one's within seconds, with those of the fetches around it: `NodeService.bl
 the store also syncs by itself as its log grows). A power loss before then can only lose
 blocks, which the next completion fetches again (see `ostrom.node.blockdb`).
 
-While any fetch runs, or a server reads wanted blocks, Python's switch interval is shortened
-(`BULK_SWITCH_INTERVAL_S`), so that the threads storing and reading blocks are not held up
-by the network thread each time they take Python's lock back. (Not for the whole of a
-served stream: a stream a peer keeps open between fetches may idle for seconds.)
+While any fetch runs, Python's switch interval is shortened (`ostrom.node.gilswitch`), so
+that the thread storing blocks is not held up by the network thread each time it takes
+Python's lock back; the store does the same for each of its calls, a server's reads among
+them. (Not for the whole of a served stream: a stream a peer keeps open between fetches may
+idle for seconds.)
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import AbstractAsyncContextManager, contextmanager
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -45,6 +45,7 @@ import trio
 from ostrom.crypto.cid import CID
 from ostrom.errors import BlockMismatch, DecodeError, OstromError, PeerUnreachable, QuotaExceeded
 from ostrom.node.framed import ByteStream, FramedStream, PeerSilent
+from ostrom.node.gilswitch import switch_interval
 from ostrom.node.sync import unwrap_single_error
 from ostrom.protocol import blockwire
 from ostrom.protocol.frames import encode_frame
@@ -90,42 +91,6 @@ STORE_GATHER_S: Final = 0.05
 SERVE_READ_BLOCKS: Final = 8
 # Reads a server keeps ready ahead of the stream (each up to SERVE_READ_BLOCKS blocks).
 SERVE_READ_AHEAD: Final = 2
-
-
-# Python's switch interval while blocks are fetched, or read to be served (the interpreter's
-# is 5 ms).
-# Storing and reading blocks runs on a worker thread, in C calls (SQLite, SHA-256) that each
-# give up Python's lock and take it back after; while the network thread runs Python code,
-# taking it back waits until the switch interval forces that thread to yield. At 5 ms a
-# thread storing 256 MiB (thousands of such calls) spent most of its time waiting, and a
-# fetch stalled behind it; half a millisecond cuts the wait tenfold and costs the network
-# thread a few more thread switches.
-BULK_SWITCH_INTERVAL_S: Final = 0.0005
-
-
-class _SwitchInterval:
-    """`BULK_SWITCH_INTERVAL_S` for as long as any fetch or server read runs (the setting is
-    the process's); the interval found before the first is restored after the last."""
-
-    def __init__(self) -> None:
-        self._users = 0
-        self._saved = 0.0
-
-    @contextmanager
-    def shortened(self) -> Iterator[None]:
-        if not self._users:
-            self._saved = sys.getswitchinterval()
-            sys.setswitchinterval(min(self._saved, BULK_SWITCH_INTERVAL_S))
-        self._users += 1
-        try:
-            yield
-        finally:
-            self._users -= 1
-            if not self._users:
-                sys.setswitchinterval(self._saved)
-
-
-_switch_interval = _SwitchInterval()
 
 
 class BlockStore(Protocol):
@@ -176,8 +141,7 @@ async def serve(stream: ByteStream, store: BlockStore, peer_id: str) -> int:
                     )
                 for start in range(0, len(message.cids), SERVE_READ_BLOCKS):
                     part = message.cids[start : start + SERVE_READ_BLOCKS]
-                    with _switch_interval.shortened():  # while the store's thread reads
-                        found = await store.blocks_get(part, peer_id)
+                    found = await store.blocks_get(part, peer_id)
                     await ready_send.send([(cid, found.get(cid)) for cid in part])
 
     with unwrap_single_error():
@@ -293,7 +257,7 @@ class BlockFetch:
 
     async def run(self, peers: Sequence[str]) -> FetchResult:
         if self._queue:
-            with _switch_interval.shortened():
+            with switch_interval.shortened():  # for the whole fetch: it stores as it goes
                 with unwrap_single_error():
                     await self._run(peers)
                 if self.result.fetched:

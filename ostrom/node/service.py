@@ -29,6 +29,7 @@ from ostrom.node.bandwidth import Bandwidth
 from ostrom.node.blockcache import RecentBlocks
 from ostrom.node.blockdb import PutResult, Quota
 from ostrom.node.events import EventBus
+from ostrom.node.gilswitch import switch_interval
 from ostrom.node.ingest import (
     ROW_CID,
     ROW_FORK_OF,
@@ -240,9 +241,12 @@ class NodeService:
     # --- plumbing --------------------------------------------------------------------------
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(store, *args)` on a worker thread, one at a time."""
+        """Run `fn(store, *args)` on a worker thread, one at a time, with Python's switch
+        interval shortened meanwhile (`ostrom.node.gilswitch`): on a busy node the thread
+        otherwise waits for the network thread to yield after each SQLite statement."""
         async with self._lock:
-            return await trio.to_thread.run_sync(fn, self.store, *args)
+            with switch_interval.shortened():
+                return await trio.to_thread.run_sync(fn, self.store, *args)
 
     def _now(self) -> int:
         """Milliseconds for a new record's `ts`, strictly increasing for this node's records.
