@@ -11,7 +11,7 @@ import trio
 
 from ostrom.crypto.cid import CID
 from ostrom.datadir import DataDir
-from ostrom.node.replication import Replicator, topic_of
+from ostrom.node.replication import GOSSIP_BLOCKS_GATHER_S, Replicator, topic_of
 from ostrom.node.service import NodeService
 from ostrom.node.store import Store
 from tests.dagfactory import World, identity
@@ -100,3 +100,29 @@ async def test_a_busy_project_s_gossiped_contributions_share_one_block_pass(
         await trio.sleep(0.1)
         await replicator._complete_blocks(project, [PEER], [c])
     assert passes == [{a}, {b, c}]
+
+
+async def test_what_is_gossiped_during_a_pass_gathers_for_the_next_one_a_second_later(
+    replicator: Replicator, autojump_clock: object
+) -> None:
+    project = CID.of_raw(b"busy project")
+    a, b, c, d = (CID.of_raw(name) for name in (b"a", b"b", b"c", b"d"))
+    passes: list[tuple[float, set[CID] | None]] = []
+
+    async def fetch_missing(project: CID, completion: object, scope: set[CID] | None) -> bool:
+        passes.append((trio.current_time(), None if scope is None else set(scope)))
+        await trio.sleep(0.2)  # the fetch
+        return False  # nothing missing
+
+    replicator._fetch_missing_blocks = fetch_missing  # type: ignore[assignment,method-assign]
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(replicator._complete_blocks, project, [PEER], [a])
+        await trio.sleep(0.1)  # during the first pass's fetch
+        await replicator._complete_blocks(project, [PEER], [b])
+        await trio.sleep(0.3)  # after it, while the next pass gathers
+        await replicator._complete_blocks(project, [PEER], [c])
+        await trio.sleep(0.3)
+        await replicator._complete_blocks(project, [PEER], [d])
+    assert [scope for _, scope in passes] == [{a}, {b, c, d}]
+    assert [when - start for when, _ in passes] == [0, pytest.approx(GOSSIP_BLOCKS_GATHER_S)]

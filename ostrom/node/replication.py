@@ -569,8 +569,10 @@ class Replicator:
         `GOSSIP_BLOCKS_GATHER_S`); a call while it runs adds its peers to it (to the fetch
         under way, too) and returns. Since such a peer may have just brought
         records naming more blocks, the completion then looks again for what is missing
-        once its fetch ends. When peers lacked some blocks (a relay that has the record but
-        is still fetching its blocks), it tries again a few times with backoff.
+        once its fetch ends (for gossiped records, once `GOSSIP_BLOCKS_GATHER_S` has passed
+        since its last pass began: what is gossiped meanwhile joins that next pass). When
+        peers lacked some blocks (a relay that has the record but is still fetching its
+        blocks), it tries again a few times with backoff.
         """
         running = self._completions.get(project)
         if running is not None:
@@ -578,6 +580,10 @@ class Replicator:
             return
         completion = _Completion(peers, records)
         self._completions[project] = completion
+        # For a completion of gossiped contributions, when its next pass may start: passes
+        # start `GOSSIP_BLOCKS_GATHER_S` apart, so that what is gossiped during one, and
+        # joins it, gathers for the next instead of making a small pass of its own.
+        next_pass: float | None = None
         try:
             if records is not None:
                 now = trio.current_time()
@@ -586,9 +592,13 @@ class Replicator:
                 if last is not None and now - last < GOSSIP_BUSY_S:
                     # A busy project: what else arrives meanwhile joins the first pass.
                     await trio.sleep(GOSSIP_BLOCKS_GATHER_S)
+                next_pass = trio.current_time()
             delay = BLOCK_RETRY_FIRST_S
             failures = 0
             while failures < BLOCK_RETRIES:
+                if next_pass is not None:
+                    await trio.sleep_until(next_pass)
+                    next_pass = trio.current_time() + GOSSIP_BLOCKS_GATHER_S
                 completion.joined = False
                 scope = completion.take_scope()
                 if not await self._fetch_missing_blocks(project, completion, scope):
