@@ -13,6 +13,8 @@ import pytest
 from ostrom.crypto.cid import CID
 from ostrom.crypto.keys import Identity
 from ostrom.datadir import DataDir
+from ostrom.node.methods.records import contribution_create
+from ostrom.node.params import Params
 from ostrom.node.replication import Replicator, _Completion, _ServedTo, topic_of
 from ostrom.node.service import NodeService
 from ostrom.node.store import Store
@@ -117,6 +119,20 @@ async def test_a_merge_made_here_makes_the_merged_work_s_blocks_public(merge: Me
     await merge.service.store_new([merge.merge], "local")
     merge.replicator._send_publish.close()
     await merge.replicator._run_publishing()
+    assert await _given(merge, STRANGER.peer_id) == {merge.changeset(merge.merged)}
+
+
+async def test_a_merge_made_over_rpc_makes_the_merged_work_public_before_it_is_published(
+    merge: Merge,
+) -> None:
+    head = merge.merge.parents[0]
+    params = {
+        "project": str(merge.public.cid),
+        "parents": [str(head), str(merge.merged.cid)],
+        "message": "take in the jig",
+    }
+    await contribution_create(merge.service, Params("contribution.create", [params]), None)  # type: ignore[arg-type]
+    # Nothing has run the replicator's publishing: contribution.create attributed it.
     assert await _given(merge, STRANGER.peer_id) == {merge.changeset(merge.merged)}
 
 

@@ -11,7 +11,12 @@ import trio
 
 from ostrom.crypto.cid import CID
 from ostrom.datadir import DataDir
-from ostrom.node.replication import GOSSIP_BLOCKS_GATHER_S, Replicator, topic_of
+from ostrom.node.replication import (
+    GOSSIP_BLOCKS_GATHER_S,
+    GOSSIP_BUSY_S,
+    Replicator,
+    topic_of,
+)
 from ostrom.node.service import NodeService
 from ostrom.node.store import Store
 from tests.dagfactory import World, identity
@@ -126,3 +131,16 @@ async def test_what_is_gossiped_during_a_pass_gathers_for_the_next_one_a_second_
         await replicator._complete_blocks(project, [PEER], [d])
     assert [scope for _, scope in passes] == [{a}, {b, c, d}]
     assert [when - start for when, _ in passes] == [0, pytest.approx(GOSSIP_BLOCKS_GATHER_S)]
+
+    # A sync, which asks for the whole project, does not wait for the gathering.
+    await trio.sleep(GOSSIP_BUSY_S)  # the project is quiet again
+    passes.clear()
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(replicator._complete_blocks, project, [PEER], [a])
+        await trio.sleep(0.3)  # after the first pass: the project is busy, gossip gathers
+        nursery.start_soon(replicator._complete_blocks, project, [PEER], [b])
+        await trio.sleep(0.1)
+        await replicator._complete_blocks(project, [PEER], None)
+    assert [scope for _, scope in passes] == [{a}, None]
+    assert [when - start for when, _ in passes] == [0, pytest.approx(0.4)]

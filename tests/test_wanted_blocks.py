@@ -1,5 +1,5 @@
 """Which blocks a block completion looks for: the whole project's, or only those that
-gossiped contributions name (`ostrom.node.replication.wanted_blocks`)."""
+gossiped contributions name (`ostrom.node.blockplan.wanted_blocks`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ostrom.crypto.cid import CID
-from ostrom.node.replication import BlockWants, wanted_blocks
+from ostrom.node.blockplan import BlockWants, wanted_blocks
 from ostrom.node.store import Store
 from ostrom.protocol.changesets import BlockRef, FileManifest, Put
 from tests.dagfactory import World, identity

@@ -36,6 +36,7 @@ from ostrom.errors import (
 )
 from ostrom.node import blocks, sync
 from ostrom.node.bandwidth import MeteredStream
+from ostrom.node.blockplan import BlockWants, claim_merged_files, claim_merged_work
 from ostrom.node.framed import ByteStream
 from ostrom.node.ingest import RecordRow
 from ostrom.node.mesh import Mesh, MeshStream
@@ -45,7 +46,6 @@ from ostrom.node.streampool import StreamPool
 from ostrom.node.transfers import ProgressListener, Purpose, Transfer
 from ostrom.protocol import blockwire
 from ostrom.protocol.catalogue import announceable_addrs
-from ostrom.protocol.changesets import Changeset, FileManifest, Put
 from ostrom.protocol.reconcile import ReconcileIndex
 from ostrom.protocol.records import Contribution, Project, SignedRecord, decode_record
 
@@ -325,9 +325,13 @@ class Replicator:
 
     async def _run_publishing(self) -> None:
         async for record in self._publish_queue:
+            for project in sync_projects(record):
+                log.debug("publishing %s %s on %s", record.type, record.cid, project)
+                await self.mesh.publish(topic_of(project), record.data)
             if isinstance(record.body, Contribution) and record.parents:
-                # This node's own merge: the work it takes in is the project's from now on,
-                # before a peer hears of the merge and asks for that work's blocks.
+                # This node's own merge: the work it takes in is the project's from now on
+                # (`contribution.create` attributed what is here before signing it), and a
+                # completion fetches what of it is missing.
                 try:
                     merged = await self._claim_merged(record)
                 except OstromError as exc:
@@ -337,9 +341,6 @@ class Replicator:
                     self._nursery.start_soon(
                         self._complete_blocks, record.project, [], [record.cid, *merged]
                     )
-            for project in sync_projects(record):
-                log.debug("publishing %s %s on %s", record.type, record.cid, project)
-                await self.mesh.publish(topic_of(project), record.data)
 
     async def _gossip_received(self, topic: str, data: bytes, from_peer: str) -> bool:
         """Verify a gossiped record and queue it to be stored. False stops its relay.
@@ -440,15 +441,7 @@ class Replicator:
         may have the project; returns that work's records, whose missing blocks a
         completion of the project then fetches."""
 
-        def claim(store: Store) -> list[CID]:
-            merged = merged_work(store, record.project, record.parents)
-            if merged:
-                plan = BlockWants(record.project, merged)
-                for phase in ("changesets", "manifests", "files"):
-                    plan.wanted(store, phase)
-            return merged
-
-        return await self.service.db(claim)
+        return await self.service.db(claim_merged_work, record.project, record.parents)
 
     # --- sync ----------------------------------------------------------------------------------
 
@@ -569,8 +562,8 @@ class Replicator:
         `GOSSIP_BLOCKS_GATHER_S`); a call while it runs adds its peers to it (to the fetch
         under way, too) and returns. Since such a peer may have just brought
         records naming more blocks, the completion then looks again for what is missing
-        once its fetch ends (for gossiped records, once `GOSSIP_BLOCKS_GATHER_S` has passed
-        since its last pass began: what is gossiped meanwhile joins that next pass). When
+        once its fetch ends (if only gossiped records joined, once `GOSSIP_BLOCKS_GATHER_S`
+        has passed since its last pass began: what is gossiped meanwhile joins it). When
         peers lacked some blocks (a relay that has the record but is still fetching its
         blocks), it tries again a few times with backoff.
         """
@@ -580,25 +573,27 @@ class Replicator:
             return
         completion = _Completion(peers, records)
         self._completions[project] = completion
-        # For a completion of gossiped contributions, when its next pass may start: passes
-        # start `GOSSIP_BLOCKS_GATHER_S` apart, so that what is gossiped during one, and
+        # When the last pass began: a pass that looks only at gossiped records starts
+        # `GOSSIP_BLOCKS_GATHER_S` after it, so that what is gossiped during one pass, and
         # joins it, gathers for the next instead of making a small pass of its own.
-        next_pass: float | None = None
+        last_pass: float | None = None
         try:
             if records is not None:
                 now = trio.current_time()
                 last = self._gossip_completed.get(project)
                 self._gossip_completed[project] = now
                 if last is not None and now - last < GOSSIP_BUSY_S:
-                    # A busy project: what else arrives meanwhile joins the first pass.
-                    await trio.sleep(GOSSIP_BLOCKS_GATHER_S)
-                next_pass = trio.current_time()
+                    # A busy project: what else arrives meanwhile joins the first pass too.
+                    last_pass = now
             delay = BLOCK_RETRY_FIRST_S
             failures = 0
             while failures < BLOCK_RETRIES:
-                if next_pass is not None:
-                    await trio.sleep_until(next_pass)
-                    next_pass = trio.current_time() + GOSSIP_BLOCKS_GATHER_S
+                if last_pass is not None:
+                    # Until a sync or a follow asks for the whole project, which goes at once.
+                    with trio.move_on_at(last_pass + GOSSIP_BLOCKS_GATHER_S):
+                        while completion.scope is not None:
+                            await completion.wait_joined()
+                last_pass = trio.current_time()
                 completion.joined = False
                 scope = completion.take_scope()
                 if not await self._fetch_missing_blocks(project, completion, scope):
@@ -843,132 +838,6 @@ class _ServedTo:
         self, rows: Sequence[RecordRow], expected: Collection[bytes] = ()
     ) -> sync.IngestResult:
         return await self._service.sync_store(rows, expected)
-
-
-def wanted_blocks(
-    store: Store, project: CID, phase: str, scope: Collection[CID] | None = None
-) -> list[CID]:
-    """The blocks `project` needs and this store lacks, for one phase of completion.
-
-    Changesets first (they name the manifests), then manifests (they name the file
-    blocks), then the file blocks themselves; contributions of upstream projects that the
-    project's history reaches count too. With `scope`, only the blocks those records name:
-    no walk of the history.
-    """
-    return BlockWants(project, scope).wanted(store, phase)
-
-
-class BlockWants:
-    """`wanted_blocks` for the phases of one pass, in order: what a phase reads from the
-    store to find the next phase's blocks (the records' changesets, the manifests those
-    name) is read once, not again by each later phase.
-
-    Each phase also attributes to the project what it needs and the store already holds
-    (a checkout fetched it, another project shares it), like what it fetches.
-    """
-
-    __slots__ = ("_changesets", "_manifests", "_project", "_scope")
-
-    def __init__(self, project: CID, scope: Collection[CID] | None) -> None:
-        self._project = project
-        self._scope = scope
-        self._changesets: list[CID] | None = None  # the records' changesets
-        self._manifests: set[CID] | None = None  # what the changesets held name
-
-    def wanted(self, store: Store, phase: str) -> list[CID]:
-        if phase == "changesets":
-            changesets = self._named_changesets(store)
-            present = store.has_blocks(changesets)
-            store.blocks.claim(self._project.raw, present)
-            return sorted(set(changesets) - present)
-        manifests = self._named_manifests(store)
-        present_manifests = store.has_blocks(manifests)
-        if phase == "manifests":
-            store.blocks.claim(self._project.raw, present_manifests)
-            return sorted(manifests - present_manifests)
-        raw: set[CID] = set()
-        for link in present_manifests:
-            data = store.get_block(link)
-            if data is not None:
-                raw.update(ref.cid for ref in FileManifest.decode(data).blocks)
-        store.blocks.claim(self._project.raw, raw)
-        return sorted(raw - store.has_blocks(raw))
-
-    def _named_changesets(self, store: Store) -> list[CID]:
-        if self._changesets is None:
-            if self._scope is None:
-                everything = store.project_history(self._project, ("contribution",))
-            else:
-                everything = store.get_records(self._scope)
-            self._changesets = [
-                link
-                for r in everything.values()
-                if isinstance(r.body, Contribution)
-                for link in r.body.changes
-            ]
-        return self._changesets
-
-    def _named_manifests(self, store: Store) -> set[CID]:
-        """The manifests the changesets held name; read once the changesets phase is over
-        (a later pass, with changesets fetched since, reads them again)."""
-        if self._manifests is None:
-            manifests: set[CID] = set()
-            for link in store.has_blocks(self._named_changesets(store)):
-                data = store.get_block(link)
-                if data is not None:
-                    manifests.update(
-                        c.file for c in Changeset.decode(data).changes if isinstance(c, Put)
-                    )
-            self._manifests = manifests
-        return self._manifests
-
-
-def claim_merged_files(store: Store, project: CID) -> None:
-    """Attribute to `project` the file blocks held here of the private meshes' work its
-    contributions merge (`merged_work` of every parent outside the project's own
-    contributions); changesets and manifests are claimed by every completion already."""
-    own = store.project_records(project, ("contribution",))
-    known = {record.cid for record in own}
-    outside = {parent for record in own for parent in record.parents if parent not in known}
-    merged = merged_work(store, project, outside)
-    if merged:
-        wanted_blocks(store, project, "files", merged)  # claims what is here, fetches nothing
-
-
-def merged_work(store: Store, project: CID, parents: Iterable[CID]) -> list[CID]:
-    """The records of private meshes' projects that a record of `project` naming `parents`
-    merges: those parents that belong to another project whose genesis names a private
-    mesh, and the stored records they reach without entering `project`'s own records.
-    Empty for a record that names only its own project's records (nearly all of them), or
-    merges only public work, whose blocks are served to anyone already.
-
-    (A private fork's history ends in the records of the project it forked, where the walk
-    stops; a private project of its own is walked to its genesis.)
-    """
-    foreign = [
-        (parent, owner)
-        for parent, owner in store.record_projects(parents).items()
-        if owner != project
-    ]
-    if not foreign:
-        return []
-    private: dict[CID, bool] = {}
-    start: set[bytes] = set()
-    for parent, owner in foreign:
-        if owner not in private:
-            genesis = store.get_record(owner)
-            private[owner] = (
-                genesis is not None
-                and isinstance(genesis.body, Project)
-                and genesis.body.mesh is not None
-            )
-        if private[owner]:
-            start.add(parent.raw)
-    if not start:
-        return []
-    own = {cid.raw for cid in store.project_cids(project)}
-    found, _ = store.reach(start, own.__contains__)
-    return [CID(raw) for raw in found]
 
 
 class MeshNetwork:

@@ -15,6 +15,7 @@ from ostrom.errors import (
     NotFound,
     Refused,
 )
+from ostrom.node.blockplan import claim_merged_work
 from ostrom.node.methods.registry import (
     DAG_TYPES,
     callers_input,
@@ -147,12 +148,14 @@ async def contribution_create(node: NodeService, params: Params, conn: RpcConnec
     def check_and_keep(store: Store) -> dict[CID, bytes]:
         # One call to the store (each costs a hand-off to its thread, which waits behind the
         # peers' reads on a busy node): the uploads are checked, then kept, since this is the
-        # node's own work, whatever it follows, and counted as the project's (in one
-        # transaction: one sync of the block file).
+        # node's own work, whatever it follows, and counted as the project's, with the
+        # private work it merges, before any peer hears of it (in one transaction: one
+        # sync of the block file).
         named, small = _check_puts(store, puts)
         with store.blocks.batch():
             store.put_blocks(encoded)
             store.blocks.claim(project.raw, [*named, *(cid for cid, _ in encoded)])
+            claim_merged_work(store, project, parents)
         return small
 
     small = await node.db(check_and_keep)

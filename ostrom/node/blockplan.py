@@ -1,0 +1,154 @@
+"""Which blocks a project needs: the changesets its contributions name, the manifests those
+name, the file blocks those name; and which blocks of private meshes' work a project's
+merges make its own.
+
+Run on the store's thread (each takes the `Store`); the replicator's completions and the
+RPC methods that make contributions both use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable
+
+from ostrom.crypto.cid import CID
+from ostrom.node.store import Store
+from ostrom.protocol.changesets import Changeset, FileManifest, Put
+from ostrom.protocol.records import Contribution, Project
+
+
+def wanted_blocks(
+    store: Store, project: CID, phase: str, scope: Collection[CID] | None = None
+) -> list[CID]:
+    """The blocks `project` needs and this store lacks, for one phase of completion.
+
+    Changesets first (they name the manifests), then manifests (they name the file
+    blocks), then the file blocks themselves; contributions of upstream projects that the
+    project's history reaches count too. With `scope`, only the blocks those records name:
+    no walk of the history.
+    """
+    return BlockWants(project, scope).wanted(store, phase)
+
+
+class BlockWants:
+    """`wanted_blocks` for the phases of one pass, in order: what a phase reads from the
+    store to find the next phase's blocks (the records' changesets, the manifests those
+    name) is read once, not again by each later phase.
+
+    Each phase also attributes to the project what it needs and the store already holds
+    (a checkout fetched it, another project shares it), like what it fetches.
+    """
+
+    __slots__ = ("_changesets", "_manifests", "_project", "_scope")
+
+    def __init__(self, project: CID, scope: Collection[CID] | None) -> None:
+        self._project = project
+        self._scope = scope
+        self._changesets: list[CID] | None = None  # the records' changesets
+        self._manifests: set[CID] | None = None  # what the changesets held name
+
+    def wanted(self, store: Store, phase: str) -> list[CID]:
+        if phase == "changesets":
+            changesets = self._named_changesets(store)
+            present = store.has_blocks(changesets)
+            store.blocks.claim(self._project.raw, present)
+            return sorted(set(changesets) - present)
+        manifests = self._named_manifests(store)
+        present_manifests = store.has_blocks(manifests)
+        if phase == "manifests":
+            store.blocks.claim(self._project.raw, present_manifests)
+            return sorted(manifests - present_manifests)
+        raw: set[CID] = set()
+        for link in present_manifests:
+            data = store.get_block(link)
+            if data is not None:
+                raw.update(ref.cid for ref in FileManifest.decode(data).blocks)
+        store.blocks.claim(self._project.raw, raw)
+        return sorted(raw - store.has_blocks(raw))
+
+    def _named_changesets(self, store: Store) -> list[CID]:
+        if self._changesets is None:
+            if self._scope is None:
+                everything = store.project_history(self._project, ("contribution",))
+            else:
+                everything = store.get_records(self._scope)
+            self._changesets = [
+                link
+                for r in everything.values()
+                if isinstance(r.body, Contribution)
+                for link in r.body.changes
+            ]
+        return self._changesets
+
+    def _named_manifests(self, store: Store) -> set[CID]:
+        """The manifests the changesets held name; read once the changesets phase is over
+        (a later pass, with changesets fetched since, reads them again)."""
+        if self._manifests is None:
+            manifests: set[CID] = set()
+            for link in store.has_blocks(self._named_changesets(store)):
+                data = store.get_block(link)
+                if data is not None:
+                    manifests.update(
+                        c.file for c in Changeset.decode(data).changes if isinstance(c, Put)
+                    )
+            self._manifests = manifests
+        return self._manifests
+
+
+def claim_merged_files(store: Store, project: CID) -> None:
+    """Attribute to `project` the file blocks held here of the private meshes' work its
+    contributions merge (`merged_work` of every parent outside the project's own
+    contributions); changesets and manifests are claimed by every completion already."""
+    own = store.project_records(project, ("contribution",))
+    known = {record.cid for record in own}
+    outside = {parent for record in own for parent in record.parents if parent not in known}
+    merged = merged_work(store, project, outside)
+    if merged:
+        wanted_blocks(store, project, "files", merged)  # claims what is here, fetches nothing
+
+
+def merged_work(store: Store, project: CID, parents: Iterable[CID]) -> list[CID]:
+    """The records of private meshes' projects that a record of `project` naming `parents`
+    merges: those parents that belong to another project whose genesis names a private
+    mesh, and the stored records they reach without entering `project`'s own records.
+    Empty for a record that names only its own project's records (nearly all of them), or
+    merges only public work, whose blocks are served to anyone already.
+
+    (A private fork's history ends in the records of the project it forked, where the walk
+    stops; a private project of its own is walked to its genesis.)
+    """
+    foreign = [
+        (parent, owner)
+        for parent, owner in store.record_projects(parents).items()
+        if owner != project
+    ]
+    if not foreign:
+        return []
+    private: dict[CID, bool] = {}
+    start: set[bytes] = set()
+    for parent, owner in foreign:
+        if owner not in private:
+            genesis = store.get_record(owner)
+            private[owner] = (
+                genesis is not None
+                and isinstance(genesis.body, Project)
+                and genesis.body.mesh is not None
+            )
+        if private[owner]:
+            start.add(parent.raw)
+    if not start:
+        return []
+    own = {cid.raw for cid in store.project_cids(project)}
+    found, _ = store.reach(start, own.__contains__)
+    return [CID(raw) for raw in found]
+
+
+def claim_merged_work(store: Store, project: CID, parents: Iterable[CID]) -> list[CID]:
+    """Attribute to `project` every block held here of the private meshes' work that a
+    record of `project` naming `parents` merges (`merged_work`), so that it is served to
+    whoever may have the project; returns that work's records."""
+    merged = merged_work(store, project, parents)
+    if merged:
+        plan = BlockWants(project, merged)
+        for phase in ("changesets", "manifests", "files"):
+            plan.wanted(store, phase)
+    return merged
