@@ -329,3 +329,30 @@ async def test_a_server_refuses_anything_but_wants() -> None:
     await framed.send(blockwire.Block(CID.of_raw(data), data).to_wire())
     with pytest.raises(DecodeError):
         await blocks.serve(Pipe(theirs), MemoryStore(), "peer")
+
+
+class CountedPipe(Pipe):
+    """A `Pipe` that counts its writes."""
+
+    writes = 0
+
+    async def write(self, data: bytes) -> None:
+        self.writes += 1
+        await super().write(data)
+
+
+async def test_a_want_of_small_blocks_goes_out_in_one_write_and_large_ones_read_by_read() -> None:
+    small = [f"small block {i}".encode() for i in range(blocks.SERVE_READ_BLOCKS * 2)]
+    large = [bytes([i]) * blocks.SERVE_WRITE_BYTES for i in range(2 * blocks.SERVE_READ_BLOCKS)]
+    for data, writes in ((small, 1), (large, 2)):
+        cids = [CID.of_raw(d) for d in data]
+        ours, theirs = trio.testing.memory_stream_pair()
+        framed = FramedStream(Pipe(ours), max_frame=blockwire.MAX_FRAME)
+        server = CountedPipe(theirs)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(blocks.serve, server, MemoryStore(data), "peer")
+            await framed.send(blockwire.Want(tuple(cids)).to_wire())
+            answers = [blockwire.parse(await framed.receive()) for _ in cids]
+            await framed.close()
+        assert answers == [blockwire.Block(cid, d) for cid, d in zip(cids, data, strict=True)]
+        assert server.writes == writes

@@ -85,11 +85,15 @@ STORE_QUEUE_BLOCKS: Final = 32
 # asked for has arrived.
 STORE_BATCH_BLOCKS: Final = 16
 STORE_GATHER_S: Final = 0.05
-# Blocks a server reads from its store per read, and writes to the stream in one write:
-# small enough that the first block leaves soon after the want arrives (and a write holds at
-# most 8 MiB), large enough that reads and writes are few.
+# Blocks a server reads from its store per read: small enough that the first block leaves
+# soon after the want arrives (a read holds at most 8 MiB), large enough that reads are few.
 SERVE_READ_BLOCKS: Final = 8
-# Reads a server keeps ready ahead of the stream (each up to SERVE_READ_BLOCKS blocks).
+# Bytes of one want's blocks a server gathers from its reads before it writes them: a want of
+# small blocks (a contribution's changeset, manifest, file) goes out in one write, as each
+# write costs a muxer frame, an encryption and a system call of its own; a want of large
+# blocks is written read by read.
+SERVE_WRITE_BYTES: Final = 256 * 1024
+# Writes a server keeps ready ahead of the stream (each up to SERVE_WRITE_BYTES, or one read).
 SERVE_READ_AHEAD: Final = 2
 
 
@@ -119,7 +123,8 @@ async def serve(stream: ByteStream, store: BlockStore, peer_id: str) -> int:
     """Answer a peer's wants until it closes the stream; returns the blocks sent.
 
     One task reads wants and the blocks they name from the store, `SERVE_READ_BLOCKS` at a
-    time; another writes their frames. A malformed frame or a message other than `want` is
+    time; another writes their frames, a want's small blocks in one write
+    (`SERVE_WRITE_BYTES`). A malformed frame or a message other than `want` is
     `DecodeError`.
     """
     framed = FramedStream(stream, max_frame=blockwire.MAX_FRAME)
@@ -139,10 +144,18 @@ async def serve(stream: ByteStream, store: BlockStore, peer_id: str) -> int:
                     raise DecodeError(
                         f"peer {peer_id} sent {type(message).__name__} to a block server"
                     )
+                ready: list[tuple[CID, bytes | None]] = []
+                ready_bytes = 0
                 for start in range(0, len(message.cids), SERVE_READ_BLOCKS):
                     part = message.cids[start : start + SERVE_READ_BLOCKS]
                     found = await store.blocks_get(part, peer_id)
-                    await ready_send.send([(cid, found.get(cid)) for cid in part])
+                    ready += [(cid, found.get(cid)) for cid in part]
+                    ready_bytes += sum(len(data) for data in found.values())
+                    if ready_bytes >= SERVE_WRITE_BYTES:
+                        await ready_send.send(ready)
+                        ready, ready_bytes = [], 0
+                if ready:
+                    await ready_send.send(ready)
 
     with unwrap_single_error():
         async with trio.open_nursery() as nursery:
