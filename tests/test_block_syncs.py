@@ -18,6 +18,7 @@ from ostrom.node.service import (
     NodeService,
 )
 from tests.dagfactory import World, identity
+from tests.test_blocks_serving import contribute_file, genesis
 
 PROJECT = CID.of_raw(b"a followed project")
 ALICE = identity("alice")
@@ -109,3 +110,21 @@ async def test_gossiped_records_share_a_sync_and_the_nodes_own_are_synced_at_onc
     await service.store_new([mine], "local")
     assert not service.store.unsynced
     assert len(service.store.project_records(genesis.cid)) == 4
+
+
+async def test_uploads_wait_for_the_contribution_that_names_them_or_the_sync_task(
+    service: NodeService, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    await nursery.start(service.serve_syncs)
+    project = genesis("pages", None)
+    await service.db(lambda store: store.put_records([project]))
+    await service.blocks_upload([blk(100)])
+    assert service.store.blocks.unsynced  # an upload waits for what follows it
+    await contribute_file(service, project, "a page")  # uploads its blocks, then names them
+    assert not service.store.blocks.unsynced  # the contribution's commit synced them all
+
+    await service.blocks_upload([blk(100)])  # an upload nothing names
+    assert service.store.blocks.unsynced
+    mock_clock.jump(SYNC_DELAY_S)
+    await wait_synced(service)
+    assert not service.store.blocks.unsynced

@@ -147,7 +147,7 @@ async def contribute_file(service: NodeService, project: SignedRecord, text: str
     raw = CID.of_raw(data)
     manifest = FileManifest(len(data), (BlockRef(raw, len(data)),)).encode()
     file = CID.of_dag_cbor(manifest)
-    await service.db(lambda store: store.put_blocks([(raw, data), (file, manifest)]))
+    await service.blocks_upload([(raw, data), (file, manifest)])
     change = {"op": "put", "path": "page.md", "file": str(file), "size": len(data)}
     params = {"project": str(project.cid), "changes": [change], "message": "a page"}
     view = await contribution_create(

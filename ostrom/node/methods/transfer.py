@@ -75,7 +75,7 @@ def _blocks_param(params: Params) -> list[tuple[CID, bytes]]:
 async def block_put(node: NodeService, params: Params, conn: RpcConnection) -> Any:
     blocks = _blocks_param(params)
     params.done()
-    stored = await node.db(lambda store: store.put_blocks(blocks))
+    stored = await node.blocks_upload(blocks)
     return {"stored": stored, "received": len(blocks)}
 
 
