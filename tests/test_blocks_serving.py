@@ -55,6 +55,19 @@ async def private_and_public(service: NodeService) -> tuple[SignedRecord, Signed
     return private, public
 
 
+def count_store_calls(service: NodeService) -> list[object]:
+    """From now on, each call `service` makes to its store is appended to the list returned."""
+    calls: list[object] = []
+    store_call = service.db
+
+    async def counted(fn: object, *args: object) -> object:
+        calls.append(fn)
+        return await store_call(fn, *args)  # type: ignore[arg-type]
+
+    service.db = counted  # type: ignore[assignment]
+    return calls
+
+
 def block(text: str) -> tuple[CID, bytes]:
     data = text.encode() * 100
     return CID.of_raw(data), data
@@ -120,14 +133,7 @@ async def test_public_blocks_are_answered_from_memory_and_no_others_ever(
     cids = [only_private[0], only_public[0], own[0]]
     assert set(await service.blocks_get(cids, MEMBER.peer_id)) == set(cids)
 
-    reads: list[object] = []
-    store_read = service.db
-
-    async def counted(fn: object, *args: object) -> object:
-        reads.append(fn)
-        return await store_read(fn, *args)  # type: ignore[arg-type]
-
-    service.db = counted  # type: ignore[assignment]
+    reads = count_store_calls(service)
     assert set(await service.blocks_get([only_public[0]], STRANGER.peer_id)) == {only_public[0]}
     assert reads == []  # from memory
     # What memory does not hold is read and checked as before: nothing private leaks.
@@ -166,14 +172,7 @@ async def test_a_new_contribution_s_blocks_wait_in_memory_only_for_a_public_proj
     public_blocks = await contribute_file(service, public, "open work")
     private_blocks = await contribute_file(service, private, "secret work")
 
-    reads: list[object] = []
-    store_read = service.db
-
-    async def counted(fn: object, *args: object) -> object:
-        reads.append(fn)
-        return await store_read(fn, *args)  # type: ignore[arg-type]
-
-    service.db = counted  # type: ignore[assignment]
+    reads = count_store_calls(service)
     got = await service.blocks_get(public_blocks, STRANGER.peer_id)
     assert set(got) == set(public_blocks)
     assert reads == []  # the first peer to ask is answered from memory

@@ -7,7 +7,12 @@ import pytest
 from ostrom.errors import Ambiguous
 from ostrom.node.service import NodeService
 from ostrom.protocol.records import Policy, Project, sign
-from tests.test_blocks_serving import STEWARD, genesis, service  # noqa: F401 (the fixture)
+from tests.test_blocks_serving import (  # noqa: F401 (`service` is the fixture)
+    STEWARD,
+    count_store_calls,
+    genesis,
+    service,
+)
 
 
 async def test_a_project_named_by_its_cid_is_read_once_and_a_name_each_time(
@@ -15,14 +20,7 @@ async def test_a_project_named_by_its_cid_is_read_once_and_a_name_each_time(
 ) -> None:
     first = genesis("recipes", None)
     await service.db(lambda store: store.put_records([first]))
-    reads: list[object] = []
-    store_read = service.db
-
-    async def counted(fn: object, *args: object) -> object:
-        reads.append(fn)
-        return await store_read(fn, *args)  # type: ignore[arg-type]
-
-    service.db = counted  # type: ignore[assignment]
+    reads = count_store_calls(service)
     assert (await service.resolve_project(str(first.cid))).cid == first.cid
     assert (await service.resolve_project(str(first.cid))).cid == first.cid
     assert len(reads) == 1
@@ -37,7 +35,7 @@ async def test_a_project_named_by_its_cid_is_read_once_and_a_name_each_time(
         license="MIT",
         policy=Policy(maintainers=(STEWARD.public_key,)),
     )
-    await store_read(lambda store: store.put_records([sign(body, STEWARD)]))
+    service.store.put_records([sign(body, STEWARD)])  # directly: not counted
     with pytest.raises(Ambiguous):
         await service.resolve_project("recipes")
     assert (await service.resolve_project(str(first.cid))).cid == first.cid
