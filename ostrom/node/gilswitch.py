@@ -3,11 +3,11 @@
 The store's reads and writes, and the hashing of fetched blocks, run on a worker thread in
 C calls (SQLite, SHA-256) that each give up Python's lock and take it back after. While the
 network thread runs Python code, taking it back waits until the switch interval forces
-that thread to yield: at the interpreter's 5 ms, a store call of a dozen statements on a
-busy node took tens of milliseconds of waiting, and a thread storing 256 MiB (thousands of
-such calls) spent most of its time waiting. The setting is the process's, so it is
-shortened only while such work runs: the network thread then yields more often, which
-costs it a few more thread switches.
+that thread to yield: at the interpreter's 5 ms, a thread storing 256 MiB (thousands of
+such calls) spent most of its time waiting. Every store call is made of such calls, so each
+runs with the interval shortened too. The setting is the process's, so it is shortened only
+while such work runs: the network thread then yields more often, which costs it a few more
+thread switches.
 """
 
 from __future__ import annotations
