@@ -125,7 +125,7 @@ async def test_a_merge_made_here_makes_the_merged_work_s_blocks_public(merge: Me
 async def test_a_merge_made_over_rpc_makes_the_merged_work_public_before_it_is_published(
     merge: Merge,
 ) -> None:
-    head = merge.merge.parents[0]
+    (head,) = (parent for parent in merge.merge.parents if parent != merge.merged.cid)
     params = {
         "project": str(merge.public.cid),
         "parents": [str(head), str(merge.merged.cid)],
