@@ -7,16 +7,19 @@ CPU per block, and so that the write-ahead log takes a block in four frames.
 
 Durability. The file runs in WAL mode. Two kinds of writes share it:
 
-- *Durable* writes (the default: this node's own blocks, its uploads, contributions and
-  imports, and every change of attribution or pin) commit with `synchronous = FULL`: the log
-  is synced before the call returns, so after a `kill -9` or a power loss every block a
-  record of this node names is still here. The node's records are stored after their blocks.
+- *Durable* writes (the default: this node's own blocks, its contributions and imports,
+  and every change of attribution or pin) commit with `synchronous = FULL`: the log is
+  synced before the call returns, so after a `kill -9` or a power loss every block a record
+  of this node names is still here. The node's records are stored after their blocks.
 - *Fetched* blocks (`put(..., durable=False)`: blocks a peer sent, which any peer holding
   them can send again) commit with `synchronous = NORMAL`: the commit reaches the operating
   system but not the disk. They reach it when the fetch ends: it calls `sync`
   (`ostrom.node.blocks`; for a fetch of less than 4 MiB the service makes that call within
   5 s, shared with the fetches around it), which syncs the log; and when the log, grown by
-  `WAL_AUTOCHECKPOINT_PAGES` (1 GiB), is checkpointed by the writing connection.
+  `WAL_AUTOCHECKPOINT_PAGES` (1 GiB), is checkpointed by the writing connection. The
+  owner's uploads are written the same way (`NodeService.blocks_upload`): the durable
+  commit of the contribution that names them syncs the log, and so them, before the
+  contribution is signed.
 
 What a crash can do (`ostrom.node.walsync` says why): a `kill -9` loses nothing; a power loss
 can lose the fetched blocks committed since the last sync: they are missing again, and the
@@ -257,7 +260,8 @@ class BlockDB:
     ) -> PutResult:
         """Verify every block against its CID, then store the batch in one transaction,
         attributed to `project` (pinned or not), within `quota`. Not `durable`: blocks
-        fetched from a peer, on disk only at the next `sync` (see the module docstring).
+        fetched from a peer, or uploads, on disk only at the next `sync` or durable commit
+        (see the module docstring).
 
         One bad block (`BlockMismatch`, `TooLarge`) refuses the whole batch before anything
         is written. A batch that would pass the storage limit first evicts unpinned blocks,
