@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from ostrom.crypto.cid import CID
+from ostrom.node import blockdb
 from ostrom.node.blockdb import BlockDB
 from tests.daemons import DaemonFactory, wait_for
 
@@ -177,6 +178,39 @@ def test_an_older_rollback_journal_file_is_taken_over(tmp_path: Path) -> None:
     try:
         assert reopened._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert reopened.get(kept[0]) == kept[1]
+    finally:
+        reopened.close()
+
+
+def test_a_file_made_with_64_kib_pages_keeps_them_and_checkpoints_at_the_same_log_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Older Ostroms made block files with 64 KiB pages; new files get `PAGE_SIZE`. The
+    checkpoint threshold is a number of bytes either way, not of pages."""
+    fresh = BlockDB.open(tmp_path / "new.sqlite")
+    try:
+        assert fresh._conn.execute("PRAGMA page_size").fetchone()[0] == blockdb.PAGE_SIZE
+        autocheckpoint = fresh._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+        assert autocheckpoint * blockdb.PAGE_SIZE == blockdb.WAL_AUTOCHECKPOINT_BYTES
+    finally:
+        fresh.close()
+    path = tmp_path / "older.sqlite"
+    monkeypatch.setattr(blockdb, "PAGE_SIZE", 65536)
+    older = BlockDB.open(path)
+    small, large = blk(1, 300), blk(2, 256 * KIB)
+    older.put([small, large])
+    older.close()
+    monkeypatch.undo()
+    reopened = BlockDB.open(path)
+    try:
+        assert reopened._conn.execute("PRAGMA page_size").fetchone()[0] == 65536
+        assert reopened._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 16384
+        assert reopened.get(small[0]) == small[1]
+        assert reopened.get(large[0]) == large[1]
+        more = blk(3)
+        reopened.put([more], project=PROJECT, durable=False)
+        assert reopened.get(more[0]) == more[1]
+        assert reopened._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         reopened.close()
 

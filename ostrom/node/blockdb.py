@@ -1,9 +1,16 @@
 """Content blocks in their own SQLite file, with what each is kept for and when it was used.
 
 Why a file of its own: blocks are large and written once, and they are held to a durability
-of their own (below), which SQLite sets per connection and transaction, not per table. Pages
-are 64 KiB so that a 256 KiB block is four overflow pages rather than 65, which costs less
-CPU per block, and so that the write-ahead log takes a block in four frames.
+of their own (below), which SQLite sets per connection and transaction, not per table.
+
+Pages (`PAGE_SIZE`) are 16 KiB, a size for both kinds of block a node stores. A commit writes
+every page it changed to the log, whole: a few small blocks (a contribution's changeset,
+manifest and file, fetched after its gossip) change four or five pages, which with 64 KiB
+pages made a node following a busy project write 2 MB/s for 20 KB/s of blocks; with 16 KiB
+pages it writes 0.3 MB/s, no more than with 4 KiB pages. A large block fills sixteen overflow
+pages, which an artifact's fetch stores as fast as four of 64 KiB (65 of 4 KiB cost it 5-15%).
+A file keeps the page size it was created with: one made by an older Ostrom (64 KiB pages)
+works as before.
 
 Durability. The file runs in WAL mode. Two kinds of writes share it:
 
@@ -16,7 +23,7 @@ Durability. The file runs in WAL mode. Two kinds of writes share it:
   system but not the disk. They reach it when the fetch ends: it calls `sync`
   (`ostrom.node.blocks`; for a fetch of less than 4 MiB the service makes that call within
   5 s, shared with the fetches around it), which syncs the log; and when the log, grown by
-  `WAL_AUTOCHECKPOINT_PAGES` (1 GiB), is checkpointed by the writing connection. The
+  `WAL_AUTOCHECKPOINT_BYTES` (1 GiB), is checkpointed by the writing connection. The
   owner's uploads are written the same way (`NodeService.blocks_upload`): the durable
   commit of the contribution that names them syncs the log, and so them, before the
   contribution is signed.
@@ -29,7 +36,7 @@ survives is still checked against its CID on every read.
 
 Checkpoints: copying the log into the database is not needed to make a fetch durable (the
 synced log is), so `sync` does not copy: the copy happens when the writer's log reaches
-`WAL_AUTOCHECKPOINT_PAGES`, or when the file is closed. A fetch that does not fill the log
+`WAL_AUTOCHECKPOINT_BYTES`, or when the file is closed. A fetch that does not fill the log
 ends with one sync of it instead of a copy of everything it fetched (about 0.4 s of
 wall time per 256 MiB here, on the storing thread, while the fetch waited). Each block is
 still written twice (log, then database); the second write only comes later, in one
@@ -70,9 +77,11 @@ from ostrom.protocol.changesets import MAX_BLOCK_SIZE
 
 # PRAGMA user_version of the block database's schema.
 BLOCK_SCHEMA_VERSION: Final = 1
-# Pages of 64 KiB (the largest SQLite allows): a 256 KiB block fills four overflow pages,
-# and a block database holds few small rows that larger pages would waste space on.
-PAGE_SIZE: Final = 65536
+# The page size of a new block file (see the module docstring): measured at 20 daemons with
+# 20 contributions a second, a relay wrote 2.1 MB/s with 64 KiB pages and 0.29 MB/s with 16
+# KiB (8 KiB: 0.30, 4 KiB: 0.32-0.44); the 256 MiB artifact fetch was no slower than with 64
+# KiB (`bench.artifact`, docs/BENCHMARKS.md).
+PAGE_SIZE: Final = 16384
 # The attribution of this node's own blocks (its uploads, contributions and imports): not a
 # project CID (those are 36 bytes), so it never counts against a project's limit.
 OWN: Final = b""
@@ -81,17 +90,17 @@ OWN: Final = b""
 TOUCH_FLUSH: Final = 256
 # The page cache of the block file, in KiB (SQLite's default is about 2 MiB): a block is
 # written once and read again rarely, so cached data pages seldom serve a second read; this
-# keeps the index pages a lookup walks (16 pages of 64 KiB) without holding block bytes the
+# keeps the index pages a lookup walks (64 pages of 16 KiB) without holding block bytes the
 # node is done with.
 _CACHE_KIB: Final = 1024
-# Pages the write-ahead log may hold before the writing connection checkpoints it, inside a
-# commit: 16384 pages of 64 KiB are 1 GiB. `sync` only syncs the log, so this is where
-# fetched blocks are copied into the database: rarely enough that most fetches end without
-# waiting on a copy (one does when the log fills during it), often enough that the log
-# (disk space beside the blocks, and the wal-index every read looks up) stays within 1 GiB.
-# The checkpoint also syncs the log, which bounds what a power loss can take of a fetch that
-# has not ended yet.
-WAL_AUTOCHECKPOINT_PAGES: Final = 16384
+# Bytes the write-ahead log may hold before the writing connection checkpoints it, inside a
+# commit (SQLite takes it as pages of the file's own size). `sync` only syncs the log, so
+# this is where fetched blocks are copied into the database: rarely enough that most fetches
+# end without waiting on a copy (one does when the log fills during it), often enough that
+# the log (disk space beside the blocks, and the wal-index every read looks up) stays within
+# 1 GiB. The checkpoint also syncs the log, which bounds what a power loss can take of a
+# fetch that has not ended yet.
+WAL_AUTOCHECKPOINT_BYTES: Final = 1024 * 1024 * 1024
 # Bytes of log file kept once a checkpoint has emptied it: the next writes reuse them instead
 # of growing the file from nothing, and a log that once grew large does not stay large.
 WAL_KEEP_BYTES: Final = 64 * 1024 * 1024
@@ -627,7 +636,8 @@ def _set_up(conn: sqlite3.Connection, path: Path) -> None:
     # survives a crash of the process or of the machine. Fetched blocks lower it per
     # transaction (`_WriteTxn`).
     conn.execute("PRAGMA synchronous = FULL")
-    conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_BYTES // page_size}")
     conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")
     if version == 0:
         conn.executescript(
