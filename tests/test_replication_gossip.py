@@ -98,7 +98,7 @@ async def test_a_busy_project_s_gossiped_contributions_share_one_block_pass(
     start = trio.current_time()
     await replicator._complete_blocks(project, [PEER], [a])
     assert passes == [{a}] and trio.current_time() == start
-    # Another within a second or two: the project is busy, and what arrives while the
+    # Another within a few seconds: the project is busy, and what arrives while the
     # completion waits joins its first pass.
     async with trio.open_nursery() as nursery:
         nursery.start_soon(replicator._complete_blocks, project, [PEER], [b])
@@ -107,7 +107,7 @@ async def test_a_busy_project_s_gossiped_contributions_share_one_block_pass(
     assert passes == [{a}, {b, c}]
 
 
-async def test_what_is_gossiped_during_a_pass_gathers_for_the_next_one_a_second_later(
+async def test_what_is_gossiped_during_a_pass_gathers_for_the_next_one_a_gathering_later(
     replicator: Replicator, autojump_clock: object
 ) -> None:
     project = CID.of_raw(b"busy project")

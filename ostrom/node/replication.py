@@ -105,12 +105,14 @@ GOSSIP_STORE_BATCH: Final = 256
 # the blocks of many in one pass (three calls to the store and a want or two per peer)
 # instead of one pass each. Their blocks then arrive this much later; the records do not
 # wait. A project is busy when its last gossip completion started less than
-# `GOSSIP_BUSY_S` before: a lone contribution's blocks are fetched at once. One second:
-# with 20 contributions a second, a relay spent about 0.6 ms less CPU on each than with half
-# a second, and no less with two seconds, whose bursts of blocks held up the records behind
-# them (bench.gossip --nodes 5). The busy window stays above a pass's gather and fetch.
-GOSSIP_BLOCKS_GATHER_S: Final = 1.0
-GOSSIP_BUSY_S: Final = 2.0
+# `GOSSIP_BUSY_S` before: a lone contribution's blocks are fetched at once. Three seconds:
+# at 20 daemons and 20 contributions a second (`bench.gossip`, docs/BENCHMARKS.md step 14),
+# relays spent 5.2-5.6 ms of CPU per record against 6.5-6.6 ms with one second (5.4-5.9 ms
+# with two), and the node the contributions came from 10-11 ms per contribution against
+# 13-14 ms, since it answers a third as many wants. The busy window stays above a pass's
+# gather and fetch.
+GOSSIP_BLOCKS_GATHER_S: Final = 3.0
+GOSSIP_BUSY_S: Final = 4.0
 # How long a blocks stream stays open, idle, for the next fetch from the same peer: a busy
 # project's contributions arrive seconds apart at most; a server ends a stream idle for
 # 30 s (`ostrom.node.framed.IDLE_TIMEOUT_S`), which this stays well below.
