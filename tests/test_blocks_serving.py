@@ -58,13 +58,18 @@ async def private_and_public(service: NodeService) -> tuple[SignedRecord, Signed
 def count_store_calls(service: NodeService) -> list[object]:
     """From now on, each call `service` makes to its store is appended to the list returned."""
     calls: list[object] = []
-    store_call = service.db
+    store_call, brief_call = service.db, service.db_brief
 
     async def counted(fn: object, *args: object) -> object:
         calls.append(fn)
         return await store_call(fn, *args)  # type: ignore[arg-type]
 
+    async def counted_brief(fn: object, *args: object) -> object:
+        calls.append(fn)
+        return await brief_call(fn, *args)  # type: ignore[arg-type]
+
     service.db = counted  # type: ignore[assignment]
+    service.db_brief = counted_brief  # type: ignore[assignment]
     return calls
 
 

@@ -507,6 +507,11 @@ class BlockDB:
             ).fetchone()[0]
         )
 
+    def log_has_room(self, room: int) -> bool:
+        """Whether a commit writing less than `room` bytes to the log cannot checkpoint it
+        (`WalDurability.has_room`)."""
+        return self._durability.has_room(room)
+
     def file_bytes(self) -> int:
         """Bytes of the file and of its write-ahead log."""
         paths = (self._path, Path(f"{self._path}-wal"))

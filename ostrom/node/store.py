@@ -73,6 +73,16 @@ SCHEMA_VERSION: Final = 3
 # with 16 MiB, and a 100k-record catch-up no longer (docs/BENCHMARKS.md, the soak section).
 _CACHE_KIB: Final = 4 * 1024
 # A CID prefix shorter than this matches too much to be a deliberate reference.
+# Pages the record log holds before a commit checkpoints it: SQLite's default, set here
+# because `logs_have_room` reads it.
+WAL_AUTOCHECKPOINT_PAGES: Final = 1000
+# Bytes of record log file kept when the log restarts after a checkpoint (SQLite keeps the
+# whole file by default): well under the checkpoint's 4 MB, so that the file's size tells
+# `logs_have_room` that the log has room again.
+WAL_KEEP_BYTES: Final = 1024 * 1024
+# A commit that `logs_have_room` vouches for writes less than this to each log: a batch of
+# gossiped records or a few small fetched blocks is tens of pages.
+BRIEF_COMMIT_BYTES: Final = 512 * 1024
 MIN_PREFIX_LENGTH: Final = 4
 # How many candidates an `Ambiguous` error lists.
 _AMBIGUOUS_SHOWN: Final = 5
@@ -323,6 +333,14 @@ class Store:
             unique.setdefault(record.cid.raw, record)
         new = self.put_rows([record_row(record) for record in unique.values()])
         return [unique[raw].cid for raw in new]
+
+    def logs_have_room(self) -> bool:
+        """Whether a commit writing less than `BRIEF_COMMIT_BYTES` to either file's log is
+        sure not to checkpoint it: then the commit costs no disk sync unless it is durable.
+        `NodeService.db_brief` runs such commits on the event loop only then."""
+        return self._durability.has_room(BRIEF_COMMIT_BYTES) and self.blocks.log_has_room(
+            BRIEF_COMMIT_BYTES
+        )
 
     @property
     def unsynced(self) -> bool:
@@ -919,6 +937,8 @@ def _set_up(conn: sqlite3.Connection, path: Path, blocks: BlockDB) -> None:
     # crash of the process or of the machine.
     conn.execute("PRAGMA synchronous = FULL")
     conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+    conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")
     # `_check_version` has refused what this Ostrom does not read.
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version == 0:

@@ -13,6 +13,12 @@ database file itself changes only at a checkpoint, after the log it copies from 
 So a power loss can only roll back the unsynced commits at the log's end; a `kill -9` loses
 nothing (the operating system holds the writes). Syncing the log at a durable commit syncs
 every frame before it too, so a durable write is never lost, nor anything written before it.
+
+Checkpoints: the writing connection copies the log into the database inside the commit that
+takes the log past its `wal_autocheckpoint` pages, which costs that commit the copy and two
+disk syncs. `has_room` tells a caller whether the next small commit is sure not to be that
+one, from the size of the log file alone (a file that is truncated back, by
+`journal_size_limit`, whenever the log restarts after a checkpoint).
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class WalDurability:
         self._closed = False
         # Whether the writing connection is in `synchronous = FULL` now (as set up).
         self._full = True
+        # Bytes of log file at which a commit checkpoints (`has_room`), read once it is set up.
+        self._checkpoint_bytes: int | None = None
 
     @property
     def unsynced(self) -> bool:
@@ -59,6 +67,22 @@ class WalDurability:
         self._commits += 1
         if durable:  # the log's sync at this commit covers every commit before it too
             self._synced = self._commits
+
+    def has_room(self, room: int) -> bool:
+        """Whether the log is more than `room` bytes short of its checkpoint threshold, so
+        that a commit writing less than that cannot checkpoint. The log file's size bounds
+        what the log holds: frames are written from its start again after a checkpoint,
+        over older ones."""
+        if self._checkpoint_bytes is None:
+            page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
+            pages = int(self._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+            # A frame is a page and its 24-byte header, after the log's 32-byte header.
+            self._checkpoint_bytes = 32 + pages * (page_size + 24) if pages > 0 else 1 << 62
+        try:
+            size = os.stat(self._wal).st_size
+        except FileNotFoundError:
+            size = 0
+        return size + room < self._checkpoint_bytes
 
     def sync(self) -> None:
         """Put every commit made so far on disk: sync the log.

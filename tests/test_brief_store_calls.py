@@ -1,0 +1,106 @@
+"""Store calls made on the event loop (`NodeService.db_brief`): which calls, and the guard
+that keeps a checkpoint (a copy of the log and two disk syncs) off the event loop."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ostrom.crypto.cid import CID
+from ostrom.node.service import BRIEF_PUT_BYTES, NodeService
+from ostrom.node.store import Store
+from ostrom.node.walsync import WalDurability
+from tests.dagfactory import World, identity
+from tests.test_blocks_serving import service  # noqa: F401 (the fixture)
+
+ALICE = identity("alice")
+PROJECT = CID.of_raw(b"a followed project")
+
+
+def record_threads(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> list[bool]:
+    """From now on, whether each call of `cls.name` ran on the calling test's own thread."""
+    here = threading.get_ident()
+    seen: list[bool] = []
+    original: Callable[..., Any] = getattr(cls, name)
+
+    def recorded(self: object, *args: Any, **kwargs: Any) -> Any:
+        seen.append(threading.get_ident() == here)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, recorded)
+    return seen
+
+
+async def test_gossip_and_small_fetches_are_stored_on_the_event_loop_the_rest_on_a_worker(
+    service: NodeService,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world = World()
+    genesis = world.genesis(ALICE)
+    first = world.contribute(ALICE, genesis, [genesis], {"a.txt": "first"})
+    second = world.contribute(ALICE, genesis, [first], {"a.txt": "second"})
+    rows = record_threads(monkeypatch, Store, "put_rows")
+    await service.store_new([genesis], "gossip")
+    await service.store_new([first], "sync")  # a sync's batches can be thousands of records
+    await service.store_new([second], "local")  # the node's own: synced to disk at once
+    assert rows == [True, False, False]
+
+    blocks = record_threads(monkeypatch, type(service.store.blocks), "put")
+    small = os.urandom(1000)
+    large = os.urandom(BRIEF_PUT_BYTES + 1)
+    await service.blocks_put([(CID.of_raw(small), small)], PROJECT)
+    await service.blocks_put([(CID.of_raw(large), large)], PROJECT)
+    assert blocks == [True, False]
+    assert await service.blocks_get([CID.of_raw(small), CID.of_raw(large)]) == {
+        CID.of_raw(small): small,
+        CID.of_raw(large): large,
+    }
+
+    # A log near its checkpoint: the next brief call could be the one that copies it.
+    monkeypatch.setattr(Store, "logs_have_room", lambda store: False)
+    third = world.contribute(ALICE, genesis, [second], {"a.txt": "third"})
+    await service.store_new([third], "gossip")
+    assert rows[-1] is False
+    assert len(service.store.project_records(genesis.cid)) == 4
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_commit_the_log_has_room_for_never_checkpoints_and_a_restarted_log_has_room_again(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "log.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA wal_autocheckpoint = 40")  # 40 pages: about 160 KiB of log
+    conn.execute("PRAGMA journal_size_limit = 16384")  # a restarted log's file is cut to this
+    conn.execute("CREATE TABLE t (v BLOB)")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    durability = WalDurability(conn, path)
+    room = 3 * 4120  # each commit below writes one data page and a page of the table's tree
+    had_room: list[bool] = []
+    checkpointed: list[bool] = []
+    for _ in range(120):
+        had_room.append(durability.has_room(room))
+        before = _digest(path)
+        conn.execute("INSERT INTO t VALUES (?)", (os.urandom(3000),))
+        # The database file changes only when a checkpoint copies the log into it.
+        checkpointed.append(_digest(path) != before)
+    conn.close()
+    assert any(checkpointed), "the log never reached its checkpoint"
+    assert not any(room and copied for room, copied in zip(had_room, checkpointed, strict=True))
+    # After each checkpoint the log restarts in a file cut back to 16 KiB: room again.
+    first_copy = checkpointed.index(True)
+    assert had_room[first_copy + 2]
+    assert had_room.count(False) < len(had_room) // 2
