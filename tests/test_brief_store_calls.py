@@ -38,7 +38,7 @@ def record_threads(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> lis
     return seen
 
 
-async def test_gossip_and_small_fetches_are_stored_on_the_event_loop_the_rest_on_a_worker(
+async def test_gossip_and_small_fetches_and_uploads_are_stored_on_the_event_loop(
     service: NodeService,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -58,6 +58,11 @@ async def test_gossip_and_small_fetches_are_stored_on_the_event_loop_the_rest_on
     await service.blocks_put([(CID.of_raw(small), small)], PROJECT)
     await service.blocks_put([(CID.of_raw(large), large)], PROJECT)
     assert blocks == [True, False]
+    # The owner's uploads are written the same way (the contribution syncs them).
+    upload, big_upload = os.urandom(500), os.urandom(BRIEF_PUT_BYTES + 1)
+    await service.blocks_upload([(CID.of_raw(upload), upload)])
+    await service.blocks_upload([(CID.of_raw(big_upload), big_upload)])
+    assert blocks == [True, False, True, False]
     assert await service.blocks_get([CID.of_raw(small), CID.of_raw(large)]) == {
         CID.of_raw(small): small,
         CID.of_raw(large): large,

@@ -92,8 +92,9 @@ SYNC_DELAY_S: Final = 5.0
 # batch (a backlog) goes to the worker thread. Each is about a kilobyte with its index
 # entries, so this stays far under `BRIEF_COMMIT_BYTES`.
 BRIEF_GOSSIP_ROWS: Final = 64
-# Fetched block bytes stored by one call on the event loop at most (`db_brief`): a pass's
-# changesets, manifests and small files; an artifact's 256 KiB blocks go to the thread.
+# Fetched or uploaded block bytes stored by one call on the event loop at most
+# (`db_brief`): a pass's changesets, manifests and small files, or a small contribution's
+# upload; an artifact's 256 KiB blocks go to the thread.
 BRIEF_PUT_BYTES: Final = 128 * 1024
 # Where records come from that a peer sent, and any peer holding them can send again: stored
 # without a disk sync of their own (`Store.put_rows(..., durable=False)`).
@@ -256,14 +257,13 @@ class NodeService:
                 return await trio.to_thread.run_sync(fn, self.store, *args)
 
     async def db_brief(self, fn: Callable[..., T], *args: Any) -> T:
-        """`db` for a call known to be brief: a write of what a peer sent (no disk sync) of
-        a few rows or small blocks, `BRIEF_COMMIT_BYTES` at most. It runs on the event loop
-        itself, unless a log is so near its checkpoint that this commit could start one
-        (`Store.logs_have_room`). On a busy machine, handing a call to the worker thread
-        costs more than such a call: waking the thread, then waiting, holding Python's lock,
-        for the processor back. At 20 daemons on 2 cores, with gossip and small fetches
-        stored here, relays spent 4.3-4.4 ms of CPU per record against 4.9-5.7 ms, and p99
-        fell from 0.5-0.9 s to 0.38 s (docs/BENCHMARKS.md, gossip step 14)."""
+        """`db` for a call known to be brief: a write with no disk sync of its own (what a
+        peer sent, or an upload) of a few rows or small blocks, `BRIEF_COMMIT_BYTES` at
+        most. It runs on the event loop itself, unless a log is so near its checkpoint that
+        this commit could start one (`Store.logs_have_room`). On a busy machine, handing a
+        call to the worker thread costs more than such a call: waking the thread, then
+        waiting, holding Python's lock, for the processor back (docs/BENCHMARKS.md, gossip
+        step 14)."""
         async with self._lock:
             if self.store.logs_have_room():
                 return fn(self.store, *args)
@@ -721,8 +721,9 @@ class NodeService:
         def put(store: Store) -> PutResult:
             return store.blocks.put(blocks, durable=False)
 
-        result = await self.db(put)
-        self._unsynced_bytes += sum(len(data) for _, data in blocks)
+        size = sum(len(data) for _, data in blocks)
+        result = await (self.db_brief if size <= BRIEF_PUT_BYTES else self.db)(put)
+        self._unsynced_bytes += size
         await self.blocks_sync()
         return result.new
 
