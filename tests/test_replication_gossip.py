@@ -11,10 +11,13 @@ import trio
 
 from ostrom.crypto.cid import CID
 from ostrom.datadir import DataDir
+from ostrom.node import replication
 from ostrom.node.replication import (
     GOSSIP_BLOCKS_GATHER_S,
     GOSSIP_BUSY_S,
+    GOSSIP_GATHER_SPREAD,
     Replicator,
+    gather_time,
     topic_of,
 )
 from ostrom.node.service import NodeService
@@ -107,9 +110,23 @@ async def test_a_busy_project_s_gossiped_contributions_share_one_block_pass(
     assert passes == [{a}, {b, c}]
 
 
+def test_passes_gather_for_times_spread_around_the_gathering() -> None:
+    times = [gather_time() for _ in range(200)]
+    low = GOSSIP_BLOCKS_GATHER_S * (1 - GOSSIP_GATHER_SPREAD)
+    high = GOSSIP_BLOCKS_GATHER_S * (1 + GOSSIP_GATHER_SPREAD)
+    assert all(low <= t <= high for t in times)
+    # Followers that got the same gossip together do not pass together: the times spread
+    # over most of the range (200 draws leave a gap of a tenth of it at the ends only by a
+    # chance of about 1e-9).
+    assert min(times) < low + (high - low) / 10 and max(times) > high - (high - low) / 10
+    assert max(times) < GOSSIP_BUSY_S  # a project stays busy from one pass to the next
+
+
 async def test_what_is_gossiped_during_a_pass_gathers_for_the_next_one_a_gathering_later(
-    replicator: Replicator, autojump_clock: object
+    replicator: Replicator, autojump_clock: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    gathering = 2.5
+    monkeypatch.setattr(replication, "gather_time", lambda: gathering)
     project = CID.of_raw(b"busy project")
     a, b, c, d = (CID.of_raw(name) for name in (b"a", b"b", b"c", b"d"))
     passes: list[tuple[float, set[CID] | None]] = []
@@ -130,7 +147,7 @@ async def test_what_is_gossiped_during_a_pass_gathers_for_the_next_one_a_gatheri
         await trio.sleep(0.3)
         await replicator._complete_blocks(project, [PEER], [d])
     assert [scope for _, scope in passes] == [{a}, {b, c, d}]
-    assert [when - start for when, _ in passes] == [0, pytest.approx(GOSSIP_BLOCKS_GATHER_S)]
+    assert [when - start for when, _ in passes] == [0, pytest.approx(gathering)]
 
     # A sync, which asks for the whole project, does not wait for the gathering.
     await trio.sleep(GOSSIP_BUSY_S)  # the project is quiet again

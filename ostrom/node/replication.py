@@ -110,9 +110,16 @@ GOSSIP_STORE_BATCH: Final = 256
 # relays spent 5.2-5.6 ms of CPU per record against 6.5-6.6 ms with one second (5.4-5.9 ms
 # with two), and the node the contributions came from 10-11 ms per contribution against
 # 13-14 ms, since it answers a third as many wants. The busy window stays above a pass's
-# gather and fetch.
+# longest gather (`GOSSIP_GATHER_SPREAD`) and its fetch.
 GOSSIP_BLOCKS_GATHER_S: Final = 3.0
-GOSSIP_BUSY_S: Final = 4.0
+GOSSIP_BUSY_S: Final = 5.0
+# Each pass gathers for `GOSSIP_BLOCKS_GATHER_S` times a factor drawn between 1 minus and 1
+# plus this. The followers of a project get its gossip within milliseconds of each other, so
+# with one fixed gathering they all ask the author's node for blocks at the same moment, and
+# every node fetches and stores while the others do: at 20 daemons on 2 cores each such
+# moment held up the gossip behind it by 200-400 ms (docs/BENCHMARKS.md, gossip step 14).
+# Spread over half a gathering either way, the passes no longer fall together.
+GOSSIP_GATHER_SPREAD: Final = 0.5
 # How long a blocks stream stays open, idle, for the next fetch from the same peer: a busy
 # project's contributions arrive seconds apart at most; a server ends a stream idle for
 # 30 s (`ostrom.node.framed.IDLE_TIMEOUT_S`), which this stays well below.
@@ -168,6 +175,12 @@ class _Completion:
 
 # A verified gossiped record, the peer it came from, and the project of its topic.
 _Gossiped = tuple[SignedRecord, str, CID]
+
+
+def gather_time() -> float:
+    """How long a busy project's next block pass gathers gossip (`GOSSIP_GATHER_SPREAD`)."""
+    spread = random.uniform(-GOSSIP_GATHER_SPREAD, GOSSIP_GATHER_SPREAD)
+    return GOSSIP_BLOCKS_GATHER_S * (1 + spread)
 
 
 @functools.lru_cache(maxsize=AUTHORS_REMEMBERED)
@@ -561,10 +574,10 @@ class Replicator:
         whole project, which walks its history.
 
         The first call runs the completion (for gossiped records of a busy project, after
-        `GOSSIP_BLOCKS_GATHER_S`); a call while it runs adds its peers to it (to the fetch
+        `gather_time`); a call while it runs adds its peers to it (to the fetch
         under way, too) and returns. Since such a peer may have just brought
         records naming more blocks, the completion then looks again for what is missing
-        once its fetch ends (if only gossiped records joined, once `GOSSIP_BLOCKS_GATHER_S`
+        once its fetch ends (if only gossiped records joined, once `gather_time`
         has passed since its last pass began: what is gossiped meanwhile joins it). When
         peers lacked some blocks (a relay that has the record but is still fetching its
         blocks), it tries again a few times with backoff.
@@ -576,7 +589,7 @@ class Replicator:
         completion = _Completion(peers, records)
         self._completions[project] = completion
         # When the last pass began: a pass that looks only at gossiped records starts
-        # `GOSSIP_BLOCKS_GATHER_S` after it, so that what is gossiped during one pass, and
+        # `gather_time()` after it, so that what is gossiped during one pass, and
         # joins it, gathers for the next instead of making a small pass of its own.
         last_pass: float | None = None
         try:
@@ -592,7 +605,7 @@ class Replicator:
             while failures < BLOCK_RETRIES:
                 if last_pass is not None:
                     # Until a sync or a follow asks for the whole project, which goes at once.
-                    with trio.move_on_at(last_pass + GOSSIP_BLOCKS_GATHER_S):
+                    with trio.move_on_at(last_pass + gather_time()):
                         while completion.scope is not None:
                             await completion.wait_joined()
                 last_pass = trio.current_time()
