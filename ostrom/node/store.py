@@ -72,7 +72,6 @@ SCHEMA_VERSION: Final = 3
 # it come from the OS file cache: a walk of a 30k-record history took 10-30% longer than
 # with 16 MiB, and a 100k-record catch-up no longer (docs/BENCHMARKS.md, the soak section).
 _CACHE_KIB: Final = 4 * 1024
-# A CID prefix shorter than this matches too much to be a deliberate reference.
 # Pages the record log holds before a commit checkpoints it: SQLite's default, set here
 # because `logs_have_room` reads it.
 WAL_AUTOCHECKPOINT_PAGES: Final = 1000
@@ -83,6 +82,7 @@ WAL_KEEP_BYTES: Final = 1024 * 1024
 # A commit that `logs_have_room` vouches for writes less than this to each log: a batch of
 # gossiped records or a few small fetched blocks is tens of pages.
 BRIEF_COMMIT_BYTES: Final = 512 * 1024
+# A CID prefix shorter than this matches too much to be a deliberate reference.
 MIN_PREFIX_LENGTH: Final = 4
 # How many candidates an `Ambiguous` error lists.
 _AMBIGUOUS_SHOWN: Final = 5

@@ -76,7 +76,8 @@ class WalDurability:
         if self._checkpoint_bytes is None:
             page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
             pages = int(self._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
-            # A frame is a page and its 24-byte header, after the log's 32-byte header.
+            # A frame is a page and its 24-byte header, after the log's 32-byte header; with
+            # no automatic checkpoint (0 pages), no commit ever checkpoints.
             self._checkpoint_bytes = 32 + pages * (page_size + 24) if pages > 0 else 1 << 62
         try:
             size = os.stat(self._wal).st_size
