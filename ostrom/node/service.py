@@ -677,13 +677,8 @@ class NodeService:
                 durable=False,
             )
 
-        size = sum(len(data) for _, data in blocks)
         try:
-            if size <= BRIEF_PUT_BYTES:
-                result = await self.db_brief(put)
-            else:
-                result = await self.db(put)
-            self._unsynced_bytes += size
+            result = await self._put_unsynced(put, blocks)
             if project is not None and self._public([project.raw]):
                 self._recent_blocks.add(blocks)  # the followers this node relays to ask next
         except QuotaExceeded as exc:
@@ -721,11 +716,20 @@ class NodeService:
         def put(store: Store) -> PutResult:
             return store.blocks.put(blocks, durable=False)
 
+        result = await self._put_unsynced(put, blocks)
+        await self.blocks_sync()
+        return result.new
+
+    async def _put_unsynced(
+        self, put: Callable[[Store], PutResult], blocks: Sequence[tuple[CID, bytes]]
+    ) -> PutResult:
+        """Run `put`, a write of `blocks` with no disk sync of its own: on the event loop if
+        they are small (`BRIEF_PUT_BYTES`), else on the worker thread. Their bytes count
+        towards the next `blocks_sync`."""
         size = sum(len(data) for _, data in blocks)
         result = await (self.db_brief if size <= BRIEF_PUT_BYTES else self.db)(put)
         self._unsynced_bytes += size
-        await self.blocks_sync()
-        return result.new
+        return result
 
     async def blocks_sync(self) -> None:
         """Put the fetched blocks stored so far on disk (`BlockDB.sync`): at once when

@@ -72,8 +72,8 @@ SCHEMA_VERSION: Final = 3
 # it come from the OS file cache: a walk of a 30k-record history took 10-30% longer than
 # with 16 MiB, and a 100k-record catch-up no longer (docs/BENCHMARKS.md, the soak section).
 _CACHE_KIB: Final = 4 * 1024
-# Pages the record log holds before a commit checkpoints it: SQLite's default, set here
-# because `logs_have_room` reads it.
+# Pages the record log holds before a commit checkpoints it (about 4 MB): SQLite's default,
+# set here so that `WAL_KEEP_BYTES` below is sure to stay under it.
 WAL_AUTOCHECKPOINT_PAGES: Final = 1000
 # Bytes of record log file kept when the log restarts after a checkpoint (SQLite keeps the
 # whole file by default): well under the checkpoint's 4 MB, so that the file's size tells
