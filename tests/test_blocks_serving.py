@@ -58,7 +58,7 @@ async def private_and_public(service: NodeService) -> tuple[SignedRecord, Signed
 def count_store_calls(service: NodeService) -> list[object]:
     """From now on, each call `service` makes to its store is appended to the list returned."""
     calls: list[object] = []
-    store_call, brief_call = service.db, service.db_brief
+    store_call, brief_call, read_call = service.db, service.db_brief, service.db_read
 
     async def counted(fn: object, *args: object) -> object:
         calls.append(fn)
@@ -68,8 +68,13 @@ def count_store_calls(service: NodeService) -> list[object]:
         calls.append(fn)
         return await brief_call(fn, *args)  # type: ignore[arg-type]
 
+    async def counted_read(fn: object, *args: object) -> object:
+        calls.append(fn)
+        return await read_call(fn, *args)  # type: ignore[arg-type]
+
     service.db = counted  # type: ignore[assignment]
     service.db_brief = counted_brief  # type: ignore[assignment]
+    service.db_read = counted_read  # type: ignore[assignment]
     return calls
 
 

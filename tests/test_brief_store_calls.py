@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from ostrom.crypto.cid import CID
-from ostrom.node.service import BRIEF_PUT_BYTES, NodeService
+from ostrom.node.blockcache import RecentBlocks
+from ostrom.node.service import BRIEF_PUT_BYTES, BRIEF_READ_BYTES, NodeService
 from ostrom.node.store import Store
 from ostrom.node.walsync import WalDurability
 from tests.dagfactory import World, identity
@@ -74,6 +75,33 @@ async def test_gossip_and_small_fetches_and_uploads_are_stored_on_the_event_loop
     await service.store_new([third], "gossip")
     assert rows[-1] is False
     assert len(service.store.project_records(genesis.cid)) == 4
+
+
+async def test_a_peer_s_want_for_small_or_absent_blocks_is_answered_on_the_event_loop(
+    service: NodeService,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    small = os.urandom(2000)
+    large = os.urandom(BRIEF_READ_BYTES + 1)
+    absent = CID.of_raw(b"a block this node has not fetched yet")
+    blocks = [(CID.of_raw(small), small), (CID.of_raw(large), large)]
+    await service.db(lambda store: store.put_blocks(blocks))
+    monkeypatch.setattr(service, "_recent_blocks", RecentBlocks(max_bytes=0, max_block=0))
+    reads = record_threads(monkeypatch, type(service.store.blocks), "get")
+    lookups = record_threads(monkeypatch, type(service.store.blocks), "sizes")
+
+    # Blocks this node lacks: answered from the index, without reading or a worker thread.
+    assert await service.blocks_get([absent], "a peer") == {}
+    assert (lookups, reads) == ([True], [])
+    assert await service.blocks_get([absent, CID.of_raw(small)], "a peer") == {
+        CID.of_raw(small): small
+    }
+    assert (lookups, reads) == ([True, True], [True])
+    # Larger than a brief read: read (and checked) on the worker thread.
+    got = await service.blocks_get([CID.of_raw(small), CID.of_raw(large), absent], "a peer")
+    assert got == dict(blocks)
+    assert lookups == [True, True, True]
+    assert reads[1:] == [False, False]
 
 
 def _digest(path: Path) -> str:

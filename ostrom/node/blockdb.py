@@ -458,6 +458,15 @@ class BlockDB:
         by_raw = {c.raw: c for c in cids}
         return {by_raw[raw] for raw in self._ids(self._conn, list(by_raw))}
 
+    def sizes(self, cids: Iterable[CID]) -> dict[CID, int]:
+        """The size of each stored one of `cids`, from the index alone (no block is read)."""
+        by_raw = {c.raw: c for c in cids}
+        out: dict[CID, int] = {}
+        for chunk in in_chunks(list(by_raw)):
+            sql = f"SELECT cid, size FROM blocks WHERE cid IN ({placeholders(len(chunk))})"
+            out.update((by_raw[bytes(raw)], size) for raw, size in self._conn.execute(sql, chunk))
+        return out
+
     def projects_of(self, cids: Iterable[CID]) -> dict[CID, set[bytes]]:
         """For each stored one of `cids`, the projects it is attributed to (`OWN` included)."""
         by_raw = {c.raw: c for c in cids}

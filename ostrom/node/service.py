@@ -96,6 +96,10 @@ BRIEF_GOSSIP_ROWS: Final = 64
 # (`db_brief`): a pass's changesets, manifests and small files, or a small contribution's
 # upload; an artifact's 256 KiB blocks go to the thread.
 BRIEF_PUT_BYTES: Final = 128 * 1024
+# Block bytes a peer's want reads on the event loop at most (`db_read`): reading and
+# checking 128 KiB costs about 0.3 ms here (a block not here: 15 microseconds), less than
+# handing the read to the worker thread; an artifact's 256 KiB blocks are read there.
+BRIEF_READ_BYTES: Final = 128 * 1024
 # Where records come from that a peer sent, and any peer holding them can send again: stored
 # without a disk sync of their own (`Store.put_rows(..., durable=False)`).
 _PEER_ORIGINS: Final = frozenset({"gossip", "sync"})
@@ -109,6 +113,21 @@ RECENT_BLOCKS_BYTES: Final = 1024 * 1024
 # The largest block kept there: larger ones (an artifact's chunks) are read from the store,
 # as a cache of a few of them would hold little else and serve few repeats.
 RECENT_BLOCK_MAX: Final = 16 * 1024
+
+
+# Blocks read from the store, and the projects each is attributed to (when asked for).
+_BlocksRead = tuple[dict[CID, bytes], dict[CID, set[bytes]]]
+
+
+def _read_blocks(store: Store, cids: Sequence[CID], attributions: bool) -> _BlocksRead:
+    """The stored ones of `cids`, checked against their CIDs, with (if `attributions`) the
+    projects each was stored for."""
+    found = {}
+    for cid in cids:
+        data = store.get_block(cid)
+        if data is not None:
+            found[cid] = data
+    return found, store.blocks.projects_of(found) if attributions else {}
 
 
 def _named_projects(rows: Iterable[RecordRow]) -> set[CID]:
@@ -269,6 +288,13 @@ class NodeService:
                 return fn(self.store, *args)
             with switch_interval.shortened():
                 return await trio.to_thread.run_sync(fn, self.store, *args)
+
+    async def db_read(self, fn: Callable[..., T], *args: Any) -> T:
+        """`db` for a read known to be brief: a few index lookups and small blocks. It runs
+        on the event loop: a read commits nothing, so it never waits on a disk sync or a
+        checkpoint."""
+        async with self._lock:
+            return fn(self.store, *args)
 
     def _now(self) -> int:
         """Milliseconds for a new record's `ts`, strictly increasing for this node's records.
@@ -566,27 +592,34 @@ class NodeService:
         kept only for projects of private meshes it is not a member of (see `_withheld`).
         A peer's wants are answered from `_recent_blocks` where they can be; small public
         blocks read for a peer are kept there for the next."""
-        cached = self._recent_blocks.get(cids) if peer is not None else {}
+        if peer is None:
+            found, _ = await self.db(_read_blocks, cids, False)
+            return found
+        cached = self._recent_blocks.get(cids)
         wanted = [cid for cid in cids if cid not in cached] if cached else cids
         if not wanted:
             return cached
 
-        def read(store: Store) -> tuple[dict[CID, bytes], dict[CID, set[bytes]]]:
-            out = {}
-            for cid in wanted:
-                data = store.get_block(cid)
-                if data is not None:
-                    out[cid] = data
-            return out, store.blocks.projects_of(out) if peer is not None else {}
+        def read_if_small(store: Store) -> tuple[_BlocksRead | None, list[CID]]:
+            sizes = store.blocks.sizes(wanted)
+            if sum(sizes.values()) <= BRIEF_READ_BYTES:
+                return _read_blocks(store, list(sizes), True), []
+            return None, list(sizes)
 
-        found, attributed = await self.db(read)
-        if peer is not None:
-            for cid in await self._withheld(attributed, peer):
-                del found[cid]
-            self._recent_blocks.add(
-                (cid, data) for cid, data in found.items() if self._public(attributed[cid])
-            )
-            found.update(cached)
+        # Which blocks are here, and their size, is an index lookup made on the event loop,
+        # as is the read of small ones: a peer often asks for blocks this node has not
+        # fetched yet itself, and handing each such want to the worker thread cost more
+        # than answering it (docs/BENCHMARKS.md, gossip step 15).
+        small, large = await self.db_read(read_if_small)
+        if small is None:
+            small = await self.db(_read_blocks, large, True)
+        found, attributed = small
+        for cid in await self._withheld(attributed, peer):
+            del found[cid]
+        self._recent_blocks.add(
+            (cid, data) for cid, data in found.items() if self._public(attributed[cid])
+        )
+        found.update(cached)
         return found
 
     async def offer_new_blocks(self, project: CID, blocks: Iterable[tuple[CID, bytes]]) -> None:
