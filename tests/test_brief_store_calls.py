@@ -15,7 +15,8 @@ import pytest
 
 from ostrom.crypto.cid import CID
 from ostrom.node.blockcache import RecentBlocks
-from ostrom.node.service import BRIEF_PUT_BYTES, BRIEF_READ_BYTES, NodeService
+from ostrom.node.blockplan import merges_other_projects
+from ostrom.node.service import BRIEF_PUT_BYTES, BRIEF_READ_BYTES, BRIEF_READ_RECORDS, NodeService
 from ostrom.node.store import Store
 from ostrom.node.walsync import WalDurability
 from tests.dagfactory import World, identity
@@ -102,6 +103,41 @@ async def test_a_peer_s_want_for_small_or_absent_blocks_is_answered_on_the_event
     assert got == dict(blocks)
     assert lookups == [True, True, True]
     assert reads[1:] == [False, False]
+
+
+async def test_a_sync_of_a_few_records_reads_them_on_the_event_loop(
+    service: NodeService,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world = World()
+    genesis = world.genesis(ALICE)
+    records = [genesis]
+    for i in range(BRIEF_READ_RECORDS + 1):
+        records.append(world.contribute(ALICE, genesis, [records[-1]], {"a.txt": f"v{i}"}))
+    await service.db(lambda store: store.put_records(records))
+    hosted = record_threads(monkeypatch, Store, "follow_mode")
+    reads = record_threads(monkeypatch, Store, "get_record_bytes")
+
+    assert await service.sync_index(genesis.cid) is not None
+    few = [r.cid for r in records[1:4]]
+    assert set(await service.sync_records(few)) == set(few)
+    every = [r.cid for r in records[1:]]  # a catch-up's batch: the worker thread
+    assert set(await service.sync_records(every)) == set(every)
+    assert (hosted, reads) == ([True], [True, False])
+
+
+def test_only_a_record_naming_another_project_s_record_may_merge_private_work(
+    tmp_path: Path,
+) -> None:
+    world = World()
+    ours, theirs = world.genesis(ALICE), world.genesis(identity("bob"))
+    first = world.contribute(ALICE, ours, [ours], {"a.txt": "ours"})
+    other = world.contribute(identity("bob"), theirs, [theirs], {"b.txt": "theirs"})
+    with Store.open(tmp_path / "store.db") as store:
+        store.put_records([ours, theirs, first, other])
+        assert not merges_other_projects(store, ours.cid, [first.cid])
+        assert not merges_other_projects(store, ours.cid, [])
+        assert merges_other_projects(store, ours.cid, [first.cid, other.cid])
 
 
 def _digest(path: Path) -> str:

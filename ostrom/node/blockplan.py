@@ -142,6 +142,13 @@ def merged_work(store: Store, project: CID, parents: Iterable[CID]) -> list[CID]
     return [CID(raw) for raw in found]
 
 
+def merges_other_projects(store: Store, project: CID, parents: Iterable[CID]) -> bool:
+    """Whether some of `parents` held here are records of another project than `project`:
+    only a record naming such a parent can merge private work (`merged_work`). An index
+    lookup; the records are not read."""
+    return any(owner != project for owner in store.record_projects(parents).values())
+
+
 def claim_merged_work(store: Store, project: CID, parents: Iterable[CID]) -> list[CID]:
     """Attribute to `project` every block held here of the private meshes' work that a
     record of `project` naming `parents` merges (`merged_work`), so that it is served to

@@ -36,7 +36,12 @@ from ostrom.errors import (
 )
 from ostrom.node import blocks, sync
 from ostrom.node.bandwidth import MeteredStream
-from ostrom.node.blockplan import BlockWants, claim_merged_files, claim_merged_work
+from ostrom.node.blockplan import (
+    BlockWants,
+    claim_merged_files,
+    claim_merged_work,
+    merges_other_projects,
+)
 from ostrom.node.framed import ByteStream
 from ostrom.node.ingest import RecordRow
 from ostrom.node.mesh import Mesh, MeshStream
@@ -343,10 +348,13 @@ class Replicator:
             for project in sync_projects(record):
                 log.debug("publishing %s %s on %s", record.type, record.cid, project)
                 await self.mesh.publish(topic_of(project), record.data)
-            if isinstance(record.body, Contribution) and record.parents:
+            if isinstance(record.body, Contribution) and await self.service.db_read(
+                merges_other_projects, record.project, record.parents
+            ):
                 # This node's own merge: the work it takes in is the project's from now on
                 # (`contribution.create` attributed what is here before signing it), and a
-                # completion fetches what of it is missing.
+                # completion fetches what of it is missing. (Nearly every contribution names
+                # only its own project's records, which the index lookup tells at once.)
                 try:
                     merged = await self._claim_merged(record)
                 except OstromError as exc:
@@ -833,7 +841,7 @@ class _ServedTo:
         def read(store: Store) -> tuple[dict[CID, bytes], dict[CID, bytes]]:
             return store.get_record_bytes_in(cids, self._project)
 
-        found, others = await self._service.db(read)
+        found, others = await self._service.db_read_rows(len(cids), read)
         for cid, owner in others.items():
             verdict = self._verdicts.get(owner)
             if verdict is None:
