@@ -117,6 +117,7 @@ async def _serve(
         async with trio.open_nursery() as nursery:
             await nursery.start(verifier.serve_reaper)
             await nursery.start(service.serve_syncs)
+            await nursery.start(service.serve_checkpoints)
             await nursery.start(mesh.serve)
             await nursery.start(replicator.serve)
             await nursery.start(mesh_replicator.serve)

@@ -88,6 +88,9 @@ BLOCK_SYNC_NOW_BYTES: Final = 4 * 1024 * 1024
 # (`serve_syncs`): what a power loss can take is then a few seconds' worth of them, which
 # peers send again.
 SYNC_DELAY_S: Final = 5.0
+# How often the record log's size is looked at (`serve_checkpoints`): the log grows by a few
+# hundred KB a second at most from gossip, so it is copied well before a commit would.
+CHECKPOINT_POLL_S: Final = 1.0
 # Gossiped records stored by one call on the event loop at most (`db_brief`); a larger
 # batch (a backlog) goes to the worker thread. Each is about a kilobyte with its index
 # entries, so this stays far under `BRIEF_COMMIT_BYTES`.
@@ -817,6 +820,18 @@ class NodeService:
                 await self._sync_files()
         finally:
             self._defer_syncs = False
+
+    async def serve_checkpoints(
+        self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Copy the record log into the database whenever it is due (`Store.checkpoint_log`),
+        every `CHECKPOINT_POLL_S`, on a worker thread and without the store's lock: store
+        calls go on meanwhile, and no commit of theirs has to make the copy."""
+        task_status.started()
+        while True:
+            await trio.sleep(CHECKPOINT_POLL_S)
+            if self.store.log_checkpoint_due():
+                await trio.to_thread.run_sync(self.store.checkpoint_log)
 
     async def follow(self, project: CID, mode: str) -> None:
         since = int(self._clock() * 1000)

@@ -34,6 +34,7 @@ than in a separate table (an extra row per edge cost about 2 us per record).
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import unicodedata
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -55,9 +56,11 @@ from ostrom.errors import (
 from ostrom.node.blockdb import OWN, BlockDB, blocks_path
 from ostrom.node.ingest import ROW_CID, RecordRow, record_row
 from ostrom.node.sqlbind import in_chunks, placeholders
-from ostrom.node.walsync import WalDurability
+from ostrom.node.walsync import WalCheckpointer, WalDurability
 from ostrom.protocol.meshes import SignedMeshRecord, decode_mesh_record
 from ostrom.protocol.records import BODY_TYPES, Project, SignedRecord, decode_record
+
+log = logging.getLogger(__name__)
 
 # How a node follows a project: everything, or its records with blocks fetched on demand.
 FOLLOW_MODES: Final = ("full", "records")
@@ -73,8 +76,16 @@ SCHEMA_VERSION: Final = 3
 # with 16 MiB, and a 100k-record catch-up no longer (docs/BENCHMARKS.md, the soak section).
 _CACHE_KIB: Final = 4 * 1024
 # Pages the record log holds before a commit checkpoints it (about 4 MB): SQLite's default,
-# set here so that `WAL_KEEP_BYTES` below is sure to stay under it.
+# set here so that `WAL_KEEP_BYTES` below is sure to stay under it. The node's checkpointer
+# (`LOG_CHECKPOINT_DUE_BYTES`) copies the log long before, so a commit only does it if the
+# checkpointer falls behind or does not run (a store opened outside the daemon).
 WAL_AUTOCHECKPOINT_PAGES: Final = 1000
+# Bytes of record log file at which `checkpoint_log` is due: above `WAL_KEEP_BYTES`, so a
+# restarted log is not due again at once, and half the commit's threshold, so that commits
+# do not reach it. Following a busy project (20 records a second) the log grows by about
+# 240 KB/s, so this is a checkpoint every 4-5 s; all at once, at 4 MB, the commit that made
+# it held up every store call of the node behind its copy and two disk syncs.
+LOG_CHECKPOINT_DUE_BYTES: Final = 2 * 1024 * 1024
 # Bytes of record log file kept when the log restarts after a checkpoint (SQLite keeps the
 # whole file by default): well under the checkpoint's 4 MB, so that the file's size tells
 # `logs_have_room` that the log has room again.
@@ -252,6 +263,7 @@ class Store:
         self._closed = False
         self.blocks = blocks
         self._durability = WalDurability(conn, path)
+        self._checkpointer = WalCheckpointer(path, LOG_CHECKPOINT_DUE_BYTES)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -285,6 +297,7 @@ class Store:
             return
         self._closed = True
         self._durability.close()
+        self._checkpointer.close()  # first: closing the last connection checkpoints
         try:
             self._conn.execute("PRAGMA optimize")
         finally:
@@ -341,6 +354,22 @@ class Store:
         return self._durability.has_room(BRIEF_COMMIT_BYTES) and self.blocks.log_has_room(
             BRIEF_COMMIT_BYTES
         )
+
+    def log_checkpoint_due(self) -> bool:
+        """Whether the record log has grown enough for `checkpoint_log`."""
+        return self._checkpointer.due()
+
+    def checkpoint_log(self) -> bool:
+        """Copy the record log into the database (`WalCheckpointer.checkpoint`): unlike
+        every other method, safe to call on another thread while a call runs, without the
+        callers' lock. True if the whole log was copied. A checkpoint that fails (a full
+        disk) is logged and leaves the log as it was, for the next, or for the commit that
+        reaches `WAL_AUTOCHECKPOINT_PAGES`, which then fails as loudly as any write."""
+        try:
+            return self._checkpointer.checkpoint()
+        except sqlite3.Error as exc:
+            log.warning("checkpoint of the store's log at %s failed: %s", self._path, exc)
+            return False
 
     @property
     def unsynced(self) -> bool:

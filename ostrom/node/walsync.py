@@ -19,6 +19,12 @@ takes the log past its `wal_autocheckpoint` pages, which costs that commit the c
 disk syncs. `has_room` tells a caller whether the next small commit is sure not to be that
 one, from the size of the log file alone (a file that is truncated back, by
 `journal_size_limit`, whenever the log restarts after a checkpoint).
+
+A `WalCheckpointer` makes that commit rare: it copies the log from a connection of its own,
+on a thread that holds no lock of the caller's, as soon as the log passes a smaller size.
+SQLite lets the writer go on committing meanwhile (a passive checkpoint copies what was
+committed when it began); once the log is copied in full, the writer's next transaction
+starts it again from the beginning, and the file is cut back to `journal_size_limit`.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Final
 
 
 class WalDurability:
@@ -111,3 +118,66 @@ class WalDurability:
                 return False
             self._closed = True
             return True
+
+
+# Passive checkpoints one `checkpoint` call makes at most while commits keep coming: each
+# copies what was committed during the last one, a few frames, so the log is soon copied
+# in full, and only a log copied in full starts again from its beginning (else it grows on
+# towards the writer's own threshold).
+CHECKPOINT_ROUNDS: Final = 3
+
+
+class WalCheckpointer:
+    """Copies one SQLite file's log into the database from a connection of its own.
+
+    `checkpoint` may run on any thread while the writing connection writes on another: it
+    takes no lock of the writer's, and SQLite's passive checkpoint never blocks a writer.
+    One checkpoint runs at a time; `close` waits for it.
+    """
+
+    def __init__(self, path: Path, due_bytes: int) -> None:
+        self._path = path
+        self._wal = f"{path}-wal"
+        self._due_bytes = due_bytes
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def due(self) -> bool:
+        """Whether the log file has grown to `due_bytes` (a restarted log's file is cut back
+        below that, so a log copied in full is not due again until it grows again)."""
+        try:
+            return os.stat(self._wal).st_size >= self._due_bytes
+        except FileNotFoundError:
+            return False
+
+    def checkpoint(self) -> bool:
+        """Copy what the log holds into the database, syncing both: passive checkpoints,
+        each copying what was committed when it began, up to `CHECKPOINT_ROUNDS` of them.
+        True if the whole log was copied; False if some of it is still to copy, or once
+        `close` has been called.
+
+        The connection is opened for the call and closed after it: one kept open between
+        checkpoints was seen to keep the writer from starting the log again.
+        """
+        with self._lock:
+            if self._closed:
+                return False
+            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            try:
+                # The copy is synced before the log may start again (SQLite's FULL setting
+                # for checkpoints), so no commit is ever only in a log that is written over.
+                conn.execute("PRAGMA synchronous = FULL")
+                for _ in range(CHECKPOINT_ROUNDS):
+                    ((busy, logged, copied),) = conn.execute(
+                        "PRAGMA wal_checkpoint(PASSIVE)"
+                    ).fetchall()
+                    if not busy and logged == copied:
+                        return True
+                return False
+            finally:
+                conn.close()
+
+    def close(self) -> None:
+        """Refuse further checkpoints, after one under way."""
+        with self._lock:
+            self._closed = True
