@@ -75,19 +75,21 @@ SCHEMA_VERSION: Final = 3
 # it come from the OS file cache: a walk of a 30k-record history took 10-30% longer than
 # with 16 MiB, and a 100k-record catch-up no longer (docs/BENCHMARKS.md, the soak section).
 _CACHE_KIB: Final = 4 * 1024
-# Pages the record log holds before a commit checkpoints it (about 4 MB): SQLite's default,
-# set here so that `WAL_KEEP_BYTES` below is sure to stay under it. The node's checkpointer
-# (`LOG_CHECKPOINT_DUE_BYTES`) copies the log long before, so a commit only does it if the
-# checkpointer falls behind or does not run (a store opened outside the daemon).
-WAL_AUTOCHECKPOINT_PAGES: Final = 1000
+# Pages the record log holds before a commit checkpoints it (about 16 MB of 4 KiB pages).
+# The node's checkpointer (`LOG_CHECKPOINT_DUE_BYTES`) copies the log at half that, so a
+# commit only does it if the checkpointer falls behind or does not run (a store opened
+# outside the daemon); `WAL_KEEP_BYTES` below stays far under it.
+WAL_AUTOCHECKPOINT_PAGES: Final = 4000
 # Bytes of record log file at which `checkpoint_log` is due: above `WAL_KEEP_BYTES`, so a
 # restarted log is not due again at once, and half the commit's threshold, so that commits
 # do not reach it. Following a busy project (20 records a second) the log grows by about
-# 240 KB/s, so this is a checkpoint every 4-5 s; all at once, at 4 MB, the commit that made
-# it held up every store call of the node behind its copy and two disk syncs.
-LOG_CHECKPOINT_DUE_BYTES: Final = 2 * 1024 * 1024
+# 240 KB/s: a checkpoint every half minute. At 20 daemons (`bench.gossip`, docs/
+# BENCHMARKS.md gossip step 15) checkpoints every 8 s (2 MiB) gave p99 1.05 s over 45 s of
+# publishing, against 0.47-0.69 s with this (and 0.78 s with the old 4 MB threshold inside
+# a commit): most likely each checkpoint's disk syncs hold up other nodes' durable commits.
+LOG_CHECKPOINT_DUE_BYTES: Final = 8 * 1024 * 1024
 # Bytes of record log file kept when the log restarts after a checkpoint (SQLite keeps the
-# whole file by default): well under the checkpoint's 4 MB, so that the file's size tells
+# whole file by default): well under `LOG_CHECKPOINT_DUE_BYTES`, so that the file's size tells
 # `logs_have_room` that the log has room again.
 WAL_KEEP_BYTES: Final = 1024 * 1024
 # A commit that `logs_have_room` vouches for writes less than this to each log: a batch of
