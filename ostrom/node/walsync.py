@@ -162,7 +162,7 @@ class WalCheckpointer:
         with self._lock:
             if self._closed:
                 return False
-            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(self._path, isolation_level=None)
             try:
                 # The copy is synced before the log may start again (SQLite's FULL setting
                 # for checkpoints), so no commit is ever only in a log that is written over.
