@@ -1,11 +1,9 @@
-"""Store calls made on the event loop (`NodeService.db_brief`): which calls, and the guard
-that keeps a checkpoint (a copy of the log and two disk syncs) off the event loop."""
+"""Store calls made on the event loop (`NodeService.db_brief`, `db_read`): which calls.
+(The guard that keeps a checkpoint off the event loop: tests/test_wal_checkpointer.py.)"""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import sqlite3
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +16,6 @@ from ostrom.node.blockcache import RecentBlocks
 from ostrom.node.blockplan import merges_other_projects
 from ostrom.node.service import BRIEF_PUT_BYTES, BRIEF_READ_BYTES, BRIEF_READ_RECORDS, NodeService
 from ostrom.node.store import Store
-from ostrom.node.walsync import WalDurability
 from tests.dagfactory import World, identity
 from tests.test_blocks_serving import service  # noqa: F401 (the fixture)
 
@@ -138,38 +135,3 @@ def test_only_a_record_naming_another_project_s_record_may_merge_private_work(
         assert not merges_other_projects(store, ours.cid, [first.cid])
         assert not merges_other_projects(store, ours.cid, [])
         assert merges_other_projects(store, ours.cid, [first.cid, other.cid])
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def test_a_commit_the_log_has_room_for_never_checkpoints_and_a_restarted_log_has_room_again(
-    tmp_path: Path,
-) -> None:
-    path = tmp_path / "log.sqlite"
-    conn = sqlite3.connect(path, isolation_level=None)
-    conn.execute("PRAGMA page_size = 4096")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA wal_autocheckpoint = 40")  # 40 pages: about 160 KiB of log
-    conn.execute("PRAGMA journal_size_limit = 16384")  # a restarted log's file is cut to this
-    conn.execute("CREATE TABLE t (v BLOB)")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    durability = WalDurability(conn, path)
-    room = 3 * 4120  # each commit below writes one data page and a page of the table's tree
-    had_room: list[bool] = []
-    checkpointed: list[bool] = []
-    for _ in range(120):
-        had_room.append(durability.has_room(room))
-        before = _digest(path)
-        conn.execute("INSERT INTO t VALUES (?)", (os.urandom(3000),))
-        # The database file changes only when a checkpoint copies the log into it.
-        checkpointed.append(_digest(path) != before)
-    conn.close()
-    assert any(checkpointed), "the log never reached its checkpoint"
-    assert not any(room and copied for room, copied in zip(had_room, checkpointed, strict=True))
-    # After each checkpoint the log restarts in a file cut back to 16 KiB: room again.
-    first_copy = checkpointed.index(True)
-    assert had_room[first_copy + 2]
-    assert had_room.count(False) < len(had_room) // 2
