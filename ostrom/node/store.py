@@ -86,7 +86,8 @@ WAL_AUTOCHECKPOINT_PAGES: Final = 4000
 # 240 KB/s: a checkpoint every half minute. At 20 daemons (`bench.gossip`, docs/
 # BENCHMARKS.md gossip step 15) checkpoints every 8 s (2 MiB) gave p99 1.05 s over 45 s of
 # publishing, against 0.47-0.69 s with this (and 0.78 s with the old 4 MB threshold inside
-# a commit): most likely each checkpoint's disk syncs hold up other nodes' durable commits.
+# a commit). Why frequent copies cost so much is not known: the publishing node's own disk
+# syncs were traced through the checkpoints and did not slow.
 LOG_CHECKPOINT_DUE_BYTES: Final = 8 * 1024 * 1024
 # Bytes of record log file kept when the log restarts after a checkpoint (SQLite keeps the
 # whole file by default): well under `LOG_CHECKPOINT_DUE_BYTES`, so that the file's size tells
