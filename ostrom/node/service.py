@@ -88,8 +88,10 @@ BLOCK_SYNC_NOW_BYTES: Final = 4 * 1024 * 1024
 # (`serve_syncs`): what a power loss can take is then a few seconds' worth of them, which
 # peers send again.
 SYNC_DELAY_S: Final = 5.0
-# How often the record log's size is looked at (`serve_checkpoints`): the log grows by a few
-# hundred KB a second at most from gossip, so it is copied well before a commit would.
+# How often the record log's size is looked at (`serve_checkpoints`): gossip grows the log by
+# a few hundred KB a second, so it is copied well before a commit would. A catch-up writes
+# megabytes a second and may reach the commit's own threshold between two looks; that
+# commit then makes the copy, as every commit did before.
 CHECKPOINT_POLL_S: Final = 1.0
 # Gossiped records stored by one call on the event loop at most (`db_brief`); a larger
 # batch (a backlog) goes to the worker thread. Each is about a kilobyte with its index
