@@ -1,6 +1,6 @@
 """Checkpoints of a log: the guard that keeps them out of brief commits
 (`WalDurability.has_room`), and the log copied into the database off the writer's commits
-(`WalCheckpointer`, `Store.checkpoint_log`, `NodeService.serve_checkpoints`)."""
+(`WalDurability.checkpoint`, `Store.checkpoint_log`, `NodeService.serve_checkpoints`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import trio
 from ostrom.node import service as service_module
 from ostrom.node.service import NodeService
 from ostrom.node.store import WAL_KEEP_BYTES, Store
-from ostrom.node.walsync import WalCheckpointer, WalDurability
+from ostrom.node.walsync import WalDurability
 from tests.dagfactory import World, identity
 from tests.test_blocks_serving import service  # noqa: F401 (the fixture)
 
@@ -46,15 +46,15 @@ def test_the_checkpointer_copies_the_log_while_the_writer_commits_and_no_commit_
     tmp_path: Path,
 ) -> None:
     path, conn = _log_file(tmp_path, 100)  # 100 pages: about 400 KiB of log
-    checkpointer = WalCheckpointer(path, 64 * 1024)
+    wal = WalDurability(conn, path)
     copies = restarts = 0
     for _ in range(150):
-        if checkpointer.due():
+        if wal.checkpoint_due(64 * 1024):
             # The copy runs on another thread while the writer goes on committing.
             copied: list[bool] = []
 
             def copy(into: list[bool] = copied) -> None:
-                into.append(checkpointer.checkpoint())
+                into.append(wal.checkpoint())
 
             thread = threading.Thread(target=copy)
             thread.start()
@@ -64,7 +64,7 @@ def test_the_checkpointer_copies_the_log_while_the_writer_commits_and_no_commit_
             assert copied, "the checkpoint did not end"
             # The next poll's checkpoint: it copies what came after the last round, or
             # while the connection was open (then the log could not start again).
-            assert checkpointer.checkpoint()
+            assert wal.checkpoint()
             copies += 1
         before = _digest(path)
         conn.execute("INSERT INTO t VALUES (?)", (os.urandom(3000),))
@@ -76,8 +76,8 @@ def test_the_checkpointer_copies_the_log_while_the_writer_commits_and_no_commit_
         restarts += size <= 16384 + 4120  # cut back, then one frame written
     assert copies >= 3
     assert restarts >= copies  # each time, the log started again from its beginning
-    checkpointer.close()
-    assert not checkpointer.checkpoint()  # closed: nothing more
+    wal.close()
+    assert not wal.checkpoint()  # closed: nothing more
     rows = conn.execute("SELECT count(*) FROM t").fetchone()[0]
     conn.close()
     assert not Path(f"{path}-wal").exists()  # the last connection closed copied the rest

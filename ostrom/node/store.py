@@ -56,7 +56,7 @@ from ostrom.errors import (
 from ostrom.node.blockdb import OWN, BlockDB, blocks_path
 from ostrom.node.ingest import ROW_CID, RecordRow, record_row
 from ostrom.node.sqlbind import in_chunks, placeholders
-from ostrom.node.walsync import WalCheckpointer, WalDurability
+from ostrom.node.walsync import WalDurability
 from ostrom.protocol.meshes import SignedMeshRecord, decode_mesh_record
 from ostrom.protocol.records import BODY_TYPES, Project, SignedRecord, decode_record
 
@@ -266,7 +266,6 @@ class Store:
         self._closed = False
         self.blocks = blocks
         self._durability = WalDurability(conn, path)
-        self._checkpointer = WalCheckpointer(path, LOG_CHECKPOINT_DUE_BYTES)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -300,7 +299,6 @@ class Store:
             return
         self._closed = True
         self._durability.close()
-        self._checkpointer.close()  # first: closing the last connection checkpoints
         try:
             self._conn.execute("PRAGMA optimize")
         finally:
@@ -360,16 +358,16 @@ class Store:
 
     def log_checkpoint_due(self) -> bool:
         """Whether the record log has grown enough for `checkpoint_log`."""
-        return self._checkpointer.due()
+        return self._durability.checkpoint_due(LOG_CHECKPOINT_DUE_BYTES)
 
     def checkpoint_log(self) -> bool:
-        """Copy the record log into the database (`WalCheckpointer.checkpoint`): unlike
+        """Copy the record log into the database (`WalDurability.checkpoint`): unlike
         every other method, safe to call on another thread while a call runs, without the
         callers' lock. True if the whole log was copied. A checkpoint that fails (a full
         disk) is logged and leaves the log as it was, for the next, or for the commit that
         reaches `WAL_AUTOCHECKPOINT_PAGES`, which then fails as loudly as any write."""
         try:
-            return self._checkpointer.checkpoint()
+            return self._durability.checkpoint()
         except sqlite3.Error as exc:
             log.warning("checkpoint of the store's log at %s failed: %s", self._path, exc)
             return False

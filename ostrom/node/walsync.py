@@ -20,11 +20,12 @@ disk syncs. `has_room` tells a caller whether the next small commit is sure not 
 one, from the size of the log file alone (a file that is truncated back, by
 `journal_size_limit`, whenever the log restarts after a checkpoint).
 
-A `WalCheckpointer` makes that commit rare: it copies the log from a connection of its own,
-on a thread that holds no lock of the caller's, as soon as the log passes a smaller size.
-SQLite lets the writer go on committing meanwhile (a passive checkpoint copies what was
-committed when it began); once the log is copied in full, the writer's next transaction
-starts it again from the beginning, and the file is cut back to `journal_size_limit`.
+`checkpoint` makes that commit rare: it copies the log from a connection of its own, on a
+thread that holds no lock of the caller's, once the log passes a smaller size
+(`checkpoint_due`). SQLite lets the writer go on committing meanwhile (a passive checkpoint
+copies what was committed when it began); once the log is copied in full, the writer's
+next transaction starts it again from the beginning, and the file is cut back to
+`journal_size_limit`.
 """
 
 from __future__ import annotations
@@ -35,23 +36,31 @@ import threading
 from pathlib import Path
 from typing import Final
 
+# Passive checkpoints one `checkpoint` call makes at most while commits keep coming: each
+# copies what was committed during the last one, a few frames, so the log is soon copied
+# in full, and only a log copied in full starts again from its beginning (else it grows on
+# towards the writer's own threshold).
+CHECKPOINT_ROUNDS: Final = 3
+
 
 class WalDurability:
-    """The commits of one writing connection, and how many of them are known to be on disk.
+    """The commits of one writing connection, how many of them are known to be on disk,
+    and the copies of its log into the database.
 
     The writing thread calls `begin` before and `committed` after each write transaction;
-    `sync` may be called from any other thread while it writes.
+    `sync` and `checkpoint` may be called from any other thread while it writes.
     """
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn = conn
+        self._path = path
         self._wal = f"{path}-wal"
         # Commits so far, and how many of the first of them are known to be on disk. Written
         # by the writing thread and by `sync` on another; a race between the two can only
         # leave `_synced` too low, which costs an unneeded sync, never a missed one.
         self._commits = 0
         self._synced = 0
-        # Serialises `sync` calls (two may come at once) and `close`.
+        # Serialises `sync` and `checkpoint` calls (two may come at once) and `close`.
         self._lock = threading.Lock()
         self._closed = False
         # Whether the writing connection is in `synchronous = FULL` now (as set up).
@@ -86,11 +95,19 @@ class WalDurability:
             # A frame is a page and its 24-byte header, after the log's 32-byte header; with
             # no automatic checkpoint (0 pages), no commit ever checkpoints.
             self._checkpoint_bytes = 32 + pages * (page_size + 24) if pages > 0 else 1 << 62
+        return self._log_bytes() + room < self._checkpoint_bytes
+
+    def checkpoint_due(self, due_bytes: int) -> bool:
+        """Whether the log file has grown to `due_bytes`, for `checkpoint` (a restarted log's
+        file is cut back below that, so a log copied in full is not due again until it grows
+        again)."""
+        return self._log_bytes() >= due_bytes
+
+    def _log_bytes(self) -> int:
         try:
-            size = os.stat(self._wal).st_size
+            return os.stat(self._wal).st_size
         except FileNotFoundError:
-            size = 0
-        return size + room < self._checkpoint_bytes
+            return 0
 
     def sync(self) -> None:
         """Put every commit made so far on disk: sync the log.
@@ -111,50 +128,13 @@ class WalDurability:
                 os.close(wal)
             self._synced = max(self._synced, upto)
 
-    def close(self) -> bool:
-        """Refuse further syncs; False if already closed."""
-        with self._lock:
-            if self._closed:
-                return False
-            self._closed = True
-            return True
-
-
-# Passive checkpoints one `checkpoint` call makes at most while commits keep coming: each
-# copies what was committed during the last one, a few frames, so the log is soon copied
-# in full, and only a log copied in full starts again from its beginning (else it grows on
-# towards the writer's own threshold).
-CHECKPOINT_ROUNDS: Final = 3
-
-
-class WalCheckpointer:
-    """Copies one SQLite file's log into the database from a connection of its own.
-
-    `checkpoint` may run on any thread while the writing connection writes on another: it
-    takes no lock of the writer's, and SQLite's passive checkpoint never blocks a writer.
-    One checkpoint runs at a time; `close` waits for it.
-    """
-
-    def __init__(self, path: Path, due_bytes: int) -> None:
-        self._path = path
-        self._wal = f"{path}-wal"
-        self._due_bytes = due_bytes
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def due(self) -> bool:
-        """Whether the log file has grown to `due_bytes` (a restarted log's file is cut back
-        below that, so a log copied in full is not due again until it grows again)."""
-        try:
-            return os.stat(self._wal).st_size >= self._due_bytes
-        except FileNotFoundError:
-            return False
-
     def checkpoint(self) -> bool:
         """Copy what the log holds into the database, syncing both: passive checkpoints,
         each copying what was committed when it began, up to `CHECKPOINT_ROUNDS` of them.
         True if the whole log was copied; False if some of it is still to copy, or once
-        `close` has been called.
+        `close` has been called. May run on any thread while the writing connection writes
+        on another: it takes no lock of the writer's, and SQLite's passive checkpoint never
+        blocks a writer.
 
         The connection is opened for the call and closed after it: one kept open between
         checkpoints was seen to keep the writer from starting the log again.
@@ -177,7 +157,11 @@ class WalCheckpointer:
             finally:
                 conn.close()
 
-    def close(self) -> None:
-        """Refuse further checkpoints, after one under way."""
+    def close(self) -> bool:
+        """Refuse further syncs and checkpoints (after one under way); False if already
+        closed."""
         with self._lock:
+            if self._closed:
+                return False
             self._closed = True
+            return True
