@@ -461,11 +461,8 @@ class BlockDB:
     def sizes(self, cids: Iterable[CID]) -> dict[CID, int]:
         """The size of each stored one of `cids`, from the index alone (no block is read)."""
         by_raw = {c.raw: c for c in cids}
-        out: dict[CID, int] = {}
-        for chunk in in_chunks(list(by_raw)):
-            sql = f"SELECT cid, size FROM blocks WHERE cid IN ({placeholders(len(chunk))})"
-            out.update((by_raw[bytes(raw)], size) for raw, size in self._conn.execute(sql, chunk))
-        return out
+        sizes = _column_by_cid(self._conn, "size", list(by_raw))
+        return {by_raw[raw]: size for raw, size in sizes.items()}
 
     def projects_of(self, cids: Iterable[CID]) -> dict[CID, set[bytes]]:
         """For each stored one of `cids`, the projects it is attributed to (`OWN` included)."""
@@ -530,11 +527,7 @@ class BlockDB:
 
     @staticmethod
     def _ids(conn: sqlite3.Connection, raws: Sequence[bytes]) -> dict[bytes, int]:
-        found: dict[bytes, int] = {}
-        for chunk in in_chunks(raws):
-            sql = f"SELECT cid, id FROM blocks WHERE cid IN ({placeholders(len(chunk))})"
-            found.update((bytes(raw), i) for raw, i in conn.execute(sql, chunk))
-        return found
+        return _column_by_cid(conn, "id", raws)
 
     @staticmethod
     def _attributed(conn: sqlite3.Connection, project: bytes, ids: Sequence[int]) -> set[int]:
@@ -596,6 +589,18 @@ class _WriteTxn:
             self._db._durability.committed(self._durable)
         elif conn.in_transaction:
             conn.execute("ROLLBACK")
+
+
+def _column_by_cid(
+    conn: sqlite3.Connection, column: str, raws: Sequence[bytes]
+) -> dict[bytes, int]:
+    """`column` (an integer column of `blocks`) of each stored block among the binary CIDs
+    `raws`."""
+    found: dict[bytes, int] = {}
+    for chunk in in_chunks(raws):
+        sql = f"SELECT cid, {column} FROM blocks WHERE cid IN ({placeholders(len(chunk))})"
+        found.update((bytes(raw), value) for raw, value in conn.execute(sql, chunk))
+    return found
 
 
 def _tallies(conn: sqlite3.Connection) -> tuple[int, int, int]:
