@@ -5,6 +5,7 @@ Every wait is bounded; hosts listen on port 0 and are stopped when each test end
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -27,6 +28,7 @@ from ostrom.errors import (
 )
 from ostrom.node import mesh as mesh_module
 from ostrom.node.mesh import GossipHandler, Mesh, MeshConfig, MeshStream, PeerInfo
+from ostrom.node.quicklock import QuickLock
 
 LOCAL = MeshConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False)
 ECHO = "/ostrom-test/echo/1.0.0"
@@ -639,6 +641,33 @@ def test_py_libp2p_patches_are_installed() -> None:
     for module in (m.libp2p_pubsub, m.libp2p_gossipsub):
         assert module.env_to_send_in_RPC is m._sender_record_to_send
         assert module.maybe_consume_signed_record is m._consume_sender_record
+
+
+async def test_a_connection_s_stream_muxer_and_socket_locks_are_quick_locks() -> None:
+    # Each frame written or read goes through these locks; trio's own would reschedule the
+    # task at every one of them (see `_with_quick_locks`).
+    a, b = new_mesh(), new_mesh()
+    b.set_stream_handler(ECHO, echo)
+    async with running(a, b):
+        with trio.fail_after(10):
+            await a.connect(b.advertised_addrs[0])
+            stream = await a.open_stream(b.peer_id, ECHO)
+            await stream.write(b"ping")
+            assert await stream.read(100) == b"ping"
+        m = mesh_module
+        owners: dict[type, tuple[str, ...]] = {
+            m.NetStream: ("_state_lock",),
+            m.YamuxStream: ("window_lock", "close_lock", "rw_lock"),
+            m.Yamux: ("streams_lock", "_write_lock"),
+            m.TrioTCPStream: ("read_lock", "write_lock"),
+        }
+        found = {owner: 0 for owner in owners}
+        for obj in gc.get_objects():
+            names = owners.get(type(obj))
+            if names:
+                found[type(obj)] += 1
+                assert all(isinstance(getattr(obj, n), QuickLock) for n in names), obj
+        assert all(found.values()), found
 
 
 class _ChunkedReader:

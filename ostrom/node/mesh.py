@@ -90,6 +90,7 @@ from libp2p.discovery.mdns.mdns import MDNSDiscovery
 from libp2p.exceptions import BaseLibp2pError, ParseError
 from libp2p.host.basic_host import BasicHost
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError, MessageTooLarge
+from libp2p.io.trio import TrioTCPStream
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.stream.exceptions import StreamClosed, StreamEOF, StreamError, StreamReset
@@ -129,6 +130,7 @@ from ostrom.errors import (
     Refused,
     TooLarge,
 )
+from ostrom.node.quicklock import QuickLock
 
 log = logging.getLogger(__name__)
 
@@ -967,8 +969,9 @@ async def _read_buffered_data_body(self: Yamux, length: int) -> bytes:
 
 # Yamux's `_write_frame` builds a debug line for every frame it sends (the header unpacked,
 # flag names listed, an f-string formatted) before the logger decides not to print it.
-# `_write_frame_unlogged` writes the frame the same way (under the connection's write lock,
-# then a checkpoint) and leaves the line to py-libp2p when its logger prints debug.
+# `_write_frame_unlogged` writes the frame the same way, under the connection's write lock,
+# and leaves the line to py-libp2p when its logger prints debug. py-libp2p then adds a
+# checkpoint; this does not, as the socket send has just rescheduled the task.
 
 
 async def _write_frame_unlogged(self: Yamux, data: bytes) -> None:
@@ -978,7 +981,6 @@ async def _write_frame_unlogged(self: Yamux, data: bytes) -> None:
         return
     async with self._write_lock:
         await self.secured_conn.write(data)
-    await trio.lowlevel.checkpoint()
 
 
 # Yamux's `read_stream`, which every stream read goes through, formats several debug lines
@@ -1029,6 +1031,41 @@ async def _read_stream_unlogged(self: Yamux, stream_id: int, n: int | None = -1)
         # a stream removed while it waited, which nothing would ever remove.
         if stream_id in self.streams:
             self.stream_events[stream_id] = trio.Event()
+
+
+# Every frame py-libp2p writes takes the stream's state lock, the Yamux stream's write and
+# window locks, the connection's write lock and the socket's, and every read three of them;
+# each `trio.Lock` acquire is a reschedule even when the lock is free, which it nearly always
+# is. These constructors swap those locks for `QuickLock`s, free ones taken without a
+# yield. Each holder either runs a synchronous section or goes on to a socket operation or a
+# wait for data, which yield on their own, so cancellation and fairness are unchanged.
+_NET_STREAM_INIT: Final = NetStream.__init__
+_YAMUX_STREAM_INIT: Final = YamuxStream.__init__
+_YAMUX_INIT: Final = Yamux.__init__
+_TCP_STREAM_INIT: Final = TrioTCPStream.__init__
+# The lock attributes each constructor creates, as `_with_quick_locks` expects to find them.
+_QUICK_LOCKS: Final[dict[object, tuple[str, ...]]] = {
+    _NET_STREAM_INIT: ("_state_lock",),
+    _YAMUX_STREAM_INIT: ("window_lock", "close_lock", "rw_lock"),
+    _YAMUX_INIT: ("streams_lock", "_write_lock"),
+    _TCP_STREAM_INIT: ("read_lock", "write_lock"),
+}
+
+
+def _with_quick_locks(init: Callable[..., None]) -> Callable[..., None]:
+    """`init`, then its trio locks replaced by `QuickLock`s (refusing a py-libp2p whose
+    constructor no longer makes them)."""
+    names = _QUICK_LOCKS[init]
+
+    def quick_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        for name in names:
+            if not hasattr(self, name):
+                raise InternalError(f"py-libp2p's {type(self).__name__} has no {name}")
+            setattr(self, name, QuickLock())
+
+    quick_init.__wrapped__ = init  # type: ignore[attr-defined]
+    return quick_init
 
 
 # py-libp2p's Yamux reads its PY_YAMUX_* tuning variables from the environment on every
@@ -1095,6 +1132,15 @@ def _patch_py_libp2p() -> None:
     _replace(libp2p_yamux, "_py_yamux_env", _YAMUX_ENV, _yamux_env)
     _replace(libp2p_yamux, "_py_yamux_env_set", _YAMUX_ENV_SET, _yamux_env_set)
     _replace(libp2p_pubsub, "read_varint_prefixed_bytes_limited", _PUBSUB_READ_RPC, _read_rpc)
+    for owner, init in (
+        (NetStream, _NET_STREAM_INIT),
+        (YamuxStream, _YAMUX_STREAM_INIT),
+        (Yamux, _YAMUX_INIT),
+        (TrioTCPStream, _TCP_STREAM_INIT),
+    ):
+        current = owner.__init__
+        if getattr(current, "__wrapped__", None) is not init:
+            _replace(owner, "__init__", init, _with_quick_locks(init))
     for module in (libp2p_pubsub, libp2p_gossipsub):
         _replace(module, "env_to_send_in_RPC", _issue_sender_record, _sender_record_to_send)
         _replace(
