@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Final
@@ -39,6 +40,16 @@ _CANONICAL_TEXT_LENGTH: Final = 1 + (CID_LENGTH * 8 + 4) // 5
 _PADDING: Final = "=" * (-(_CANONICAL_TEXT_LENGTH - 1) % 8)
 
 _CODEC_NAMES: Final = {DAG_CBOR: "dag-cbor", RAW: "raw"}
+
+# Text forms kept, most recently used: a node that reports its records (events, listings)
+# names the same project and parent CIDs again and again, and base32 costs about 5 µs.
+# 4,096 entries are about 0.6 MB.
+_TEXT_CACHE_ENTRIES: Final = 4096
+
+
+@functools.lru_cache(maxsize=_TEXT_CACHE_ENTRIES)
+def _text_of(raw: bytes) -> str:
+    return "b" + base64.b32encode(raw).decode("ascii").lower().rstrip("=")
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -106,7 +117,7 @@ class CID:
         return hashlib.sha256(data).digest() == self.raw[4:]
 
     def __str__(self) -> str:
-        return "b" + base64.b32encode(self.raw).decode("ascii").lower().rstrip("=")
+        return _text_of(self.raw)
 
     def __repr__(self) -> str:
         return f"CID({self})"

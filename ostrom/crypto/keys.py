@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,12 @@ SIGNATURE_LENGTH: Final = 64
 _PEER_ID_PREFIX: Final = bytes([0x00, 0x24, 0x08, 0x01, 0x12, 0x20])
 
 
+# Peer ids kept, most recently used: events and listings name the same few authors again
+# and again, and base58 costs about 11 µs. 1,024 entries are about 0.2 MB.
+_PEER_ID_CACHE_ENTRIES: Final = 1024
+
+
+@functools.lru_cache(maxsize=_PEER_ID_CACHE_ENTRIES)
 def peer_id_of(public_key: bytes) -> str:
     """The libp2p peer id (`12D3KooW...`) of an ed25519 public key."""
     if len(public_key) != PUBLIC_KEY_LENGTH:

@@ -50,6 +50,7 @@ from ostrom.errors import (
     RpcProtocolError,
     TooLarge,
 )
+from ostrom.node.quicklock import QuickLock
 from ostrom.protocol.rpc import (
     EVENTS_LOST_METHOD,
     MAX_MESSAGE_SIZE,
@@ -123,7 +124,8 @@ class RpcConnection:
         self._stream = stream
         self.peer_uid = peer_uid
         """The client's uid from SO_PEERCRED; None where the platform cannot tell."""
-        self._send_lock = trio.Lock()
+        # Taken for every reply and event sent; the send that follows yields on its own.
+        self._send_lock = QuickLock()
         self._in_flight = trio.Semaphore(MAX_IN_FLIGHT)
         # One slot over the bound, so the final "events lost" notice always fits.
         self._outbox_send, self._outbox_receive = trio.open_memory_channel[tuple[bytes, bool]](
