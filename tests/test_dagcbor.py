@@ -120,6 +120,30 @@ def test_key_order_is_length_first_then_bytewise_whatever_the_insertion_order(
     assert list(cbor2.loads(data)) == sorted(mapping, key=canonical_key)
 
 
+@settings(max_examples=200, deadline=None)
+@given(values_without_links, st.randoms(use_true_random=False))
+def test_decode_accepts_a_map_exactly_when_its_keys_came_in_canonical_order(
+    value: Any, rng: Any
+) -> None:
+    # Decoding checks key order as it walks the value, not by sorting it again: bytes
+    # written with every map's keys shuffled are accepted exactly when they are canonical.
+    def shuffled(v: Any) -> Any:
+        if isinstance(v, list):
+            return [shuffled(item) for item in v]
+        if isinstance(v, dict):
+            items = [(k, shuffled(item)) for k, item in v.items()]
+            rng.shuffle(items)
+            return dict(items)
+        return v
+
+    data = cbor2.dumps(shuffled(value))
+    if data == dagcbor.encode(value):
+        assert dagcbor.encode(dagcbor.decode(data)) == data
+    else:
+        with pytest.raises(DecodeError, match="not canonical"):
+            dagcbor.decode(data)
+
+
 def test_utf8_length_not_code_points_decides_key_order() -> None:
     # "éé" is 2 code points but 4 bytes, so it sorts after the 3-byte "abc".
     assert list(cbor2.loads(dagcbor.encode({"éé": 1, "abc": 2}))) == ["abc", "éé"]
