@@ -221,7 +221,11 @@ class ReconcileIndex:
             return
         for id in new:
             _check_id(id, InvalidInput)
-        self._buffer = list(merge(self._buffer, new))
+        # A new list (an iteration of the old one may be under way): two sorted runs, which
+        # timsort merges in linear time, in C, where `heapq.merge` steps in Python.
+        buffer = self._buffer + new
+        buffer.sort()
+        self._buffer = buffer
         self._buffer_sums = None
         if len(self._buffer) > max(_MIN_BUFFER, len(self._ids) // _BUFFER_FRACTION):
             self._merge()
