@@ -636,7 +636,7 @@ def test_py_libp2p_patches_are_installed() -> None:
     assert m.libp2p_yamux._py_yamux_env_set is m._yamux_env_set
     assert m.NoiseTransportReadWriter.read_msg is m._read_noise_msg
     assert m.Yamux._read_data_body is m._read_buffered_data_body
-    assert m.Yamux._write_frame is m._write_frame_unlogged
+    assert m.Yamux._write_frame is m._write_frame_whole
     assert m.Yamux.read_stream is m._read_stream_unlogged
     for module in (m.libp2p_pubsub, m.libp2p_gossipsub):
         assert module.env_to_send_in_RPC is m._sender_record_to_send
@@ -668,6 +668,48 @@ async def test_a_connection_s_stream_muxer_and_socket_locks_are_quick_locks() ->
                 found[type(obj)] += 1
                 assert all(isinstance(getattr(obj, n), QuickLock) for n in names), obj
         assert all(found.values()), found
+
+
+async def test_writers_cancelled_mid_write_leave_the_connection_usable() -> None:
+    # A frame Noise has encrypted must reach the peer whole: one lost or cut short makes
+    # every later frame on the connection fail authentication (`_write_frame_whole`).
+    sink = "/ostrom-test/sink/1.0.0"
+    a, b = new_mesh(), new_mesh()
+
+    async def slow_sink(stream: MeshStream) -> None:
+        while await stream.read(64 * 1024):
+            await trio.sleep(0.001)
+
+    b.set_stream_handler(sink, slow_sink)
+    b.set_stream_handler(ECHO, echo)
+    async with running(a, b):
+        with trio.fail_after(10):
+            await a.connect(b.advertised_addrs[0])
+        payload = os.urandom(256 * 1024)
+        cancelled = 0
+        with trio.fail_after(60):
+            for round_ in range(40):
+                stream = await a.open_stream(b.peer_id, sink)
+                async with trio.open_nursery() as nursery:
+                    # Several writers on one connection, each cancelled at a different moment.
+                    for k in range(3):
+
+                        async def write_until_cancelled(
+                            to: MeshStream = stream, delay: float = 0.0005 * (round_ % 7 + k)
+                        ) -> None:
+                            nonlocal cancelled
+                            with trio.move_on_after(delay) as scope:
+                                while True:
+                                    await to.write(payload)
+                            cancelled += scope.cancelled_caught
+
+                        nursery.start_soon(write_until_cancelled)
+                await stream.reset()
+            check = await a.open_stream(b.peer_id, ECHO)
+            await check.write(b"still here")
+            assert await check.read(100) == b"still here"
+        assert cancelled > 0
+        assert b.peer_id in {p.peer_id for p in a.peers()}
 
 
 class _ChunkedReader:

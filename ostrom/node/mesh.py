@@ -37,8 +37,10 @@ workaround in one place:
   same order). Noise messages are read from the socket in chunks, the secure session keeps
   a decrypted message without copying it and joins a frame body's pieces once, a Yamux
   frame body already buffered is taken without a timeout, a frame sent or a stream read
-  builds no debug line nobody prints, binary IHAVE ids skip a hex-decoding attempt, and a
-  message's origin key is kept per peer id. Yamux's tuning variables are read from the
+  builds no debug line nobody prints, the locks taken per frame do not yield when free
+  (`QuickLock`), binary IHAVE ids skip a hex-decoding attempt, and a message's origin key
+  is kept per peer id. A frame once encrypted is sent whole even if its writer is cancelled
+  (py-libp2p could leave the peer a frame short). Yamux's tuning variables are read from the
   environment once, not on every frame, and a per-message list py-libp2p never trims is
   bounded.
 - Gossip degree D=3 (D_high 6), a node's own messages sent to D peers even when its mesh
@@ -216,6 +218,10 @@ _STREAM_SWEEP_S: Final = 10.0
 # How long `MeshStream.finish` waits for the peer to close its side before resetting: one
 # round trip, generously.
 _FINISH_WAIT_S: Final = 2.0
+# How long a frame, once encrypted, may take to reach the socket (`_write_frame_whole`): a
+# socket takes a frame at once unless the peer has stopped reading; a peer that takes none
+# of one for this long is treated as gone. Short enough not to hold up a shutdown much.
+_FRAME_SEND_S: Final = 5.0
 # Read size while discarding what the peer still sends before closing.
 _FINISH_READ_BYTES: Final = 65536
 # Bootstrap dials run in parallel up to this many at once.
@@ -967,20 +973,34 @@ async def _read_buffered_data_body(self: Yamux, length: int) -> bytes:
     return await _YAMUX_READ_DATA_BODY(self, length)
 
 
-# Yamux's `_write_frame` builds a debug line for every frame it sends (the header unpacked,
-# flag names listed, an f-string formatted) before the logger decides not to print it.
-# `_write_frame_unlogged` writes the frame the same way, under the connection's write lock,
-# and leaves the line to py-libp2p when its logger prints debug. py-libp2p then adds a
-# checkpoint; this does not, as the socket send has just rescheduled the task.
+# Yamux's `_write_frame` writes each frame under the connection's write lock, where Noise
+# encrypts it and so advances the session's nonce. A task cancelled after that, before the
+# socket has taken the whole frame, leaves the peer a frame short (or part of one), and every
+# later frame then fails authentication at the peer: the connection is lost, with every
+# stream on it. py-libp2p's locks were checkpoints that took most cancellations before the
+# encryption; `QuickLock`s are not (an end-to-end test lost its connection that way). So
+# `_write_frame_whole` takes a cancellation only before encrypting, then sends the frame
+# shielded from it for `_FRAME_SEND_S` at most: a peer that has taken none of a frame for
+# that long has stopped reading, and the connection, which can no longer be used, is closed.
+# It also builds py-libp2p's debug line per frame only when that logger prints debug, and
+# adds no checkpoint after the send, which has just rescheduled the task.
 
 
-async def _write_frame_unlogged(self: Yamux, data: bytes) -> None:
-    """`Yamux._write_frame`, building its debug line only when it would be printed."""
+async def _write_frame_whole(self: Yamux, data: bytes) -> None:
+    """`Yamux._write_frame`: the whole frame, or none of it if cancelled."""
     if libp2p_yamux.logger.isEnabledFor(logging.DEBUG):
-        await _YAMUX_WRITE_FRAME(self, data)
-        return
+        libp2p_yamux.logger.debug("writing a %d-byte frame to %s", len(data), self.peer_id)
     async with self._write_lock:
-        await self.secured_conn.write(data)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with trio.move_on_after(_FRAME_SEND_S) as sending:
+            sending.shield = True
+            await self.secured_conn.write(data)
+        if sending.cancelled_caught:
+            with trio.CancelScope(shield=True):
+                await self.secured_conn.close()
+            raise ConnectionClosedError(
+                f"the peer took no frame for {_FRAME_SEND_S:.0f} s; connection closed"
+            )
 
 
 # Yamux's `read_stream`, which every stream read goes through, formats several debug lines
@@ -1127,7 +1147,7 @@ def _patch_py_libp2p() -> None:
     _replace(SecureSession, "_drain", _SESSION_DRAIN, _session_drain)
     _replace(SecureSession, "_fill", _SESSION_FILL, _session_fill)
     _replace(SecureSession, "_reset_internal_buffer", _SESSION_RESET_BUFFER, _session_reset_buffer)
-    _replace(Yamux, "_write_frame", _YAMUX_WRITE_FRAME, _write_frame_unlogged)
+    _replace(Yamux, "_write_frame", _YAMUX_WRITE_FRAME, _write_frame_whole)
     _replace(Yamux, "read_stream", _YAMUX_READ_STREAM, _read_stream_unlogged)
     _replace(libp2p_yamux, "_py_yamux_env", _YAMUX_ENV, _yamux_env)
     _replace(libp2p_yamux, "_py_yamux_env_set", _YAMUX_ENV_SET, _yamux_env_set)
