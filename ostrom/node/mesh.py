@@ -39,10 +39,10 @@ workaround in one place:
   frame body already buffered is taken without a timeout, a frame sent or a stream read
   builds no debug line nobody prints, the locks taken per frame do not yield when free
   (`QuickLock`), binary IHAVE ids skip a hex-decoding attempt, and a message's origin key
-  is kept per peer id. A frame once encrypted is sent whole even if its writer is cancelled
-  (py-libp2p could leave the peer a frame short). Yamux's tuning variables are read from the
-  environment once, not on every frame, and a per-message list py-libp2p never trims is
-  bounded.
+  is kept per peer id. A writer cancelled mid-frame closes the connection instead of
+  leaving the peer a frame short (py-libp2p did, and the connection failed). Yamux's tuning
+  variables are read from the environment once, not on every frame, and a per-message list
+  py-libp2p never trims is bounded.
 - Gossip degree D=3 (D_high 6), a node's own messages sent to D peers even when its mesh
   is smaller, IHAVE gossip to peers in back-off too, and a 10 s prune back-off (see the
   constants below for why).
@@ -218,10 +218,6 @@ _STREAM_SWEEP_S: Final = 10.0
 # How long `MeshStream.finish` waits for the peer to close its side before resetting: one
 # round trip, generously.
 _FINISH_WAIT_S: Final = 2.0
-# How long a frame, once encrypted, may take to reach the socket (`_write_frame_whole`): a
-# socket takes a frame at once unless the peer has stopped reading; a peer that takes none
-# of one for this long is treated as gone. Short enough not to hold up a shutdown much.
-_FRAME_SEND_S: Final = 5.0
 # Read size while discarding what the peer still sends before closing.
 _FINISH_READ_BYTES: Final = 65536
 # Bootstrap dials run in parallel up to this many at once.
@@ -974,33 +970,33 @@ async def _read_buffered_data_body(self: Yamux, length: int) -> bytes:
 
 
 # Yamux's `_write_frame` writes each frame under the connection's write lock, where Noise
-# encrypts it and so advances the session's nonce. A task cancelled after that, before the
-# socket has taken the whole frame, leaves the peer a frame short (or part of one), and every
-# later frame then fails authentication at the peer: the connection is lost, with every
-# stream on it. py-libp2p's locks were checkpoints that took most cancellations before the
-# encryption; `QuickLock`s are not (an end-to-end test lost its connection that way). So
-# `_write_frame_whole` takes a cancellation only before encrypting, then sends the frame
-# shielded from it for `_FRAME_SEND_S` at most: a peer that has taken none of a frame for
-# that long has stopped reading, and the connection, which can no longer be used, is closed.
-# It also builds py-libp2p's debug line per frame only when that logger prints debug, and
-# adds no checkpoint after the send, which has just rescheduled the task.
+# encrypts it and so advances the session's nonce. A frame encrypted and then not sent, or
+# sent in part, leaves the peer a frame short, and every later frame then fails
+# authentication at the peer: the connection is lost, with every stream on it, and until the
+# peer notices, it is kept as if it worked. py-libp2p's locks were checkpoints that took most
+# cancellations before the encryption; `QuickLock`s are not (an end-to-end test lost its
+# connection that way every time). So `_write_frame_whole` takes a pending cancellation
+# before encrypting, and closes the connection if one arrives while the frame is on its way,
+# which happens only while the socket is full (the peer is not reading). (Shielding the send
+# instead would cost a cancel scope per frame, 9-13 µs on this machine, more than the
+# locks saved.) It also builds py-libp2p's debug line per frame only when that logger prints
+# debug, and adds no checkpoint after the send, which has just rescheduled the task.
 
 
 async def _write_frame_whole(self: Yamux, data: bytes) -> None:
-    """`Yamux._write_frame`: the whole frame, or none of it if cancelled."""
+    """`Yamux._write_frame`: the whole frame; or, if cancelled, none of it, or else no more
+    connection."""
     if libp2p_yamux.logger.isEnabledFor(logging.DEBUG):
         libp2p_yamux.logger.debug("writing a %d-byte frame to %s", len(data), self.peer_id)
     async with self._write_lock:
         await trio.lowlevel.checkpoint_if_cancelled()
-        with trio.move_on_after(_FRAME_SEND_S) as sending:
-            sending.shield = True
+        try:
             await self.secured_conn.write(data)
-        if sending.cancelled_caught:
+        except trio.Cancelled:
+            log.debug("a frame to %s was cut short; closing the connection", self.peer_id)
             with trio.CancelScope(shield=True):
                 await self.secured_conn.close()
-            raise ConnectionClosedError(
-                f"the peer took no frame for {_FRAME_SEND_S:.0f} s; connection closed"
-            )
+            raise
 
 
 # Yamux's `read_stream`, which every stream read goes through, formats several debug lines
