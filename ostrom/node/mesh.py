@@ -1055,23 +1055,19 @@ async def _read_stream_unlogged(self: Yamux, stream_id: int, n: int | None = -1)
 # is. These constructors swap those locks for `QuickLock`s, free ones taken without a
 # yield. Each holder either runs a synchronous section or goes on to a socket operation or a
 # wait for data, which yield on their own, so cancellation and fairness are unchanged.
-_NET_STREAM_INIT: Final = NetStream.__init__
-_YAMUX_STREAM_INIT: Final = YamuxStream.__init__
-_YAMUX_INIT: Final = Yamux.__init__
-_TCP_STREAM_INIT: Final = TrioTCPStream.__init__
-# The lock attributes each constructor creates, as `_with_quick_locks` expects to find them.
-_QUICK_LOCKS: Final[dict[object, tuple[str, ...]]] = {
-    _NET_STREAM_INIT: ("_state_lock",),
-    _YAMUX_STREAM_INIT: ("window_lock", "close_lock", "rw_lock"),
-    _YAMUX_INIT: ("streams_lock", "_write_lock"),
-    _TCP_STREAM_INIT: ("read_lock", "write_lock"),
+#
+# The lock attributes each class's constructor creates, as `_with_quick_locks` expects.
+_QUICK_LOCKS: Final[dict[type, tuple[str, ...]]] = {
+    NetStream: ("_state_lock",),
+    YamuxStream: ("window_lock", "close_lock", "rw_lock"),
+    Yamux: ("streams_lock", "_write_lock"),
+    TrioTCPStream: ("read_lock", "write_lock"),
 }
 
 
-def _with_quick_locks(init: Callable[..., None]) -> Callable[..., None]:
-    """`init`, then its trio locks replaced by `QuickLock`s (refusing a py-libp2p whose
-    constructor no longer makes them)."""
-    names = _QUICK_LOCKS[init]
+def _with_quick_locks(init: Callable[..., None], names: tuple[str, ...]) -> Callable[..., None]:
+    """`init`, then the trio locks `names` it made replaced by `QuickLock`s (refusing a
+    py-libp2p whose constructor no longer makes them)."""
 
     def quick_init(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
@@ -1080,8 +1076,15 @@ def _with_quick_locks(init: Callable[..., None]) -> Callable[..., None]:
                 raise InternalError(f"py-libp2p's {type(self).__name__} has no {name}")
             setattr(self, name, QuickLock())
 
-    quick_init.__wrapped__ = init  # type: ignore[attr-defined]
     return quick_init
+
+
+# The constructors as shipped (each class defines its own), and the ones
+# `_patch_py_libp2p` puts in their place.
+_SHIPPED_INITS: Final = {owner: vars(owner)["__init__"] for owner in _QUICK_LOCKS}
+_QUICK_INITS: Final = {
+    owner: _with_quick_locks(_SHIPPED_INITS[owner], names) for owner, names in _QUICK_LOCKS.items()
+}
 
 
 # py-libp2p's Yamux reads its PY_YAMUX_* tuning variables from the environment on every
@@ -1148,15 +1151,8 @@ def _patch_py_libp2p() -> None:
     _replace(libp2p_yamux, "_py_yamux_env", _YAMUX_ENV, _yamux_env)
     _replace(libp2p_yamux, "_py_yamux_env_set", _YAMUX_ENV_SET, _yamux_env_set)
     _replace(libp2p_pubsub, "read_varint_prefixed_bytes_limited", _PUBSUB_READ_RPC, _read_rpc)
-    for owner, init in (
-        (NetStream, _NET_STREAM_INIT),
-        (YamuxStream, _YAMUX_STREAM_INIT),
-        (Yamux, _YAMUX_INIT),
-        (TrioTCPStream, _TCP_STREAM_INIT),
-    ):
-        current = owner.__init__
-        if getattr(current, "__wrapped__", None) is not init:
-            _replace(owner, "__init__", init, _with_quick_locks(init))
+    for owner, quick_init in _QUICK_INITS.items():
+        _replace(owner, "__init__", _SHIPPED_INITS[owner], quick_init)
     for module in (libp2p_pubsub, libp2p_gossipsub):
         _replace(module, "env_to_send_in_RPC", _issue_sender_record, _sender_record_to_send)
         _replace(
