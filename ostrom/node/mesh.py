@@ -43,7 +43,7 @@ workaround in one place:
   leaving the peer a frame short (py-libp2p did, and the connection failed). Yamux's tuning
   variables are read from the environment once, not on every frame, and a per-message list
   py-libp2p never trims is bounded.
-- Gossip degree D=3 (D_high 6), a node's own messages sent to D peers even when its mesh
+- Gossip degree D=3 (D_high 4), a node's own messages sent to D peers even when its mesh
   is smaller, IHAVE gossip to peers in back-off too, and a 10 s prune back-off (see the
   constants below for why).
 - Subscriptions are drained at once (their channels hold 32 messages and drop the rest);
@@ -157,12 +157,15 @@ _DIAL_TIMEOUT: Final = 10.0
 # with too few mesh peers sends to other subscribers (`_publish_to_enough_peers`), peers
 # outside the mesh, pruned ones included, hear of every message (`_gossip_to_all_but_mesh`),
 # a pruned peer may graft again after `_GOSSIP_PRUNE_BACKOFF_S`, and sync fills whatever
-# gossip misses. D_high is 2*D: a node receives about as many grafts as it makes, and with
-# D_high=4 the prunes that followed cut a node of 8 off for a whole back-off (4 copies
-# instead of 5 at 20 nodes was not worth it).
+# gossip misses. D_high is D+1: a node receives about as many grafts as it makes, so
+# meshes of up to 6 peers (D_high=6) held more of them, and every mesh peer is a copy of
+# every record. At 20 daemons D_high=4 cut relays' CPU per record by 7% on average over 7
+# paired runs (docs/BENCHMARKS.md, gossip step 17). (It once cut a node of 8 off for a
+# whole 60 s back-off; with the 10 s back-off and announcements to pruned peers, 8 and 12
+# daemons deliver as fast as with D_high=6.)
 _GOSSIP_D: Final = 3
 _GOSSIP_D_LOW: Final = 2
-_GOSSIP_D_HIGH: Final = 6
+_GOSSIP_D_HIGH: Final = 4
 # How long a pruned peer waits before grafting again (py-libp2p: 60 s, sent in each PRUNE,
 # which the other side respects). With a small D, a node whose peers were all pruned within
 # the last minute kept an empty mesh for that minute; 10 s heals it within a few heartbeats
