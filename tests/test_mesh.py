@@ -525,6 +525,63 @@ async def test_a_copy_of_a_message_already_seen_is_dropped_before_any_task() -> 
         assert pushed == 1
 
 
+async def test_a_relay_skips_peers_that_sent_it_a_copy_meanwhile() -> None:
+    # B holds A's message in validation while C, which got it from A too, relays it to B.
+    # C has it, so B's relay leaves C out (py-libp2p left out only the forwarder and the
+    # origin, and C received its own copy back).
+    a, b, c = new_mesh(), new_mesh(), new_mesh()
+    release = trio.Event()
+    from_b: list[bytes] = []  # every copy C reads from B, duplicates included
+
+    async def quiet(topic: str, data: bytes, sender: str) -> bool:
+        return True
+
+    async def after_b(topic: str, data: bytes, sender: str) -> bool:
+        if data == b"held":  # C relays it once B holds A's copy, never before
+            await wait_until(lambda: bool(b._relaying))
+        return True
+
+    async def held(topic: str, data: bytes, sender: str) -> bool:
+        if data == b"held":
+            await release.wait()
+        return True
+
+    async with running(a, b, c):
+        await a.subscribe(TOPIC, quiet)
+        await b.subscribe(TOPIC, held)
+        await c.subscribe(TOPIC, after_b)
+        with trio.fail_after(10):
+            await a.connect(b.advertised_addrs[0])
+            await a.connect(c.advertised_addrs[0])
+            await b.connect(c.advertised_addrs[0])
+        ids = {m: mesh_module.ID.from_base58(m.peer_id) for m in (a, b, c)}
+        check = c._pubsub._is_subscribed_to_msg
+
+        def reading(msg: mesh_module.rpc_pb2.Message) -> bool:
+            if mesh_module._reading_from.get() == ids[b]:
+                from_b.append(msg.data)
+            return check(msg)
+
+        c._pubsub._is_subscribed_to_msg = reading  # type: ignore[method-assign]
+
+        def meshes_full() -> bool:
+            return all(
+                set(m._gossipsub.mesh.get(TOPIC, ())) == {ids[o] for o in (a, b, c) if o is not m}
+                for m in (a, b, c)
+            )
+
+        await wait_until(meshes_full, timeout=20)
+        await a.publish(TOPIC, b"held")
+        await wait_until(lambda: any(ids[c] in held_by for held_by in b._holders.values()))
+        assert ids[c] in b._gossipsub.mesh[TOPIC]  # without the copy, B would relay to C
+        release.set()
+        await wait_until(lambda: not b._relaying)
+        assert not b._holders
+        await b.publish(TOPIC, b"after")  # B's own message, which does go to C
+        await wait_until(lambda: b"after" in from_b)
+        assert b"held" not in from_b
+
+
 async def test_relaying_does_not_grow_memory_per_message(monkeypatch: pytest.MonkeyPatch) -> None:
     # py-libp2p appends a delivery time per message relayed to a list nothing trims (only
     # its adaptive gossip, off here, reads it); mesh.py keeps the last few. Its equivocation

@@ -1268,6 +1268,9 @@ class Mesh:
         # Ids of new gossip messages whose validation and relay task has started (at most
         # `_MAX_RELAYS`; see `_drop_known_messages_early`).
         self._relaying: set[bytes] = set()
+        # For each of those, the other peers that sent a copy meanwhile: they hold the
+        # message, so the relay skips them (emptied when the task ends).
+        self._holders: dict[bytes, set[ID]] = {}
         self._drop_known_messages_early()
         self._publish_to_enough_peers()
         self._gossip_to_all_but_mesh()
@@ -1827,14 +1830,17 @@ class Mesh:
         that answer also says "new"; and, knowing from a context variable which peer the
         loop reads, it starts `push_msg` itself (a plain trio task) and answers "no", so
         that py-libp2p starts nothing. At most `_MAX_RELAYS` such tasks run at once; a new
-        message past that is dropped (sync brings it). (Instance attributes; tests/test_mesh.py
-        checks the read loop still asks it and that the tasks are bounded.)
+        message past that is dropped (sync brings it). A copy that arrives while its task
+        waits names a peer that holds the message, which the relay then skips (on a busy
+        node, most of its mesh). (Instance attributes; tests/test_mesh.py checks the read
+        loop still asks it and that the tasks are bounded.)
         """
         pubsub = self._pubsub
         topic_ids = pubsub.topic_ids
         seen = pubsub.seen_messages
         validating = self._validating
         relaying = self._relaying
+        holders = self._holders
         read_loop = pubsub.continuously_read_stream
 
         async def read_and_say_who(stream: INetStream) -> None:
@@ -1846,12 +1852,20 @@ class Mesh:
                 await pubsub.push_msg(forwarder, msg)
             finally:
                 relaying.discard(mid)
+                holders.pop(mid, None)
 
         def subscribed_and_new(msg: rpc_pb2.Message) -> bool:
             if not any(topic in topic_ids for topic in msg.topicIDs):
                 return False
             mid = _content_message_id(msg)
-            if mid in validating or mid in relaying or seen.has(mid):
+            if mid in relaying:
+                # A copy from another peer while the first waits to be relayed: that peer
+                # needs none from this node.
+                holder = _reading_from.get()
+                if holder is not None:
+                    holders.setdefault(mid, set()).add(holder)
+                return False
+            if mid in validating or seen.has(mid):
                 return False
             forwarder = _reading_from.get()
             if forwarder is None or self._nursery is None:
@@ -2050,6 +2064,7 @@ class Mesh:
                 send_to.update(router.mesh[topic])
         skipped = {forwarder, origin}
         send_to -= skipped
+        send_to.difference_update(self._holders.get(mid, ()))
         # Set operations between sets reuse the hashes they hold (ID hashes in Python).
         send_to &= pubsub.peers.keys()
         unwanted = router.dont_send_message_ids
