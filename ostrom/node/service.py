@@ -94,9 +94,10 @@ SYNC_DELAY_S: Final = 5.0
 # megabytes a second and may reach the commit's own threshold between two looks; that
 # commit then makes the copy, as every commit did before.
 CHECKPOINT_POLL_S: Final = 1.0
-# Gossiped records stored by one call on the event loop at most (`db_brief`); a larger
-# batch (a backlog) goes to the worker thread. Each is about a kilobyte with its index
-# entries, so this stays far under `BRIEF_COMMIT_BYTES`.
+# Gossiped records (or the node's own, which are synced after) stored by one call on the
+# event loop at most (`db_brief`); a larger batch (a backlog) goes to the worker thread.
+# Each is about a kilobyte with its index entries, so this stays far under
+# `BRIEF_COMMIT_BYTES`.
 BRIEF_GOSSIP_ROWS: Final = 64
 # Fetched or uploaded block bytes stored by one call on the event loop at most
 # (`db_brief`): a pass's changesets, manifests and small files, or a small contribution's
@@ -385,7 +386,7 @@ class NodeService:
                 self._writes += 1
             return stored, store.record_projects(parents) if stored and parents else {}
 
-        if origin == "gossip" and len(rows) <= BRIEF_GOSSIP_ROWS:
+        if (origin == "gossip" or announce_first) and len(rows) <= BRIEF_GOSSIP_ROWS:
             new, projects = await self.db_brief(write)
         else:
             new, projects = await self.db(write)
