@@ -112,24 +112,6 @@ async def test_gossiped_records_share_a_sync_and_the_nodes_own_are_synced_at_onc
     assert len(service.store.project_records(genesis.cid)) == 4
 
 
-async def test_the_nodes_own_record_is_announced_before_its_sync_and_synced_before_return(
-    service: NodeService,
-) -> None:
-    # Peers hear of a record this node makes without waiting for its disk; the caller is
-    # answered only once the record is on disk.
-    world = World()
-    genesis = world.genesis(ALICE)
-    on_disk_when_announced: list[bool] = []
-
-    def listener(records: object, origin: str) -> None:
-        on_disk_when_announced.append(not service.store.unsynced)
-
-    service.record_listeners.append(listener)
-    assert await service.store_new([genesis], "local") == [genesis.cid]
-    assert on_disk_when_announced == [False]
-    assert not service.store.unsynced
-
-
 async def test_uploads_wait_for_the_contribution_that_names_them_or_the_sync_task(
     service: NodeService, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
 ) -> None:

@@ -94,10 +94,9 @@ SYNC_DELAY_S: Final = 5.0
 # megabytes a second and may reach the commit's own threshold between two looks; that
 # commit then makes the copy, as every commit did before.
 CHECKPOINT_POLL_S: Final = 1.0
-# Gossiped records (or the node's own, which are synced after) stored by one call on the
-# event loop at most (`db_brief`); a larger batch (a backlog) goes to the worker thread.
-# Each is about a kilobyte with its index entries, so this stays far under
-# `BRIEF_COMMIT_BYTES`.
+# Gossiped records stored by one call on the event loop at most (`db_brief`); a larger
+# batch (a backlog) goes to the worker thread. Each is about a kilobyte with its index
+# entries, so this stays far under `BRIEF_COMMIT_BYTES`.
 BRIEF_GOSSIP_ROWS: Final = 64
 # Fetched or uploaded block bytes stored by one call on the event loop at most
 # (`db_brief`): a pass's changesets, manifests and small files, or a small contribution's
@@ -114,12 +113,6 @@ BRIEF_READ_RECORDS: Final = 64
 # Where records come from that a peer sent, and any peer holding them can send again: stored
 # without a disk sync of their own (`Store.put_rows(..., durable=False)`).
 _PEER_ORIGINS: Final = frozenset({"gossip", "sync"})
-# Where the records come from that this node makes (`sign_and_store`): synced once peers
-# have been told of them. Under load a sync of the log took up to 80-120 ms here (p99 of
-# `fdatasync` beside a 20-daemon mesh), which every follower waited for before its gossip
-# left. A crash before the sync can lose such a record here only once it is on its way to
-# peers, and sync brings it back; its blocks are on disk before it is signed.
-_OWN_ORIGIN: Final = "local"
 # Project genesis records `resolve_project` keeps by CID: far more projects than a scripted
 # session names, and a few hundred KiB at most.
 KNOWN_PROJECTS: Final = 256
@@ -376,17 +369,14 @@ class NodeService:
                         await self.state(project)
 
         durable = origin not in _PEER_ORIGINS
-        # The node's own new records are committed without a sync, announced (to peers
-        # first), then synced before this returns: peers do not wait for this disk.
-        announce_first = origin == _OWN_ORIGIN
 
         def write(store: Store) -> tuple[list[bytes], dict[CID, CID]]:
-            stored = store.put_rows(rows, durable=durable and not announce_first)
+            stored = store.put_rows(rows, durable=durable)
             if stored:
                 self._writes += 1
             return stored, store.record_projects(parents) if stored and parents else {}
 
-        if (origin == "gossip" or announce_first) and len(rows) <= BRIEF_GOSSIP_ROWS:
+        if origin == "gossip" and len(rows) <= BRIEF_GOSSIP_ROWS:
             new, projects = await self.db_brief(write)
         else:
             new, projects = await self.db(write)
@@ -409,8 +399,6 @@ class NodeService:
                 self.events.publish(
                     {"type": "record.added", "origin": origin, "record": record_view(record)}
                 )
-        if announce_first:
-            await trio.to_thread.run_sync(self.store.sync)
         await self._advance_states(stored, fresh)
         return new, projects
 

@@ -13,10 +13,8 @@ acknowledged and leaves no half-written batch. Every write has reached the disk 
 returns (`synchronous = FULL`) except records that peers sent (`put_rows(...,
 durable=False)`: gossip and sync), which any peer holding them can send again: they reach it
 at the next `sync`, which the node makes within seconds (`NodeService.serve_syncs`), or with
-the next durable write. The node's own new records are written the same way and synced as
-soon as its peers have been told of them, before the call that made them returns. A power
-loss can roll back only such writes (`ostrom.node.walsync`); the next sync with a peer
-brings them back.
+the next durable write. A power loss can roll back only those (`ostrom.node.walsync`); the
+next sync with a peer brings them back.
 
 Integrity: every read hashes the stored bytes and compares them with their CID; bytes that
 no longer match raise `StoreCorrupt` and are never returned. Records were fully verified,
