@@ -105,6 +105,17 @@ async def gossiping_pair() -> AsyncIterator[tuple[Mesh, Mesh, set[bytes]]]:
         yield a, b, received
 
 
+async def triangle(*subscribed: tuple[Mesh, GossipHandler]) -> None:
+    """Subscribe each running mesh to TOPIC with its handler, then connect every pair."""
+    for mesh, handler in subscribed:
+        await mesh.subscribe(TOPIC, handler)
+    meshes = [mesh for mesh, _ in subscribed]
+    with trio.fail_after(10):
+        for i, mesh in enumerate(meshes):
+            for other in meshes[i + 1 :]:
+                await mesh.connect(other.advertised_addrs[0])
+
+
 def peer_ids(mesh: Mesh) -> set[str]:
     return {p.peer_id for p in mesh.peers()}
 
@@ -547,13 +558,7 @@ async def test_a_relay_skips_peers_that_sent_it_a_copy_meanwhile() -> None:
         return True
 
     async with running(a, b, c):
-        await a.subscribe(TOPIC, quiet)
-        await b.subscribe(TOPIC, held)
-        await c.subscribe(TOPIC, after_b)
-        with trio.fail_after(10):
-            await a.connect(b.advertised_addrs[0])
-            await a.connect(c.advertised_addrs[0])
-            await b.connect(c.advertised_addrs[0])
+        await triangle((a, quiet), (b, held), (c, after_b))
         ids = {m: mesh_module.ID.from_base58(m.peer_id) for m in (a, b, c)}
         check = c._pubsub._is_subscribed_to_msg
 
@@ -1010,13 +1015,7 @@ async def test_copies_arriving_during_validation_are_validated_once() -> None:
         return True
 
     async with running(a, b, c):
-        await a.subscribe(TOPIC, quiet)
-        await b.subscribe(TOPIC, fast)
-        await c.subscribe(TOPIC, slow)
-        with trio.fail_after(10):
-            await a.connect(b.advertised_addrs[0])
-            await a.connect(c.advertised_addrs[0])
-            await b.connect(c.advertised_addrs[0])
+        await triangle((a, quiet), (b, fast), (c, slow))
         await publish_until(a, lambda: bool(got_b))
         await wait_until(lambda: any(d.startswith(b"probe") for d in calls))
         await trio.sleep(2.5)  # the probes' copies have come and gone
