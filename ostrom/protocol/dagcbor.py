@@ -30,6 +30,9 @@ CID_TAG: Final = 42
 MAX_DEPTH: Final = 16
 _MAX_UINT: Final = 2**64 - 1
 _MIN_NINT: Final = -(2**64)
+# Decoded values the data model takes as they are: strings, byte strings, booleans and null,
+# most of a record's values, so a walk passes them without a call.
+_LEAVES: Final = frozenset({str, bytes, bool, type(None)})
 
 DagValue = Any
 """A value of the DAG-CBOR data model: None, bool, int, str, bytes, CID, list, dict[str, ...]."""
@@ -92,7 +95,7 @@ def _from_wire(value: Any, depth: int) -> DagValue:
     """Check a decoded value against the data model, turning tag-42 links into CIDs in place,
     and check that every map's keys came in canonical order (length first, then bytewise)."""
     kind = type(value)
-    if kind is str or kind is bytes or kind is bool or value is None:
+    if kind in _LEAVES:
         return value
     if depth > MAX_DEPTH:
         raise DecodeError("DAG-CBOR value nested too deeply")
@@ -100,12 +103,9 @@ def _from_wire(value: Any, depth: int) -> DagValue:
         if not _MIN_NINT <= value <= _MAX_UINT:
             raise DecodeError("integer outside the 64-bit range")
         return value
-    # Strings, byte strings, booleans and nulls are taken as they are without a call: they
-    # are most of a record's values.
     if kind is list:
         for index, item in enumerate(value):
-            leaf = type(item)
-            if not (leaf is str or leaf is bytes or leaf is bool or item is None):
+            if type(item) not in _LEAVES:
                 value[index] = _from_wire(item, depth + 1)
         return value
     if kind is dict:
@@ -118,8 +118,7 @@ def _from_wire(value: Any, depth: int) -> DagValue:
             if order <= previous:
                 raise DecodeError("not canonical DAG-CBOR (map keys out of order)")
             previous = order
-            leaf = type(item)
-            if not (leaf is str or leaf is bytes or leaf is bool or item is None):
+            if type(item) not in _LEAVES:
                 value[key] = _from_wire(item, depth + 1)
         return value
     if kind is cbor2.CBORTag:
