@@ -116,6 +116,19 @@ async def triangle(*subscribed: tuple[Mesh, GossipHandler]) -> None:
                 await mesh.connect(other.advertised_addrs[0])
 
 
+@asynccontextmanager
+async def echo_stream() -> AsyncIterator[tuple[Mesh, Mesh, MeshStream]]:
+    """Two running meshes, B echoing on ECHO and A connected to it; yields both and a
+    stream A opened to B's echo."""
+    a, b = new_mesh(), new_mesh()
+    b.set_stream_handler(ECHO, echo)
+    async with running(a, b):
+        with trio.fail_after(10):
+            await a.connect(b.advertised_addrs[0])
+            stream = await a.open_stream(b.peer_id, ECHO)
+        yield a, b, stream
+
+
 def peer_ids(mesh: Mesh) -> set[str]:
     return {p.peer_id for p in mesh.peers()}
 
@@ -710,12 +723,8 @@ def test_py_libp2p_patches_are_installed() -> None:
 async def test_a_connection_s_stream_muxer_and_socket_locks_are_quick_locks() -> None:
     # Each frame written or read goes through these locks; trio's own would reschedule the
     # task at every one of them (see `_with_quick_locks`).
-    a, b = new_mesh(), new_mesh()
-    b.set_stream_handler(ECHO, echo)
-    async with running(a, b):
+    async with echo_stream() as (_, _, stream):
         with trio.fail_after(10):
-            await a.connect(b.advertised_addrs[0])
-            stream = await a.open_stream(b.peer_id, ECHO)
             await stream.write(b"ping")
             assert await stream.read(100) == b"ping"
         m = mesh_module
@@ -737,12 +746,8 @@ async def test_a_connection_s_stream_muxer_and_socket_locks_are_quick_locks() ->
 async def test_a_write_cancelled_before_it_starts_leaves_the_connection_usable() -> None:
     # The write's locks are free and take no cancellation (`QuickLock`); the frame must not
     # be encrypted and then dropped, or every later frame fails authentication at the peer.
-    a, b = new_mesh(), new_mesh()
-    b.set_stream_handler(ECHO, echo)
-    async with running(a, b):
+    async with echo_stream() as (a, b, stream):
         with trio.fail_after(10):
-            await a.connect(b.advertised_addrs[0])
-            stream = await a.open_stream(b.peer_id, ECHO)
             for _ in range(5):
                 with trio.CancelScope() as scope:
                     scope.cancel()
