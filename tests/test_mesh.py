@@ -647,6 +647,29 @@ async def test_peers_in_back_off_still_hear_of_recent_messages() -> None:
         assert set(announced[b_id][TOPIC]) == set(router.mcache.window(TOPIC))
 
 
+async def test_a_heartbeat_keeps_a_mesh_of_d_low_peers_or_more_as_it_is() -> None:
+    # py-libp2p grafted two more subscribers on every heartbeat once the mesh had D_low
+    # peers ("opportunistic grafting" with every score 0), and pruned them again when the
+    # mesh passed D_high: constant GRAFT/PRUNE traffic and a mesh above D_high.
+    a, b, c = new_mesh(), new_mesh(), new_mesh()
+
+    async def quiet(topic: str, data: bytes, sender: str) -> bool:
+        return True
+
+    async with running(a, b, c):
+        await triangle((a, quiet), (b, quiet), (c, quiet))
+        router = a._gossipsub
+        b_id, c_id = (mesh_module.ID.from_base58(m.peer_id) for m in (b, c))
+        await wait_until(lambda: {b_id, c_id} <= set(router.pubsub.peer_topics.get(TOPIC, ())))
+        router.mesh[TOPIC] = {b_id}  # C: subscribed, outside the mesh, not in back-off
+        router.back_off.get(TOPIC, {}).pop(c_id, None)
+        router.degree_low = 1  # the mesh has D_low peers: no graft is needed
+        grafts, prunes = router.mesh_heartbeat()
+        assert not grafts
+        assert not prunes
+        assert router.mesh[TOPIC] == {b_id}
+
+
 async def test_a_pruned_peer_may_graft_again_within_ten_seconds() -> None:
     # py-libp2p's back-off is 60 s; with a small mesh degree that left meshes empty.
     async with gossiping_pair() as (a, b, _):
