@@ -542,7 +542,14 @@ def _advance(
     if not added and not votes:
         return state, ()
 
-    statuses = dict(state.statuses)
+    # `copy` of the read-only view copies its dict with each key's stored hash; `dict()` of
+    # the view hashed every CID again, which made each step cost in proportion to the
+    # project (25 ms a contribution at 30,000 records).
+    statuses = (
+        state.statuses.copy()
+        if isinstance(state.statuses, MappingProxyType)
+        else dict(state.statuses)
+    )
     heads = set(state.accepted_heads)
     accepted_new: list[CID] = []
     changes: dict[CID, StatusChange] = {}  # one per record: where it was before the batch
