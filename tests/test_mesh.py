@@ -632,6 +632,25 @@ async def test_own_messages_reach_subscribers_outside_the_mesh() -> None:
         assert b_id not in router.mesh[TOPIC]
 
 
+async def test_own_messages_are_sent_without_checking_their_own_signature(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # py-libp2p verified the signature a publisher had just made, and ran its validators
+    # (which pass our own messages), before sending each message it published.
+    checked: list[bytes] = []
+    shipped = mesh_module.libp2p_pubsub.signature_validator
+
+    def counting(msg: mesh_module.rpc_pb2.Message) -> bool:
+        checked.append(msg.data)
+        return bool(shipped(msg))
+
+    monkeypatch.setattr(mesh_module.libp2p_pubsub, "signature_validator", counting)
+    async with gossiping_pair() as (a, _, got):
+        await a.publish(TOPIC, b"mine")
+        await wait_until(lambda: b"mine" in got)
+    assert b"mine" not in checked
+
+
 async def test_peers_in_back_off_still_hear_of_recent_messages() -> None:
     # py-libp2p left peers in prune back-off out of IHAVE gossip, so a node pruned by all
     # its mesh peers heard of nothing until the back-off ended; mesh.py includes them.

@@ -1989,7 +1989,9 @@ class Mesh:
         seen, own-message check, message cache, then one RPC sent to each mesh peer except
         the forwarder and origin, and kept for peers still being identified as py-libp2p
         does. The subscription channel is not handed the message (every subscription of
-        this mesh is drained unread: `subscribe`). Anything else (our own messages, fan-out
+        this mesh is drained unread: `subscribe`). Our own messages of subscribed topics are
+        marked seen and sent as py-libp2p's router sends them, without the check of the
+        signature just made or the validators (which pass them). Anything else (fan-out
         topics, peer scoring or spam protection turned on, a peer with control messages
         waiting) takes py-libp2p's path.
         (An instance attribute; tests/test_mesh.py checks the read loop still calls it.)
@@ -2028,12 +2030,19 @@ class Mesh:
 
         async def push_received(forwarder: ID, msg: rpc_pb2.Message) -> None:
             if (
-                forwarder == me
-                or not scoring_off
+                not scoring_off
                 or router.spam_protection_enabled
                 or not all(topic in router.mesh for topic in msg.topicIDs)
             ):
                 await push_msg(forwarder, msg)
+                return
+            if forwarder == me:
+                # Our own message, signed a moment ago: py-libp2p would verify that signature
+                # and run the validators, which pass our own messages unread (`subscribe`).
+                mid = _content_message_id(msg)
+                if not seen.has(mid):
+                    seen.add(mid)
+                    await router.publish(me, msg)
                 return
             if blacklisted and (forwarder in blacklisted or ID(msg.from_id) in blacklisted):
                 return
