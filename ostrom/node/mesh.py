@@ -43,9 +43,9 @@ workaround in one place:
   leaving the peer a frame short (py-libp2p did, and the connection failed). Yamux's tuning
   variables are read from the environment once, not on every frame, and a per-message list
   py-libp2p never trims is bounded.
-- Gossip degree D=3 (D_high 4), a node's own messages sent to D peers even when its mesh
-  is smaller, IHAVE gossip to peers in back-off too, and a 10 s prune back-off (see the
-  constants below for why).
+- Gossip degree D=3 (D_high 4) with no opportunistic grafting, a node's own messages sent
+  to D peers even when its mesh is smaller, IHAVE gossip to peers in back-off too, and a
+  10 s prune back-off (see the constants below for why).
 - Subscriptions are drained at once (their channels hold 32 messages and drop the rest);
   the caller's handler runs as the topic validator, which is what decides relaying.
 - Identified peers are fed to the Kad-DHT routing table, which connections do not feed.
@@ -1292,11 +1292,10 @@ class Mesh:
         # Ids of gossip messages being validated (bounded by py-libp2p's concurrent validations).
         self._validating: set[bytes] = set()
         # Ids of new gossip messages whose validation and relay task has started (at most
-        # `_MAX_RELAYS`; see `_drop_known_messages_early`).
-        self._relaying: set[bytes] = set()
-        # For each of those, the other peers that sent a copy meanwhile: they hold the
-        # message, so the relay skips them (emptied when the task ends).
-        self._holders: dict[bytes, set[ID]] = {}
+        # `_MAX_RELAYS`; see `_drop_known_messages_early`), each with the other peers that
+        # sent a copy meanwhile: they hold the message, so the relay skips them. An entry
+        # goes when its task ends.
+        self._relaying: dict[bytes, set[ID]] = {}
         self._drop_known_messages_early()
         self._publish_to_enough_peers()
         self._gossip_to_all_but_mesh()
@@ -1866,7 +1865,6 @@ class Mesh:
         seen = pubsub.seen_messages
         validating = self._validating
         relaying = self._relaying
-        holders = self._holders
         read_loop = pubsub.continuously_read_stream
 
         async def read_and_say_who(stream: INetStream) -> None:
@@ -1877,19 +1875,19 @@ class Mesh:
             try:
                 await pubsub.push_msg(forwarder, msg)
             finally:
-                relaying.discard(mid)
-                holders.pop(mid, None)
+                relaying.pop(mid, None)
 
         def subscribed_and_new(msg: rpc_pb2.Message) -> bool:
             if not any(topic in topic_ids for topic in msg.topicIDs):
                 return False
             mid = _content_message_id(msg)
-            if mid in relaying:
+            holders = relaying.get(mid)
+            if holders is not None:
                 # A copy from another peer while the first waits to be relayed: that peer
                 # needs none from this node.
                 holder = _reading_from.get()
                 if holder is not None:
-                    holders.setdefault(mid, set()).add(holder)
+                    holders.add(holder)
                 return False
             if mid in validating or seen.has(mid):
                 return False
@@ -1899,7 +1897,7 @@ class Mesh:
             if len(relaying) >= _MAX_RELAYS:
                 log.debug("%d gossip messages in validation; one more dropped", len(relaying))
                 return False
-            relaying.add(mid)
+            relaying[mid] = set()
             self._nursery.start_soon(push, forwarder, msg, mid)
             return False
 
@@ -2037,17 +2035,16 @@ class Mesh:
             ):
                 await push_msg(forwarder, msg)
                 return
+            mid = _content_message_id(msg)
             if forwarder == me:
                 # Our own message, signed a moment ago: py-libp2p would verify that signature
                 # and run the validators, which pass our own messages unread (`subscribe`).
-                mid = _content_message_id(msg)
                 if not seen.has(mid):
                     seen.add(mid)
                     await router.publish(me, msg)
                 return
             if blacklisted and (forwarder in blacklisted or ID(msg.from_id) in blacklisted):
                 return
-            mid = _content_message_id(msg)
             if seen.has(mid):
                 return
             if pubsub.strict_signing and not _message_signature_valid(msg):
@@ -2099,7 +2096,7 @@ class Mesh:
                 send_to.update(router.mesh[topic])
         skipped = {forwarder, origin}
         send_to -= skipped
-        send_to.difference_update(self._holders.get(mid, ()))
+        send_to.difference_update(self._relaying.get(mid, ()))
         # Set operations between sets reuse the hashes they hold (ID hashes in Python).
         send_to &= pubsub.peers.keys()
         unwanted = router.dont_send_message_ids
