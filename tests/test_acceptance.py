@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Iterable
+from types import MappingProxyType
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -578,7 +579,7 @@ def reference(genesis: SignedRecord, records: Iterable[SignedRecord]) -> Project
     keys, quorum = policy_of(accepted_gov)
     return ProjectState(
         project=g,
-        statuses=statuses,
+        statuses=MappingProxyType(statuses),
         policy=Policy(tuple(sorted(keys)), quorum),
         accepted_heads=tuple(sorted(accepted - children, key=lambda c: c.raw)),
         accepted=frozenset(accepted),
