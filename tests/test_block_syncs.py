@@ -13,6 +13,7 @@ import trio.testing
 from ostrom.crypto.cid import CID
 from ostrom.node.service import (
     BLOCK_SYNC_NOW_BYTES,
+    BLOCK_WRITEBACK_BYTES,
     SYNC_DELAY_S,
     BlockSink,
     NodeService,
@@ -75,6 +76,22 @@ async def test_a_large_fetch_is_synced_when_it_ends(
     size = 256 * 1024
     await sink.blocks_put([blk(size) for _ in range(BLOCK_SYNC_NOW_BYTES // size)])
     await sink.blocks_sync()
+    assert not service.store.blocks.unsynced
+
+
+async def test_a_large_fetch_is_synced_as_it_goes_not_only_at_its_end(
+    service: NodeService, nursery: trio.Nursery
+) -> None:
+    sink = await syncing(service, nursery)
+    size = 256 * 1024
+    batch = 16  # a fetch's storing batch
+    for _ in range(BLOCK_WRITEBACK_BYTES // (batch * size) - 1):
+        await sink.blocks_put([blk(size) for _ in range(batch)])
+    await trio.testing.wait_all_tasks_blocked()
+    assert service.store.blocks.unsynced  # not yet BLOCK_WRITEBACK_BYTES
+    await sink.blocks_put([blk(size) for _ in range(batch)])
+    # The fetch has not ended (no blocks_sync), and what it stored is on disk all the same.
+    await wait_synced(service)
     assert not service.store.blocks.unsynced
 
 

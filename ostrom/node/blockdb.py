@@ -22,7 +22,8 @@ Durability. The file runs in WAL mode. Two kinds of writes share it:
   them can send again) commit with `synchronous = NORMAL`: the commit reaches the operating
   system but not the disk. They reach it when the fetch ends: it calls `sync`
   (`ostrom.node.blocks`; for a fetch of less than 4 MiB the service makes that call within
-  5 s, shared with the fetches around it), which syncs the log; and when the log, grown by
+  5 s, shared with the fetches around it), which syncs the log; while a large fetch goes
+  on, every 16 MiB it stores (`NodeService.serve_syncs`); and when the log, grown by
   `WAL_AUTOCHECKPOINT_BYTES` (1 GiB), is checkpointed by the writing connection. The
   owner's uploads are written the same way (`NodeService.blocks_upload`): the durable
   commit of the contribution that names them syncs the log, and so them, before the

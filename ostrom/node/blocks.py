@@ -21,8 +21,10 @@ missing.
 Fetched blocks are committed without waiting for the disk; the fetch asks the store to sync
 once, at its end, before `run` returns (the node syncs a large fetch's blocks then, and a
 small one's within seconds, with those of the fetches around it: `NodeService.blocks_sync`;
-the store also syncs by itself as its log grows). A power loss before then can only lose
-blocks, which the next completion fetches again (see `ostrom.node.blockdb`).
+the node also syncs a large fetch's blocks every 16 MiB while it runs, so that its end does
+not wait for the disk to take all of it, and the store syncs by itself as its log grows).
+A power loss before then can only lose blocks, which the next completion fetches again
+(see `ostrom.node.blockdb`).
 
 While any fetch runs, Python's switch interval is shortened (`ostrom.node.gilswitch`), so
 that the thread storing blocks is not held up by the network thread each time it takes
