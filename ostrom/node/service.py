@@ -89,9 +89,9 @@ BLOCK_SYNC_NOW_BYTES: Final = 4 * 1024 * 1024
 # file's log while the fetch goes on. Without it the disk took a whole artifact in the
 # fetch's final sync: 0.45 s of 3.1 s for 256 MiB on this machine, with both cores idle. A
 # sync of the log costs almost no CPU (0.02 s per 256 MiB), so syncing as the blocks come
-# leaves the fetch's end one sync of at most this much; in paired runs of
-# `bench.artifact` the fetch went from 81 to 100-110 MB/s. It also bounds what a power loss
-# can take of a fetch under way.
+# leaves the fetch's end one sync of at most this much: in paired runs of `bench.artifact`
+# the fetch went from 82.8 to 107.2 MB/s on average (docs/BENCHMARKS.md, artifacts, ninth
+# round; 32 MiB gave 95.1). It also bounds what a power loss can take of a fetch under way.
 BLOCK_WRITEBACK_BYTES: Final = 16 * 1024 * 1024
 # How soon, at most, records from peers and the blocks of smaller fetches are synced
 # (`serve_syncs`): what a power loss can take is then a few seconds' worth of them, which
