@@ -95,6 +95,20 @@ async def test_a_large_fetch_is_synced_as_it_goes_not_only_at_its_end(
     assert not service.store.blocks.unsynced
 
 
+async def test_a_slow_fetch_is_synced_within_the_delay_before_it_ends(
+    service: NodeService, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    sink = await syncing(service, nursery)
+    await sink.blocks_put([blk(64 * 1024)])  # far from BLOCK_WRITEBACK_BYTES; no blocks_sync
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(SYNC_DELAY_S - 1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert service.store.blocks.unsynced
+    mock_clock.jump(1)
+    await wait_synced(service)
+    assert not service.store.blocks.unsynced
+
+
 async def test_records_from_peers_are_synced_at_once_without_the_sync_task(
     service: NodeService,
 ) -> None:

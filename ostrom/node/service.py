@@ -792,9 +792,13 @@ class NodeService:
         result = await (self.db_brief if size <= BRIEF_PUT_BYTES else self.db)(put)
         self._unsynced_bytes += size
         self._unwritten_bytes += size
-        if self._unwritten_bytes >= BLOCK_WRITEBACK_BYTES:
-            self._unwritten_bytes = 0
-            self._writeback_due.set()  # taken up by `serve_syncs`, if it runs
+        if self._defer_syncs:
+            # On disk within `SYNC_DELAY_S` however long the fetch goes on, and every
+            # `BLOCK_WRITEBACK_BYTES` if it brings them faster.
+            self._sync_due.set()
+            if self._unwritten_bytes >= BLOCK_WRITEBACK_BYTES:
+                self._unwritten_bytes = 0
+                self._writeback_due.set()
         return result
 
     async def blocks_sync(self) -> None:
@@ -828,11 +832,12 @@ class NodeService:
     async def serve_syncs(
         self, *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Sync records from peers and the blocks of short fetches `SYNC_DELAY_S` after the
-        first asks: the gossip of a busy project, and its contributions' fetches, share one
-        sync of each file. And while a large fetch stores its blocks, sync the block file's
-        log every `BLOCK_WRITEBACK_BYTES`, so that its end waits for the disk only for the
-        last of them."""
+        """Sync records from peers and fetched blocks `SYNC_DELAY_S` after the first asks:
+        the gossip of a busy project, and its contributions' fetches, share one sync of each
+        file, and a long fetch's blocks are synced every few seconds as it goes. And while a
+        large fetch stores its blocks fast, sync the block file's log every
+        `BLOCK_WRITEBACK_BYTES` too, so that its end waits for the disk only for the last of
+        them."""
 
         async def deferred() -> None:
             while True:
