@@ -46,6 +46,20 @@ async def wait_synced(service: NodeService) -> None:
         await trio.to_thread.run_sync(time.sleep, 0.01)
 
 
+async def synced_at_the_delay_not_before(
+    service: NodeService, mock_clock: trio.testing.MockClock
+) -> None:
+    """The blocks stored so far are still unsynced a second before `SYNC_DELAY_S` from now,
+    and synced at it."""
+    await trio.testing.wait_all_tasks_blocked()
+    mock_clock.jump(SYNC_DELAY_S - 1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert service.store.blocks.unsynced
+    mock_clock.jump(1)
+    await wait_synced(service)
+    assert not service.store.blocks.unsynced
+
+
 async def syncing(service: NodeService, nursery: trio.Nursery) -> BlockSink:
     """A fetch's sink on a node whose service syncs small fetches in the background."""
     await nursery.start(service.serve_syncs)
@@ -60,13 +74,7 @@ async def test_small_fetches_share_a_sync_within_the_delay(
         await sink.blocks_put([blk(4096)])
         await sink.blocks_sync()
         assert service.store.blocks.unsynced  # left to the sync task
-    await trio.testing.wait_all_tasks_blocked()
-    mock_clock.jump(SYNC_DELAY_S - 1)
-    await trio.testing.wait_all_tasks_blocked()
-    assert service.store.blocks.unsynced
-    mock_clock.jump(1)
-    await wait_synced(service)
-    assert not service.store.blocks.unsynced
+    await synced_at_the_delay_not_before(service, mock_clock)
 
 
 async def test_a_large_fetch_is_synced_when_it_ends(
@@ -100,13 +108,7 @@ async def test_a_slow_fetch_is_synced_within_the_delay_before_it_ends(
 ) -> None:
     sink = await syncing(service, nursery)
     await sink.blocks_put([blk(64 * 1024)])  # far from BLOCK_WRITEBACK_BYTES; no blocks_sync
-    await trio.testing.wait_all_tasks_blocked()
-    mock_clock.jump(SYNC_DELAY_S - 1)
-    await trio.testing.wait_all_tasks_blocked()
-    assert service.store.blocks.unsynced
-    mock_clock.jump(1)
-    await wait_synced(service)
-    assert not service.store.blocks.unsynced
+    await synced_at_the_delay_not_before(service, mock_clock)
 
 
 async def test_records_from_peers_are_synced_at_once_without_the_sync_task(
