@@ -87,6 +87,18 @@ async def test_a_large_fetch_is_synced_when_it_ends(
     assert not service.store.blocks.unsynced
 
 
+async def test_a_slow_large_fetch_is_synced_when_it_ends_though_syncs_came_between(
+    service: NodeService, nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    sink = await syncing(service, nursery)
+    size = 256 * 1024
+    await sink.blocks_put([blk(size) for _ in range(BLOCK_SYNC_NOW_BYTES // size)])
+    await synced_at_the_delay_not_before(service, mock_clock)  # synced as it went
+    await sink.blocks_put([blk(1024)])  # its last block, a few seconds later
+    await sink.blocks_sync()
+    assert not service.store.blocks.unsynced  # on disk when the fetch reports it is done
+
+
 async def test_a_large_fetch_is_synced_as_it_goes_not_only_at_its_end(
     service: NodeService, nursery: trio.Nursery
 ) -> None:

@@ -801,12 +801,14 @@ class NodeService:
                 self._writeback_due.set()
         return result
 
-    async def blocks_sync(self) -> None:
+    async def blocks_sync(self, fetched: int = 0) -> None:
         """Put the fetched blocks stored so far on disk (`BlockDB.sync`): at once when
-        `BLOCK_SYNC_NOW_BYTES` or more wait, else within `SYNC_DELAY_S` (by `serve_syncs`,
-        if it runs). Not under the store's lock: the block file syncs on a connection of its
-        own while fetches go on storing, and the copy it makes holds up no other call."""
-        if self._unsynced_bytes < BLOCK_SYNC_NOW_BYTES:
+        `BLOCK_SYNC_NOW_BYTES` or more wait, or the fetch that ends stored that much
+        (`fetched`: a slow one's blocks may have been synced as it went, all but the last),
+        else within `SYNC_DELAY_S` (by `serve_syncs`, if it runs). Not under the store's
+        lock: the block file syncs on a connection of its own while fetches go on storing,
+        and the copy it makes holds up no other call."""
+        if max(fetched, self._unsynced_bytes) < BLOCK_SYNC_NOW_BYTES:
             await self._sync_soon()
         else:
             await self._sync_files()
@@ -1069,6 +1071,8 @@ class BlockSink:
         self._pinned = pinned
         # Blocks used from now on are this fetch's (or read during it): not evicted for it.
         self._since = service.store.blocks.tick + 1
+        # Bytes of blocks this fetch stored: a large fetch is synced when it ends.
+        self._stored = 0
 
     async def blocks_get(self, cids: Sequence[CID], peer: str | None = None) -> dict[CID, bytes]:
         return await self._service.blocks_get(cids, peer)
@@ -1077,7 +1081,9 @@ class BlockSink:
         return await self._service.blocks_have(cids)
 
     async def blocks_put(self, blocks: Sequence[tuple[CID, bytes]]) -> int:
-        return await self._service.blocks_put(blocks, self._project, self._pinned, self._since)
+        new = await self._service.blocks_put(blocks, self._project, self._pinned, self._since)
+        self._stored += sum(len(data) for _, data in blocks)
+        return new
 
     async def blocks_sync(self) -> None:
-        await self._service.blocks_sync()
+        await self._service.blocks_sync(self._stored)
