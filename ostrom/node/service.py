@@ -81,9 +81,10 @@ _JUDGED_TYPES: Final = frozenset({"project", "contribution", "governance", "vali
 # projects of some thousands of records keeps them all. An evicted state is evaluated
 # again from the store when next asked for.
 _STATE_CACHE_STATUSES: Final = 20_000
-# Fetched block bytes stored since the last sync at which a fetch's end syncs at once: a
-# large fetch (an artifact) is on disk when it is reported done, while the few KiB of a
-# gossiped contribution's blocks do not each cost a checkpoint and two disk syncs.
+# Fetched block bytes stored since the last sync, or by the fetch that ends, at which its end
+# syncs at once: a large fetch (an artifact) is on disk when it is reported done, while the
+# few KiB of a gossiped contribution's blocks do not each cost a checkpoint and two disk
+# syncs.
 BLOCK_SYNC_NOW_BYTES: Final = 4 * 1024 * 1024
 # Fetched block bytes stored since the last sync at which `serve_syncs` syncs the block
 # file's log while the fetch goes on. Without it the disk took a whole artifact in the
