@@ -34,7 +34,7 @@ async def test_without_the_sync_task_every_fetch_end_syncs(service: NodeService)
     sink = service.block_sink(PROJECT)
     await sink.blocks_put([blk(1024)])
     assert service.store.blocks.unsynced
-    await sink.blocks_sync()
+    await sink.blocks_sync(1024)
     assert not service.store.blocks.unsynced
 
 
@@ -72,7 +72,7 @@ async def test_small_fetches_share_a_sync_within_the_delay(
     sink = await syncing(service, nursery)
     for _ in range(3):
         await sink.blocks_put([blk(4096)])
-        await sink.blocks_sync()
+        await sink.blocks_sync(4096)
         assert service.store.blocks.unsynced  # left to the sync task
     await synced_at_the_delay_not_before(service, mock_clock)
 
@@ -83,7 +83,7 @@ async def test_a_large_fetch_is_synced_when_it_ends(
     sink = await syncing(service, nursery)
     size = 256 * 1024
     await sink.blocks_put([blk(size) for _ in range(BLOCK_SYNC_NOW_BYTES // size)])
-    await sink.blocks_sync()
+    await sink.blocks_sync(BLOCK_SYNC_NOW_BYTES)
     assert not service.store.blocks.unsynced
 
 
@@ -95,7 +95,7 @@ async def test_a_slow_large_fetch_is_synced_when_it_ends_though_syncs_came_betwe
     await sink.blocks_put([blk(size) for _ in range(BLOCK_SYNC_NOW_BYTES // size)])
     await synced_at_the_delay_not_before(service, mock_clock)  # synced as it went
     await sink.blocks_put([blk(1024)])  # its last block, a few seconds later
-    await sink.blocks_sync()
+    await sink.blocks_sync(BLOCK_SYNC_NOW_BYTES + 1024)
     assert not service.store.blocks.unsynced  # on disk when the fetch reports it is done
 
 

@@ -25,6 +25,7 @@ class MemoryStore:
         self.asked: list[CID] = []  # every CID read, in order
         self.transactions = 0
         self.synced = 0  # blocks stored when the store was last synced
+        self.synced_fetch = 0  # the bytes the fetch that asked for that sync said it stored
 
     async def blocks_get(self, cids: Sequence[CID], peer: str | None = None) -> dict[CID, bytes]:
         self.asked.extend(cids)
@@ -41,8 +42,9 @@ class MemoryStore:
         self.blocks.update(new)
         return len(new)
 
-    async def blocks_sync(self) -> None:
+    async def blocks_sync(self, fetched: int) -> None:
         self.synced = len(self.blocks)
+        self.synced_fetch = fetched
 
 
 class ForgingStore(MemoryStore):
@@ -128,6 +130,7 @@ async def test_every_block_arrives_verified_and_stored_in_few_transactions() -> 
     assert ours.blocks == {c: d for c, d in zip(cids, data, strict=True)}
     assert ours.transactions < len(data)
     assert ours.synced == len(data)  # on disk by the time the fetch returns
+    assert ours.synced_fetch == result.bytes  # a fetch this large is synced at once
     assert peers.sent == {"a": len(data)}
 
 

@@ -108,8 +108,9 @@ class BlockStore(Protocol):
     async def blocks_put(self, blocks: Sequence[tuple[CID, bytes]]) -> int:
         """Store fetched blocks; they may reach the disk only at the next `blocks_sync`."""
 
-    async def blocks_sync(self) -> None:
-        """Put every block stored so far on disk: now, or within seconds for a few KiB."""
+    async def blocks_sync(self, fetched: int) -> None:
+        """Put every block stored so far on disk: now, or within seconds if the fetch that
+        ends (`fetched` bytes) and what else waits are a few KiB."""
 
 
 @dataclass(slots=True)
@@ -276,7 +277,7 @@ class BlockFetch:
                 with unwrap_single_error():
                     await self._run(peers)
                 if self.result.fetched:
-                    await self._store.blocks_sync()
+                    await self._store.blocks_sync(self.result.bytes)
         self.result.missing = len(self._queue)
         return self.result
 

@@ -1072,8 +1072,6 @@ class BlockSink:
         self._pinned = pinned
         # Blocks used from now on are this fetch's (or read during it): not evicted for it.
         self._since = service.store.blocks.tick + 1
-        # Bytes of blocks this fetch stored: a large fetch is synced when it ends.
-        self._stored = 0
 
     async def blocks_get(self, cids: Sequence[CID], peer: str | None = None) -> dict[CID, bytes]:
         return await self._service.blocks_get(cids, peer)
@@ -1082,9 +1080,7 @@ class BlockSink:
         return await self._service.blocks_have(cids)
 
     async def blocks_put(self, blocks: Sequence[tuple[CID, bytes]]) -> int:
-        new = await self._service.blocks_put(blocks, self._project, self._pinned, self._since)
-        self._stored += sum(len(data) for _, data in blocks)
-        return new
+        return await self._service.blocks_put(blocks, self._project, self._pinned, self._since)
 
-    async def blocks_sync(self) -> None:
-        await self._service.blocks_sync(self._stored)
+    async def blocks_sync(self, fetched: int) -> None:
+        await self._service.blocks_sync(fetched)
