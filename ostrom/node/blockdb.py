@@ -3,46 +3,55 @@
 Why a file of its own: blocks are large and written once, and they are held to a durability
 of their own (below), which SQLite sets per connection and transaction, not per table.
 
-Pages (`PAGE_SIZE`) are 16 KiB, a size for both kinds of block a node stores. A commit writes
-every page it changed to the log, whole: a few small blocks (a contribution's changeset,
-manifest and file, fetched after its gossip) change four or five pages, which with 64 KiB
-pages made a node following a busy project write 2 MB/s for 20 KB/s of blocks; with 16 KiB
-pages it writes 0.3 MB/s, no more than with 4 KiB pages. A large block fills sixteen overflow
-pages, which an artifact's fetch stores as fast as four of 64 KiB (65 of 4 KiB cost it 5-15%).
-A file keeps the page size it was created with: one made by an older Ostrom (64 KiB pages)
-works as before.
+Where the bytes are: a block under `PACK_MIN_BYTES` (64 KiB: changesets, manifests, small
+files) is a row of this file; a larger one (an artifact's blocks) is appended to a pack
+file beside it (`ostrom.node.blockpack`), and this file keeps its place. Every block has its
+index row here either way. A file of schema version 1 keeps its blocks as rows and puts new
+large ones in packs.
+
+Pages (`PAGE_SIZE`) are 16 KiB. A commit writes every page it changed to the log, whole: a
+few small blocks (a contribution's changeset, manifest and file, fetched after its gossip)
+change four or five pages, which with 64 KiB pages made a node following a busy project
+write 2 MB/s for 20 KB/s of blocks; with 16 KiB pages it writes 0.3 MB/s, no more than with
+4 KiB pages. A file keeps the page size it was created with: one made by an older Ostrom
+(64 KiB pages) works as before.
 
 Durability. The file runs in WAL mode. Two kinds of writes share it:
 
 - *Durable* writes (the default: this node's own blocks, its contributions and imports,
-  and every change of attribution or pin) commit with `synchronous = FULL`: the log is
-  synced before the call returns, so after a `kill -9` or a power loss every block a record
-  of this node names is still here. The node's records are stored after their blocks.
+  and every change of attribution or pin) commit with `synchronous = FULL`, after the packs
+  are synced: the log is synced before the call returns, so after a `kill -9` or a power
+  loss every block a record of this node names is still here. The node's records are
+  stored after their blocks.
 - *Fetched* blocks (`put(..., durable=False)`: blocks a peer sent, which any peer holding
-  them can send again) commit with `synchronous = NORMAL`: the commit reaches the operating
-  system but not the disk. They reach it when the fetch ends: it calls `sync`
-  (`ostrom.node.blocks`; for a fetch of less than 4 MiB the service makes that call within
-  5 s, shared with the fetches around it), which syncs the log; while a large fetch goes
-  on, every 16 MiB it stores (`NodeService.serve_syncs`); and when the log, grown by
-  `WAL_AUTOCHECKPOINT_BYTES` (1 GiB), is checkpointed by the writing connection. The
-  owner's uploads are written the same way (`NodeService.blocks_upload`): the durable
-  commit of the contribution that names them syncs the log, and so them, before the
-  contribution is signed.
+  them can send again) commit with `synchronous = NORMAL`, and their pack writes are not
+  synced: the commit reaches the operating system but not the disk. They reach it when the
+  fetch ends: it calls `sync` (`ostrom.node.blocks`; for a fetch of less than 4 MiB the
+  service makes that call within 5 s, shared with the fetches around it), which syncs the
+  packs, then the log; while a large fetch goes on, every 16 MiB it stores
+  (`NodeService.serve_syncs`); and when the log, grown by `WAL_AUTOCHECKPOINT_BYTES`
+  (1 GiB), is checkpointed by the writing connection. The owner's uploads are written the
+  same way (`NodeService.blocks_upload`): the durable commit of the contribution that names
+  them syncs the packs and the log, and so them, before the contribution is signed.
 
 What a crash can do (`ostrom.node.walsync` says why): a `kill -9` loses nothing; a power loss
 can lose the fetched blocks committed since the last sync: they are missing again, and the
 next completion of their project (run after every restart, on the first sync with a peer)
-fetches them again. It cannot lose a durable write, nor any write before one. Whatever
-survives is still checked against its CID on every read.
+fetches them again. That includes an index row that reached the disk before its pack's
+bytes did (the operating system writes the log back when it likes): on opening, a row that
+names bytes past its pack's end is deleted, and pack bytes no row names are cut off. A power
+loss cannot lose a durable write, nor any write before one. Whatever survives is still
+checked against its CID on every read.
 
 Checkpoints: copying the log into the database is not needed to make a fetch durable (the
 synced log is), so `sync` does not copy: the copy happens when the writer's log reaches
-`WAL_AUTOCHECKPOINT_BYTES`, or when the file is closed. A fetch that does not fill the log
-ends with one sync of it instead of a copy of everything it fetched (about 0.4 s of
-wall time per 256 MiB here, on the storing thread, while the fetch waited). Each block is
-still written twice (log, then database); the second write only comes later, in one
-larger checkpoint. The price is disk space: the log holds up to 1 GiB more than the
-blocks, until a checkpoint copies it and the log is cut back to `WAL_KEEP_BYTES`.
+`WAL_AUTOCHECKPOINT_BYTES`, or when the file is closed. A large block's bytes never pass
+through the log (only its index row does), so a fetch of an artifact grows it by little.
+
+Freeing: the place of an evicted block in a pack is freed (a hole, or the whole pack once
+none of its blocks is left) when the commit that deleted it is on disk, by the writing
+thread before its next transaction; one the process did not live to free is freed when the
+file next opens.
 
 Keeping: each block is attributed to the projects it was stored for (`block_projects`).
 An attribution is *pinned* when the block is kept for that project: a project followed in
@@ -63,6 +72,7 @@ hold alone); bytes are counted by block size, not by pages.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -72,12 +82,17 @@ from typing import Final
 
 from ostrom.crypto.cid import CID
 from ostrom.errors import BlockMismatch, InvalidInput, QuotaExceeded, StoreCorrupt, TooLarge
+from ostrom.node.blockpack import PACK_MIN_BYTES, PackFiles, packs_dir
 from ostrom.node.sqlbind import in_chunks, placeholders
 from ostrom.node.walsync import WalDurability
 from ostrom.protocol.changesets import MAX_BLOCK_SIZE
 
-# PRAGMA user_version of the block database's schema.
-BLOCK_SCHEMA_VERSION: Final = 1
+log = logging.getLogger(__name__)
+
+# PRAGMA user_version of the block database's schema: 2 added `block_places` (large blocks'
+# bytes in pack files); a file of version 1 is brought up to 2 when opened, and its blocks
+# stay where they are.
+BLOCK_SCHEMA_VERSION: Final = 2
 # The page size of a new block file (see the module docstring): measured at 20 daemons with
 # 20 contributions a second, a relay wrote 2.1 MB/s with 64 KiB pages and 0.29 MB/s with 16
 # KiB (8 KiB: 0.30, 4 KiB: 0.32-0.44); the 256 MiB artifact fetch was no slower than with 64
@@ -131,6 +146,16 @@ CREATE TABLE block_projects (
 ) WITHOUT ROWID;
 CREATE INDEX block_projects_block ON block_projects (block);
 """
+# Added by version 2: where the bytes of a block kept in a pack file are (a block has a row
+# here or in `block_data`, never both).
+_PLACES_SCHEMA: Final = """
+CREATE TABLE block_places (
+    id INTEGER PRIMARY KEY,  -- blocks.id
+    pack INTEGER NOT NULL,   -- the pack file's number
+    offset INTEGER NOT NULL  -- where the block starts in it; its length is blocks.size
+);
+CREATE INDEX block_places_pack ON block_places (pack);
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +186,15 @@ def blocks_path(store_path: Path) -> Path:
 class BlockDB:
     """The block database; like `Store`, serialised by its caller (no lock of its own)."""
 
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, packs: PackFiles) -> None:
         """Use `BlockDB.open`."""
         self._conn = conn
         self._path = path
+        self._packs = packs
+        # Places of deleted blocks, freed once the commit that deleted them is on disk:
+        # (that commit's number, places); and those of the transaction under way.
+        self._releasing: list[tuple[int, list[tuple[int, int, int]]]] = []
+        self._deleting: list[tuple[int, int, int]] = []
         self._tick, self._bytes, self._count = _tallies(conn)
         # Reads for the owner not yet written: binary CID -> use counter.
         self._touched: dict[bytes, int] = {}
@@ -178,29 +208,42 @@ class BlockDB:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise InvalidInput(f"cannot open the block store at {path}: {exc}") from None
+        packs: PackFiles | None = None
         try:
             _set_up(conn, path)
-            return cls(conn, path)
+            packs = PackFiles.open(packs_dir(path))
+            _recover_packs(conn, packs)
+            return cls(conn, path, packs)
         except sqlite3.OperationalError as exc:
-            conn.close()
+            _close_all(conn, packs)
             raise InvalidInput(f"cannot open the block store at {path}: {exc}") from None
         except sqlite3.DatabaseError as exc:
-            conn.close()
+            _close_all(conn, packs)
             raise StoreCorrupt(f"{path} is not a readable Ostrom block store: {exc}") from None
+        except OSError as exc:
+            _close_all(conn, packs)
+            raise InvalidInput(
+                f"cannot open the block store's packs beside {path}: {exc}"
+            ) from None
         except BaseException:
-            conn.close()
+            _close_all(conn, packs)
             raise
 
     def close(self) -> None:
-        """Close the file; the last connection's checkpoint syncs what `sync` had not."""
+        """Close the file; the last connection's checkpoint syncs what `sync` had not, after
+        the packs are synced. Places not yet freed are freed when the store next opens."""
         if not self._durability.close():
             return
         try:
+            self._packs.sync()
             if self._touched:
                 with self._write(durable=False):
                     pass
         finally:
-            self._conn.close()
+            try:
+                self._conn.close()
+            finally:
+                self._packs.close()
 
     @property
     def path(self) -> Path:
@@ -240,16 +283,33 @@ class BlockDB:
     @property
     def unsynced(self) -> bool:
         """Whether some commit may not be on disk yet (a fetched block's, not yet `sync`ed)."""
-        return self._durability.unsynced
+        return self._durability.unsynced or self._packs.unsynced
 
     def sync(self) -> None:
-        """Put every write committed so far on disk: sync the log (`WalDurability.sync`).
+        """Put every write committed so far on disk: sync the packs, then the log
+        (`WalDurability.sync`), so that a synced index row never names bytes that are not.
 
         May be called from any thread while the writing thread keeps writing (that thread's
         callers serialise everything else). The copy of the log into the database is left to
         the writer's checkpoint (see the module docstring).
         """
+        self._packs.sync()
         self._durability.sync()
+
+    def _release_synced(self) -> None:
+        """Free the places of deleted blocks whose deletion is on disk (the writing thread
+        calls this before each transaction)."""
+        if not self._releasing:
+            return
+        done = [entry for entry in self._releasing if self._durability.is_synced(entry[0])]
+        if not done:
+            return
+        self._releasing = self._releasing[len(done) :]  # commits are synced in order
+        freed = [place for _, places in done for place in places]
+        packs = list({number for number, _, _ in freed})
+        sql = f"SELECT DISTINCT pack FROM block_places WHERE pack IN ({placeholders(len(packs))})"
+        held = {number for (number,) in self._conn.execute(sql, packs)}
+        self._packs.release(freed, set(packs) - held)
 
     def _flush_touched(self, conn: sqlite3.Connection) -> None:
         if self._touched:
@@ -308,10 +368,24 @@ class BlockDB:
                 "INSERT INTO blocks (id, cid, size, used, kept) VALUES",
                 [(i, raw, len(unique[raw][1]), tick, kept) for raw, i in added.items()],
             )
+            packed = [raw for raw in new if len(unique[raw][1]) >= PACK_MIN_BYTES]
+            places = self._packs.append([unique[raw][1] for raw in packed])
+            _insert_rows(
+                conn,
+                "INSERT INTO block_places (id, pack, offset) VALUES",
+                [
+                    (added[raw], pack, offset)
+                    for raw, (pack, offset) in zip(packed, places, strict=True)
+                ],
+            )
             _insert_rows(
                 conn,
                 "INSERT INTO block_data (id, data) VALUES",
-                [(i, unique[raw][1]) for raw, i in added.items()],
+                [
+                    (i, unique[raw][1])
+                    for raw, i in added.items()
+                    if len(unique[raw][1]) < PACK_MIN_BYTES
+                ],
             )
             _insert_rows(
                 conn,
@@ -385,12 +459,16 @@ class BlockDB:
         self._delete(conn, victims)
         return len(victims), freed
 
-    @staticmethod
-    def _delete(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
-        rows = [(i,) for i in ids]
-        conn.executemany("DELETE FROM block_projects WHERE block = ?", rows)
-        conn.executemany("DELETE FROM block_data WHERE id = ?", rows)
-        conn.executemany("DELETE FROM blocks WHERE id = ?", rows)
+    def _delete(self, conn: sqlite3.Connection, ids: Sequence[int]) -> None:
+        """Delete blocks; the places of those in packs are freed once this is on disk."""
+        for start in range(0, len(ids), INSERT_ROWS):
+            part = ids[start : start + INSERT_ROWS]
+            self._deleting += conn.execute(
+                "SELECT pack, offset, size FROM block_places JOIN blocks USING (id)"
+                f" WHERE id IN ({placeholders(len(part))})",
+                part,
+            ).fetchall()
+        _delete_rows(conn, ids)
 
     def claim(self, project: bytes, cids: Iterable[CID], *, pinned: bool = True) -> int:
         """Attribute the stored ones of `cids` to `project` (pinned or not); returns how many
@@ -441,11 +519,19 @@ class BlockDB:
         """The block's bytes, checked against its CID (None if not stored). `touch`: a read
         for the owner, which makes the block recently used."""
         row = self._conn.execute(
-            "SELECT data FROM blocks JOIN block_data USING (id) WHERE cid = ?", (cid.raw,)
+            "SELECT data, pack, offset, size FROM blocks LEFT JOIN block_data USING (id)"
+            " LEFT JOIN block_places USING (id) WHERE cid = ?",
+            (cid.raw,),
         ).fetchone()
         if row is None:
             return None
-        data: bytes = row[0]
+        stored, pack, offset, size = row
+        if stored is not None:
+            data: bytes = stored
+        elif pack is not None:
+            data = self._packs.read(pack, offset, size)
+        else:
+            raise StoreCorrupt(f"block {cid}: its bytes are in neither the file nor a pack")
         if not cid.matches(data):
             raise StoreCorrupt(f"block {cid}: stored bytes do not match its CID")
         if touch:
@@ -520,9 +606,10 @@ class BlockDB:
         return self._durability.has_room(room)
 
     def file_bytes(self) -> int:
-        """Bytes of the file and of its write-ahead log."""
+        """Bytes of the file, of its write-ahead log and of its packs (holes not counted)."""
         paths = (self._path, Path(f"{self._path}-wal"))
-        return sum(path.stat().st_size for path in paths if path.exists())
+        files = sum(path.stat().st_size for path in paths if path.exists())
+        return files + self._packs.file_bytes()
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -576,6 +663,7 @@ class _WriteTxn:
         self._joined = self._db._batch
         if self._joined:
             return conn  # a write inside `batch`: its transaction is the batch's
+        self._db._release_synced()
         self._db._durability.begin(self._durable)
         conn.execute("BEGIN IMMEDIATE")
         self._db._flush_touched(conn)
@@ -585,9 +673,17 @@ class _WriteTxn:
         conn = self._db._conn
         if self._joined:
             return  # the batch commits, or rolls back on what this raised
+        db = self._db
+        deleted, db._deleting = db._deleting, []
         if exc_type is None:
+            if self._durable:
+                db._packs.sync()  # before the commit that names what they hold is durable
             conn.execute("COMMIT")
-            self._db._durability.committed(self._durable)
+            commit = db._durability.committed(self._durable)
+            if deleted:
+                db._releasing.append((commit, deleted))
+            if self._durable:
+                db._release_synced()
         elif conn.in_transaction:
             conn.execute("ROLLBACK")
 
@@ -602,6 +698,45 @@ def _column_by_cid(
         sql = f"SELECT cid, {column} FROM blocks WHERE cid IN ({placeholders(len(chunk))})"
         found.update((bytes(raw), value) for raw, value in conn.execute(sql, chunk))
     return found
+
+
+def _delete_rows(conn: sqlite3.Connection, ids: Sequence[int]) -> None:
+    rows = [(i,) for i in ids]
+    conn.executemany("DELETE FROM block_projects WHERE block = ?", rows)
+    conn.executemany("DELETE FROM block_data WHERE id = ?", rows)
+    conn.executemany("DELETE FROM block_places WHERE id = ?", rows)
+    conn.executemany("DELETE FROM blocks WHERE id = ?", rows)
+
+
+def _recover_packs(conn: sqlite3.Connection, packs: PackFiles) -> None:
+    """Make the packs and the index agree after a crash (`PackFiles.recover`): index rows
+    naming bytes a pack lost are deleted, so that those blocks are missing (a completion
+    fetches them again) rather than unreadable."""
+    places = conn.execute("SELECT pack, offset, size FROM block_places JOIN blocks USING (id)")
+    lost = packs.recover(places)
+    if not lost:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        ids = [
+            i
+            for pack, offset in lost
+            for (i,) in conn.execute(
+                "SELECT id FROM block_places WHERE pack = ? AND offset = ?", (pack, offset)
+            )
+        ]
+        _delete_rows(conn, ids)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    log.warning("%d blocks were cut off their pack by a crash and are missing again", len(ids))
+
+
+def _close_all(conn: sqlite3.Connection, packs: PackFiles | None) -> None:
+    conn.close()
+    if packs is not None:
+        packs.close()
 
 
 def _tallies(conn: sqlite3.Connection) -> tuple[int, int, int]:
@@ -661,5 +796,11 @@ def _set_up(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute(f"PRAGMA journal_size_limit = {WAL_KEEP_BYTES}")
     if version == 0:
         conn.executescript(
-            f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {BLOCK_SCHEMA_VERSION}; COMMIT;"
+            f"BEGIN IMMEDIATE; {_SCHEMA} {_PLACES_SCHEMA}"
+            f" PRAGMA user_version = {BLOCK_SCHEMA_VERSION}; COMMIT;"
+        )
+    elif version == 1:
+        conn.executescript(
+            f"BEGIN IMMEDIATE; {_PLACES_SCHEMA} PRAGMA user_version = {BLOCK_SCHEMA_VERSION};"
+            " COMMIT;"
         )

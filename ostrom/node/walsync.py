@@ -79,10 +79,16 @@ class WalDurability:
             self._conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
             self._full = durable
 
-    def committed(self, durable: bool) -> None:
+    def committed(self, durable: bool) -> int:
+        """After a commit: count it; returns its number (for `is_synced`)."""
         self._commits += 1
         if durable:  # the log's sync at this commit covers every commit before it too
             self._synced = self._commits
+        return self._commits
+
+    def is_synced(self, commit: int) -> bool:
+        """Whether the commit numbered `commit` is known to be on disk."""
+        return commit <= self._synced
 
     def has_room(self, room: int) -> bool:
         """Whether the log is more than `room` bytes short of its checkpoint threshold, so
