@@ -61,6 +61,12 @@ PACK_BYTES: Final = 256 * 1024 * 1024
 # Read handles kept open at once (least recently used closed first): a store of a TiB is
 # 4096 packs, far above what a process may hold, while reads mostly go to a few packs.
 READ_HANDLES: Final = 64
+# Bytes of a pack the kernel is asked to read ahead of a read (`POSIX_FADV_WILLNEED`): a
+# peer asks for 16 blocks at a time, read in order, and blocks written with `O_DIRECT` are
+# not in the page cache, while the kernel's own read-ahead (128 KiB by default) covers less
+# than one 256 KiB block. Reading back 256 MiB so written, 256 KiB at a time: 855-1423 MB/s
+# with it, 545-864 without, in alternate runs on this machine.
+READ_AHEAD_BYTES: Final = 8 * 1024 * 1024
 # The buffer direct writes are copied into (it must be page-aligned, which mmap's memory
 # is): a fetch stores up to 16 blocks of 256 KiB per call; larger calls are written in
 # parts of this size.
@@ -110,6 +116,8 @@ class PackFiles:
         self._appends = 0
         self._synced_appends = 0
         self._readers: OrderedDict[int, int] = OrderedDict()
+        # Per pack read: where the read-ahead asked for last ends.
+        self._read_ahead: dict[int, int] = {}
         self._punch_supported = True
 
     @classmethod
@@ -260,6 +268,12 @@ class PackFiles:
     def read(self, number: int, offset: int, size: int) -> bytes:
         """`size` bytes at `offset` of pack `number`; `StoreCorrupt` if they are not there."""
         fd = self._reader(number)
+        asked_to = self._read_ahead.get(number, 0)
+        in_first_half = asked_to - READ_AHEAD_BYTES <= offset < asked_to - READ_AHEAD_BYTES // 2
+        if not in_first_half and hasattr(os, "posix_fadvise"):
+            # Past half of the stretch asked for last (or elsewhere): ask for the next.
+            os.posix_fadvise(fd, offset, READ_AHEAD_BYTES, os.POSIX_FADV_WILLNEED)
+            self._read_ahead[number] = offset + READ_AHEAD_BYTES
         data = os.pread(fd, size, offset)
         if len(data) != size:
             raise StoreCorrupt(
@@ -278,8 +292,9 @@ class PackFiles:
             raise StoreCorrupt(f"pack {self._path(number)} is missing") from None
         self._readers[number] = fd
         if len(self._readers) > READ_HANDLES:
-            _, oldest = self._readers.popitem(last=False)
-            os.close(oldest)
+            oldest, oldest_fd = self._readers.popitem(last=False)
+            self._read_ahead.pop(oldest, None)
+            os.close(oldest_fd)
         return fd
 
     # --- freeing -------------------------------------------------------------------------------
@@ -302,6 +317,7 @@ class PackFiles:
 
     def _delete(self, number: int) -> None:
         reader = self._readers.pop(number, None)
+        self._read_ahead.pop(number, None)
         if reader is not None:
             os.close(reader)
         with self._lock:
