@@ -115,8 +115,8 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
+from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, Yamux, YamuxStream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.address_validation import expand_wildcard_address
 from libp2p.utils.varint import encode_uvarint
@@ -742,6 +742,25 @@ async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> N
         await self.send_window_update(increment, skip_lock=True)
 
 
+# A stream's receive window starts at 256 KiB and py-libp2p's Yamux doubles it only when a
+# window update comes within four round trips of the one before, the round trip being a
+# ping measured every 30 s. A window update comes every 128 KiB consumed (1-2 ms apart at
+# 100 MB/s), so whether the window grew depended on how that ping came out: in 5 of 30 runs
+# of `bench.artifact` a 256 MiB fetch ran at 32-57 MB/s instead of 95-139, both processes
+# mostly idle, the sender waiting on each update. A block fetch bounds what it asks for
+# (16 MiB, `FETCH_IN_FLIGHT_BLOCKS`), so its streams open the window to Yamux's largest,
+# 16 MiB, at once (docs/BENCHMARKS.md, Artifacts, tenth round).
+
+
+async def _open_receive_window(stream: YamuxStream) -> None:
+    """Grow `stream`'s receive window to `MAX_WINDOW_SIZE` and credit the peer with it."""
+    async with stream.window_lock:
+        stream.target_recv_window = max(stream.target_recv_window, MAX_WINDOW_SIZE)
+        buffered = len(stream.conn.stream_buffers.get(stream.stream_id, b""))
+        increment = stream._grow_to_delta(buffered)
+    await stream.send_window_update(increment, skip_lock=True)
+
+
 # py-libp2p's pubsub sends each queued RPC with its own write (a Yamux frame, a Noise frame, a
 # socket send) and reads each one a byte at a time for its length prefix, every byte a
 # stream read through three trio locks. Under load the per-peer queue holds several RPCs;
@@ -1110,7 +1129,8 @@ def _yamux_env_set(name: str) -> bool:
     return f"PY_YAMUX_{name}" in _yamux_settings
 
 
-# Names `_window_update_at_half` relies on; a py-libp2p without them is refused.
+# Names `_window_update_at_half` and `_open_receive_window` rely on; a py-libp2p without them
+# is refused.
 _YAMUX_STREAM_NEEDS: Final = (
     "_auto_tune_and_send_window_update",
     "_grow_threshold",
@@ -1482,8 +1502,15 @@ class Mesh:
 
         self._host.set_stream_handler(TProtocol(protocol), on_stream)
 
-    async def open_stream(self, peer_id: str, protocol: str) -> MeshStream:
-        """A new stream to `peer_id` speaking `protocol`, dialling the peer if needed."""
+    async def open_stream(
+        self, peer_id: str, protocol: str, *, bulk_receive: bool = False
+    ) -> MeshStream:
+        """A new stream to `peer_id` speaking `protocol`, dialling the peer if needed.
+
+        `bulk_receive`: a stream this node will receive much on (a block fetch's). Its
+        receive window starts at the largest Yamux allows (`_open_receive_window`), which
+        the protocol must bound by what it asks for.
+        """
         self._running()
         pid = _parse_peer_id(peer_id)
         if not isinstance(protocol, str) or not protocol.startswith("/"):
@@ -1495,7 +1522,15 @@ class Mesh:
             raise PeerUnreachable(f"opening {protocol} to {peer_id} timed out") from None
         except (BaseLibp2pError, OSError) as exc:
             raise PeerUnreachable(f"cannot open {protocol} to {peer_id}: {exc}") from None
-        return MeshStream(stream, protocol, peer_id)
+        opened = MeshStream(stream, protocol, peer_id)
+        muxed = cast(NetStream, stream).muxed_stream
+        if bulk_receive and isinstance(muxed, YamuxStream):
+            try:
+                await _open_receive_window(muxed)
+            except (StreamError, BaseLibp2pError) as exc:
+                await opened.reset()
+                raise PeerUnreachable(f"cannot open {protocol} to {peer_id}: {exc}") from None
+        return opened
 
     # --- connections -------------------------------------------------------------------------
 

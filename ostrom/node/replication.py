@@ -727,7 +727,7 @@ class Replicator:
             yield self._metered(stream)
 
     async def _new_blocks_stream(self, peer: str) -> MeshStream:
-        return await self.mesh.open_stream(peer, blockwire.PROTOCOL)
+        return await self.mesh.open_stream(peer, blockwire.PROTOCOL, bulk_receive=True)
 
     # --- DHT -----------------------------------------------------------------------------------
 
