@@ -74,6 +74,9 @@ def test_a_fetched_block_waits_for_a_sync_and_an_own_commit_syncs_the_pack(
         assert db._packs.unsynced
         db.put([blk(3, SMALL)])  # the node's own: the pack is synced before it commits
         assert not db._packs.unsynced and not db.unsynced
+        # Small blocks are rows: the packs have nothing new to sync for them.
+        db.put([blk(4, SMALL)], project=PROJECT, durable=False)
+        assert db.unsynced and not db._packs.unsynced
     finally:
         db.close()
 

@@ -159,6 +159,8 @@ class PackFiles:
         """Write `blocks` at the end of the newest pack; returns each one's (pack, offset).
         On disk only after the next `sync`."""
         places: list[tuple[int, int]] = []
+        if not blocks:
+            return places  # nothing written: nothing for the next `sync` to do
         start = 0
         while start < len(blocks):
             if self._write_fd is None or self._end >= PACK_BYTES:
