@@ -7,6 +7,8 @@ import errno
 import os
 import shutil
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,15 @@ def blk(n: int, size: int = LARGE) -> tuple[CID, bytes]:
     return CID.of_raw(data), data
 
 
+@contextmanager
+def opened(path: Path) -> Iterator[BlockDB]:
+    db = BlockDB.open(path)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
 def pack_files(path: Path) -> list[Path]:
     return sorted(packs_dir(path).glob("*.pack"))
 
@@ -40,8 +51,7 @@ def rows_with_bytes(db: BlockDB) -> int:
 def test_large_blocks_go_to_a_pack_and_small_ones_stay_rows(tmp_path: Path) -> None:
     path = tmp_path / "blocks.sqlite"
     large, odd, small = blk(1), blk(2, PACK_MIN_BYTES + 1), blk(3, SMALL)
-    db = BlockDB.open(path)
-    try:
+    with opened(path) as db:
         db.put([large, odd, small])
         assert rows_with_bytes(db) == 1
         for cid, data in (large, odd, small):
@@ -50,22 +60,16 @@ def test_large_blocks_go_to_a_pack_and_small_ones_stay_rows(tmp_path: Path) -> N
         (pack,) = pack_files(path)
         assert pack.stat().st_size == aligned(LARGE) + aligned(PACK_MIN_BYTES + 1)
         assert db.file_bytes() >= pack.stat().st_size
-    finally:
-        db.close()
-    reopened = BlockDB.open(path)
-    try:
+    with opened(path) as reopened:
         for cid, data in (large, odd, small):
             assert reopened.get(cid) == data
         assert reopened.usage() == (3, LARGE + PACK_MIN_BYTES + 1 + SMALL)
-    finally:
-        reopened.close()
 
 
 def test_a_fetched_block_waits_for_a_sync_and_an_own_commit_syncs_the_pack(
     tmp_path: Path,
 ) -> None:
-    db = BlockDB.open(tmp_path / "blocks.sqlite")
-    try:
+    with opened(tmp_path / "blocks.sqlite") as db:
         db.put([blk(1)], project=PROJECT, durable=False)
         assert db._packs.unsynced and db.unsynced
         db.sync()
@@ -77,8 +81,6 @@ def test_a_fetched_block_waits_for_a_sync_and_an_own_commit_syncs_the_pack(
         # Small blocks are rows: the packs have nothing new to sync for them.
         db.put([blk(4, SMALL)], project=PROJECT, durable=False)
         assert db.unsynced and not db._packs.unsynced
-    finally:
-        db.close()
 
 
 def _snapshot(path: Path, to: Path) -> None:
@@ -98,8 +100,7 @@ def test_index_rows_that_outlive_their_pack_bytes_become_missing_blocks(tmp_path
     own = [blk(i) for i in range(3)]
     early = [blk(10 + i) for i in range(3)]
     late = [blk(20 + i) for i in range(6)]
-    db = BlockDB.open(path)
-    try:
+    with opened(path) as db:
         db.put(own)
         db.put(early, project=PROJECT, durable=False)
         db.sync()
@@ -107,21 +108,18 @@ def test_index_rows_that_outlive_their_pack_bytes_become_missing_blocks(tmp_path
         db.put(late[:3], project=PROJECT, durable=False)
         db.put(late[3:], project=PROJECT, durable=False)
         _snapshot(path, tmp_path / "written")
-    finally:
-        db.close()
     crashed = tmp_path / "crashed"
     crashed.mkdir()
     for name in (path.name, f"{path.name}-wal"):
         shutil.copyfile(tmp_path / "written" / name, crashed / name)
     packs = packs_dir(path).name
     shutil.copytree(tmp_path / "synced" / packs, crashed / packs)
-    # Half of the later appends reached the disk: the pack ends inside the fifth late block.
+    # One later append reached the disk whole: the pack ends 10 bytes into the second one.
     (pack,) = pack_files(crashed / path.name)
     with pack.open("r+b") as f:
         f.write((tmp_path / "written" / packs / pack.name).read_bytes()[: 7 * LARGE + 10])
 
-    reopened = BlockDB.open(crashed / path.name)
-    try:
+    with opened(crashed / path.name) as reopened:
         for cid, data in own + early:
             assert reopened.get(cid) == data
         # Whole blocks within the pack survive; the one cut in two and those after are gone.
@@ -133,38 +131,29 @@ def test_index_rows_that_outlive_their_pack_bytes_become_missing_blocks(tmp_path
         reopened.put(late, project=PROJECT, durable=False)
         for cid, data in late:
             assert reopened.get(cid) == data
-    finally:
-        reopened.close()
 
 
 def test_bytes_appended_by_a_put_that_never_committed_are_cut_off(tmp_path: Path) -> None:
     path = tmp_path / "blocks.sqlite"
     kept = blk(1)
-    db = BlockDB.open(path)
-    try:
+    with opened(path) as db:
         db.put([kept])
         db._packs.append([blk(2)[1], blk(3)[1]])  # a put killed before its commit
-    finally:
-        db.close()
     (pack,) = pack_files(path)
     assert pack.stat().st_size == 3 * LARGE
-    reopened = BlockDB.open(path)
-    try:
+    with opened(path) as reopened:
         assert pack.stat().st_size == LARGE
         assert reopened.get(kept[0]) == kept[1]
         more = blk(4)
         reopened.put([more])
         assert reopened.get(more[0]) == more[1]
         assert pack.stat().st_size == 2 * LARGE
-    finally:
-        reopened.close()
 
 
 def test_damaged_pack_bytes_are_refused_on_read(tmp_path: Path) -> None:
     path = tmp_path / "blocks.sqlite"
     block = blk(1)
-    db = BlockDB.open(path)
-    try:
+    with opened(path) as db:
         db.put([block])
         (pack,) = pack_files(path)
         with pack.open("r+b") as f:
@@ -172,8 +161,6 @@ def test_damaged_pack_bytes_are_refused_on_read(tmp_path: Path) -> None:
             f.write(b"\xff" * 8)
         with pytest.raises(StoreCorrupt, match="do not match its CID"):
             db.get(block[0])
-    finally:
-        db.close()
 
 
 def allocated(path: Path) -> int:
@@ -188,8 +175,7 @@ def test_evicted_blocks_free_their_space_once_the_eviction_is_on_disk(
     monkeypatch.setattr(blockpack, "PACK_BYTES", 4 * LARGE)
     path = tmp_path / "blocks.sqlite"
     old = [blk(i) for i in range(5)]
-    db = BlockDB.open(path)
-    try:
+    with opened(path) as db:
         db.put(old, project=PROJECT, pinned=False, durable=False)
         assert len(pack_files(path)) == 2
         before = allocated(path)
@@ -207,8 +193,6 @@ def test_evicted_blocks_free_their_space_once_the_eviction_is_on_disk(
         assert allocated(path) == 7 * LARGE  # the new blocks: three in the second pack, four after
         for cid, data in new:
             assert db.get(cid) == data
-    finally:
-        db.close()
 
 
 def test_a_crash_before_freeing_leaves_the_space_to_be_freed_on_open(
@@ -227,13 +211,10 @@ def test_a_crash_before_freeing_leaves_the_space_to_be_freed_on_open(
         monkeypatch.undo()
         db.close()
     full = allocated(path)
-    reopened = BlockDB.open(path)
-    try:
+    with opened(path) as reopened:
         assert allocated(path) == full - 2 * LARGE
         for i, (cid, data) in enumerate(blocks):
             assert reopened.get(cid) == (None if i in (1, 2) else data)
-    finally:
-        reopened.close()
 
 
 def test_a_file_system_without_direct_writes_gets_buffered_ones(
@@ -251,14 +232,11 @@ def test_a_file_system_without_direct_writes_gets_buffered_ones(
     monkeypatch.setattr(blockpack.os, "open", no_direct)
     path = tmp_path / "blocks.sqlite"
     blocks = [blk(i, LARGE + 100) for i in range(3)]
-    db = BlockDB.open(path)
-    try:
+    with opened(path) as db:
         db.put(blocks, project=PROJECT, durable=False)
         db.sync()
         for cid, data in blocks:
             assert db.get(cid) == data
-    finally:
-        db.close()
     assert len(refused) == (1 if getattr(os, "O_DIRECT", 0) else 0)
     (pack,) = pack_files(path)
     assert pack.stat().st_size == 3 * aligned(LARGE + 100)
@@ -271,25 +249,19 @@ def test_packs_roll_over_and_every_block_reads_back(
     monkeypatch.setattr(blockpack, "PACK_BYTES", 3 * LARGE)
     path = tmp_path / "blocks.sqlite"
     blocks = [blk(i) for i in range(10)]
-    db = BlockDB.open(path)
-    try:
+    with opened(path) as db:
         for i in range(0, 10, 4):  # puts that cross a pack's end
             db.put(blocks[i : i + 4], project=PROJECT, durable=False)
         db.sync()
         assert [p.stat().st_size for p in pack_files(path)] == [3 * LARGE] * 3 + [LARGE]
         for cid, data in blocks:
             assert db.get(cid) == data
-    finally:
-        db.close()
-    reopened = BlockDB.open(path)
-    try:
+    with opened(path) as reopened:
         extra = blk(99)
         reopened.put([extra])
         assert [p.stat().st_size for p in pack_files(path)][-1] == 2 * LARGE
         for cid, data in [*blocks, extra]:
             assert reopened.get(cid) == data
-    finally:
-        reopened.close()
 
 
 def test_a_file_of_the_older_schema_keeps_its_blocks_and_packs_new_ones(tmp_path: Path) -> None:
@@ -302,8 +274,7 @@ def test_a_file_of_the_older_schema_keeps_its_blocks_and_packs_new_ones(tmp_path
     conn.execute("INSERT INTO block_data VALUES (1, ?)", (old[1],))
     conn.execute("INSERT INTO block_projects VALUES (x'', 1, 1)")
     conn.close()
-    db = BlockDB.open(path)
-    try:
+    with opened(path) as db:
         assert db._conn.execute("PRAGMA user_version").fetchone()[0] == 2
         assert db.get(old[0]) == old[1]
         new = blk(2)
@@ -311,5 +282,3 @@ def test_a_file_of_the_older_schema_keeps_its_blocks_and_packs_new_ones(tmp_path
         assert db.get(new[0]) == new[1]
         assert rows_with_bytes(db) == 1
         assert len(pack_files(path)) == 1
-    finally:
-        db.close()
