@@ -124,11 +124,13 @@ class PackFiles:
     def open(cls, directory: Path) -> PackFiles:
         directory.mkdir(mode=0o700, exist_ok=True)
         packs = cls(directory)
-        numbers = packs.numbers()
-        packs._current = max(numbers, default=0)
-        if packs._current:
-            packs._end = aligned(packs._path(packs._current).stat().st_size)
+        packs._append_to_newest()
         return packs
+
+    def _append_to_newest(self) -> None:
+        """Append after the newest pack's end (none yet: the first append begins pack 1)."""
+        self._current = max(self.numbers(), default=0)
+        self._end = aligned(self._path(self._current).stat().st_size) if self._current else 0
 
     # --- layout --------------------------------------------------------------------------------
 
@@ -301,11 +303,6 @@ class PackFiles:
 
     # --- freeing -------------------------------------------------------------------------------
 
-    @property
-    def current(self) -> int:
-        """The pack appends go to (0: none yet)."""
-        return self._current
-
     def release(self, freed: Iterable[tuple[int, int, int]], emptied: Iterable[int]) -> None:
         """Free the places (pack, offset, size) of deleted blocks, and delete the packs in
         `emptied`, which hold no block any more (the pack appends go to is only punched).
@@ -313,9 +310,12 @@ class PackFiles:
         gone = set(emptied) - {self._current}
         for number in gone:
             self._delete(number)
+        holes: dict[int, list[tuple[int, int]]] = {}
         for number, offset, size in freed:
             if number not in gone:
-                self._punch(number, offset, aligned(size))
+                holes.setdefault(number, []).append((offset, aligned(size)))
+        for number, ranges in holes.items():
+            self._punch(number, ranges)
 
     def _delete(self, number: int) -> None:
         reader = self._readers.pop(number, None)
@@ -328,15 +328,18 @@ class PackFiles:
             os.close(fd)
         self._path(number).unlink(missing_ok=True)
 
-    def _punch(self, number: int, offset: int, length: int) -> None:
-        if not self._punch_supported or length <= 0:
+    def _punch(self, number: int, ranges: Sequence[tuple[int, int]]) -> None:
+        """Punch holes at the (offset, length) `ranges` of pack `number`, opened once."""
+        if not self._punch_supported:
             return
         try:
             fd = os.open(self._path(number), os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             return
         try:
-            self._punch_fd(fd, offset, length)
+            for offset, length in ranges:
+                if self._punch_supported:
+                    self._punch_fd(fd, offset, length)
         finally:
             os.close(fd)
 
@@ -391,9 +394,7 @@ class PackFiles:
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
-        numbers = self.numbers()
-        self._current = max(numbers, default=0)
-        self._end = aligned(self._path(self._current).stat().st_size) if self._current else 0
+        self._append_to_newest()
         return lost
 
     def close(self) -> None:
