@@ -4,6 +4,7 @@ crash, freed when evicted, and files of the older schema read as they are."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import sqlite3
@@ -217,7 +218,7 @@ def test_a_crash_before_freeing_leaves_the_space_to_be_freed_on_open(
             assert reopened.get(cid) == (None if i in (1, 2) else data)
 
 
-def test_a_file_system_without_direct_writes_gets_buffered_ones(
+def test_a_file_system_without_direct_io_gets_buffered_writes_and_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real_open = os.open
@@ -226,7 +227,7 @@ def test_a_file_system_without_direct_writes_gets_buffered_ones(
     def no_direct(path: str, flags: int, mode: int = 0o777) -> int:
         if flags & getattr(os, "O_DIRECT", 0):
             refused.append(str(path))
-            raise OSError(errno.EINVAL, "direct writes are not supported here")
+            raise OSError(errno.EINVAL, "direct I/O is not supported here")
         return real_open(path, flags, mode)
 
     monkeypatch.setattr(blockpack.os, "open", no_direct)
@@ -237,10 +238,49 @@ def test_a_file_system_without_direct_writes_gets_buffered_ones(
         db.sync()
         for cid, data in blocks:
             assert db.get(cid) == data
-    assert len(refused) == (1 if getattr(os, "O_DIRECT", 0) else 0)
+    # Once for writing, once for reading; each side then stays buffered.
+    assert len(refused) == (2 if getattr(os, "O_DIRECT", 0) else 0)
     (pack,) = pack_files(path)
     assert pack.stat().st_size == 3 * aligned(LARGE + 100)
     assert aligned(LARGE + 100) % ALIGN == 0
+
+
+def reader_flags(db: BlockDB) -> list[int]:
+    return [fcntl.fcntl(fd, fcntl.F_GETFL) for fd in db._packs._readers.values()]
+
+
+def test_blocks_are_read_past_the_page_cache_where_the_file_system_allows(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "blocks.sqlite"
+    # Sizes that are not multiples of the alignment, the last one ending the pack.
+    blocks = [blk(i, LARGE + 7 * i + 1) for i in range(4)]
+    with opened(path) as db:
+        db.put(blocks, project=PROJECT)
+        for cid, data in reversed(blocks):
+            assert db.get(cid) == data
+        direct = getattr(os, "O_DIRECT", 0)
+        assert [flags & direct for flags in reader_flags(db)] == [direct]
+
+
+def test_a_direct_read_the_file_system_refuses_is_read_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "blocks.sqlite"
+    blocks = [blk(i) for i in range(3)]
+    refused: list[int] = []
+
+    def refuse(fd: int, buffers: list[memoryview], offset: int) -> int:
+        refused.append(offset)
+        raise OSError(errno.EINVAL, "direct reads are not supported here")
+
+    with opened(path) as db:
+        db.put(blocks, project=PROJECT)
+        monkeypatch.setattr(blockpack.os, "preadv", refuse)
+        for cid, data in blocks:
+            assert db.get(cid) == data
+        assert len(refused) == (1 if getattr(os, "O_DIRECT", 0) else 0)
+        assert all(flags & getattr(os, "O_DIRECT", 0) == 0 for flags in reader_flags(db))
 
 
 def test_packs_roll_over_and_every_block_reads_back(
