@@ -122,6 +122,12 @@ BRIEF_READ_RECORDS: Final = 64
 # Where records come from that a peer sent, and any peer holding them can send again: stored
 # without a disk sync of their own (`Store.put_rows(..., durable=False)`).
 _PEER_ORIGINS: Final = frozenset({"gossip", "sync"})
+# Where records come from that this node signs: committed without a sync of their own, told
+# to the record listeners (the replicator queues them for gossip), then synced before the
+# call that made them returns, so that their gossip goes out while the disk syncs instead
+# of after. A power loss in between can take only the local copy of a record that peers
+# may already hold, which the next sync with them brings back.
+_OWN_ORIGIN: Final = "local"
 # Project genesis records `resolve_project` keeps by CID: far more projects than a scripted
 # session names, and a few hundred KiB at most.
 KNOWN_PROJECTS: Final = 256
@@ -381,7 +387,7 @@ class NodeService:
                     with contextlib.suppress(NotFound):
                         await self.state(project)
 
-        durable = origin not in _PEER_ORIGINS
+        durable = origin not in _PEER_ORIGINS and origin != _OWN_ORIGIN
 
         def write(store: Store) -> tuple[list[bytes], dict[CID, CID]]:
             stored = store.put_rows(rows, durable=durable)
@@ -395,7 +401,7 @@ class NodeService:
             new, projects = await self.db(write)
         if not new:
             return new, projects
-        if not durable:
+        if origin in _PEER_ORIGINS:
             await self._sync_soon()
         if len(new) == len(rows):  # the usual case: every row was new (and none repeated)
             fresh = rows
@@ -407,6 +413,8 @@ class NodeService:
             await self._grow_sync_sets(stored, fresh)
         for listener in self.record_listeners:
             listener(stored, origin)
+        if origin == _OWN_ORIGIN:
+            await trio.to_thread.run_sync(self.store.sync)
         if self.events.wants("record.added"):
             for record in stored:
                 self.events.publish(
@@ -488,7 +496,7 @@ class NodeService:
     async def sign_and_store(self, body: Body) -> SignedRecord:
         """Sign `body` with this node's key and store it (events and status changes follow)."""
         record = sign(body, self.identity)
-        await self.store_new([record], "local")
+        await self.store_new([record], _OWN_ORIGIN)
         return record
 
     # --- what a sync session needs (ostrom.node.sync.SyncHost) -----------------------------
