@@ -217,6 +217,10 @@ def run(
             fill_from_counts()
         latencies = []
         in_order: list[float | None] = []
+        # Per record, in send order: ms from the call to the author's own event, and the
+        # node that got it last (what to look at when a stretch of records comes late).
+        origin_in_order: list[float | None] = []
+        last_node_in_order: list[int | None] = []
         from_origin = []
         incomplete = 0
         for cid, t in sent.items():
@@ -224,10 +228,14 @@ def run(
             if any(x is None for x in times):
                 incomplete += 1
                 in_order.append(None)
+                origin_in_order.append(None)
+                last_node_in_order.append(None)
                 continue
             last = max(x for x in times if x is not None)
             latencies.append(last - t)
             in_order.append(round(1000 * (last - t)))
+            origin_in_order.append(round(1000 * (arrivals[0][cid] - t)))
+            last_node_in_order.append(times.index(last))
             from_origin.append(last - arrivals[0][cid])
         rss = []
         for d in daemons:
@@ -250,6 +258,8 @@ def run(
             if from_origin
             else None,
             "latencies_ms_in_send_order": in_order,
+            "author_event_ms_in_send_order": origin_in_order,
+            "last_node_in_send_order": last_node_in_order,
             "daemon_rss_mb_median": sorted(rss)[len(rss) // 2] if rss else None,
             # CPU each daemon spent from the first publish until every record arrived (or the
             # drain ran out), per record: what one record costs a relaying node.
