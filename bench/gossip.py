@@ -112,6 +112,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_ticks() -> tuple[int, int, int]:
+    """The machine's CPU time so far, in clock ticks summed over its processors: (busy,
+    steal, total), from the first line of /proc/stat (Linux). Idle and I/O wait are the
+    time no task wanted a processor; steal is time the hypervisor gave to another guest."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0, 0, 0
+    # user, nice, system, idle, iowait, irq, softirq, steal
+    idle, iowait, steal = fields[3], fields[4], fields[7]
+    total = sum(fields)
+    return total - idle - iowait - steal, steal, total
+
+
+def share(before: tuple[int, int, int], after: tuple[int, int, int], index: int) -> float | None:
+    """The share of the machine's time between two `machine_ticks` that went to `index`."""
+    total = after[2] - before[2]
+    return round((after[index] - before[index]) / total, 3) if total > 0 else None
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -178,6 +199,7 @@ def run(
         page = workdir / "page.md"
         interval = 1.0 / rate
         progress("publishing")
+        ticks_before = machine_ticks()
         start = time.monotonic()
         for k in range(int(rate * seconds)):
             target = start + k * interval
@@ -192,6 +214,10 @@ def run(
                 cid = first.client.create_need(project, f"need {k}")["cid"]
             sent[cid] = t
         publish_s = time.monotonic() - start
+        ticks_after = machine_ticks()
+        cpu_published = [
+            cpu_seconds(d.proc.pid) - b for d, b in zip(daemons, cpu_before, strict=True)
+        ]
         progress("published; waiting for every node to hold every record")
         order = list(sent)
 
@@ -273,6 +299,15 @@ def run(
             # nothing else ran. A median above it means the mesh cannot keep up.
             "cpu_budget_ms_per_record": round(1000 * (os.cpu_count() or 1) / (nodes * rate), 2),
             "bench_process_cpu_s": round(bench_cpu, 1),
+            # How loaded the machine was while node 0 published: the share of all its
+            # processors' time that some task used (anything on the machine), and the share
+            # the daemons used. Near 1.0 every node waits its turn for a processor at each
+            # hop, and the tail follows the load more than the code.
+            "machine_busy_while_publishing": share(ticks_before, ticks_after, 0),
+            "machine_stolen_while_publishing": share(ticks_before, ticks_after, 1),
+            "daemons_share_while_publishing": round(
+                sum(cpu_published) / ((os.cpu_count() or 1) * publish_s), 3
+            ),
             "peers_per_node": f"{min(peers)}-{max(peers)}" if peers else None,
         }
     finally:
