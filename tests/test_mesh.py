@@ -650,6 +650,23 @@ async def test_own_messages_are_sent_without_checking_their_own_signature(
     assert b"mine" not in checked
 
 
+async def test_own_messages_take_the_relays_path_and_stay_cached_for_iwant() -> None:
+    # py-libp2p's publish built two peer ids per connected peer for each message this node
+    # published; mesh.py sends its own messages as it relays others', and keeps them in the
+    # message cache, from which a peer's IWANT is answered.
+    async with gossiping_pair() as (a, _, got):
+        published: list[bytes] = []
+
+        async def shipped_publish(forwarder: object, msg: mesh_module.rpc_pb2.Message) -> None:
+            published.append(msg.data)
+
+        a._gossipsub.publish = shipped_publish  # type: ignore[method-assign,assignment]
+        await a.publish(TOPIC, b"own")
+        await wait_until(lambda: b"own" in got)
+        assert published == []
+        assert b"own" in {msg.data for msg in a._gossipsub.mcache.msgs.values()}
+
+
 async def test_peers_in_back_off_still_hear_of_recent_messages() -> None:
     # py-libp2p left peers in prune back-off out of IHAVE gossip, so a node pruned by all
     # its mesh peers heard of nothing until the back-off ended; mesh.py includes them.
