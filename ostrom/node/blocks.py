@@ -382,7 +382,12 @@ class BlockFetch:
                 self._lacked_by.setdefault(expected, set()).add(peer)
                 self._give_back([expected])
             else:
-                await self._store_send.send((peer, message.cid, message.data))
+                # Without a checkpoint while the storing task has room: the frames of one
+                # read come through in one step, not one step (and one wake-up) per block.
+                try:
+                    self._store_send.send_nowait((peer, message.cid, message.data))
+                except trio.WouldBlock:
+                    await self._store_send.send((peer, message.cid, message.data))
 
     async def _misbehaving(self, peer: str, reason: str) -> None:
         log.warning("peer %s broke the blocks protocol: %s", peer, reason)
@@ -396,6 +401,13 @@ class BlockFetch:
         async with self._store_receive:
             async for first in self._store_receive:
                 batch = [first]
+                # What has arrived already, taken without a checkpoint per block ...
+                while len(batch) < min(STORE_BATCH_BLOCKS, self._unsettled):
+                    try:
+                        batch.append(self._store_receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                # ... then what arrives within `STORE_GATHER_S`.
                 with trio.move_on_after(STORE_GATHER_S):
                     while len(batch) < min(STORE_BATCH_BLOCKS, self._unsettled):
                         try:
