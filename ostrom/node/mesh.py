@@ -2040,10 +2040,10 @@ class Mesh:
         the forwarder and origin, and kept for peers still being identified as py-libp2p
         does. The subscription channel is not handed the message (every subscription of
         this mesh is drained unread: `subscribe`). Our own messages of subscribed topics are
-        marked seen and sent as py-libp2p's router sends them, without the check of the
-        signature just made or the validators (which pass them). Anything else (fan-out
-        topics, peer scoring or spam protection turned on, a peer with control messages
-        waiting) takes py-libp2p's path.
+        marked seen, cached and sent the same way, to the mesh topped up to D peers, without
+        the check of the signature just made or the validators (which pass them). Anything
+        else (fan-out topics, peer scoring or spam protection turned on, a peer with control
+        messages waiting) takes py-libp2p's path.
         (An instance attribute; tests/test_mesh.py checks the read loop still calls it.)
         """
         pubsub, router = self._pubsub, self._gossipsub
