@@ -7,15 +7,11 @@ from collections.abc import Sequence
 
 from ostrom.node.service import NodeService
 from ostrom.protocol.records import Need, SignedRecord
-from tests.test_blocks_serving import (  # noqa: F401 (`service` is the fixture)
-    STEWARD,
-    genesis,
-    service,
-)
+from tests.test_blocks_serving import genesis
 
 
 async def test_a_signed_record_is_told_to_listeners_before_its_sync_and_is_on_disk_at_return(
-    service: NodeService,  # noqa: F811
+    service: NodeService,
 ) -> None:
     project = genesis("recipes", None)
     await service.store_new([project], "import")
@@ -25,7 +21,7 @@ async def test_a_signed_record_is_told_to_listeners_before_its_sync_and_is_on_di
         told.append((origin, service.store.unsynced))
 
     service.record_listeners.append(listener)
-    body = Need(author=STEWARD.public_key, ts=2_000, project=project.cid, title="a logo")
+    body = Need(author=service.identity.public_key, ts=2_000, project=project.cid, title="a logo")
     record = await service.sign_and_store(body)
 
     # The replicator (a listener) queued it for gossip while it was not yet on disk ...
