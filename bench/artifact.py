@@ -1,19 +1,27 @@
 """A large artifact between daemons, beside a raw py-libp2p stream between the same hosts.
 
 Ceiling: two processes, each a `ostrom.node.mesh.Mesh` on 127.0.0.1 (Noise + Yamux, as the
-daemon uses). As in the fetch, the fetching side dials, opens a stream and reads; the
-holding side writes SIZE bytes in 1 MiB writes and closes; MB/s (MB = 10^6 bytes) from
-`open_stream` to the end of the stream. Measured before and after the fetches; the higher
-of the two is the ceiling. Last, the same stream with every read also written to a new file
-(synced at its end): not the ceiling, but what writing the bytes costs on this machine,
-which a fetch pays and the raw stream does not.
+daemon uses). As in the fetch, the fetching side dials, opens a stream (with the 16 MiB
+receive window a fetch's streams open) and reads; the holding side writes SIZE bytes in
+1 MiB writes and closes; MB/s (MB = 10^6 bytes) from `open_stream` to the end of the stream.
+Measured before and after the fetches; the higher of the two is the ceiling. Last, the
+same stream with every read also written to a new file (synced at its end): not the
+ceiling, but what writing the bytes costs on this machine, which a fetch pays and the raw
+stream does not.
 Measured: daemon A contributes a SIZE random file to a project; daemon B, bootstrapped to A,
 follows it in full; MB/s is the file size over the time from `follow` until B's
 `block_bytes` reaches A's. Then three holders A1..A3 (A2, A3 `ostrom import` A1's CAR
 export) and a fresh B bootstrapped to all three.
 
     python -m bench.artifact [--mib 256] [--out bench/results/artifact.json]
-                             [--profile DIR [--py-spy PATH]]
+                             [--link-mbit MBIT] [--profile DIR [--py-spy PATH]]
+
+`--link-mbit MBIT` puts every process on a host of its own (`bench.hosts`: network
+namespaces, root only): the fetcher, and each holder with its own link to the fetcher whose
+holder-to-fetcher direction runs at MBIT megabits per second (0: unshaped). The raw stream
+runs on the first holder's link, and so does the one-peer fetch; with three peers, each
+sends on its own link. On 127.0.0.1 (the default) every process shares the loopback, and on
+this 2-core machine the fetch and the raw stream are bound by CPU, not by a link.
 
 `--profile DIR` samples the fetching daemon and every holder with py-spy while each fetch
 runs, and writes their collapsed stacks (`b1-b.txt`, `b1-a0.txt`, `b3-b.txt`, ...) there;
@@ -23,6 +31,8 @@ the figures of a profiled run are not comparable with the others.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import signal
 import struct
@@ -35,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Daemon, machine, write_result
+from bench.hosts import Host, Hosts
 from ostrom.client import Client
 from ostrom.errors import OstromError
 
@@ -98,14 +109,14 @@ class Profiles:
         self._procs.clear()
 
 
-async def _raw_holder() -> None:
+async def _raw_holder(listen: str) -> None:
     """The ceiling's sending side: a Mesh that answers each stream with the number of bytes
     asked for (an 8-byte request), in WRITE_BYTES writes, then closes."""
     import trio
 
     from ostrom.node.mesh import Mesh, MeshConfig, MeshStream
 
-    mesh = Mesh(os.urandom(32), MeshConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False, dht=False))
+    mesh = Mesh(os.urandom(32), MeshConfig(listen=(listen,), mdns=False, dht=False))
     payload = os.urandom(WRITE_BYTES)
 
     async def handle(stream: MeshStream) -> None:
@@ -140,7 +151,10 @@ async def _raw_fetch(addr: str, size: int, into: Path | None = None) -> float:
         peer = await mesh.connect(addr)
         start = time.perf_counter()
         cpu_start = time.process_time()
-        stream = await mesh.open_stream(peer.peer_id, RAW_PROTOCOL)
+        # With the receive window a fetch's streams open (16 MiB): py-libp2p's default of
+        # 256 KiB, grown only now and then, holds a stream to 256 KiB per round trip, which
+        # a link's queue of a few milliseconds already makes a few MB/s.
+        stream = await mesh.open_stream(peer.peer_id, RAW_PROTOCOL, bulk_receive=True)
         await stream.write(struct.pack(">Q", size))
         received = 0
         fd = None if into is None else os.open(into, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
@@ -163,26 +177,48 @@ async def _raw_fetch(addr: str, size: int, into: Path | None = None) -> float:
     return elapsed
 
 
-def raw_stream_mb_s(size: int, into: Path | None = None) -> float:
+def raw_stream_mb_s(size: int, into: Path | None = None, hosts: Hosts | None = None) -> float:
+    """The raw stream's MB/s: on 127.0.0.1, read by this process; on `hosts`, from the first
+    holder's host to the fetcher's, read by a process on the fetcher's host."""
     import trio
 
+    holder_argv = [sys.executable, "-m", "bench.artifact", "--raw-holder"]
+    if hosts is not None:
+        holder_host = hosts.holders[0]
+        holder_argv = holder_host.command(
+            [*holder_argv, "--raw-listen", f"/ip4/{holder_host.address}/tcp/0"]
+        )
     holder = subprocess.Popen(
-        [sys.executable, "-m", "bench.artifact", "--raw-holder"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+        holder_argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
     try:
         assert holder.stdout is not None
         addr = holder.stdout.readline().strip()
         before = cpu_s(holder.pid)
-        elapsed = trio.run(_raw_fetch, addr, size, into)
+        if hosts is None:
+            elapsed = trio.run(_raw_fetch, addr, size, into)
+        else:
+            elapsed = _raw_fetch_on(hosts, addr, size, into)
         if into is None:
             RAW_CPU_SENDER.append(cpu_s(holder.pid) - before)
         return size / elapsed / 1e6
     finally:
         holder.terminate()
         holder.wait(20)
+
+
+def _raw_fetch_on(hosts: Hosts, addr: str, size: int, into: Path | None) -> float:
+    """`_raw_fetch` in a process of its own on the fetcher's host; its CPU seconds go where
+    the in-process one's do."""
+    argv = [sys.executable, "-m", "bench.artifact", "--raw-fetch", addr, "--raw-bytes", str(size)]
+    if into is not None:
+        argv += ["--raw-into", str(into)]
+    done = subprocess.run(
+        hosts.fetcher.command(argv), capture_output=True, text=True, timeout=600, check=True
+    )
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    (RAW_CPU if into is None else RAW_TO_FILE_CPU).append(figures["cpu_s"])
+    return float(figures["elapsed_s"])
 
 
 def cpu_s(pid: int, tid: int | None = None) -> float:
@@ -235,8 +271,9 @@ def fetch_mb_s(
     size: int,
     timeout: float,
     profiles: Profiles,
+    fetcher_host: Host | None,
 ) -> dict[str, Any]:
-    b = Daemon(home, bootstrap=[h.addr() for h in holders])
+    b = Daemon(home, bootstrap=[h.addr() for h in holders], host=fetcher_host)
     fetched: list[dict[str, Any]] = []
     try:
         b.wait_ready()
@@ -285,13 +322,19 @@ def fetch_mb_s(
         b.stop()
 
 
-def run(size: int, workdir: Path, timeout: float, profiles: Profiles) -> dict[str, Any]:
-    raw = raw_stream_mb_s(size)
+def run(
+    size: int, workdir: Path, timeout: float, profiles: Profiles, hosts: Hosts | None
+) -> dict[str, Any]:
+    raw = raw_stream_mb_s(size, hosts=hosts)
     artifact = workdir / "artifact.bin"
     with open(artifact, "wb") as f:
         for _ in range(size // WRITE_BYTES):
             f.write(os.urandom(WRITE_BYTES))
-    holders = [Daemon(workdir / f"a{i}") for i in range(3)]
+    holders = [
+        Daemon(workdir / f"a{i}", host=None if hosts is None else hosts.holders[i])
+        for i in range(3)
+    ]
+    fetcher_host = None if hosts is None else hosts.fetcher
     try:
         for h in holders:
             h.wait_ready()
@@ -301,7 +344,9 @@ def run(size: int, workdir: Path, timeout: float, profiles: Profiles) -> dict[st
         a.client.contribute(project, [artifact], message="artifact")
         contribute_s = time.perf_counter() - t0
         target = a.client.status()["store"]["block_bytes"]
-        one = fetch_mb_s([a], workdir / "b1", project, target, size, timeout, profiles)
+        one = fetch_mb_s(
+            [a], workdir / "b1", project, target, size, timeout, profiles, fetcher_host
+        )
         car = workdir / "project.car"
         a.client.export_car(project, car)
         t0 = time.perf_counter()
@@ -309,9 +354,11 @@ def run(size: int, workdir: Path, timeout: float, profiles: Profiles) -> dict[st
             h.client.import_car(car)
             assert h.client.status()["store"]["block_bytes"] >= target
         import_s = (time.perf_counter() - t0) / 2
-        three = fetch_mb_s(holders, workdir / "b3", project, target, size, timeout, profiles)
-        raw_after = raw_stream_mb_s(size)
-        to_file = raw_stream_mb_s(size, workdir / "raw-stream.bin")
+        three = fetch_mb_s(
+            holders, workdir / "b3", project, target, size, timeout, profiles, fetcher_host
+        )
+        raw_after = raw_stream_mb_s(size, hosts=hosts)
+        to_file = raw_stream_mb_s(size, workdir / "raw-stream.bin", hosts)
     finally:
         for h in holders:
             h.stop()
@@ -335,16 +382,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="bench/results/artifact.json")
     parser.add_argument("--profile", type=Path, help="write py-spy profiles of the daemons here")
     parser.add_argument("--py-spy", default="py-spy", help="the py-spy command (with --profile)")
+    parser.add_argument(
+        "--link-mbit",
+        type=int,
+        help="run each process on a host of its own, holders' links at this rate (0: unshaped)",
+    )
     parser.add_argument("--raw-holder", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--raw-listen", default="/ip4/127.0.0.1/tcp/0", help=argparse.SUPPRESS)
+    parser.add_argument("--raw-fetch", metavar="ADDR", help=argparse.SUPPRESS)
+    parser.add_argument("--raw-bytes", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--raw-into", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.raw_holder:
         import trio
 
-        trio.run(_raw_holder)
+        trio.run(_raw_holder, args.raw_listen)
+        return {}
+    if args.raw_fetch:
+        import trio
+
+        elapsed = trio.run(_raw_fetch, args.raw_fetch, args.raw_bytes, args.raw_into)
+        print(json.dumps({"elapsed_s": elapsed, "cpu_s": (RAW_CPU or RAW_TO_FILE_CPU)[0]}))
         return {}
     size = args.mib << 20
-    with tempfile.TemporaryDirectory() as tmp:
-        figures = run(size, Path(tmp), args.timeout, Profiles(args.profile, args.py_spy))
+    with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        hosts = None
+        if args.link_mbit is not None:
+            hosts = stack.enter_context(Hosts(3, args.link_mbit))
+        figures = run(size, Path(tmp), args.timeout, Profiles(args.profile, args.py_spy), hosts)
     raw = max(figures["raw_stream_mb_s"])
     result = {
         "benchmark": "artifact",
@@ -358,6 +423,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             figures["one_peer"]["mb_s"] / figures["raw_stream_to_file_mb_s"], 3
         ),
         "three_faster_than_one": figures["three_peers"]["mb_s"] > figures["one_peer"]["mb_s"],
+        # Where the processes ran: all on 127.0.0.1, or each on a host of its own whose
+        # link to the fetcher sends at `link_mbit` (None: loopback; 0: unshaped links).
+        "link_mbit": args.link_mbit,
         "target_ratio": 0.8,
         "machine": machine(),
         "command": "python -m bench.artifact "

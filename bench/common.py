@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.hosts import Host
 from ostrom.client import Client
 from ostrom.crypto.cid import CID
 from ostrom.errors import OstromError
@@ -26,8 +27,12 @@ START_TIMEOUT_S = 60.0
 class Daemon:
     """A real `python -m ostrom.node` process listening on 127.0.0.1 (any free port)."""
 
-    def __init__(self, home: Path, bootstrap: list[str] | None = None) -> None:
+    def __init__(
+        self, home: Path, bootstrap: list[str] | None = None, host: Host | None = None
+    ) -> None:
+        """On `host` (`bench.hosts`) if given, listening on its address; else on 127.0.0.1."""
         self.home = home
+        self._ip = "127.0.0.1" if host is None else host.address
         home.mkdir(parents=True, exist_ok=True)
         cmd = [
             sys.executable,
@@ -36,13 +41,15 @@ class Daemon:
             "--data-dir",
             str(home),
             "--listen",
-            "/ip4/127.0.0.1/tcp/0",
+            f"/ip4/{self._ip}/tcp/0",
             "--no-mdns",
             "--log-level",
             "warning",
         ]
         for addr in bootstrap or []:
             cmd += ["--bootstrap", addr]
+        if host is not None:
+            cmd = host.command(cmd)
         self.log = open(home / "daemon.log", "wb")  # noqa: SIM115 (closed in `stop`)
         self.proc = subprocess.Popen(
             cmd, env=dict(os.environ, OSTROM_HOME=str(home)), stderr=self.log
@@ -71,9 +78,9 @@ class Daemon:
         return self._client
 
     def addr(self) -> str:
-        """A multiaddr ending in /p2p/<id> on 127.0.0.1."""
+        """A multiaddr ending in /p2p/<id> on the address it listens on."""
         addrs: list[str] = self.client.status()["addresses"]
-        return next(a for a in addrs if "/127.0.0.1/" in a)
+        return next(a for a in addrs if f"/{self._ip}/" in a)
 
     def stop(self) -> None:
         if self._client is not None:
