@@ -24,6 +24,7 @@ class MemoryStore:
         self.blocks = {CID.of_raw(d): d for d in data}
         self.asked: list[CID] = []  # every CID read, in order
         self.transactions = 0
+        self.largest_transaction = 0  # bytes
         self.synced = 0  # blocks stored when the store was last synced
         self.synced_fetch = 0  # the bytes the fetch that asked for that sync said it stored
 
@@ -38,6 +39,7 @@ class MemoryStore:
         if any(not cid.matches(data) for cid, data in blocks):
             raise BlockMismatch("the bytes sent do not hash to this CID")
         self.transactions += 1
+        self.largest_transaction = max(self.largest_transaction, sum(len(d) for _, d in blocks))
         new = [(c, d) for c, d in blocks if c not in self.blocks]
         self.blocks.update(new)
         return len(new)
@@ -134,6 +136,26 @@ async def test_every_block_arrives_verified_and_stored_in_few_transactions() -> 
     assert peers.sent == {"a": len(data)}
 
 
+async def test_small_blocks_share_a_transaction_and_large_ones_are_cut_by_bytes() -> None:
+    # A gossiped contribution's blocks are a few hundred bytes: a fetch of many such blocks
+    # commits them together, not 16 at a time.
+    small = make_blocks(200, size=300)
+    ours = MemoryStore()
+    async with trio.open_nursery() as nursery:
+        peers = Peers(nursery, {"a": MemoryStore(small)})
+        await blocks.fetch(peers.open_stream, ["a"], ours, [CID.of_raw(d) for d in small])
+    assert len(ours.blocks) == 200
+    assert ours.transactions <= 3
+    # Blocks of 256 KiB: no transaction holds more than `STORE_BATCH_BYTES` of them.
+    large = make_blocks(40, size=256 * 1024)
+    ours = MemoryStore()
+    async with trio.open_nursery() as nursery:
+        peers = Peers(nursery, {"a": MemoryStore(large)})
+        await blocks.fetch(peers.open_stream, ["a"], ours, [CID.of_raw(d) for d in large])
+    assert len(ours.blocks) == 40
+    assert 0 < ours.largest_transaction <= blocks.STORE_BATCH_BYTES
+
+
 async def test_what_one_peer_lacks_comes_from_another() -> None:
     data = make_blocks(100)
     cids = [CID.of_raw(d) for d in data]
@@ -183,6 +205,9 @@ async def test_an_interrupted_fetch_keeps_what_it_stored_and_resumes() -> None:
         peers = Peers(nursery, {"a": GatedStore(data, before=5, gate=gate)})
         nursery.start_soon(blocks.fetch, peers.open_stream, ["a"], ours, cids)
         await trio.testing.wait_all_tasks_blocked()  # the peer stalls after 5 reads
+        # What arrived is stored once the storing task stops waiting for more.
+        await trio.sleep(2 * blocks.STORE_GATHER_S)
+        await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
     stored = set(ours.blocks)
     assert 0 < len(stored) < len(cids)

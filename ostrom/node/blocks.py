@@ -12,7 +12,7 @@ what the running workers cannot take: more than they may ask for, or what they l
 small fetch (a gossiped contribution's blocks) is one want to the first peer, not one
 stream to each of the peers that may hold the blocks.
 Blocks go through a bounded channel to one storing task, which gathers what arrives (from
-every peer, up to `STORE_BATCH_BLOCKS`) into one transaction while the workers keep
+every peer, up to `STORE_BATCH_BYTES`) into one transaction while the workers keep
 receiving; the store verifies each block against its CID before it writes any of a batch.
 What a peer lacks goes back to the queue for the others. Everything stored stays stored, so
 an interrupted fetch resumes where it stopped: the next fetch asks only for what is still
@@ -80,13 +80,18 @@ FETCH_IN_FLIGHT_BLOCKS: Final = WANTS_IN_FLIGHT * WANT_BLOCKS
 # Blocks received but not yet verified and stored: the bound on what a slow disk can make a
 # fetch hold in memory (up to 32 MiB at the largest block size, 8 MiB at the default).
 STORE_QUEUE_BLOCKS: Final = 32
-# Blocks the storing task gathers into one transaction, and how long it waits for them
-# after the first arrives: each commit costs about a millisecond of CPU and a few syncs,
-# so 16 blocks (4 MiB of 256 KiB blocks) per commit cost a fraction of what one or two did;
-# at 100 MB/s they arrive within 40 ms, and the wait ends early once every block still
-# asked for has arrived.
-STORE_BATCH_BLOCKS: Final = 16
+# Bytes of blocks the storing task gathers into one transaction, and how long it waits for
+# them after the first arrives: each commit costs about a millisecond of CPU and a few
+# syncs, so 4 MiB (16 blocks of 256 KiB) per commit cost a fraction of what one or two
+# blocks did; at 100 MB/s they arrive within 40 ms, and the wait ends early once every block
+# still asked for has arrived. Counted in bytes, not blocks: the small blocks of gossiped
+# contributions (a changeset, a manifest, a short file: a few hundred bytes each) arrive by
+# the dozen, and 16 of them made a commit each 5 KiB.
+STORE_BATCH_BYTES: Final = 4 * 1024 * 1024
 STORE_GATHER_S: Final = 0.05
+# Blocks in one such transaction at the most, however small: what one commit's index
+# updates and the hashes checked before it may take, a few milliseconds.
+STORE_BATCH_MAX_BLOCKS: Final = 512
 # Blocks a server reads from its store per read: small enough that the first block leaves
 # soon after the want arrives (a read holds at most 8 MiB), large enough that reads are few.
 SERVE_READ_BLOCKS: Final = 8
@@ -400,20 +405,17 @@ class BlockFetch:
         """Store blocks as they arrive: everything queued so far, in one transaction."""
         async with self._store_receive:
             async for first in self._store_receive:
+                # What has arrived already, then what arrives within `STORE_GATHER_S`.
                 batch = [first]
-                # What has arrived already, taken without a checkpoint per block ...
-                while len(batch) < min(STORE_BATCH_BLOCKS, self._unsettled):
-                    try:
-                        batch.append(self._store_receive.receive_nowait())
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                # ... then what arrives within `STORE_GATHER_S`.
+                size = self._take_arrived(batch, len(first[2]))
                 with trio.move_on_after(STORE_GATHER_S):
-                    while len(batch) < min(STORE_BATCH_BLOCKS, self._unsettled):
+                    while not self._batch_full(len(batch), size):
                         try:
-                            batch.append(await self._store_receive.receive())
+                            arrival = await self._store_receive.receive()
                         except trio.EndOfChannel:
                             break
+                        batch.append(arrival)
+                        size = self._take_arrived(batch, size + len(arrival[2]))
                 try:
                     await self._put(batch)
                 except QuotaExceeded as exc:
@@ -431,6 +433,24 @@ class BlockFetch:
                             await self._put(arrivals)
                         except BlockMismatch as exc:
                             await self._refuse(peer, arrivals, exc.message)
+
+    def _take_arrived(self, batch: list[tuple[str, CID, bytes]], size: int) -> int:
+        """Add to `batch` (of `size` bytes) what has arrived already, without a checkpoint per
+        block (the frames of one read come through in one step), until it is full; returns
+        its size."""
+        while not self._batch_full(len(batch), size):
+            try:
+                arrival = self._store_receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            batch.append(arrival)
+            size += len(arrival[2])
+        return size
+
+    def _batch_full(self, blocks: int, size: int) -> bool:
+        """Whether a transaction of `blocks` blocks of `size` bytes takes no more: it is large
+        enough, or every block still asked for is in it."""
+        return size >= STORE_BATCH_BYTES or blocks >= min(STORE_BATCH_MAX_BLOCKS, self._unsettled)
 
     async def _put(self, arrivals: Sequence[tuple[str, CID, bytes]]) -> None:
         await self._store.blocks_put([(cid, data) for _, cid, data in arrivals])
