@@ -213,9 +213,9 @@ def _raw_fetch_on(hosts: Hosts, addr: str, size: int, into: Path | None) -> floa
     argv = [sys.executable, "-m", "bench.artifact", "--raw-fetch", addr, "--raw-bytes", str(size)]
     if into is not None:
         argv += ["--raw-into", str(into)]
-    done = subprocess.run(
-        hosts.fetcher.command(argv), capture_output=True, text=True, timeout=600, check=True
-    )
+    done = subprocess.run(hosts.fetcher.command(argv), capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the raw stream's reader failed: {done.stderr.strip()[-2000:]}")
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     (RAW_CPU if into is None else RAW_TO_FILE_CPU).append(figures["cpu_s"])
     return float(figures["elapsed_s"])
