@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Daemon, machine, write_result
-from bench.hosts import Host, Hosts
+from bench.hosts import LOOPBACK, Host, Hosts
 from ostrom.client import Client
 from ostrom.errors import OstromError
 
@@ -177,28 +177,24 @@ async def _raw_fetch(addr: str, size: int, into: Path | None = None) -> float:
     return elapsed
 
 
-def raw_stream_mb_s(size: int, into: Path | None = None, hosts: Hosts | None = None) -> float:
-    """The raw stream's MB/s: on 127.0.0.1, read by this process; on `hosts`, from the first
-    holder's host to the fetcher's, read by a process on the fetcher's host."""
-    import trio
-
-    holder_argv = [sys.executable, "-m", "bench.artifact", "--raw-holder"]
-    if hosts is not None:
-        holder_host = hosts.holders[0]
-        holder_argv = holder_host.command(
-            [*holder_argv, "--raw-listen", f"/ip4/{holder_host.address}/tcp/0"]
-        )
+def raw_stream_mb_s(
+    size: int, holder_host: Host, fetcher_host: Host, into: Path | None = None
+) -> float:
+    """The raw stream's MB/s, from a process on `holder_host` to one on `fetcher_host`."""
+    listen = f"/ip4/{holder_host.address}/tcp/0"
     holder = subprocess.Popen(
-        holder_argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        holder_host.command(
+            [sys.executable, "-m", "bench.artifact", "--raw-holder", "--raw-listen", listen]
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert holder.stdout is not None
         addr = holder.stdout.readline().strip()
         before = cpu_s(holder.pid)
-        if hosts is None:
-            elapsed = trio.run(_raw_fetch, addr, size, into)
-        else:
-            elapsed = _raw_fetch_on(hosts, addr, size, into)
+        elapsed = _raw_fetch_on(fetcher_host, addr, size, into)
         if into is None:
             RAW_CPU_SENDER.append(cpu_s(holder.pid) - before)
         return size / elapsed / 1e6
@@ -207,13 +203,13 @@ def raw_stream_mb_s(size: int, into: Path | None = None, hosts: Hosts | None = N
         holder.wait(20)
 
 
-def _raw_fetch_on(hosts: Hosts, addr: str, size: int, into: Path | None) -> float:
-    """`_raw_fetch` in a process of its own on the fetcher's host; its CPU seconds go where
-    the in-process one's do."""
+def _raw_fetch_on(host: Host, addr: str, size: int, into: Path | None) -> float:
+    """`_raw_fetch` in a process of its own on `host`; its CPU seconds go to `RAW_CPU` (or
+    `RAW_TO_FILE_CPU`)."""
     argv = [sys.executable, "-m", "bench.artifact", "--raw-fetch", addr, "--raw-bytes", str(size)]
     if into is not None:
         argv += ["--raw-into", str(into)]
-    done = subprocess.run(hosts.fetcher.command(argv), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(host.command(argv), capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"the raw stream's reader failed: {done.stderr.strip()[-2000:]}")
     figures = json.loads(done.stdout.strip().splitlines()[-1])
@@ -271,7 +267,7 @@ def fetch_mb_s(
     size: int,
     timeout: float,
     profiles: Profiles,
-    fetcher_host: Host | None,
+    fetcher_host: Host,
 ) -> dict[str, Any]:
     b = Daemon(home, bootstrap=[h.addr() for h in holders], host=fetcher_host)
     fetched: list[dict[str, Any]] = []
@@ -323,18 +319,19 @@ def fetch_mb_s(
 
 
 def run(
-    size: int, workdir: Path, timeout: float, profiles: Profiles, hosts: Hosts | None
+    size: int,
+    workdir: Path,
+    timeout: float,
+    profiles: Profiles,
+    holder_hosts: list[Host],
+    fetcher_host: Host,
 ) -> dict[str, Any]:
-    raw = raw_stream_mb_s(size, hosts=hosts)
+    raw = raw_stream_mb_s(size, holder_hosts[0], fetcher_host)
     artifact = workdir / "artifact.bin"
     with open(artifact, "wb") as f:
         for _ in range(size // WRITE_BYTES):
             f.write(os.urandom(WRITE_BYTES))
-    holders = [
-        Daemon(workdir / f"a{i}", host=None if hosts is None else hosts.holders[i])
-        for i in range(3)
-    ]
-    fetcher_host = None if hosts is None else hosts.fetcher
+    holders = [Daemon(workdir / f"a{i}", host=host) for i, host in enumerate(holder_hosts)]
     try:
         for h in holders:
             h.wait_ready()
@@ -357,8 +354,8 @@ def run(
         three = fetch_mb_s(
             holders, workdir / "b3", project, target, size, timeout, profiles, fetcher_host
         )
-        raw_after = raw_stream_mb_s(size, hosts=hosts)
-        to_file = raw_stream_mb_s(size, workdir / "raw-stream.bin", hosts)
+        raw_after = raw_stream_mb_s(size, holder_hosts[0], fetcher_host)
+        to_file = raw_stream_mb_s(size, holder_hosts[0], fetcher_host, workdir / "raw-stream.bin")
     finally:
         for h in holders:
             h.stop()
@@ -406,10 +403,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     size = args.mib << 20
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        hosts = None
+        holder_hosts, fetcher_host = [LOOPBACK] * 3, LOOPBACK
         if args.link_mbit is not None:
             hosts = stack.enter_context(Hosts(3, args.link_mbit))
-        figures = run(size, Path(tmp), args.timeout, Profiles(args.profile, args.py_spy), hosts)
+            holder_hosts, fetcher_host = hosts.holders, hosts.fetcher
+        profiles = Profiles(args.profile, args.py_spy)
+        figures = run(size, Path(tmp), args.timeout, profiles, holder_hosts, fetcher_host)
     raw = max(figures["raw_stream_mb_s"])
     result = {
         "benchmark": "artifact",

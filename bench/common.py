@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.hosts import Host
+from bench.hosts import LOOPBACK, Host
 from ostrom.client import Client
 from ostrom.crypto.cid import CID
 from ostrom.errors import OstromError
@@ -28,11 +28,11 @@ class Daemon:
     """A real `python -m ostrom.node` process listening on 127.0.0.1 (any free port)."""
 
     def __init__(
-        self, home: Path, bootstrap: list[str] | None = None, host: Host | None = None
+        self, home: Path, bootstrap: list[str] | None = None, host: Host = LOOPBACK
     ) -> None:
-        """On `host` (`bench.hosts`) if given, listening on its address; else on 127.0.0.1."""
+        """On `host` (`bench.hosts`), listening on its address."""
         self.home = home
-        self._ip = "127.0.0.1" if host is None else host.address
+        self._ip = host.address
         home.mkdir(parents=True, exist_ok=True)
         cmd = [
             sys.executable,
@@ -48,11 +48,9 @@ class Daemon:
         ]
         for addr in bootstrap or []:
             cmd += ["--bootstrap", addr]
-        if host is not None:
-            cmd = host.command(cmd)
         self.log = open(home / "daemon.log", "wb")  # noqa: SIM115 (closed in `stop`)
         self.proc = subprocess.Popen(
-            cmd, env=dict(os.environ, OSTROM_HOME=str(home)), stderr=self.log
+            host.command(cmd), env=dict(os.environ, OSTROM_HOME=str(home)), stderr=self.log
         )
         self._client: Client | None = None
 

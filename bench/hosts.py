@@ -22,6 +22,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Final
 
 # Seconds any one `ip`/`tc` call may take (each is a few milliseconds).
 SETUP_TIMEOUT_S = 30.0
@@ -39,13 +40,20 @@ QUEUE_MS = 20
 
 @dataclass(frozen=True, slots=True)
 class Host:
-    namespace: str
+    # None: this machine's own namespace (`LOOPBACK`).
+    namespace: str | None
     # The address other hosts reach this host at (the fetcher's, on link 0).
     address: str
 
     def command(self, argv: Sequence[str]) -> list[str]:
         """`argv` run on this host."""
+        if self.namespace is None:
+            return list(argv)
         return ["ip", "netns", "exec", self.namespace, *argv]
+
+
+# Every process on this machine's loopback: where benchmarks run without `Hosts`.
+LOOPBACK: Final = Host(None, "127.0.0.1")
 
 
 def _run(*argv: str) -> None:
@@ -67,6 +75,8 @@ class Hosts:
         # veth names live in the first namespace until moved: unique on this machine.
         self._links = [(f"obf{tag}x{i}", f"obh{tag}x{i}") for i in range(holders)]
         self._made: list[str] = []
+        # A veth pair made but not yet moved into its namespaces, which deleting them leaves.
+        self._unmoved: str | None = None
 
     def __enter__(self) -> Hosts:
         try:
@@ -86,32 +96,38 @@ class Hosts:
 
     def _make(self) -> None:
         for host in (self.fetcher, *self.holders):
-            _run("ip", "netns", "add", host.namespace)
-            self._made.append(host.namespace)
-            _run("ip", "-n", host.namespace, "link", "set", "lo", "up")
+            namespace = str(host.namespace)
+            _run("ip", "netns", "add", namespace)
+            self._made.append(namespace)
+            _run("ip", "-n", namespace, "link", "set", "lo", "up")
         for i, (holder, (near, far)) in enumerate(zip(self.holders, self._links, strict=True)):
+            self._unmoved = near
             _run("ip", "link", "add", near, "type", "veth", "peer", "name", far)
-            _run("ip", "link", "set", near, "netns", self.fetcher.namespace)
-            _run("ip", "link", "set", far, "netns", holder.namespace)
-            _run("ip", "-n", self.fetcher.namespace, "addr", "add", f"10.77.{i}.1/24", "dev", near)
-            _run("ip", "-n", holder.namespace, "addr", "add", f"{holder.address}/24", "dev", far)
-            _run("ip", "-n", self.fetcher.namespace, "link", "set", near, "up")
-            _run("ip", "-n", holder.namespace, "link", "set", far, "up")
+            _run("ip", "link", "set", near, "netns", str(self.fetcher.namespace))
+            self._unmoved = far
+            _run("ip", "link", "set", far, "netns", str(holder.namespace))
+            self._unmoved = None
+            fetcher_ns, holder_ns = str(self.fetcher.namespace), str(holder.namespace)
+            _run("ip", "-n", fetcher_ns, "addr", "add", f"10.77.{i}.1/24", "dev", near)
+            _run("ip", "-n", holder_ns, "addr", "add", f"{holder.address}/24", "dev", far)
+            _run("ip", "-n", fetcher_ns, "link", "set", near, "up")
+            _run("ip", "-n", holder_ns, "link", "set", far, "up")
             if self._mbit:
                 rate_bytes_s = self._mbit * 1_000_000 // 8
                 burst = max(MIN_BURST_BYTES, rate_bytes_s * BURST_MS // 1000)
                 _run(
-                    "tc", "-n", holder.namespace, "qdisc", "add", "dev", far, "root", "tbf",
+                    "tc", "-n", holder_ns, "qdisc", "add", "dev", far, "root", "tbf",
                     "rate", f"{self._mbit}mbit", "burst", str(burst), "latency", f"{QUEUE_MS}ms",
                 )  # fmt: skip
 
     def _remove(self) -> None:
         # Deleting a namespace deletes the veth ends in it, and with them their peers; a
-        # pair made but not yet moved (a failure between the two) is deleted by its name.
-        for near, _ in self._links:
+        # pair a failure left unmoved is deleted by its name.
+        if self._unmoved is not None:
             subprocess.run(
-                ["ip", "link", "del", near], capture_output=True, timeout=SETUP_TIMEOUT_S
+                ["ip", "link", "del", self._unmoved], capture_output=True, timeout=SETUP_TIMEOUT_S
             )
+            self._unmoved = None
         for namespace in reversed(self._made):
             subprocess.run(
                 ["ip", "netns", "del", namespace], capture_output=True, timeout=SETUP_TIMEOUT_S
