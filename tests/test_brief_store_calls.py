@@ -13,7 +13,8 @@ import pytest
 
 from ostrom.crypto.cid import CID
 from ostrom.node.blockcache import RecentBlocks
-from ostrom.node.blockplan import merges_other_projects
+from ostrom.node.blockplan import BlockWants, merges_other_projects
+from ostrom.node.replication import Replicator, _Completion
 from ostrom.node.service import BRIEF_PUT_BYTES, BRIEF_READ_BYTES, BRIEF_READ_RECORDS, NodeService
 from ostrom.node.store import Store
 from tests.dagfactory import World, identity
@@ -121,6 +122,30 @@ async def test_a_sync_of_a_few_records_reads_them_on_the_event_loop(
     every = [r.cid for r in records[1:]]  # a catch-up's batch: the worker thread
     assert set(await service.sync_records(every)) == set(every)
     assert (hosted, reads) == ([True], [True, False])
+
+
+async def test_a_gossiped_contribution_s_blocks_are_looked_for_on_the_event_loop(
+    service: NodeService,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world = World()
+    genesis = world.genesis(ALICE)
+    first = world.contribute(ALICE, genesis, [genesis], {"a.txt": "first"})
+
+    def hold(store: Store) -> None:
+        store.put_records([genesis, first])
+        store.follow(genesis.cid, "full", 0)
+
+    await service.db(hold)
+    replicator = Replicator(service, object())  # type: ignore[arg-type]
+    looked = record_threads(monkeypatch, BlockWants, "wanted")
+    # No peer to fetch from: each pass ends at its first phase, the changeset missing.
+    # The contributions gossip names (a scope) are looked at on the event loop, a walk of
+    # the whole history on the worker thread.
+    scope = {first.cid}
+    assert await replicator._fetch_missing_blocks(genesis.cid, _Completion([], scope), scope)
+    assert await replicator._fetch_missing_blocks(genesis.cid, _Completion([], None), None)
+    assert looked == [True, False]
 
 
 def test_only_a_record_naming_another_project_s_record_may_merge_private_work(

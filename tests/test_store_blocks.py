@@ -102,6 +102,21 @@ def test_a_block_a_follow_needs_becomes_pinned_and_unfollowing_unpins_it(db: Blo
     assert db.claim(P1, [blk(4)[0]]) == 0
 
 
+def test_a_claim_that_a_completion_would_make_again_waits_for_the_next_sync(
+    db: BlockDB,
+) -> None:
+    b = blk(1)
+    db.put([b], project=P1, pinned=False)
+    db.sync()
+    assert db.claim(P1, [b[0]], durable=False) == 1
+    assert db.unsynced  # committed, on disk at the block file's next sync
+    assert db.evictable_bytes() == 0
+    db.sync()
+    assert not db.unsynced
+    assert db.claim(P2, [b[0]]) == 1
+    assert not db.unsynced  # a claim is synced at its commit unless told otherwise
+
+
 def test_the_project_limit_counts_each_project_s_blocks_shared_ones_included(db: BlockDB) -> None:
     shared = blk(1)
     quota = Quota(project_storage=25 * KIB)

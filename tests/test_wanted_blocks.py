@@ -12,6 +12,7 @@ from ostrom.crypto.cid import CID
 from ostrom.node.blockplan import BlockWants, wanted_blocks
 from ostrom.node.store import Store
 from ostrom.protocol.changesets import BlockRef, FileManifest, Put
+from ostrom.protocol.records import SignedRecord
 from tests.dagfactory import World, identity
 
 ALICE = identity("alice")
@@ -64,16 +65,23 @@ def real_file(path: str, data: bytes) -> tuple[Put, dict[CID, bytes]]:
     return put, {put.file: manifest, raw: data}
 
 
-def test_one_pass_finds_each_phase_blocks_as_the_previous_phase_stores_its_own(
-    store: Store,
-) -> None:
+def stored_project(store: Store, puts: dict[str, Put]) -> tuple[World, SignedRecord, SignedRecord]:
+    """A project of three records in `store`: its genesis, a first contribution, and a
+    second that makes `puts`; returns the world that made them, the genesis and the second."""
     world = World()
     genesis = world.genesis(ALICE)
     first = world.contribute(ALICE, genesis, [genesis], {"a.txt": "alpha"})
+    second = world.contribute(ALICE, genesis, [first], dict(puts))
+    store.put_records([genesis, first, second])
+    return world, genesis, second
+
+
+def test_one_pass_finds_each_phase_blocks_as_the_previous_phase_stores_its_own(
+    store: Store,
+) -> None:
     b, b_blocks = real_file("b.txt", b"beta")
     c, c_blocks = real_file("c.txt", b"gamma")
-    second = world.contribute(ALICE, genesis, [first], {"b.txt": b, "c.txt": c})
-    store.put_records([genesis, first, second])
+    world, genesis, second = stored_project(store, {"b.txt": b, "c.txt": c})
     held = {**b_blocks, **c_blocks}
     plan = BlockWants(genesis.cid, [second.cid])
 
@@ -87,3 +95,41 @@ def test_one_pass_finds_each_phase_blocks_as_the_previous_phase_stores_its_own(
     assert files == wanted_blocks(store, genesis.cid, "files", [second.cid])
     store.put_blocks([(cid, held[cid]) for cid in files])
     assert plan.wanted(store, "files") == []
+
+
+def test_a_brief_search_answers_as_the_full_one_or_declines_past_its_budget(
+    store: Store,
+) -> None:
+    b, b_blocks = real_file("b.txt", b"beta")
+    world, genesis, second = stored_project(store, {"b.txt": b})
+    (changeset_cid,) = second.body.changes  # type: ignore[union-attr]
+    changeset = world.changeset(changeset_cid).encode()
+    manifest = b_blocks[b.file]
+    record = len(second.data)
+    assert store.records_size([second.cid, CID.of_raw(b"not here")]) == record
+
+    def plan() -> BlockWants:
+        return BlockWants(genesis.cid, [second.cid])
+
+    # Within the budget: the full search's answer, phase by phase, as the blocks arrive.
+    roomy, full = plan(), plan()
+    assert roomy.wanted_briefly(store, "changesets", 1 << 20) == [changeset_cid]
+    assert full.wanted(store, "changesets") == [changeset_cid]
+    store.put_blocks([(changeset_cid, changeset)])
+    assert roomy.wanted_briefly(store, "manifests", 1 << 20) == full.wanted(store, "manifests")
+    store.put_blocks([(b.file, manifest)])
+    files = roomy.wanted_briefly(store, "files", 1 << 20)
+    assert files == full.wanted(store, "files") == [CID.of_raw(b"beta")]
+
+    # What a call reads counts in all: the records, the changesets that name manifests,
+    # the manifests that name file blocks. One byte over declines.
+    assert plan().wanted_briefly(store, "changesets", record - 1) is None
+    assert plan().wanted_briefly(store, "manifests", record + len(changeset) - 1) is None
+    over = record + len(changeset) + len(manifest) - 1
+    declined = plan()
+    assert declined.wanted_briefly(store, "files", over) is None
+    assert plan().wanted_briefly(store, "files", over + 1) == files
+    # Declining leaves the plan usable by the full search.
+    assert declined.wanted(store, "files") == files
+    # Without a scope it is a walk of the history: never brief.
+    assert BlockWants(genesis.cid, None).wanted_briefly(store, "changesets", 1 << 20) is None

@@ -470,9 +470,13 @@ class BlockDB:
             ).fetchall()
         _delete_rows(conn, ids)
 
-    def claim(self, project: bytes, cids: Iterable[CID], *, pinned: bool = True) -> int:
+    def claim(
+        self, project: bytes, cids: Iterable[CID], *, pinned: bool = True, durable: bool = True
+    ) -> int:
         """Attribute the stored ones of `cids` to `project` (pinned or not); returns how many
-        attributions were added or newly pinned (a block a follow now needs is kept)."""
+        attributions were added or newly pinned (a block a follow now needs is kept).
+        `durable=False` commits without a disk sync of its own, for claims that the next
+        block completion would make again if a crash lost them."""
         raws = list({cid.raw for cid in cids})
         if not raws:
             return 0
@@ -480,7 +484,7 @@ class BlockDB:
         if not ids:
             return 0
         rows = [(project, i, int(pinned)) for i in ids]
-        with self._write() as conn:
+        with self._write(durable=durable) as conn:
             before = conn.total_changes
             conn.executemany(
                 "INSERT INTO block_projects (project, block, pinned) VALUES (?, ?, ?)"

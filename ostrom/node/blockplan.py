@@ -2,8 +2,9 @@
 name, the file blocks those name; and which blocks of private meshes' work a project's
 merges make its own.
 
-Run on the store's thread (each takes the `Store`); the replicator's completions and the
-RPC methods that make contributions both use them.
+Each takes the `Store` and runs on its worker thread, except the lookups for a few gossiped
+contributions, which are brief enough for the event loop (`BlockWants.wanted_briefly`); the
+replicator's completions and the RPC methods that make contributions both use them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ class BlockWants:
     name) is read once, not again by each later phase.
 
     Each phase also attributes to the project what it needs and the store already holds
-    (a checkout fetched it, another project shares it), like what it fetches.
+    (a checkout fetched it, another project shares it), like what it fetches. That commit
+    has no disk sync of its own: a crash that loses it leaves the blocks unattributed until
+    the project's next completion, which attributes them again.
     """
 
     __slots__ = ("_changesets", "_manifests", "_project", "_scope")
@@ -50,20 +53,43 @@ class BlockWants:
         if phase == "changesets":
             changesets = self._named_changesets(store)
             present = store.has_blocks(changesets)
-            store.blocks.claim(self._project.raw, present)
+            store.blocks.claim(self._project.raw, present, durable=False)
             return sorted(set(changesets) - present)
         manifests = self._named_manifests(store)
         present_manifests = store.has_blocks(manifests)
         if phase == "manifests":
-            store.blocks.claim(self._project.raw, present_manifests)
+            store.blocks.claim(self._project.raw, present_manifests, durable=False)
             return sorted(manifests - present_manifests)
         raw: set[CID] = set()
         for link in present_manifests:
             data = store.get_block(link)
             if data is not None:
                 raw.update(ref.cid for ref in FileManifest.decode(data).blocks)
-        store.blocks.claim(self._project.raw, raw)
+        store.blocks.claim(self._project.raw, raw, durable=False)
         return sorted(raw - store.has_blocks(raw))
+
+    def wanted_briefly(self, store: Store, phase: str, budget: int) -> list[CID] | None:
+        """`wanted` for a scope, unless that reads more than `budget` bytes in all (the
+        scope's records, the changesets that name manifests, the manifests that name file
+        blocks): then None, having read the indexes and at most `budget`
+        bytes, so that the caller can run `wanted` where a long read blocks nothing (the
+        store's worker thread). None too without a scope: that is a walk of the history."""
+        if self._scope is None:
+            return None  # the whole history
+        reads = 0
+        if self._changesets is None:
+            reads += store.records_size(self._scope)
+            if reads > budget:
+                return None
+        if phase != "changesets" and self._manifests is None:
+            reads += sum(store.blocks.sizes(self._named_changesets(store)).values())
+            if reads > budget:
+                return None
+        if phase == "files":
+            reads += sum(store.blocks.sizes(self._named_manifests(store)).values())
+            if reads > budget:
+                return None
+        return self.wanted(store, phase)
 
     def _named_changesets(self, store: Store) -> list[CID]:
         if self._changesets is None:

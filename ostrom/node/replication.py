@@ -45,7 +45,7 @@ from ostrom.node.blockplan import (
 from ostrom.node.framed import ByteStream
 from ostrom.node.ingest import RecordRow
 from ostrom.node.mesh import Mesh, MeshStream
-from ostrom.node.service import NodeService, sync_projects
+from ostrom.node.service import BRIEF_READ_BYTES, NodeService, sync_projects
 from ostrom.node.store import Store
 from ostrom.node.streampool import StreamPool
 from ostrom.node.transfers import ProgressListener, Purpose, Transfer
@@ -646,12 +646,20 @@ class Replicator:
 
         plan = BlockWants(project, scope)
 
-        def start(store: Store) -> tuple[str | None, list[CID]]:
-            mode = store.follow_mode(project)
-            return mode, [] if mode is None else plan.wanted(store, "changesets")
+        async def wanted_in(phase: Purpose) -> list[CID]:
+            # For gossiped contributions (a scope) finding a phase's blocks reads a few
+            # records and small blocks: done on the event loop, as the gossip's own store
+            # is (`db_brief`). Handed to the worker thread, each such call held the store's
+            # lock for 50 ms or more on a busy machine while the thread waited for a
+            # processor, and the gossip stored behind it waited as long (docs/BENCHMARKS.md,
+            # gossip session 18). A walk of the history, or larger reads, go to the thread.
+            if scope is not None:
+                found = await self.service.db_brief(plan.wanted_briefly, phase, BRIEF_READ_BYTES)
+                if found is not None:
+                    return found
+            return await self.service.db(plan.wanted, phase)
 
-        # The follow mode and the first phase's blocks in one call to the store.
-        mode, wanted = await self.service.db(start)
+        mode = await self.service.db_read(lambda store: store.follow_mode(project))
         if mode is None:
             return False
         completion.add_sources(self._sources(project))
@@ -664,8 +672,7 @@ class Replicator:
                     # as when the merge is gossiped (`_claim_merged`) rather than synced.
                     await self.service.db(claim_merged_files, project)
                 break
-            if phase != "changesets":
-                wanted = await self.service.db(plan.wanted, phase)
+            wanted = await wanted_in(phase)
             if not wanted:
                 continue
             with self.service.transfers.track(project, phase, len(wanted)) as transfer:

@@ -432,6 +432,16 @@ class Store:
         row = self._conn.execute("SELECT data FROM records WHERE cid = ?", (cid.raw,)).fetchone()
         return None if row is None else _decode_stored(cid, row[0])
 
+    def records_size(self, cids: Iterable[CID]) -> int:
+        """The size in bytes of the stored records among `cids`, from each row's header:
+        SQLite's `length()` of a blob does not read the blob."""
+        total = 0
+        for chunk in in_chunks(list({c.raw for c in cids})):
+            sql = f"SELECT sum(length(data)) FROM records WHERE cid IN ({placeholders(len(chunk))})"
+            (found,) = self._conn.execute(sql, chunk).fetchone()
+            total += found or 0
+        return total
+
     def get_records(self, cids: Iterable[CID]) -> dict[CID, SignedRecord]:
         """The stored records among `cids`; missing ones are absent from the result."""
         wanted = list({c.raw for c in cids})
