@@ -71,9 +71,9 @@ class BlockWants:
     def wanted_briefly(self, store: Store, phase: str, budget: int) -> list[CID] | None:
         """`wanted` for a scope, unless that reads more than `budget` bytes in all (the
         scope's records, the changesets that name manifests, the manifests that name file
-        blocks): then None, having read the indexes and at most `budget`
-        bytes, so that the caller can run `wanted` where a long read blocks nothing (the
-        store's worker thread). None too without a scope: that is a walk of the history."""
+        blocks): then None, having read the indexes and at most `budget` bytes, so that the
+        caller can run `wanted` where a long read blocks nothing (the store's worker
+        thread). None too without a scope: that is a walk of the history."""
         if self._scope is None:
             return None  # the whole history
         reads = 0
