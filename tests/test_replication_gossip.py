@@ -85,15 +85,44 @@ async def test_a_record_gossiped_ahead_of_its_parents_syncs_its_own_project(
     assert await _gossip(replicator, project.cid, third.data) == []
 
 
+async def test_a_gossiped_contribution_s_block_pass_gets_its_changesets_with_it(
+    replicator: Replicator,
+) -> None:
+    world = World()
+    project = world.genesis(ALICE)
+    first = world.contribute(ALICE, project, [project], {"a.txt": "a"})
+    await replicator.service.store_new([project], "sync")
+    started: list[tuple[object, ...]] = []
+
+    async def complete_blocks(*args: object) -> None:
+        started.append(args)
+
+    replicator._complete_blocks = complete_blocks  # type: ignore[assignment,method-assign]
+    async with trio.open_nursery() as nursery:
+        replicator._nursery = nursery
+        assert await _gossip(replicator, project.cid, first.data) == []
+    # The pass for its blocks need not read the record back to find them.
+    ((on, peers, records, known),) = started
+    assert (on, peers, records) == (project.cid, [PEER], [first.cid])
+    assert known == {first.cid: first.body.changes}  # type: ignore[union-attr]
+
+
 async def test_a_busy_project_s_gossiped_contributions_share_one_block_pass(
     replicator: Replicator, autojump_clock: object
 ) -> None:
     project = CID.of_raw(b"busy project")
     a, b, c = (CID.of_raw(name) for name in (b"a", b"b", b"c"))
     passes: list[set[CID] | None] = []
+    known_in_pass: list[dict[CID, tuple[CID, ...]]] = []
 
-    async def fetch_missing(project: CID, completion: object, scope: set[CID] | None) -> bool:
+    async def fetch_missing(
+        project: CID,
+        completion: object,
+        scope: set[CID] | None,
+        known: dict[CID, tuple[CID, ...]],
+    ) -> bool:
         passes.append(None if scope is None else set(scope))
+        known_in_pass.append(dict(known))
         return False  # nothing missing
 
     replicator._fetch_missing_blocks = fetch_missing  # type: ignore[assignment,method-assign]
@@ -106,8 +135,10 @@ async def test_a_busy_project_s_gossiped_contributions_share_one_block_pass(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(replicator._complete_blocks, project, [PEER], [b])
         await trio.sleep(0.1)
-        await replicator._complete_blocks(project, [PEER], [c])
+        await replicator._complete_blocks(project, [PEER], [c], {c: (a,)})
     assert passes == [{a}, {b, c}]
+    # The changesets a joining contribution brought (decoded from its gossip) reach the pass.
+    assert known_in_pass == [{}, {c: (a,)}]
 
 
 def test_passes_gather_for_times_spread_around_the_gathering() -> None:
@@ -131,7 +162,9 @@ async def test_what_is_gossiped_during_a_pass_gathers_for_the_next_one_a_gatheri
     a, b, c, d = (CID.of_raw(name) for name in (b"a", b"b", b"c", b"d"))
     passes: list[tuple[float, set[CID] | None]] = []
 
-    async def fetch_missing(project: CID, completion: object, scope: set[CID] | None) -> bool:
+    async def fetch_missing(
+        project: CID, completion: object, scope: set[CID] | None, known: object
+    ) -> bool:
         passes.append((trio.current_time(), None if scope is None else set(scope)))
         await trio.sleep(0.2)  # the fetch
         return False  # nothing missing

@@ -3,7 +3,7 @@ gossiped contributions name (`ostrom.node.blockplan.wanted_blocks`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -133,3 +133,37 @@ def test_a_brief_search_answers_as_the_full_one_or_declines_past_its_budget(
     assert declined.wanted(store, "files") == files
     # Without a scope it is a walk of the history: never brief.
     assert BlockWants(genesis.cid, None).wanted_briefly(store, "changesets", 1 << 20) is None
+
+
+def test_changesets_known_from_gossip_are_not_read_back_from_the_store(store: Store) -> None:
+    b, b_blocks = real_file("b.txt", b"beta")
+    world, genesis, second = stored_project(store, {"b.txt": b})
+    (first,) = second.parents
+    first_record = store.get_record(first)
+    assert first_record is not None
+    first_changesets = first_record.body.changes  # type: ignore[union-attr]
+    (changeset_cid,) = second.body.changes  # type: ignore[union-attr]
+    read: list[CID] = []
+    get_records = store.get_records
+
+    def counted(cids: Iterable[CID]) -> dict[CID, SignedRecord]:
+        cids = list(cids)
+        read.extend(cids)
+        return get_records(cids)
+
+    store.get_records = counted  # type: ignore[method-assign]
+    known = {second.cid: second.body.changes}  # type: ignore[union-attr]
+    plan = BlockWants(genesis.cid, [first, second.cid], known)
+    # The same answer as a search that reads both records, reading only the other one;
+    # and nothing of it counts against a brief search's budget.
+    assert plan.wanted(store, "changesets") == sorted([changeset_cid, *first_changesets])
+    assert read == [first]
+    read.clear()
+    alone = BlockWants(genesis.cid, [second.cid], known)
+    assert alone.wanted_briefly(store, "changesets", 0) == [changeset_cid]
+    assert read == []
+    store.put_blocks([(changeset_cid, world.changeset(changeset_cid).encode())])
+    assert alone.wanted(store, "manifests") == [b.file]
+    store.put_blocks([(b.file, b_blocks[b.file])])
+    assert alone.wanted(store, "files") == [CID.of_raw(b"beta")]
+    assert read == []

@@ -9,7 +9,7 @@ replicator's completions and the RPC methods that make contributions both use th
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 
 from ostrom.crypto.cid import CID
 from ostrom.node.store import Store
@@ -41,11 +41,20 @@ class BlockWants:
     the project's next completion, which attributes them again.
     """
 
-    __slots__ = ("_changesets", "_manifests", "_project", "_scope")
+    __slots__ = ("_changesets", "_known", "_manifests", "_project", "_scope")
 
-    def __init__(self, project: CID, scope: Collection[CID] | None) -> None:
+    def __init__(
+        self,
+        project: CID,
+        scope: Collection[CID] | None,
+        known: Mapping[CID, tuple[CID, ...]] | None = None,
+    ) -> None:
+        """`known`: the changesets that contributions of `scope` name, when the caller has
+        them decoded already (gossiped contributions, decoded as they arrived): those
+        records are not read back from the store. They must be stored contributions."""
         self._project = project
         self._scope = scope
+        self._known = known or {}
         self._changesets: list[CID] | None = None  # the records' changesets
         self._manifests: set[CID] | None = None  # what the changesets held name
 
@@ -78,7 +87,7 @@ class BlockWants:
             return None  # the whole history
         reads = 0
         if self._changesets is None:
-            reads += store.records_size(self._scope)
+            reads += store.records_size(self._unknown())
             if reads > budget:
                 return None
         if phase != "changesets" and self._manifests is None:
@@ -91,13 +100,22 @@ class BlockWants:
                 return None
         return self.wanted(store, phase)
 
+    def _unknown(self) -> list[CID]:
+        """The records of the scope whose changesets are read from the store."""
+        return [cid for cid in self._scope or () if cid not in self._known]
+
     def _named_changesets(self, store: Store) -> list[CID]:
         if self._changesets is None:
             if self._scope is None:
                 everything = store.project_history(self._project, ("contribution",))
             else:
-                everything = store.get_records(self._scope)
+                unknown = self._unknown()
+                everything = store.get_records(unknown) if unknown else {}
+            known = self._known
             self._changesets = [
+                link for cid in self._scope or () if cid in known for link in known[cid]
+            ]
+            self._changesets += [
                 link
                 for r in everything.values()
                 if isinstance(r.body, Contribution)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
-from collections.abc import AsyncIterator, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
 
@@ -136,7 +136,12 @@ BLOCK_STREAMS_PER_PEER: Final = 3
 class _Completion:
     """One project's block completion under way, and the peers it fetches from."""
 
-    def __init__(self, peers: Iterable[str], records: Iterable[CID] | None) -> None:
+    def __init__(
+        self,
+        peers: Iterable[str],
+        records: Iterable[CID] | None,
+        known: Mapping[CID, tuple[CID, ...]] | None = None,
+    ) -> None:
         self.sources: list[str] = []
         self.fetch: blocks.BlockFetch | None = None
         # Set when a peer joins: the lists of missing blocks may be out of date.
@@ -144,6 +149,9 @@ class _Completion:
         self._joined_event = trio.Event()
         # The records whose blocks the next pass looks for; None: the whole project's.
         self.scope: set[CID] | None = None if records is None else set(records)
+        # The changesets that gossiped contributions of the scope name, decoded as they
+        # arrived: the pass does not read those records back from the store.
+        self.known: dict[CID, tuple[CID, ...]] = dict(known or {})
         self.add_sources(peers)
 
     def add_sources(self, peers: Iterable[str]) -> None:
@@ -154,10 +162,15 @@ class _Completion:
             if self.fetch is not None:
                 self.fetch.add_peer(peer)
 
-    def join(self, peers: Iterable[str], records: Iterable[CID] | None) -> None:
+    def join(
+        self,
+        peers: Iterable[str],
+        records: Iterable[CID] | None,
+        known: Mapping[CID, tuple[CID, ...]] | None = None,
+    ) -> None:
         """`peers` have news for this project: `records` gossiped, or (None) a sync."""
         self.add_sources(peers)
-        self.widen(records)
+        self.widen(records, known)
         self.joined = True
         self._joined_event.set()
         self._joined_event = trio.Event()
@@ -165,17 +178,24 @@ class _Completion:
     async def wait_joined(self) -> None:
         await self._joined_event.wait()
 
-    def widen(self, records: Iterable[CID] | None) -> None:
+    def widen(
+        self, records: Iterable[CID] | None, known: Mapping[CID, tuple[CID, ...]] | None = None
+    ) -> None:
         """Look at `records` too in the next pass (None: at the whole project)."""
         if records is None:
             self.scope = None
+            self.known = {}
         elif self.scope is not None:
             self.scope.update(records)
+            if known:
+                self.known.update(known)
 
-    def take_scope(self) -> set[CID] | None:
-        """The scope of the pass about to run; what joins during it widens the next one."""
+    def take_scope(self) -> tuple[set[CID] | None, dict[CID, tuple[CID, ...]]]:
+        """The scope of the pass about to run, and the changesets known of its records;
+        what joins during it widens the next one."""
         scope, self.scope = self.scope, set()
-        return scope
+        known, self.known = self.known, {}
+        return scope, known
 
 
 # A verified gossiped record, the peer it came from, and the project of its topic.
@@ -428,7 +448,7 @@ class Replicator:
         for gossiped in batch:
             if gossiped[0].cid in new:
                 fresh.setdefault(gossiped[0].cid, gossiped)
-        blocks_from: dict[CID, tuple[list[str], list[CID]]] = {}
+        blocks_from: dict[CID, tuple[list[str], list[CID], dict[CID, tuple[CID, ...]]]] = {}
         merges: list[SignedRecord] = []
         for record, peer, topic_project in fresh.values():
             if any(parent not in present for parent in record.parents):
@@ -437,8 +457,9 @@ class Replicator:
                 # fork itself this node may not follow at all.
                 self._request_sync(peer, topic_project)
             elif isinstance(record.body, Contribution):
-                peers, records = blocks_from.setdefault(record.project, ([], []))
+                peers, records, known = blocks_from.setdefault(record.project, ([], [], {}))
                 records.append(record.cid)
+                known[record.cid] = record.body.changes
                 # Asked first: the node that made the contribution, which holds its blocks,
                 # where the relay it came from may still be fetching them (and answer
                 # `missing`). Then the relay, then the project's other peers.
@@ -450,13 +471,13 @@ class Replicator:
                 if any(present[parent] != record.project for parent in record.parents):
                     merges.append(record)
         for record in merges:
-            _, records = blocks_from[record.project]
+            _, records, _ = blocks_from[record.project]
             records.extend(await self._claim_merged(record))
         if self._nursery is not None:
             # Only these contributions' blocks (and the work they merge from other projects):
             # the rest of the project was looked at before.
-            for project, (peers, records) in blocks_from.items():
-                self._nursery.start_soon(self._complete_blocks, project, peers, records)
+            for project, (peers, records, known) in blocks_from.items():
+                self._nursery.start_soon(self._complete_blocks, project, peers, records, known)
 
     async def _claim_merged(self, record: SignedRecord) -> list[CID]:
         """Attribute to `record`'s project the blocks, held here, of the private meshes' work
@@ -573,13 +594,18 @@ class Replicator:
             log.info("serving blocks to %s stopped: %s", stream.peer_id, exc.message)
 
     async def _complete_blocks(
-        self, project: CID, peers: Sequence[str], records: Sequence[CID] | None = None
+        self,
+        project: CID,
+        peers: Sequence[str],
+        records: Sequence[CID] | None = None,
+        known: Mapping[CID, tuple[CID, ...]] | None = None,
     ) -> None:
         """Fetch what `project` lacks, once per project whatever the number of peers.
 
         `records` limits the search to the blocks those records name (gossiped
         contributions, whose parents are here and were looked at before); None looks at the
-        whole project, which walks its history.
+        whole project, which walks its history. `known`: the changesets some of `records`
+        name, decoded already (`BlockWants`).
 
         The first call runs the completion (for gossiped records of a busy project, after
         `gather_time`); a call while it runs adds its peers to it (to the fetch
@@ -592,9 +618,9 @@ class Replicator:
         """
         running = self._completions.get(project)
         if running is not None:
-            running.join(peers, records)
+            running.join(peers, records, known)
             return
-        completion = _Completion(peers, records)
+        completion = _Completion(peers, records, known)
         self._completions[project] = completion
         # When the last pass began: a pass that looks only at gossiped records starts
         # `gather_time()` after it, so that what is gossiped during one pass, and
@@ -618,8 +644,8 @@ class Replicator:
                             await completion.wait_joined()
                 last_pass = trio.current_time()
                 completion.joined = False
-                scope = completion.take_scope()
-                if not await self._fetch_missing_blocks(project, completion, scope):
+                scope, known = completion.take_scope()
+                if not await self._fetch_missing_blocks(project, completion, scope, known):
                     if scope is None:
                         self._blocks_complete.add(project)
                     if not completion.joined:
@@ -627,7 +653,7 @@ class Replicator:
                     continue
                 # Look again at what is still missing in the next pass.
                 self._blocks_complete.discard(project)
-                completion.widen(scope)
+                completion.widen(scope, known)
                 failures += 1
                 if not completion.joined:
                     with trio.move_on_after(delay):
@@ -637,14 +663,18 @@ class Replicator:
             del self._completions[project]
 
     async def _fetch_missing_blocks(
-        self, project: CID, completion: _Completion, scope: Collection[CID] | None
+        self,
+        project: CID,
+        completion: _Completion,
+        scope: Collection[CID] | None,
+        known: Mapping[CID, tuple[CID, ...]] | None = None,
     ) -> bool:
         """Fetch the changesets, manifests and (following in full) file blocks `project` lacks,
-        or only those the records in `scope` name.
+        or only those the records in `scope` name (`known`: see `BlockWants`).
 
         Returns True if some are still missing."""
 
-        plan = BlockWants(project, scope)
+        plan = BlockWants(project, scope, known)
 
         async def wanted_in(phase: Purpose) -> list[CID]:
             # For gossiped contributions (a scope) finding a phase's blocks reads a few
