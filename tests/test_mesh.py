@@ -705,6 +705,91 @@ async def test_a_heartbeat_keeps_a_mesh_of_d_low_peers_or_more_as_it_is() -> Non
         assert router.mesh[TOPIC] == {b_id}
 
 
+def signed_by(origin: Mesh, data: bytes) -> mesh_module.rpc_pb2.Message:
+    """A gossip message of TOPIC that `origin` published and signed, as py-libp2p builds it."""
+    pubsub = origin._pubsub
+    msg = mesh_module.rpc_pb2.Message(
+        data=data, topicIDs=[TOPIC], from_id=pubsub.my_id.to_bytes(), seqno=pubsub._next_seqno()
+    )
+    assert pubsub.sign_key is not None
+    msg.signature = pubsub.sign_key.sign(
+        mesh_module.libp2p_pubsub.PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString()
+    )
+    msg.key = pubsub.host.get_public_key().serialize()
+    return msg
+
+
+async def test_a_node_grafts_the_peer_whose_gossip_brings_it_what_its_mesh_does_not() -> None:
+    # A mesh split in two parts stays split: each node has D_low peers in its own part. The
+    # nodes of one part then got every record through IHAVE and IWANT only, hundreds of
+    # milliseconds late; a node now grafts the peer outside its mesh that brings it most.
+    a, b, c = new_mesh(), new_mesh(), new_mesh()
+    got: list[bytes] = []
+
+    async def keep(topic: str, data: bytes, sender: str) -> bool:
+        got.append(data)
+        return True
+
+    async def quiet(topic: str, data: bytes, sender: str) -> bool:
+        return True
+
+    async with running(a, b, c):
+        await triangle((a, keep), (b, quiet), (c, quiet))
+        router = a._gossipsub
+        b_id, c_id = (mesh_module.ID.from_base58(m.peer_id) for m in (b, c))
+        await wait_until(lambda: {b_id, c_id} <= set(router.pubsub.peer_topics.get(TOPIC, ())))
+        await wait_until(lambda: {b_id, c_id} <= set(router.peer_protocol))
+        router.degree_low = 1  # a mesh of C alone needs no graft
+        router.mesh[TOPIC] = {c_id}
+        router.back_off.get(TOPIC, {}).pop(b_id, None)
+        push = a._pubsub.push_msg
+        threshold = mesh_module._GOSSIP_FIRST_TO_GRAFT
+        # Not gossip: C's own messages (a publisher tops its recipients up), and B's messages
+        # relayed by C, a mesh peer. Nor is a few late messages a heartbeat.
+        sent = [signed_by(c, b"own %d" % n) for n in range(2 * threshold)]
+        sent += [signed_by(b, b"relayed %d" % n) for n in range(2 * threshold)]
+        for msg in sent:
+            await push(c_id, msg)
+        for n in range(threshold - 1):
+            msg = signed_by(c, b"late %d" % n)
+            sent.append(msg)
+            await push(b_id, msg)
+        await trio.sleep(2 * mesh_module._GOSSIP_HEARTBEAT_S + 0.2)
+        assert router.mesh[TOPIC] == {c_id}
+        # C's messages coming from B, outside the mesh (IWANT answers): B is grafted at the
+        # next heartbeat. (Twice the threshold less one: a heartbeat may fall among them.)
+        for n in range(2 * threshold - 1):
+            msg = signed_by(c, b"through gossip %d" % n)
+            sent.append(msg)
+            await push(b_id, msg)
+        await wait_until(lambda: b_id in router.mesh[TOPIC], timeout=3)
+        assert got == [msg.data for msg in sent]
+        # B takes A into its mesh: the GRAFT was sent.
+        a_id = mesh_module.ID.from_base58(a.peer_id)
+        b._gossipsub.mesh[TOPIC].discard(a_id)
+        await wait_until(lambda: a_id in b._gossipsub.mesh[TOPIC], timeout=3)
+
+
+async def test_a_peer_in_back_off_is_not_grafted_for_its_gossip() -> None:
+    a, b, c = new_mesh(), new_mesh(), new_mesh()
+
+    async def keep(topic: str, data: bytes, sender: str) -> bool:
+        return True
+
+    async with running(a, b, c):
+        await triangle((a, keep), (b, keep), (c, keep))
+        router = a._gossipsub
+        b_id, c_id = (mesh_module.ID.from_base58(m.peer_id) for m in (b, c))
+        await wait_until(lambda: {b_id, c_id} <= set(router.pubsub.peer_topics.get(TOPIC, ())))
+        router.degree_low = 1
+        router.mesh[TOPIC] = {c_id}
+        router.back_off.setdefault(TOPIC, {})[b_id] = 2**40
+        for n in range(2 * mesh_module._GOSSIP_FIRST_TO_GRAFT):
+            await a._pubsub.push_msg(b_id, signed_by(c, b"from b %d" % n))
+        await trio.sleep(2 * mesh_module._GOSSIP_HEARTBEAT_S + 0.2)
+        assert router.mesh[TOPIC] == {c_id}
+
+
 async def test_a_pruned_peer_may_graft_again_within_ten_seconds() -> None:
     # py-libp2p's back-off is 60 s; with a small mesh degree that left meshes empty.
     async with gossiping_pair() as (a, b, _):
