@@ -3,8 +3,9 @@ that mesh's members and nobody else, even to a peer that knows its CID."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -189,3 +190,25 @@ async def test_a_new_contribution_s_blocks_wait_in_memory_only_for_a_public_proj
     assert await service.blocks_get(private_blocks, STRANGER.peer_id) == {}
     assert len(reads) == 1
     assert set(await service.blocks_get(private_blocks, MEMBER.peer_id)) == set(private_blocks)
+
+
+async def test_a_contribution_s_blocks_and_record_go_to_the_store_in_one_hand_off(
+    service: NodeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each call to the store's thread waits for that thread to get a processor; on a busy
+    # machine the author's record reached its peers two such waits after the call.
+    _, public = await private_and_public(service)
+    await contribute_file(service, public, "first")  # what is read once is read now
+    handed: list[str] = []
+    db = service.db
+
+    async def counted(fn: Callable[..., Any], *args: Any) -> Any:
+        handed.append(fn.__qualname__)
+        return await db(fn, *args)
+
+    monkeypatch.setattr(service, "db", counted)
+    before_publishing: list[list[str]] = []
+    service.record_listeners.append(lambda records, origin: before_publishing.append(handed[:]))
+    stored = await contribute_file(service, public, "second")
+    assert before_publishing == [["NodeService._store.<locals>.write"]]
+    assert set(await service.blocks_have(stored)) == set(stored)

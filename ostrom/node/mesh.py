@@ -2164,7 +2164,9 @@ class Mesh:
         takes a mesh past D_high, the next heartbeat prunes it as usual, and should the prune
         cut the new link, the gossip that follows grafts again (another peer: a pruned one
         is in back-off). Peers in back-off, direct peers and those without gossipsub are not
-        grafted. (An instance attribute; tests/test_mesh.py checks the heartbeat calls it.)
+        grafted. A topic quieter than a few messages a heartbeat never counts enough to graft:
+        a split then costs its records up to a heartbeat's wait for IHAVE, as before.
+        (An instance attribute; tests/test_mesh.py checks the heartbeat calls it.)
         """
         router, pubsub = self._gossipsub, self._pubsub
         mesh_heartbeat = router.mesh_heartbeat

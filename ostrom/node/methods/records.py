@@ -145,21 +145,6 @@ async def contribution_create(node: NodeService, params: Params, conn: RpcConnec
         (CID.of_dag_cbor(data), data) for data in (cs.encode() for cs in changesets if cs.changes)
     ]
 
-    def check_and_keep(store: Store) -> dict[CID, bytes]:
-        # One call to the store (each costs a hand-off to its thread, which waits behind the
-        # peers' reads on a busy node): the uploads are checked, then kept, since this is the
-        # node's own work, whatever it follows, and counted as the project's, with the
-        # private work it merges, before any peer hears of it (in one transaction: one
-        # sync of the block file).
-        named, small = _check_puts(store, puts)
-        with store.blocks.batch():
-            store.put_blocks(encoded)
-            store.blocks.claim(project.raw, [*named, *(cid for cid, _ in encoded)])
-            claim_merged_work(store, project, parents)
-        return small
-
-    small = await node.db(check_and_keep)
-    await node.offer_new_blocks(project, [*encoded, *small.items()])
     with callers_input():
         body = Contribution(
             author=node.identity.public_key,
@@ -170,7 +155,25 @@ async def contribution_create(node: NodeService, params: Params, conn: RpcConnec
             message=message,
             resolves=resolves,
         )
-    view = await node.view_with_status(await node.sign_and_store(body))
+    small: dict[CID, bytes] = {}
+
+    def check_and_keep(store: Store) -> None:
+        # In the record's own call to the store (each call costs a hand-off to its thread,
+        # which waits for a processor on a busy node): the uploads are checked, then kept,
+        # since this is the node's own work, whatever it follows, and counted as the
+        # project's, with the private work it merges, before any peer hears of it (in one
+        # transaction: one sync of the block file).
+        named, found = _check_puts(store, puts)
+        with store.blocks.batch():
+            store.put_blocks(encoded)
+            store.blocks.claim(project.raw, [*named, *(cid for cid, _ in encoded)])
+            claim_merged_work(store, project, parents)
+        small.update(found)
+
+    record = await node.sign_and_store(body, first=check_and_keep)
+    # Followers ask for the blocks once a pass gathers (seconds): memory holds them by then.
+    await node.offer_new_blocks(project, [*encoded, *small.items()])
+    view = await node.view_with_status(record)
     view["paths"] = len(changes)
     return view
 
