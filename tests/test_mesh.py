@@ -116,6 +116,26 @@ async def triangle(*subscribed: tuple[Mesh, GossipHandler]) -> None:
                 await mesh.connect(other.advertised_addrs[0])
 
 
+async def _quiet(topic: str, data: bytes, sender: str) -> bool:
+    return True
+
+
+@asynccontextmanager
+async def three_on_a_topic(
+    a_handler: GossipHandler = _quiet,
+) -> AsyncIterator[tuple[Mesh, Mesh, Mesh, mesh_module.ID, mesh_module.ID]]:
+    """Three running meshes A, B and C on TOPIC, every pair connected (B's and C's handlers
+    accept everything), once A knows B and C subscribe; yields them and B's and C's ids."""
+    a, b, c = new_mesh(), new_mesh(), new_mesh()
+    async with running(a, b, c):
+        await triangle((a, a_handler), (b, _quiet), (c, _quiet))
+        b_id, c_id = (mesh_module.ID.from_base58(m.peer_id) for m in (b, c))
+        router = a._gossipsub
+        await wait_until(lambda: {b_id, c_id} <= set(router.pubsub.peer_topics.get(TOPIC, ())))
+        await wait_until(lambda: {b_id, c_id} <= set(router.peer_protocol))
+        yield a, b, c, b_id, c_id
+
+
 @asynccontextmanager
 async def echo_stream() -> AsyncIterator[tuple[Mesh, Mesh, MeshStream]]:
     """Two running meshes, B echoing on ECHO and A connected to it; yields both and a
@@ -686,16 +706,8 @@ async def test_a_heartbeat_keeps_a_mesh_of_d_low_peers_or_more_as_it_is() -> Non
     # py-libp2p grafted two more subscribers on every heartbeat once the mesh had D_low
     # peers ("opportunistic grafting" with every score 0), and pruned them again when the
     # mesh passed D_high: constant GRAFT/PRUNE traffic and a mesh above D_high.
-    a, b, c = new_mesh(), new_mesh(), new_mesh()
-
-    async def quiet(topic: str, data: bytes, sender: str) -> bool:
-        return True
-
-    async with running(a, b, c):
-        await triangle((a, quiet), (b, quiet), (c, quiet))
+    async with three_on_a_topic() as (a, _, _, b_id, c_id):
         router = a._gossipsub
-        b_id, c_id = (mesh_module.ID.from_base58(m.peer_id) for m in (b, c))
-        await wait_until(lambda: {b_id, c_id} <= set(router.pubsub.peer_topics.get(TOPIC, ())))
         router.mesh[TOPIC] = {b_id}  # C: subscribed, outside the mesh, not in back-off
         router.back_off.get(TOPIC, {}).pop(c_id, None)
         router.degree_low = 1  # the mesh has D_low peers: no graft is needed
@@ -723,22 +735,14 @@ async def test_a_node_grafts_the_peer_whose_gossip_brings_it_what_its_mesh_does_
     # A mesh split in two parts stays split: each node has D_low peers in its own part. The
     # nodes of one part then got every record through IHAVE and IWANT only, hundreds of
     # milliseconds late; a node now grafts the peer outside its mesh that brings it most.
-    a, b, c = new_mesh(), new_mesh(), new_mesh()
     got: list[bytes] = []
 
     async def keep(topic: str, data: bytes, sender: str) -> bool:
         got.append(data)
         return True
 
-    async def quiet(topic: str, data: bytes, sender: str) -> bool:
-        return True
-
-    async with running(a, b, c):
-        await triangle((a, keep), (b, quiet), (c, quiet))
+    async with three_on_a_topic(keep) as (a, b, c, b_id, c_id):
         router = a._gossipsub
-        b_id, c_id = (mesh_module.ID.from_base58(m.peer_id) for m in (b, c))
-        await wait_until(lambda: {b_id, c_id} <= set(router.pubsub.peer_topics.get(TOPIC, ())))
-        await wait_until(lambda: {b_id, c_id} <= set(router.peer_protocol))
         router.degree_low = 1  # a mesh of C alone needs no graft
         router.mesh[TOPIC] = {c_id}
         router.back_off.get(TOPIC, {}).pop(b_id, None)
@@ -771,16 +775,8 @@ async def test_a_node_grafts_the_peer_whose_gossip_brings_it_what_its_mesh_does_
 
 
 async def test_a_peer_in_back_off_is_not_grafted_for_its_gossip() -> None:
-    a, b, c = new_mesh(), new_mesh(), new_mesh()
-
-    async def keep(topic: str, data: bytes, sender: str) -> bool:
-        return True
-
-    async with running(a, b, c):
-        await triangle((a, keep), (b, keep), (c, keep))
+    async with three_on_a_topic() as (a, _, c, b_id, c_id):
         router = a._gossipsub
-        b_id, c_id = (mesh_module.ID.from_base58(m.peer_id) for m in (b, c))
-        await wait_until(lambda: {b_id, c_id} <= set(router.pubsub.peer_topics.get(TOPIC, ())))
         router.degree_low = 1
         router.mesh[TOPIC] = {c_id}
         router.back_off.setdefault(TOPIC, {})[b_id] = 2**40
