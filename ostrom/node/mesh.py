@@ -172,14 +172,20 @@ _GOSSIP_D_HIGH: Final = 4
 # the last minute kept an empty mesh for that minute; 10 s heals it within a few heartbeats
 # and still damps graft/prune flapping (one heartbeat is 1 s).
 _GOSSIP_PRUNE_BACKOFF_S: Final = 10
-# New messages of a topic that reached this node first from a subscriber outside its mesh
-# (not their origin: an answer to IWANT), in one heartbeat, past which it grafts the peer that
-# brought the most (`_graft_where_gossip_comes_from`). Counted over 24 twenty-daemon runs at
-# 20 records a second: in the one whose mesh had split in two (12 and 8 nodes, for the whole
-# run), nodes of the smaller part got up to 16 a second so, and 4 or more in most of their
-# seconds; in the others, 2 at most in any second on a machine not saturated, and up to 9 on
-# one that was (there gossip outran a slow mesh path, and a graft shortens it too).
+# Of the last `_GOSSIP_FIRST_WINDOW` new messages of a topic, those that reached this node
+# first from a subscriber outside its mesh (not their origin: an answer to IWANT) past which
+# it grafts the peer that brought the most (`_graft_where_gossip_comes_from`). Counted over
+# 24 twenty-daemon runs at 20 records a second: in the one whose mesh had split in two (12
+# and 8 nodes, for the whole run), 12% of a node's new messages came so, and 4 or more of
+# most nodes' 20 a second; in the others 0.1-1.2% of all (2 at most in any node's second)
+# on a machine not saturated, 2-5% on one that was (up to 9 in a second: there gossip
+# outran a slow mesh path, and a graft shortens it too).
 _GOSSIP_FIRST_TO_GRAFT: Final = 4
+# New messages per topic whose first deliveries are remembered for that count: about a
+# heartbeat and a half at 20 records a second, and the last 32 records of a quiet topic,
+# so that a split mesh is joined whatever the topic's rate (at 1.2% by chance, 4 of 32
+# happen about once in 1,750 windows; at 12%, in every other one).
+_GOSSIP_FIRST_WINDOW: Final = 32
 # Peers outside the mesh told of recent messages (IHAVE) at each heartbeat: at least
 # D_lazy, else this share of them (the specification's defaults, as py-libp2p uses).
 _GOSSIP_D_LAZY: Final = 6
@@ -1333,9 +1339,12 @@ class Mesh:
         # sent a copy meanwhile: they hold the message, so the relay skips them. An entry
         # goes when its task ends.
         self._relaying: dict[bytes, set[ID]] = {}
-        # Per topic, new messages received first from each subscriber outside the mesh since
-        # the last heartbeat (`_graft_where_gossip_comes_from`).
-        self._gossip_first: defaultdict[str, Counter[ID]] = defaultdict(Counter)
+        # Per topic, how the last new messages came (`_graft_where_gossip_comes_from`): the
+        # subscriber outside the mesh that brought one first, or None (the mesh, or its
+        # origin).
+        self._first_deliveries: defaultdict[str, deque[ID | None]] = defaultdict(
+            partial(deque, maxlen=_GOSSIP_FIRST_WINDOW)
+        )
         self._drop_known_messages_early()
         self._publish_to_enough_peers()
         self._gossip_to_all_but_mesh()
@@ -2062,7 +2071,7 @@ class Mesh:
         push_msg = pubsub.push_msg
         me = pubsub.my_id
         me_bytes = me.to_bytes()
-        gossip_first = self._gossip_first
+        first_deliveries = self._first_deliveries
         seen = pubsub.seen_messages
         blacklisted = pubsub.blacklisted_peers
         cache = pubsub.validation_cache
@@ -2140,10 +2149,10 @@ class Mesh:
                 return  # claims to be ours, but came from a peer
             if not router._check_equivocation(msg):
                 return
-            if msg.from_id != forwarder.to_bytes():  # relayed, not sent by its origin
-                for topic in msg.topicIDs:
-                    if forwarder not in router.mesh[topic]:
-                        gossip_first[topic][forwarder] += 1
+            relayed = msg.from_id != forwarder.to_bytes()  # not sent by its origin
+            for topic in msg.topicIDs:
+                outside = relayed and forwarder not in router.mesh[topic]
+                first_deliveries[topic].append(forwarder if outside else None)
             _cache_message(router, msg, mid)
             self._send_to_mesh(forwarder, msg, mid)
 
@@ -2151,7 +2160,8 @@ class Mesh:
 
     def _graft_where_gossip_comes_from(self) -> None:
         """At each heartbeat, graft the subscriber outside the mesh that brought this node
-        the most new messages of a topic first, once they number `_GOSSIP_FIRST_TO_GRAFT`.
+        the most new messages of a topic first, once they number `_GOSSIP_FIRST_TO_GRAFT` of
+        the topic's last `_GOSSIP_FIRST_WINDOW`.
 
         Gossipsub grafts only to keep D_low mesh peers, so a mesh can split into parts whose
         every node has enough peers in its own part, and stay split: at 20 daemons one run's
@@ -2164,22 +2174,23 @@ class Mesh:
         takes a mesh past D_high, the next heartbeat prunes it as usual, and should the prune
         cut the new link, the gossip that follows grafts again (another peer: a pruned one
         is in back-off). Peers in back-off, direct peers and those without gossipsub are not
-        grafted. A topic quieter than a few messages a heartbeat never counts enough to graft:
-        a split then costs its records up to a heartbeat's wait for IHAVE, as before.
+        grafted. The count is over messages, not time, so a quiet topic's split is joined too,
+        a few dozen records later; once a peer is grafted the count starts again.
         (An instance attribute; tests/test_mesh.py checks the heartbeat calls it.)
         """
         router, pubsub = self._gossipsub, self._pubsub
         mesh_heartbeat = router.mesh_heartbeat
-        gossip_first = self._gossip_first
+        first_deliveries = self._first_deliveries
 
         def heartbeat() -> tuple[defaultdict[ID, list[str]], defaultdict[ID, list[str]]]:
             grafts, prunes = mesh_heartbeat()
-            counts = dict(gossip_first)
-            gossip_first.clear()  # in place: the relay path holds this dict
-            for topic, by_peer in counts.items():
-                mesh = router.mesh.get(topic)
-                if mesh is None or sum(by_peer.values()) < _GOSSIP_FIRST_TO_GRAFT:
+            for topic in [t for t in first_deliveries if t not in router.mesh]:
+                del first_deliveries[topic]  # unsubscribed
+            for topic, window in first_deliveries.items():
+                by_peer = Counter(peer for peer in window if peer is not None)
+                if sum(by_peer.values()) < _GOSSIP_FIRST_TO_GRAFT:
                     continue
+                mesh = router.mesh[topic]
                 subscribed = pubsub.peer_topics.get(topic, set())
                 for peer, _ in by_peer.most_common():
                     if (
@@ -2194,6 +2205,7 @@ class Mesh:
                     mesh.add(peer)
                     router._notify_mesh_peer_added(peer, topic)
                     grafts[peer].append(topic)
+                    window.clear()
                     break
             return grafts, prunes
 
