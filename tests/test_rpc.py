@@ -35,6 +35,7 @@ from ostrom.errors import (
     RpcProtocolError,
     TooLarge,
 )
+from ostrom.node import rpc_server
 from ostrom.node.rpc_server import (
     MAX_CONNECTIONS,
     MAX_IN_FLIGHT,
@@ -528,6 +529,42 @@ async def test_notifications_reach_a_subscriber(sock: Path, toy: Toy) -> None:
     assert received == [("event", [{"n": 0}]), ("event", [{"n": 1}]), ("event", [{"n": 2}])]
     with trio.fail_after(DEADLINE):
         await toy.closed.wait()  # on_close ran when the client hung up
+
+
+@pytest.mark.parametrize("write_bytes", [rpc_server.NOTIFY_WRITE_BYTES, 100])
+async def test_queued_notifications_go_out_together(
+    sock: Path, toy: Toy, monkeypatch: pytest.MonkeyPatch, write_bytes: int
+) -> None:
+    # Each write wakes the subscriber; a burst of events (a gossip batch's) is one write, or a
+    # few of at most a read's worth, in order.
+    monkeypatch.setattr(rpc_server, "NOTIFY_WRITE_BYTES", write_bytes)
+    writes: list[bytes] = []
+    send_all = trio.SocketStream.send_all
+
+    async def recorded(self: trio.SocketStream, data: bytes) -> None:
+        writes.append(bytes(data))
+        await send_all(self, data)
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", recorded)
+
+    def run() -> list[tuple[str, list[Any]]]:
+        with Connection(sock, timeout=5) as conn:
+            conn.call("subscribe", {"count": 50})
+            received = []
+            for note in conn.notifications(timeout=5):
+                received.append(note)
+                if len(received) == 50:
+                    return received
+            return received
+
+    assert await in_thread(run) == [("event", [{"n": n}]) for n in range(50)]
+    bursts = [w for w in writes if b"event" in w]
+    one = len(encode(Notification("event", [{"n": 10}])))
+    if write_bytes > 50 * one:
+        assert len(bursts) == 1
+    else:
+        assert len(bursts) >= 50 * one // (write_bytes + one)
+        assert all(len(w) < write_bytes + one for w in bursts)
 
 
 async def test_connection_tasks_notify_and_their_bugs_close_only_that_connection(

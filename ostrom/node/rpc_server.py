@@ -85,6 +85,11 @@ MAX_QUEUED_NOTIFICATIONS: Final = 1000
 MAX_QUEUED_NOTIFICATION_BYTES: Final = MAX_MESSAGE_SIZE
 # Bytes asked of the socket per read: what a Unix socket typically delivers at once.
 READ_SIZE: Final = 64 * 1024
+# Notifications already queued go to a subscriber in one write of up to this many bytes (what
+# it reads at once). Each write wakes the subscriber, which on a busy machine may take the
+# processor from the daemon there and then: a gossip batch's `record.added` events cost one
+# wake, not one each.
+NOTIFY_WRITE_BYTES: Final = READ_SIZE
 # Pending connections the kernel holds for us; matches MAX_CONNECTIONS.
 LISTEN_BACKLOG: Final = 64
 # After a client closes its sending side, how long its running requests may take to finish.
@@ -251,10 +256,20 @@ class RpcConnection:
 
     async def _write_notifications(self) -> None:
         async for payload, last in self._outbox_receive:
-            if not last:
+            parts = [payload]
+            size = len(payload)
+            # What else is queued already, up to a read's worth, goes in the same write.
+            while not last and size < NOTIFY_WRITE_BYTES:
+                try:
+                    payload, last = self._outbox_receive.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                parts.append(payload)
+                size += len(payload)
+            for part in parts[:-1] if last else parts:
                 self._queued -= 1
-                self._queued_bytes -= len(payload)
-            await self._send(payload)
+                self._queued_bytes -= len(part)
+            await self._send(b"".join(parts) if len(parts) > 1 else parts[0])
             if last:
                 self._cancel()
                 return
