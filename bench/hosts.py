@@ -70,8 +70,13 @@ class Hosts:
             raise ValueError("mbit: 0 (unshaped) or more")
         self._mbit = mbit
         tag = f"{os.getpid() % 100000}"
-        self.fetcher = Host(f"ostrom-bench-{tag}-f", "10.77.0.1")
-        self.holders = [Host(f"ostrom-bench-{tag}-h{i}", f"10.77.{i}.2") for i in range(holders)]
+        # The namespaces, fetcher's first: named here, since a `Host`'s may be None.
+        self._namespaces = [f"ostrom-bench-{tag}-f"]
+        self._namespaces += [f"ostrom-bench-{tag}-h{i}" for i in range(holders)]
+        self.fetcher = Host(self._namespaces[0], "10.77.0.1")
+        self.holders = [
+            Host(namespace, f"10.77.{i}.2") for i, namespace in enumerate(self._namespaces[1:])
+        ]
         # veth names live in the first namespace until moved: unique on this machine.
         self._links = [(f"obf{tag}x{i}", f"obh{tag}x{i}") for i in range(holders)]
         self._made: list[str] = []
@@ -95,19 +100,19 @@ class Hosts:
         self._remove()
 
     def _make(self) -> None:
-        for host in (self.fetcher, *self.holders):
-            namespace = str(host.namespace)
+        for namespace in self._namespaces:
             _run("ip", "netns", "add", namespace)
             self._made.append(namespace)
             _run("ip", "-n", namespace, "link", "set", "lo", "up")
-        for i, (holder, (near, far)) in enumerate(zip(self.holders, self._links, strict=True)):
+        fetcher_ns, *holder_namespaces = self._namespaces
+        links = zip(self.holders, holder_namespaces, self._links, strict=True)
+        for i, (holder, holder_ns, (near, far)) in enumerate(links):
             self._unmoved = near
             _run("ip", "link", "add", near, "type", "veth", "peer", "name", far)
-            _run("ip", "link", "set", near, "netns", str(self.fetcher.namespace))
+            _run("ip", "link", "set", near, "netns", fetcher_ns)
             self._unmoved = far
-            _run("ip", "link", "set", far, "netns", str(holder.namespace))
+            _run("ip", "link", "set", far, "netns", holder_ns)
             self._unmoved = None
-            fetcher_ns, holder_ns = str(self.fetcher.namespace), str(holder.namespace)
             _run("ip", "-n", fetcher_ns, "addr", "add", f"10.77.{i}.1/24", "dev", near)
             _run("ip", "-n", holder_ns, "addr", "add", f"{holder.address}/24", "dev", far)
             _run("ip", "-n", fetcher_ns, "link", "set", near, "up")

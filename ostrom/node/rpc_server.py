@@ -256,20 +256,22 @@ class RpcConnection:
 
     async def _write_notifications(self) -> None:
         async for payload, last in self._outbox_receive:
-            parts = [payload]
-            size = len(payload)
+            parts: list[bytes] = []
+            size = 0
             # What else is queued already, up to a read's worth, goes in the same write.
-            while not last and size < NOTIFY_WRITE_BYTES:
+            while True:
+                if not last:
+                    self._queued -= 1
+                    self._queued_bytes -= len(payload)
+                parts.append(payload)
+                size += len(payload)
+                if last or size >= NOTIFY_WRITE_BYTES:
+                    break
                 try:
                     payload, last = self._outbox_receive.receive_nowait()
                 except trio.WouldBlock:
                     break
-                parts.append(payload)
-                size += len(payload)
-            for part in parts[:-1] if last else parts:
-                self._queued -= 1
-                self._queued_bytes -= len(part)
-            await self._send(b"".join(parts) if len(parts) > 1 else parts[0])
+            await self._send(b"".join(parts))  # one part is sent as it is, not copied
             if last:
                 self._cancel()
                 return
