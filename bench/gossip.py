@@ -286,6 +286,16 @@ def run(
             "latencies_ms_in_send_order": in_order,
             "author_event_ms_in_send_order": origin_in_order,
             "last_node_in_send_order": last_node_in_order,
+            # Per node, per record in send order: ms until that node's event (None: never).
+            # A stretch of late records shows which nodes it held back, and whether they got
+            # the stretch together (one link or node held it) or one by one (load).
+            "node_ms_in_send_order": [
+                [
+                    None if arr.get(cid) is None else round(1000 * (arr[cid] - t))
+                    for cid, t in sent.items()
+                ]
+                for arr in arrivals
+            ],
             "daemon_rss_mb_median": sorted(rss)[len(rss) // 2] if rss else None,
             # CPU each daemon spent from the first publish until every record arrived (or the
             # drain ran out), per record: what one record costs a relaying node.
