@@ -35,6 +35,8 @@ from ostrom.node.quicklock import QuickLock
 LOCAL = MeshConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False)
 ECHO = "/ostrom-test/echo/1.0.0"
 TOPIC = "ostrom/1/project/test"
+# `_GOSSIP_EXPLORE_HEARTBEATS` for a test that checks what a heartbeat leaves as it is.
+NEVER = 2**62
 
 
 def new_mesh(config: MeshConfig = LOCAL) -> Mesh:
@@ -702,10 +704,13 @@ async def test_peers_in_back_off_still_hear_of_recent_messages() -> None:
         assert set(announced[b_id][TOPIC]) == set(router.mcache.window(TOPIC))
 
 
-async def test_a_heartbeat_keeps_a_mesh_of_d_low_peers_or_more_as_it_is() -> None:
+async def test_a_heartbeat_keeps_a_mesh_of_d_low_peers_or_more_as_it_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # py-libp2p grafted two more subscribers on every heartbeat once the mesh had D_low
     # peers ("opportunistic grafting" with every score 0), and pruned them again when the
     # mesh passed D_high: constant GRAFT/PRUNE traffic and a mesh above D_high.
+    monkeypatch.setattr(mesh_module, "_GOSSIP_EXPLORE_HEARTBEATS", NEVER)
     async with three_on_a_topic() as (a, _, _, b_id, c_id):
         router = a._gossipsub
         router.mesh[TOPIC] = {b_id}  # C: subscribed, outside the mesh, not in back-off
@@ -715,6 +720,19 @@ async def test_a_heartbeat_keeps_a_mesh_of_d_low_peers_or_more_as_it_is() -> Non
         assert not grafts
         assert not prunes
         assert router.mesh[TOPIC] == {b_id}
+
+
+async def recording_grafts(mesh: Mesh) -> list[mesh_module.ID]:
+    """The senders of every GRAFT `mesh` receives from now on, in order."""
+    grafted_by: list[mesh_module.ID] = []
+    handle_graft = mesh._gossipsub.handle_graft
+
+    async def recording(graft: object, sender: mesh_module.ID) -> None:
+        grafted_by.append(sender)
+        await handle_graft(graft, sender)  # type: ignore[arg-type]
+
+    mesh._gossipsub.handle_graft = recording  # type: ignore[method-assign,assignment]
+    return grafted_by
 
 
 def signed_by(origin: Mesh, data: bytes) -> mesh_module.rpc_pb2.Message:
@@ -731,10 +749,13 @@ def signed_by(origin: Mesh, data: bytes) -> mesh_module.rpc_pb2.Message:
     return msg
 
 
-async def test_a_node_grafts_the_peer_whose_gossip_brings_it_what_its_mesh_does_not() -> None:
+async def test_a_node_grafts_the_peer_whose_gossip_brings_it_what_its_mesh_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # A mesh split in two parts stays split: each node has D_low peers in its own part. The
     # nodes of one part then got every record through IHAVE and IWANT only, hundreds of
     # milliseconds late; a node now grafts the peer outside its mesh that brings it most.
+    monkeypatch.setattr(mesh_module, "_GOSSIP_EXPLORE_HEARTBEATS", NEVER)
     got: list[bytes] = []
 
     async def keep(topic: str, data: bytes, sender: str) -> bool:
@@ -760,14 +781,7 @@ async def test_a_node_grafts_the_peer_whose_gossip_brings_it_what_its_mesh_does_
             await push(b_id, msg)
         await trio.sleep(2 * mesh_module._GOSSIP_HEARTBEAT_S + 0.2)
         assert router.mesh[TOPIC] == {c_id}
-        grafted_by: list[mesh_module.ID] = []
-        handle_graft = b._gossipsub.handle_graft
-
-        async def recording(graft: object, sender: mesh_module.ID) -> None:
-            grafted_by.append(sender)
-            await handle_graft(graft, sender)  # type: ignore[arg-type]
-
-        b._gossipsub.handle_graft = recording  # type: ignore[method-assign,assignment]
+        grafted_by = await recording_grafts(b)
         # One more of C's messages from B, outside the mesh (an IWANT answer), heartbeats
         # after the others (a quiet topic's): B is grafted at the next heartbeat.
         msg = signed_by(c, b"through gossip")
@@ -787,6 +801,42 @@ async def test_a_peer_in_back_off_is_not_grafted_for_its_gossip() -> None:
         for n in range(2 * mesh_module._GOSSIP_FIRST_TO_GRAFT):
             await a._pubsub.push_msg(b_id, signed_by(c, b"from b %d" % n))
         await trio.sleep(2 * mesh_module._GOSSIP_HEARTBEAT_S + 0.2)
+        assert router.mesh[TOPIC] == {c_id}
+
+
+async def test_now_and_then_a_node_grafts_a_subscriber_drawn_at_random(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A mesh split while its topic was quiet is seen only once messages flow (the test
+    # above); until then one part got the next records only through IHAVE. A node now and
+    # then grafts a subscriber outside its mesh, which joins parts without any message.
+    monkeypatch.setattr(mesh_module, "_GOSSIP_EXPLORE_HEARTBEATS", 1)  # at every heartbeat
+    async with three_on_a_topic() as (a, b, _, b_id, c_id):
+        router = a._gossipsub
+        router.degree_low = 1  # a mesh of C alone needs no graft
+        router.back_off.get(TOPIC, {}).pop(b_id, None)
+        grafted_by = await recording_grafts(b)
+        router.mesh[TOPIC] = {c_id}
+        await wait_until(lambda: b_id in router.mesh[TOPIC], timeout=3)
+        await wait_until(lambda: mesh_module.ID.from_base58(a.peer_id) in grafted_by, timeout=3)
+
+
+async def test_no_subscriber_is_grafted_at_random_into_a_full_mesh_or_from_back_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(mesh_module, "_GOSSIP_EXPLORE_HEARTBEATS", 1)
+    async with three_on_a_topic() as (a, _, _, b_id, c_id):
+        router = a._gossipsub
+        router.degree_low = 1
+        router.back_off.get(TOPIC, {}).pop(b_id, None)
+        router.degree_high = 1  # a mesh of C alone is full
+        router.mesh[TOPIC] = {c_id}
+        grafts, _ = router.mesh_heartbeat()
+        assert not grafts
+        router.degree_high = 4
+        router.back_off.setdefault(TOPIC, {})[b_id] = 2**40
+        grafts, _ = router.mesh_heartbeat()
+        assert not grafts
         assert router.mesh[TOPIC] == {c_id}
 
 

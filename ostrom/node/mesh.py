@@ -186,6 +186,15 @@ _GOSSIP_FIRST_TO_GRAFT: Final = 4
 # so that a split mesh is joined whatever the topic's rate (at 1.2% by chance, 4 of 32
 # happen about once in 1,750 windows; at 12%, in every other one).
 _GOSSIP_FIRST_WINDOW: Final = 32
+# Heartbeats between a node's grafts of a subscriber outside its mesh drawn at random, on
+# average (`_graft_at_random_now_and_then`), while its mesh has room below D_high. That count
+# sees a split only once messages flow, so a split formed while a topic was quiet cost the
+# first second of the next busy stretch (2 runs of 21 at 20 daemons). Twenty nodes each
+# grafting once in 30 heartbeats make two grafts every three seconds between them, half of
+# which cross a split of 10 and 10: a split is joined within seconds of quiet, at the cost
+# of a GRAFT (and now and then a PRUNE, past D_high) every half a minute per node, where
+# go-libp2p's opportunistic grafting (scored) grafts two peers every minute.
+_GOSSIP_EXPLORE_HEARTBEATS: Final = 30
 # Peers outside the mesh told of recent messages (IHAVE) at each heartbeat: at least
 # D_lazy, else this share of them (the specification's defaults, as py-libp2p uses).
 _GOSSIP_D_LAZY: Final = 6
@@ -1350,6 +1359,7 @@ class Mesh:
         self._gossip_to_all_but_mesh()
         self._relay_received_messages()
         self._graft_where_gossip_comes_from()
+        self._graft_at_random_now_and_then()
         self._read_ihave_ids_directly()
 
     def _end_inbound_handlers_on_close(self) -> None:
@@ -2207,6 +2217,50 @@ class Mesh:
                     grafts[peer].append(topic)
                     window.clear()
                     break
+            return grafts, prunes
+
+        router.mesh_heartbeat = heartbeat  # type: ignore[method-assign]
+
+    def _graft_at_random_now_and_then(self) -> None:
+        """At a heartbeat, once in `_GOSSIP_EXPLORE_HEARTBEATS` on average, graft one
+        subscriber outside a topic's mesh, drawn at random, if the mesh is below D_high and
+        this heartbeat grafted nothing else for the topic.
+
+        A split mesh (`_graft_where_gossip_comes_from`) is seen only once messages flow: a
+        split formed while a topic was quiet held the next records back from one part until
+        that part heard of them at a heartbeat, up to a second, and the count of such
+        answers grafted across. Random grafts join parts with no message at all; the mesh
+        stays within D_high (a peer pushed past it prunes at its heartbeat, as for any
+        graft). Peers in back-off, direct peers and those without gossipsub are not drawn.
+        (An instance attribute; tests/test_mesh.py checks the heartbeat calls it.)
+        """
+        router, pubsub = self._gossipsub, self._pubsub
+        mesh_heartbeat = router.mesh_heartbeat
+
+        def heartbeat() -> tuple[defaultdict[ID, list[str]], defaultdict[ID, list[str]]]:
+            grafts, prunes = mesh_heartbeat()
+            grafted = {topic for topics in grafts.values() for topic in topics}
+            for topic, mesh in router.mesh.items():
+                if (
+                    topic in grafted
+                    or len(mesh) >= router.degree_high
+                    or random.randrange(_GOSSIP_EXPLORE_HEARTBEATS)
+                ):
+                    continue
+                outside = [
+                    peer
+                    for peer in pubsub.peer_topics.get(topic, ())
+                    if peer not in mesh
+                    and peer in router.peer_protocol
+                    and peer not in router.direct_peers
+                    and not router._check_back_off(peer, topic)
+                ]
+                if outside:
+                    peer = random.choice(outside)
+                    log.debug("grafting %s, drawn at random, on %s", peer, topic)
+                    mesh.add(peer)
+                    router._notify_mesh_peer_added(peer, topic)
+                    grafts[peer].append(topic)
             return grafts, prunes
 
         router.mesh_heartbeat = heartbeat  # type: ignore[method-assign]
