@@ -2231,8 +2231,9 @@ class Mesh:
         that part heard of them at a heartbeat, up to a second, and the count of such
         answers grafted across. Random grafts join parts with no message at all; the mesh
         stays within D_high (a peer pushed past it prunes at its heartbeat, as for any
-        graft). Peers in back-off, direct peers and those without gossipsub are not drawn.
-        (An instance attribute; tests/test_mesh.py checks the heartbeat calls it.)
+        graft). Peers in back-off or pruned at this heartbeat, direct peers and those without
+        gossipsub are not drawn. (An instance attribute; tests/test_mesh.py checks the
+        heartbeat calls it.)
         """
         router, pubsub = self._gossipsub, self._pubsub
         mesh_heartbeat = router.mesh_heartbeat
@@ -2240,6 +2241,7 @@ class Mesh:
         def heartbeat() -> tuple[defaultdict[ID, list[str]], defaultdict[ID, list[str]]]:
             grafts, prunes = mesh_heartbeat()
             grafted = {topic for topics in grafts.values() for topic in topics}
+            pruned = {(peer, topic) for peer, topics in prunes.items() for topic in topics}
             for topic, mesh in router.mesh.items():
                 if (
                     topic in grafted
@@ -2253,6 +2255,7 @@ class Mesh:
                     if peer not in mesh
                     and peer in router.peer_protocol
                     and peer not in router.direct_peers
+                    and (peer, topic) not in pruned  # at this heartbeat, past D_high
                     and not router._check_back_off(peer, topic)
                 ]
                 if outside:
