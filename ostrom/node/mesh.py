@@ -2188,7 +2188,7 @@ class Mesh:
         a few dozen records later; once a peer is grafted the count starts again.
         (An instance attribute; tests/test_mesh.py checks the heartbeat calls it.)
         """
-        router, pubsub = self._gossipsub, self._pubsub
+        router = self._gossipsub
         mesh_heartbeat = router.mesh_heartbeat
         first_deliveries = self._first_deliveries
 
@@ -2200,23 +2200,12 @@ class Mesh:
                 by_peer = Counter(peer for peer in window if peer is not None)
                 if sum(by_peer.values()) < _GOSSIP_FIRST_TO_GRAFT:
                     continue
-                mesh = router.mesh[topic]
-                subscribed = pubsub.peer_topics.get(topic, set())
                 for peer, _ in by_peer.most_common():
-                    if (
-                        peer in mesh
-                        or peer not in subscribed
-                        or peer not in router.peer_protocol
-                        or peer in router.direct_peers
-                        or router._check_back_off(peer, topic)
-                    ):
-                        continue
-                    log.debug("%s brought %s first by gossip; grafting it", peer, topic)
-                    mesh.add(peer)
-                    router._notify_mesh_peer_added(peer, topic)
-                    grafts[peer].append(topic)
-                    window.clear()
-                    break
+                    if self._graftable(peer, topic):
+                        log.debug("%s brought %s first by gossip; grafting it", peer, topic)
+                        self._graft(peer, topic, grafts)
+                        window.clear()
+                        break
             return grafts, prunes
 
         router.mesh_heartbeat = heartbeat  # type: ignore[method-assign]
@@ -2252,21 +2241,37 @@ class Mesh:
                 outside = [
                     peer
                     for peer in pubsub.peer_topics.get(topic, ())
-                    if peer not in mesh
-                    and peer in router.peer_protocol
-                    and peer not in router.direct_peers
-                    and (peer, topic) not in pruned  # at this heartbeat, past D_high
-                    and not router._check_back_off(peer, topic)
+                    if (peer, topic) not in pruned  # at this heartbeat, past D_high
+                    and self._graftable(peer, topic)
                 ]
                 if outside:
                     peer = random.choice(outside)
                     log.debug("grafting %s, drawn at random, on %s", peer, topic)
-                    mesh.add(peer)
-                    router._notify_mesh_peer_added(peer, topic)
-                    grafts[peer].append(topic)
+                    self._graft(peer, topic, grafts)
             return grafts, prunes
 
         router.mesh_heartbeat = heartbeat  # type: ignore[method-assign]
+
+    def _graftable(self, peer: ID, topic: str) -> bool:
+        """Whether a heartbeat may graft `peer` into `topic`'s mesh beyond gossipsub's own
+        grafts (`_graft_where_gossip_comes_from`, `_graft_at_random_now_and_then`): a
+        subscriber outside the mesh that speaks gossipsub, not a direct peer (sent everything
+        anyway) and not in back-off."""
+        router = self._gossipsub
+        return (
+            peer not in router.mesh.get(topic, ())
+            and peer in self._pubsub.peer_topics.get(topic, ())
+            and peer in router.peer_protocol
+            and peer not in router.direct_peers
+            and not router._check_back_off(peer, topic)
+        )
+
+    def _graft(self, peer: ID, topic: str, grafts: defaultdict[ID, list[str]]) -> None:
+        """Add `peer` to `topic`'s mesh at a heartbeat; the GRAFT goes out with `grafts`."""
+        router = self._gossipsub
+        router.mesh[topic].add(peer)
+        router._notify_mesh_peer_added(peer, topic)
+        grafts[peer].append(topic)
 
     def _send_to_mesh(self, forwarder: ID, msg: rpc_pb2.Message, mid: bytes) -> None:
         """`GossipSub.publish` for a validated message of subscribed topics (see
